@@ -1,0 +1,57 @@
+# kbfs: two commands on a fresh Debian machine, `make demo` and `make test`.
+# Each target installs what it needs first (Debian packages, a venv, the package).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config
+BENCH_APT_PACKAGES := rclone nginx-light curl
+
+.PHONY: all deps venv demo test soak lint typecheck bench clean help
+
+help:
+	@echo "make demo   - install, then run the whole story on this machine"
+	@echo "make test   - install, then lint, type-check and run the test suite"
+	@echo "make soak   - the long reliability and load tests"
+	@echo "make bench  - benchmarks (writes docs/benchmarks.md figures)"
+
+# Debian packages: only asked for when something is missing.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml | deps
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: deps $(STAMP)
+
+demo: venv
+	bash scripts/demo.sh
+
+lint: venv
+	$(PY) -m ruff check kbfs tests bench
+
+typecheck: venv
+	$(PY) -m mypy kbfs
+
+test: venv lint typecheck
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=600 tests
+
+soak: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m soak --timeout=1800 tests
+
+bench: venv
+	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,157 @@
+"""The `kbfs` command line: nouns as groups, verbs as commands.
+
+This module builds the root group, the `prv` commands, and the one place where
+kbfs exceptions become one clear line on stderr and an exit code (a traceback
+only with `--debug`). Other command groups live in `cli_*` modules and are
+registered at the bottom; they raise kbfs errors and never print tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from kbfs import __version__, prv
+from kbfs.cliutil import progress_bar
+from kbfs.config import format_size
+from kbfs.errors import KbfsError, PointerError
+
+log = logging.getLogger("kbfs")
+
+
+class KbfsGroup(click.Group):
+    """A click group that turns expected failures into one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (KbfsError, OSError) as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"kbfs: error: {_describe(exc)}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("kbfs: interrupted", err=True)
+            ctx.exit(130)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+@click.group(cls=KbfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kbfs")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    """kbfs: share huge data files by tiny .prv pointers; read them as verified local files.
+
+    \b
+    Publish:   kbfs share DIR --relay URL
+    Serve:     kbfs relay --port 8080
+    Point:     kbfs prv create FILE_OR_DIR
+    Read:      kbfs mount POINTERS MNT | kbfs download SRC | kbfs cat SRC
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@cli.group("prv")
+def prv_group() -> None:
+    """Create, inspect and verify .prv pointer files."""
+
+
+@prv_group.command("create")
+@click.argument("path", type=click.Path(exists=True, dir_okay=True, file_okay=True))
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Where to write the pointer.")
+def prv_create(path: str, out: str | None) -> None:
+    """Hash PATH into PATH.prv (a file) or PATH.prvdir (a folder).
+
+    Reads every file once, computing its SHA-1 (for the original MountainLab tools)
+    and its BLAKE3 block tree (so every byte range can be verified).
+    """
+    path = os.path.normpath(path)
+    if os.path.isdir(path):
+        target = out or path + ".prvdir"
+        total = sum(
+            os.path.getsize(os.path.join(d, f))
+            for d, dirs, files in os.walk(path)
+            for f in files
+            if not f.startswith(".") and os.path.isfile(os.path.join(d, f))
+        )
+        with progress_bar(total, f"hashing {os.path.basename(path)}") as bar:
+            text = prv.create_prvdir(path, progress=bar.update).to_json()
+    else:
+        target = out or path + ".prv"
+        with progress_bar(os.path.getsize(path), f"hashing {os.path.basename(path)}") as bar:
+            text = prv.create_pointer(path, progress=bar.update).to_json()
+    tmp = target + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, target)
+    click.echo(target)
+
+
+def _load_any(path: str) -> prv.Pointer | prv.PrvDir:
+    if path.endswith(".prvdir"):
+        return prv.load_prvdir(path)
+    return prv.load_pointer(path)
+
+
+@prv_group.command("info")
+@click.argument("pointer", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the validated pointer as JSON.")
+def prv_info(pointer: str, as_json: bool) -> None:
+    """Show what a .prv (or .prvdir) points at."""
+    p = _load_any(pointer)
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=4))
+        return
+    if isinstance(p, prv.PrvDir):
+        entries = list(p.walk())
+        total = sum(q.size for _, q in entries)
+        click.echo(f"{pointer}: folder pointer, {len(entries)} files, {format_size(total)}")
+        for rel, q in entries:
+            click.echo(f"  {q.sha1}  {q.size:>14}  {rel}")
+        return
+    click.echo(f"file:      {pointer}")
+    click.echo(f"size:      {p.size} bytes ({format_size(p.size)})")
+    click.echo(f"sha1:      {p.sha1}")
+    click.echo(f"fcs:       {p.fcs or '-'}")
+    click.echo(f"original:  {p.original_path or '-'}")
+    click.echo(f"version:   {p.prv_version}")
+    if p.tree:
+        click.echo(f"tree:      {p.tree.algorithm}, {p.tree.block_size}-byte blocks, root {p.tree.root}")
+    else:
+        click.echo("tree:      none (original-tool pointer: verified by whole-file SHA-1)")
+
+
+@prv_group.command("verify")
+@click.argument("pointer", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def prv_verify(pointer: str, file: str) -> None:
+    """Check that FILE is the content POINTER describes (exit 0 if so, 1 if not)."""
+    p = prv.load_pointer(pointer)
+    ok, why = prv.file_matches(file, p)
+    if not ok:
+        click.echo(f"kbfs: {file} does not match {pointer}: {why}", err=True)
+        sys.exit(1)
+    click.echo(f"{file}: OK ({p.sha1})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="kbfs")
+
+
+__all__ = ["cli", "main", "PointerError"]

@@ -1,0 +1,144 @@
+"""The wire vocabulary shared by share, relay and clients: URL paths, header names,
+identifier syntax, HTTP Range parsing and safe share-relative paths.
+
+Pure functions only: nothing here opens a socket or a file. Range semantics follow
+RFC 9110 section 14 for a single range: a satisfiable range gives (start, end)
+with end exclusive; an unsatisfiable one raises `RangeError` (-> 416); a header
+that does not parse is ignored (-> 200 with the whole body), as the RFC requires.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+
+from kbfs.errors import BadRequest, RangeError
+
+# ---- identifiers
+SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
+SHARE_ID_RE = re.compile(r"^[a-z2-7]{16,64}$")  # base32 (lowercase, unpadded) of a key hash
+
+# ---- paths of the relay's (and a share's --listen server's) HTTP API
+HEALTH_PATH = "/api/health"
+SHARES_PATH = "/api/shares"
+FIND_PATH = "/api/find/{sha1}"
+SHA1_PATH = "/sha1/{sha1}"
+TREE_PATH = "/tree/{sha1}"
+SHARE_LIST_PATH = "/s/{share}/list/{path}"
+SHARE_FILE_PATH = "/s/{share}/file/{path}"
+
+# ---- bounds
+MAX_RANGE_HEADER = 1024
+MAX_PATH_BYTES = 4096
+MAX_PATH_DEPTH = 256
+
+CACHE_CONTROL_IMMUTABLE = "public, max-age=31536000, immutable"
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
+    "Access-Control-Allow-Headers": "Range, Authorization, If-None-Match",
+    "Access-Control-Expose-Headers": "Content-Range, Content-Length, ETag, Accept-Ranges",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+def check_sha1(value: str) -> str:
+    """Return VALUE lowercased if it is 40 hex digits, else raise BadRequest."""
+    lowered = value.lower()
+    if not SHA1_RE.match(lowered):
+        raise BadRequest(f"malformed sha1 {value[:64]!r}: expected 40 hex digits")
+    return lowered
+
+
+def check_share_id(value: str) -> str:
+    """Return VALUE if it has the syntax of a share id, else raise BadRequest."""
+    if not SHARE_ID_RE.match(value):
+        raise BadRequest(f"malformed share id {value[:80]!r}")
+    return value
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """Resolve a Range header against a representation of SIZE bytes.
+
+    Returns None when the whole body should be sent (no header, or one that does
+    not parse, or a multi-range request, which we answer with the full body as the
+    RFC allows), else (start, end) with end exclusive, clipped to SIZE.
+    Raises RangeError when the range is syntactically valid but unsatisfiable.
+    """
+    if header is None or len(header) > MAX_RANGE_HEADER:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    spec = spec.strip()
+    if "," in spec:
+        return None
+    first, dash, last = spec.partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+        return None
+    if not first:
+        if not last:
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeError(f"suffix range of {suffix} bytes on {size} bytes", size)
+        return max(0, size - suffix), size
+    start = int(first)
+    end = int(last) + 1 if last else size
+    if last and int(last) < start:
+        return None  # invalid byte-range-spec: ignore the header
+    if start >= size:
+        raise RangeError(f"range starts at {start}, past the end ({size} bytes)", size)
+    return start, min(end, size)
+
+
+def content_range(start: int, end: int, size: int) -> str:
+    """The Content-Range value of bytes [start, end) of SIZE."""
+    return f"bytes {start}-{end - 1}/{size}"
+
+
+def unsatisfied_range(size: int) -> str:
+    """The Content-Range value of a 416 answer."""
+    return f"bytes */{size}"
+
+
+def parse_content_range(value: str) -> tuple[int, int, int]:
+    """Parse `bytes A-B/SIZE` into (start, end exclusive, size); raise BadRequest otherwise."""
+    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", value.strip())
+    if not m:
+        raise BadRequest(f"malformed Content-Range {value[:80]!r}")
+    a, b, size = (int(g) for g in m.groups())
+    if b < a or b >= size:
+        raise BadRequest(f"inconsistent Content-Range {value[:80]!r}")
+    return a, b + 1, size
+
+
+def safe_relpath(path: str) -> str:
+    """Normalise a share-relative path from a URL, refusing anything that could escape.
+
+    The result uses '/' separators, has no leading slash, no '.' or '..' parts, no
+    hidden (dot) parts, no NUL or backslash. PATH must already be percent-decoded (once).
+    The empty string means the share's top folder. Raises BadRequest otherwise.
+    """
+    if len(path) > MAX_PATH_BYTES:
+        raise BadRequest("path too long")
+    # PATH is decoded exactly once, by the HTTP framework; decoding again here would
+    # turn a literal '%2e' in a file name into a traversal.
+    decoded = path
+    if "\0" in decoded or "\\" in decoded:
+        raise BadRequest("path contains NUL or backslash")
+    if decoded.startswith("/") and decoded.strip("/"):
+        decoded = decoded.lstrip("/")
+    parts = [p for p in decoded.split("/") if p]
+    if len(parts) > MAX_PATH_DEPTH:
+        raise BadRequest("path too deep")
+    for part in parts:
+        if part in (".", "..") or part.startswith("."):
+            raise BadRequest(f"path part {part[:40]!r} is not allowed")
+    return "/".join(parts)
+
+
+def share_url_path(template: str, **values: str) -> str:
+    """Fill a path template, percent-encoding path values (slashes kept)."""
+    return template.format(**{k: urllib.parse.quote(v, safe="/") for k, v in values.items()})

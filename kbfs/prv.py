@@ -1,0 +1,317 @@
+"""PRV pointer files: the `ml-prv-create` format (version 0.11) plus the kbfs block-tree key.
+
+A pointer is untrusted input (it arrives by email, GitHub, Slack...), so parsing
+caps its size and validates every field, raising `PointerError` with a message
+that names the file and what is wrong. Writing reproduces the original tool's
+bytes exactly (4-space-indented JSON, its key order) and adds one key,
+`kbfs_tree`, which old readers ignore.
+
+`digest_file` reads a file once, in large reads, computing SHA-1, the fcs
+(`head1000-` + SHA-1 of the first 1000 bytes) and the block-tree leaves together.
+This module does no networking and knows nothing of caches or shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from kbfs import tree
+from kbfs.errors import PointerError
+
+PRV_VERSION = "0.11"
+FCS_HEAD_BYTES = 1000
+MAX_POINTER_BYTES = 64 * 1024
+MAX_PRVDIR_BYTES = 64 * 1024 * 1024
+MAX_PRVDIR_DEPTH = 64
+READ_CHUNK = 16 * tree.BLOCK_SIZE
+
+_SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
+_ROOT_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_FCS_RE = re.compile(r"^head1000-[0-9a-fA-F]{40}$")
+_MAX_SIZE = 1 << 62
+
+
+@dataclass(frozen=True)
+class TreeRef:
+    """The `kbfs_tree` key: which tree algorithm, its block size and its root."""
+
+    root: str
+    block_size: int = tree.BLOCK_SIZE
+    algorithm: str = tree.ALGORITHM
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """One file pointer. `tree` is None for pointers written by the original tools."""
+
+    sha1: str
+    size: int
+    fcs: str = ""
+    original_path: str = ""
+    prv_version: str = PRV_VERSION
+    tree: TreeRef | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def to_json(self) -> str:
+        """The pointer as `ml-prv-create` writes it (plus `kbfs_tree` when present)."""
+        return json.dumps(self.to_dict(), indent=4)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The pointer's JSON object, keys in the original tool's order."""
+        obj: dict[str, Any] = {
+            "original_checksum": self.sha1,
+            "original_size": self.size,
+            "original_fcs": self.fcs,
+            "original_path": self.original_path,
+            "prv_version": self.prv_version,
+        }
+        obj.update(self.extra)
+        if self.tree is not None:
+            obj["kbfs_tree"] = {
+                "algorithm": self.tree.algorithm,
+                "block_size": self.tree.block_size,
+                "root": self.tree.root,
+            }
+        return obj
+
+
+@dataclass
+class PrvDir:
+    """A directory pointer: `{"files": {name: pointer}, "dirs": {name: {...}}}`."""
+
+    files: dict[str, Pointer] = field(default_factory=dict)
+    dirs: dict[str, PrvDir] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "files": {name: p.to_dict() for name, p in self.files.items()},
+            "dirs": {name: d.to_dict() for name, d in self.dirs.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=4)
+
+    def walk(self, prefix: str = "") -> Iterator[tuple[str, Pointer]]:
+        """Every (relative path, pointer) below this folder, depth first."""
+        for name, p in self.files.items():
+            yield prefix + name, p
+        for name, d in self.dirs.items():
+            yield from d.walk(prefix + name + "/")
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """What one pass over a file yields."""
+
+    sha1: str
+    size: int
+    fcs: str
+    leaves: list[bytes]
+    root: str
+
+    def pointer(self, original_path: str) -> Pointer:
+        return Pointer(self.sha1, self.size, self.fcs, original_path, PRV_VERSION, TreeRef(self.root))
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _fail(name: str, what: str) -> PointerError:
+    return PointerError(f"{name}: {what}")
+
+
+def _check_name(name: str, entry: str) -> None:
+    if not entry or entry in (".", "..") or "/" in entry or "\0" in entry:
+        raise _fail(name, f"invalid entry name {entry!r}")
+
+
+def pointer_from_dict(obj: Any, name: str = "<pointer>") -> Pointer:
+    """Validate a decoded JSON object as a file pointer."""
+    if not isinstance(obj, dict):
+        raise _fail(name, "not a JSON object")
+    sha1 = obj.get("original_checksum")
+    if not isinstance(sha1, str) or not _SHA1_RE.match(sha1):
+        raise _fail(name, "original_checksum must be 40 hex digits")
+    size = obj.get("original_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < _MAX_SIZE:
+        raise _fail(name, "original_size must be a non-negative integer")
+    fcs = obj.get("original_fcs", "")
+    if not isinstance(fcs, str) or (fcs and not _FCS_RE.match(fcs)):
+        raise _fail(name, "original_fcs must be 'head1000-' followed by 40 hex digits")
+    path = obj.get("original_path", "")
+    if not isinstance(path, str) or "\0" in path:
+        raise _fail(name, "original_path must be a string")
+    version = obj.get("prv_version", PRV_VERSION)
+    if not isinstance(version, str):
+        raise _fail(name, "prv_version must be a string")
+    tree_ref = None
+    if "kbfs_tree" in obj:
+        t = obj["kbfs_tree"]
+        if not isinstance(t, dict):
+            raise _fail(name, "kbfs_tree must be an object")
+        if t.get("algorithm") != tree.ALGORITHM:
+            raise _fail(name, f"kbfs_tree.algorithm must be {tree.ALGORITHM!r}")
+        bs = t.get("block_size")
+        if isinstance(bs, bool) or not isinstance(bs, int) or not 4096 <= bs <= (1 << 30):
+            raise _fail(name, "kbfs_tree.block_size must be an integer from 4096 to 2^30")
+        root = t.get("root")
+        if not isinstance(root, str) or not _ROOT_RE.match(root):
+            raise _fail(name, "kbfs_tree.root must be 64 hex digits")
+        tree_ref = TreeRef(root.lower(), bs)
+    known = {"original_checksum", "original_size", "original_fcs", "original_path", "prv_version", "kbfs_tree"}
+    extra = {k: v for k, v in obj.items() if k not in known}
+    return Pointer(sha1.lower(), size, fcs.lower() if fcs else "", path, version, tree_ref, extra)
+
+
+def _decode(data: bytes | str, name: str, limit: int) -> Any:
+    if len(data) > limit:
+        raise _fail(name, f"larger than {limit} bytes; not a pointer")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise _fail(name, f"not valid JSON ({exc})") from None
+
+
+def parse_pointer(data: bytes | str, name: str = "<pointer>") -> Pointer:
+    """Parse the bytes of a `.prv` file."""
+    return pointer_from_dict(_decode(data, name, MAX_POINTER_BYTES), name)
+
+
+def prvdir_from_dict(obj: Any, name: str = "<prvdir>", depth: int = 0) -> PrvDir:
+    """Validate a decoded JSON object as a directory pointer."""
+    if depth > MAX_PRVDIR_DEPTH:
+        raise _fail(name, f"nested deeper than {MAX_PRVDIR_DEPTH} folders")
+    if not isinstance(obj, dict):
+        raise _fail(name, "not a JSON object")
+    files, dirs = obj.get("files", {}), obj.get("dirs", {})
+    if not isinstance(files, dict) or not isinstance(dirs, dict):
+        raise _fail(name, "'files' and 'dirs' must be objects")
+    out = PrvDir()
+    for entry, value in files.items():
+        _check_name(name, entry)
+        out.files[entry] = pointer_from_dict(value, f"{name}: {entry}")
+    for entry, value in dirs.items():
+        _check_name(name, entry)
+        out.dirs[entry] = prvdir_from_dict(value, f"{name}: {entry}/", depth + 1)
+    return out
+
+
+def parse_prvdir(data: bytes | str, name: str = "<prvdir>") -> PrvDir:
+    """Parse the bytes of a `.prvdir` file."""
+    return prvdir_from_dict(_decode(data, name, MAX_PRVDIR_BYTES), name)
+
+
+def _read_capped(path: str | os.PathLike[str], limit: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise _fail(os.fspath(path), exc.strerror or str(exc)) from None
+    if len(data) > limit:
+        raise _fail(os.fspath(path), f"larger than {limit} bytes; not a pointer")
+    return data
+
+
+def load_pointer(path: str | os.PathLike[str]) -> Pointer:
+    """Read and validate a `.prv` file."""
+    return parse_pointer(_read_capped(path, MAX_POINTER_BYTES), os.fspath(path))
+
+
+def load_prvdir(path: str | os.PathLike[str]) -> PrvDir:
+    """Read and validate a `.prvdir` file."""
+    return parse_prvdir(_read_capped(path, MAX_PRVDIR_BYTES), os.fspath(path))
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def digest_file(
+    path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
+) -> FileDigest:
+    """Read PATH once and return its SHA-1, fcs, block leaves and tree root.
+
+    SHA-1 runs in a worker thread while this thread computes the BLAKE3 leaves of
+    the same chunk (both release the GIL), so the pass costs about max(SHA-1, BLAKE3)
+    rather than their sum. PROGRESS, if given, is called with each chunk's length.
+    """
+    sha1 = hashlib.sha1()
+    leaves: list[bytes] = []
+    head = b""
+    size = 0
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+        while True:
+            n = f.readinto(buf)  # type: ignore[attr-defined]
+            if not n:
+                break
+            chunk = view[:n]
+            if size < FCS_HEAD_BYTES:
+                head += bytes(chunk[: FCS_HEAD_BYTES - size])
+            job = pool.submit(sha1.update, chunk)
+            leaves.extend(
+                tree.leaf_hash(chunk[i : i + tree.BLOCK_SIZE]) for i in range(0, n, tree.BLOCK_SIZE)
+            )
+            job.result()
+            size += n
+            if progress is not None:
+                progress(n)
+            if n % tree.BLOCK_SIZE:
+                # A short read before EOF would misalign the blocks; finish with plain reads.
+                rest = f.read()
+                if rest:
+                    raise PointerError(f"{os.fspath(path)}: file grew or returned a short read while hashing")
+                break
+    if not leaves:
+        leaves.append(tree.leaf_hash(b""))
+    fcs = "head1000-" + hashlib.sha1(head).hexdigest()
+    return FileDigest(sha1.hexdigest(), size, fcs, leaves, tree.root_from_leaves(leaves, size))
+
+
+def create_pointer(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> Pointer:
+    """Hash PATH and return its pointer (original_path is the absolute path)."""
+    return digest_file(path, progress).pointer(os.path.abspath(path))
+
+
+def create_prvdir(
+    path: str | os.PathLike[str],
+    progress: Callable[[int], None] | None = None,
+    on_file: Callable[[str], None] | None = None,
+) -> PrvDir:
+    """Hash every regular, non-hidden file below PATH into a directory pointer."""
+    out = PrvDir()
+    with os.scandir(path) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            out.dirs[entry.name] = create_prvdir(entry.path, progress, on_file)
+        elif entry.is_file(follow_symlinks=False):
+            if on_file is not None:
+                on_file(entry.path)
+            out.files[entry.name] = create_pointer(entry.path, progress)
+    return out
+
+
+def file_matches(path: str | os.PathLike[str], pointer: Pointer) -> tuple[bool, str]:
+    """Check a local file against a pointer: (ok, reason when not)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return False, f"{os.fspath(path)}: {exc.strerror}"
+    if st.st_size != pointer.size:
+        return False, f"size is {st.st_size}, the pointer says {pointer.size}"
+    digest = digest_file(path)
+    if digest.sha1 != pointer.sha1:
+        return False, f"SHA-1 is {digest.sha1}, the pointer says {pointer.sha1}"
+    if pointer.tree is not None and digest.root != pointer.tree.root:
+        return False, f"block tree root is {digest.root}, the pointer says {pointer.tree.root}"
+    return True, ""
