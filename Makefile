@@ -6,10 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config
-BENCH_APT_PACKAGES := rclone nginx-light curl
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config curl gcc python3-dev python3-venv
+BENCH_APT_PACKAGES := rclone nginx-light
 
-.PHONY: all deps venv demo test soak lint typecheck bench clean help
+
+.PHONY: all deps venv demo demo-stop test soak lint typecheck bench clean help
 
 help:
 	@echo "make demo   - install, then run the whole story on this machine"
@@ -35,6 +36,9 @@ venv: deps $(STAMP)
 
 demo: venv
 	bash scripts/demo.sh
+
+demo-stop:
+	bash scripts/demo.sh stop
 
 lint: venv
 	$(PY) -m ruff check kbfs tests bench
