@@ -16,13 +16,13 @@ __all__ = ["__version__", "open", "realize"]
 
 def open(source: str, **kwargs: Any) -> Any:  # noqa: A001 - mirrors builtins.open on purpose
     """Open SOURCE (a .prv path, sha1://SHA1, kbfs://...) as a read-only verified file object."""
-    from kbfs import reader
+    from kbfs import client
 
-    return reader.open(source, **kwargs)
+    return client.open(source, **kwargs)
 
 
 def realize(source: str, **kwargs: Any) -> str:
-    """Return the local path of a complete, verified copy of SOURCE in the cache."""
-    from kbfs import reader
+    """Return the local path of a complete, verified copy of SOURCE."""
+    from kbfs import client
 
-    return reader.realize(source, **kwargs)
+    return client.realize(source, **kwargs)

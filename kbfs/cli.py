@@ -155,3 +155,6 @@ def main() -> None:
 
 
 __all__ = ["cli", "main", "PointerError"]
+from kbfs.cli_mount import register as _register_mount; _register_mount(cli)  # noqa: E402, E702
+from kbfs.cli_get import register as _register_get; _register_get(cli)  # noqa: E402, E702, I001
+from kbfs import cli_net; cli_net.register(cli)  # noqa: E402, E702, I001

@@ -142,3 +142,52 @@ def safe_relpath(path: str) -> str:
 def share_url_path(template: str, **values: str) -> str:
     """Fill a path template, percent-encoding path values (slashes kept)."""
     return template.format(**{k: urllib.parse.quote(v, safe="/") for k, v in values.items()})
+
+
+# ---- share <-> relay control channel and upload POSTs (see docs/protocol.md)
+CONTROL_PATH = "/_control"  # the share's websocket
+UPLOAD_PATH = "/_upload/{token}"  # the share POSTs one response body here
+UPLOAD_SECRET_HEADER = "X-Kbfs-Upload-Secret"
+CONTROL_VERSION = 1
+HANDSHAKE_CONTEXT = b"kbfs-relay-admission-v1"
+SHARE_TOKEN_PREFIX = "kbfs1."  # bearer tokens issued by `kbfs share token`
+
+
+def share_id_from_public_key(public_key: bytes) -> str:
+    """The share id of a raw 32-byte Ed25519 public key.
+
+    Lowercase unpadded base32 of the first 20 bytes of SHA-256(key): 32 characters.
+    """
+    import base64
+    import hashlib
+
+    if len(public_key) != 32:
+        raise BadRequest("an Ed25519 public key has 32 bytes")
+    digest = hashlib.sha256(public_key).digest()[:20]
+    return base64.b32encode(digest).decode("ascii").lower().rstrip("=")
+
+
+def handshake_payload(challenge: bytes, host: str, public_key: bytes) -> bytes:
+    """The bytes a share signs to be admitted: context, relay challenge, the Host it
+    connected to (so a signature made for one relay cannot be replayed at another)
+    and its own public key."""
+    return b"\n".join([HANDSHAKE_CONTEXT, challenge, host.lower().encode("utf-8"), public_key])
+
+
+def websocket_url(relay_url: str) -> str:
+    """ws(s)://host:port/_control for an http(s) relay URL."""
+    base = relay_url.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://") :] + CONTROL_PATH
+    if base.startswith("http://"):
+        return "ws://" + base[len("http://") :] + CONTROL_PATH
+    raise BadRequest(f"relay URL {relay_url!r} must start with http:// or https://")
+
+
+def websocket_host_header(relay_url: str) -> str:
+    """The Host header trio-websocket sends for RELAY_URL (port omitted for 80/443)."""
+    parsed = urllib.parse.urlsplit(relay_url)
+    host = parsed.hostname or ""
+    default = 443 if parsed.scheme == "https" else 80
+    port = parsed.port or default
+    return host if port in (80, 443) else f"{host}:{port}"

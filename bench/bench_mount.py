@@ -1,0 +1,427 @@
+"""Benchmark: reading one large file through `kbfs mount` vs `rclone mount` (http backend).
+
+kbfs: a real `kbfs relay` and `kbfs share` (processes on 127.0.0.1), a pointer folder whose
+pointer has no usable original_path, and `kbfs mount` (its own daemon). rclone: nginx
+(our own config, foreground, stopped by pid) serving the same file, and
+`rclone mount :http: --vfs-cache-mode full`. Both read the same bytes, side by side in one
+run. Measured per system:
+
+- cold sequential MB/s (empty disk cache, page cache dropped),
+- warm sequential MB/s (disk cache full, page cache dropped),
+- random 4 KiB reads, median latency, cold (fresh cache) and warm (blocks cached, page
+  cache dropped),
+- the daemon's peak RSS (VmHWM) after streaming the file.
+
+Dropping the page cache needs root (`/proc/sys/vm/drop_caches`); when it is not permitted
+the table says so and "warm" includes the page cache. Prints a markdown table with ratios.
+Usage: bench_mount.py [--size 1G] [--dir DIR] [--random N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kbfs.config import parse_size  # noqa: E402
+
+CHUNK = 1 << 20
+
+
+def log(msg: str) -> None:
+    print(f"# {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def drop_page_cache() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_pid(pid: int, timeout: float = 10) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not alive(pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        end = time.monotonic() + timeout
+        while alive(pid) and time.monotonic() < end:
+            time.sleep(0.05)
+
+
+def unmount(path: str) -> None:
+    for args in (["-u"], ["-uz"]):
+        if not os.path.ismount(path):
+            return
+        subprocess.run(["fusermount3", *args, path], capture_output=True, timeout=30)
+
+
+class Proc:
+    """A child process whose output lines are collected in the background."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
+        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=env, cwd=cwd)
+        self.lines: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float = 600) -> re.Match[str]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for line in list(self.lines):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"no {pattern!r} from {self.popen.args}: {''.join(self.lines)[-2000:]}")
+
+    def stop(self) -> None:
+        stop_pid(self.popen.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def sequential(path: str) -> tuple[float, str]:
+    """MB/s of reading PATH start to end in 1 MiB reads, and its SHA-1 (hashed afterwards)."""
+    t0 = time.perf_counter()
+    n = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            chunk = os.read(fd, 4 * CHUNK)
+            if not chunk:
+                break
+            n += len(chunk)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    return n / seconds / 1e6, ""
+
+
+def sha1_of(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def random_reads(path: str, offsets: list[int]) -> float:
+    """Median seconds of one 4 KiB pread at each offset (kernel read-ahead disabled)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        times = []
+        for off in offsets:
+            t0 = time.perf_counter()
+            data = os.pread(fd, 4096, off)
+            times.append(time.perf_counter() - t0)
+            assert len(data) == 4096
+    finally:
+        os.close(fd)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- the two systems
+
+
+class KbfsSide:
+    name = "kbfs"
+
+    def __init__(self, base: Path, data: Path, env: dict[str, str]) -> None:
+        self.base, self.data, self.env = base, data, env
+        self.mnt = str(base / "kbfs-mnt")
+        self.cache = str(base / "kbfs-cache")
+        self.pointers = base / "pointers"
+        self.pid = 0
+        self.relay = Proc([sys.executable, "-m", "kbfs", "relay", "--host", "127.0.0.1", "--port",
+                           "0"], env=env, cwd=str(REPO))
+        self.relay_url = self.relay.wait_for(r"listening on (http://\S+)").group(1)
+        self.share = Proc([sys.executable, "-m", "kbfs", "share", str(data), "--relay",
+                           self.relay_url], env=env, cwd=str(REPO))
+        self.share_id = self.share.wait_for(r"share id ([a-z2-7]+)").group(1)
+        log("kbfs share indexing the file (hashing it once)...")
+        self.share.wait_for(r"share connected to", timeout=1200)
+        listing = requests.get(f"{self.relay_url}/s/{self.share_id}/list/", timeout=30).json()
+        self.pointers.mkdir(exist_ok=True)
+        for item in listing["files"]:
+            pointer = dict(item["prv"], original_path="")  # a reader elsewhere: no local copy
+            (self.pointers / f"{item['name']}.prv").write_text(json.dumps(pointer, indent=4))
+        os.makedirs(self.mnt, exist_ok=True)
+
+    def mount(self, fresh: bool) -> None:
+        if fresh:
+            shutil.rmtree(self.cache, ignore_errors=True)
+        res = subprocess.run([sys.executable, "-m", "kbfs", "mount", str(self.pointers), self.mnt,
+                              "--relay", self.relay_url, "--cache-dir", self.cache,
+                              "--cache-size", "20G"], capture_output=True, text=True,
+                             env=self.env, cwd=str(REPO), timeout=120)
+        m = re.search(r"pid (\d+)", res.stdout)
+        if res.returncode or not m:
+            raise RuntimeError(f"kbfs mount failed: {res.stdout}{res.stderr}")
+        self.pid = int(m.group(1))
+
+    def unmount(self) -> None:
+        unmount(self.mnt)
+        stop_pid(self.pid)
+
+    def close(self) -> None:
+        self.unmount()
+        self.share.stop()
+        self.relay.stop()
+
+
+class RcloneSide:
+    name = "rclone"
+
+    def __init__(self, base: Path, data: Path) -> None:
+        self.base, self.data = base, data
+        self.mnt = str(base / "rclone-mnt")
+        self.cache = str(base / "rclone-cache")
+        self.port = free_port()
+        conf = base / "nginx.conf"
+        (base / "nginx").mkdir(exist_ok=True)
+        conf.write_text(f"""
+daemon off;
+worker_processes 2;
+pid {base}/nginx/nginx.pid;
+error_log {base}/nginx/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    client_body_temp_path {base}/nginx/body;
+    proxy_temp_path {base}/nginx/proxy;
+    fastcgi_temp_path {base}/nginx/fastcgi;
+    uwsgi_temp_path {base}/nginx/uwsgi;
+    scgi_temp_path {base}/nginx/scgi;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {data};
+        autoindex on;
+    }}
+}}
+""")
+        self.nginx = Proc(["nginx", "-c", str(conf), "-p", str(base / "nginx")])
+        end = time.monotonic() + 10
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{self.port}/", timeout=2)
+                break
+            except requests.RequestException:
+                if time.monotonic() > end:
+                    raise RuntimeError("nginx did not start: " + "".join(self.nginx.lines))
+                time.sleep(0.1)
+        os.makedirs(self.mnt, exist_ok=True)
+        self.proc: Proc | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.popen.pid
+
+    def mount(self, fresh: bool) -> None:
+        if fresh:
+            shutil.rmtree(self.cache, ignore_errors=True)
+        self.proc = Proc(["rclone", "mount", ":http:", self.mnt, "--http-url",
+                          f"http://127.0.0.1:{self.port}/", "--vfs-cache-mode", "full",
+                          "--cache-dir", self.cache, "--read-only", "--vfs-cache-max-size",
+                          "20G"])
+        end = time.monotonic() + 30
+        while not os.path.ismount(self.mnt):
+            if time.monotonic() > end or self.proc.popen.poll() is not None:
+                raise RuntimeError("rclone mount failed: " + "".join(self.proc.lines)[-2000:])
+            time.sleep(0.1)
+
+    def unmount(self) -> None:
+        unmount(self.mnt)
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def close(self) -> None:
+        self.unmount()
+        self.nginx.stop()
+
+
+def measure(side: KbfsSide | RcloneSide, fname: str, want_sha1: str, offsets: list[int],
+            can_drop: bool) -> dict[str, float]:
+    path = os.path.join(side.mnt, fname)
+    out: dict[str, float] = {}
+    side.mount(fresh=True)
+    try:
+        drop_page_cache()
+        log(f"{side.name}: cold sequential")
+        out["cold_seq"], _ = sequential(path)
+        out["rss_mb"] = peak_rss_mb(side.pid)
+        if side.name == "rclone":
+            time.sleep(2)  # let rclone finish writing its cache file
+        drop_page_cache()
+        log(f"{side.name}: warm sequential")
+        out["warm_seq"], _ = sequential(path)
+        got = sha1_of(path)
+        if got != want_sha1:
+            raise RuntimeError(f"{side.name} returned wrong bytes: sha1 {got}")
+    finally:
+        side.unmount()
+    side.mount(fresh=True)
+    try:
+        drop_page_cache()
+        log(f"{side.name}: random 4 KiB cold")
+        out["rand_cold"] = random_reads(path, offsets)
+        if side.name == "rclone":
+            time.sleep(2)
+        drop_page_cache()
+        log(f"{side.name}: random 4 KiB warm")
+        out["rand_warm"] = random_reads(path, offsets)
+        out["rss_mb"] = max(out["rss_mb"], peak_rss_mb(side.pid))
+    finally:
+        side.unmount()
+    return out
+
+
+@contextlib.contextmanager
+def workdir(parent: str | None) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="kbfs-bench-mount-", dir=parent))
+    try:
+        yield path
+    finally:
+        for mnt in ("kbfs-mnt", "rclone-mnt"):
+            unmount(str(path / mnt))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="1G", help="file size (default 1G)")
+    ap.add_argument("--dir", default=None, help="work folder parent (default: the temp dir)")
+    ap.add_argument("--random", type=int, default=200, help="random reads per pass")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    for tool in ("rclone", "nginx", "fusermount3"):
+        if shutil.which(tool) is None:
+            print(f"bench_mount: {tool} is not installed", file=sys.stderr)
+            return 2
+    can_drop = drop_page_cache()
+    with workdir(args.dir) as base:
+        env = dict(os.environ, XDG_STATE_HOME=str(base / "state"),
+                   XDG_CONFIG_HOME=str(base / "config"), KBFS_RUNTIME_DIR=str(base / "run"))
+        for key in ("KBFS_RELAY", "KBFS_CACHE_DIR", "KBFS_CACHE_SIZE"):
+            env.pop(key, None)
+        data = base / "data"
+        data.mkdir()
+        fname = "big.bin"
+        log(f"writing a {size / (1 << 30):.2f} GiB file")
+        h = hashlib.sha1()
+        with open(data / fname, "wb") as f:
+            left = size
+            rng = random.Random(1)
+            block = rng.randbytes(16 * CHUNK)
+            i = 0
+            while left:
+                # Distinct blocks (a counter in each MiB) without paying for 1 GiB of randomness.
+                piece = bytearray(block[: min(left, len(block))])
+                for j in range(0, len(piece), CHUNK):
+                    piece[j : j + 8] = (i * 16 + j // CHUNK).to_bytes(8, "little")
+                f.write(piece)
+                h.update(piece)
+                left -= len(piece)
+                i += 1
+        want = h.hexdigest()
+        rng = random.Random(2)
+        offsets = [rng.randrange(0, size - 4096) for _ in range(args.random)]
+        results: dict[str, dict[str, float]] = {}
+        kb = KbfsSide(base, data, env)
+        try:
+            rc = RcloneSide(base, data)
+            try:
+                results["rclone"] = measure(rc, fname, want, offsets, can_drop)
+            finally:
+                rc.close()
+            results["kbfs"] = measure(kb, fname, want, offsets, can_drop)
+        finally:
+            kb.close()
+    k, r = results["kbfs"], results["rclone"]
+    print()
+    print(f"File: {size / (1 << 30):.2f} GiB, {args.random} random 4 KiB reads per pass; "
+          f"page cache dropped between passes: {'yes' if can_drop else 'NO (not permitted)'}.")
+    print()
+    print("| measure | kbfs | rclone | kbfs vs rclone | goal |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    print(f"| cold sequential | {k['cold_seq']:.0f} MB/s | {r['cold_seq']:.0f} MB/s | "
+          f"{k['cold_seq'] / r['cold_seq']:.2f}x | >= 1.5x |")
+    print(f"| warm sequential | {k['warm_seq']:.0f} MB/s | {r['warm_seq']:.0f} MB/s | "
+          f"{k['warm_seq'] / r['warm_seq']:.2f}x | >= 2x |")
+    print(f"| random 4 KiB cold, median | {k['rand_cold'] * 1e3:.2f} ms | "
+          f"{r['rand_cold'] * 1e3:.2f} ms | {r['rand_cold'] / k['rand_cold']:.2f}x faster | "
+          f"<= 0.5x rclone's |")
+    print(f"| random 4 KiB warm, median | {k['rand_warm'] * 1e6:.0f} us | "
+          f"{r['rand_warm'] * 1e6:.0f} us | {r['rand_warm'] / k['rand_warm']:.2f}x faster | "
+          f"<= 100 us |")
+    print(f"| daemon peak RSS (VmHWM) | {k['rss_mb']:.0f} MB | {r['rss_mb']:.0f} MB | "
+          f"{k['rss_mb'] / r['rss_mb']:.2f}x | <= 300 MB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,844 @@
+"""The verified block cache on disk: every byte it returns was checked against a hash.
+
+`BlockCache` answers `read(ref, offset, length)` from verified block files on disk and
+fetches missing blocks from a `BlockSource` (normally `kbfs.fetch.Fetcher`, which this
+module never imports: the source comes in through the constructor). It is synchronous and
+thread-safe so the FUSE daemon (through `trio.to_thread`) and plain Python readers share it.
+
+On disk, under DIR (safe to share between processes):
+
+    DIR/blocks/<sha1[:2]>/<sha1>/<index>   one verified block per file
+    DIR/trees/<sha1[:2]>/<sha1>            the leaves (32 bytes each)
+    DIR/complete/<sha1>                    a legacy (root-less) file passed its SHA-1 check
+    DIR/files/<sha1>                       whole-file copies made by `local_path`
+
+Every file is written under a unique temporary name (starting with '.') in its final
+folder, fsynced, then renamed: a block file that exists is a verified block, whatever
+moment the process was killed at. Presence is never recorded before that rename.
+
+Concurrency: one in-flight entry (a Future) per block being fetched, so concurrent readers
+of a block share one fetch; the global lock guards only dictionaries, never I/O.
+Capacity: LRU by last access over block files, evicted to 90% of capacity, never evicting
+files pinned by `open_file`; a floor of free disk space (`min_free`). When a block cannot
+be stored (full disk, folder gone) the verified bytes are still returned, uncached.
+
+Legacy pointers (root None) trust the tree on first use; once every block is present the
+whole-file SHA-1 is checked in a background thread: a pass writes `complete/<sha1>`, a
+failure deletes the blocks and the tree.
+
+What it does not do: no network (only through the source), no FUSE, no pointer parsing,
+no tree trust beyond the rule above; `files/` copies are not counted against capacity.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kbfs import tree
+from kbfs.errors import CacheError, KbfsError, VerificationError
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = tree.BLOCK_SIZE
+MAX_RUN = 16            # blocks per fetch_blocks call from read()
+PREFETCH_RUN = 4        # blocks per background fetch: several range requests in flight
+LOW_WATER = 0.9         # eviction goes down to this fraction of capacity
+TREE_MEMORY = 1024      # trees kept in memory
+STALE_TEMP = 3600.0     # seconds after which a leftover temporary file is removed
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """Content to read: identified by SHA-1, checked by its tree root when there is one."""
+
+    sha1: str
+    size: int
+    root: str | None          # None: a pointer from the original tools (trust the tree on
+    block_size: int = BLOCK_SIZE  # first use, then check the whole-file SHA-1)
+
+    @property
+    def blocks(self) -> int:
+        return tree.block_count(self.size, self.block_size)
+
+
+class BlockSource(Protocol):
+    """Where missing blocks come from; `kbfs.fetch.Fetcher` implements it."""
+
+    def fetch_tree(self, sha1: str, size: int) -> bytes: ...
+
+    def fetch_blocks(self, sha1: str, size: int, first: int, count: int,
+                     leaves: Sequence[bytes], block_size: int = ...) -> bytes: ...
+
+
+class _Flight:
+    """A block being fetched: readers that need it wait here instead of fetching it again."""
+
+    __slots__ = ("future", "prefetch")
+
+    def __init__(self, prefetch: bool) -> None:
+        self.future: cf.Future[Buffer] = cf.Future()
+        self.prefetch = prefetch
+
+
+Buffer = bytes | memoryview  # a verified block: bytes, or a view into a fetched run
+
+_tmp_counter = itertools.count()
+
+
+def _write_atomic(path: str, data: bytes | memoryview) -> None:
+    """Write DATA to PATH so PATH either does not exist or holds all of DATA, durably."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.{next(_tmp_counter)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError:
+        # The folder vanished (cleared by hand, or never made): recreate it once.
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class BlockCache:
+    """Verified blocks on disk with LRU eviction; see the module docstring."""
+
+    def __init__(self, directory: str, source: BlockSource, capacity: int,
+                 min_free: int = 1 << 30, workers: int = 8) -> None:
+        self.directory = os.path.abspath(directory)
+        self.source = source
+        self.capacity = capacity
+        self.min_free = min_free
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, int], _Flight] = {}
+        self._tree_flights: dict[str, cf.Future[list[bytes]]] = {}
+        self._trees: OrderedDict[str, tuple[list[bytes], set[str]]] = OrderedDict()
+        # (sha1, index) -> size, least recently used first.
+        self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._file_bytes: Counter[str] = Counter()
+        self._file_blocks: Counter[str] = Counter()
+        self._total = 0
+        self._pins: Counter[str] = Counter()
+        self._checking: set[str] = set()
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
+        self._closed = False
+        self._stats: Counter[str] = Counter()
+        self._pool = cf.ThreadPoolExecutor(max_workers=max(1, workers),
+                                           thread_name_prefix="kbfs-prefetch")
+        for sub in ("blocks", "trees", "complete", "files"):
+            os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
+        self._scan()
+
+    # ---- paths
+    def _block_path(self, sha1: str, index: int) -> str:
+        return os.path.join(self.directory, "blocks", sha1[:2], sha1, str(index))
+
+    def _tree_path(self, sha1: str) -> str:
+        return os.path.join(self.directory, "trees", sha1[:2], sha1)
+
+    def _complete_path(self, sha1: str) -> str:
+        return os.path.join(self.directory, "complete", sha1)
+
+    def _file_path(self, sha1: str) -> str:
+        return os.path.join(self.directory, "files", sha1)
+
+    # ---- startup scan
+    def _scan(self) -> None:
+        """Index the block files already on disk, oldest first (another process may be
+        adding and removing files meanwhile: a file that vanishes is simply not present)."""
+        found: list[tuple[float, str, int, int]] = []
+        now = time.time()
+        root = os.path.join(self.directory, "blocks")
+        for prefix in _listdir(root):
+            for sha1 in _listdir(os.path.join(root, prefix)):
+                folder = os.path.join(root, prefix, sha1)
+                for name in _listdir(folder):
+                    path = os.path.join(folder, name)
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    if name.startswith("."):
+                        if now - st.st_mtime > STALE_TEMP:
+                            _unlink(path)  # a temporary file left by a killed writer
+                        continue
+                    if name.isdigit():
+                        found.append((st.st_mtime, sha1, int(name), st.st_size))
+        found.sort()
+        with self._lock:
+            for _, sha1, index, size in found:
+                self._index_add(sha1, index, size)
+
+    def _index_add(self, sha1: str, index: int, size: int) -> None:
+        key = (sha1, index)
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return
+        self._lru[key] = size
+        self._total += size
+        self._file_bytes[sha1] += size
+        self._file_blocks[sha1] += 1
+
+    def _index_drop(self, sha1: str, index: int) -> None:
+        size = self._lru.pop((sha1, index), None)
+        if size is None:
+            return
+        self._total -= size
+        self._file_bytes[sha1] -= size
+        self._file_blocks[sha1] -= 1
+        if self._file_blocks[sha1] <= 0:
+            del self._file_blocks[sha1]
+            del self._file_bytes[sha1]
+
+    # ---- trees
+    def _leaves(self, ref: FileRef) -> list[bytes]:
+        """The leaves of REF, checked against its root (or trusted on first use if it has none)."""
+        with self._lock:
+            hit = self._trees.get(ref.sha1)
+            if hit is not None and (ref.root is None or ref.root.lower() in hit[1]):
+                self._trees.move_to_end(ref.sha1)
+                return hit[0]
+            flight = self._tree_flights.get(ref.sha1)
+            owner = flight is None
+            if flight is None:
+                flight = self._tree_flights[ref.sha1] = cf.Future()
+        if not owner:
+            leaves = flight.result()
+            if ref.root is not None:
+                tree.verify_leaves(leaves, ref.size, ref.root, ref.block_size)
+            return leaves
+        try:
+            leaves = self._load_tree(ref)
+            flight.set_result(leaves)
+            return leaves
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._tree_flights.pop(ref.sha1, None)
+
+    def _load_tree(self, ref: FileRef) -> list[bytes]:
+        want = ref.blocks * tree.LEAF_BYTES
+        path = self._tree_path(ref.sha1)
+        leaves: list[bytes] | None = None
+        try:
+            with open(path, "rb") as f:
+                blob = f.read(want + 1)
+            if len(blob) == want:
+                leaves = tree.split_leaves(blob)
+        except OSError:
+            pass
+        if leaves is not None and ref.root is not None:
+            try:
+                tree.verify_leaves(leaves, ref.size, ref.root, ref.block_size)
+            except VerificationError:
+                # The tree on disk was trusted on first use for a root-less pointer and is
+                # now contradicted: neither it nor the blocks checked against it are trusted.
+                log.warning("cached tree of %s does not match root %s: dropping its blocks",
+                            ref.sha1, ref.root)
+                self._drop_content(ref.sha1)
+                leaves = None
+        if leaves is None:
+            if ref.block_size == BLOCK_SIZE:
+                blob = self.source.fetch_tree(ref.sha1, ref.size)
+            else:
+                # Only sources that know other block sizes (Fetcher does) can serve these.
+                blob = self.source.fetch_tree(ref.sha1, ref.size,  # type: ignore[call-arg]
+                                              block_size=ref.block_size)
+            if len(blob) != want:
+                raise VerificationError(f"tree of {ref.sha1} has {len(blob)} bytes, expected {want}")
+            leaves = tree.split_leaves(blob)
+            if ref.root is not None:
+                tree.verify_leaves(leaves, ref.size, ref.root, ref.block_size)
+            try:
+                _write_atomic(path, blob)
+            except OSError as exc:
+                self._note_error(f"cannot store the tree of {ref.sha1}: {exc}")
+        with self._lock:
+            entry = self._trees.get(ref.sha1)
+            if entry is None or entry[0] != leaves:
+                entry = (leaves, set())
+                self._trees[ref.sha1] = entry
+            if ref.root is not None:
+                entry[1].add(ref.root.lower())
+            self._trees.move_to_end(ref.sha1)
+            while len(self._trees) > TREE_MEMORY:
+                self._trees.popitem(last=False)
+        return leaves
+
+    # ---- blocks on disk
+    def _load_slice(self, ref: FileRef, index: int, lo: int = 0, hi: int | None = None
+                    ) -> bytes | None:
+        """Bytes [lo, hi) of the verified block INDEX from disk, or None when not present.
+
+        Only the slice asked for is read: a 128 KiB FUSE read costs 128 KiB of I/O."""
+        start, end = tree.block_span(index, ref.size, ref.block_size)
+        blen = end - start
+        hi = blen if hi is None else hi
+        path = self._block_path(ref.sha1, index)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            with self._lock:
+                self._index_drop(ref.sha1, index)  # evicted, maybe by another process
+            return None
+        except OSError as exc:
+            self._note_error(f"cannot open cached block {index} of {ref.sha1}: {exc}")
+            return None
+        try:
+            fsize = os.fstat(fd).st_size
+            data = os.pread(fd, hi - lo, lo) if fsize == blen else None
+        except OSError as exc:
+            self._note_error(f"cannot read cached block {index} of {ref.sha1}: {exc}")
+            return None
+        finally:
+            os.close(fd)
+        if data is None or len(data) != hi - lo:
+            # Not possible for a file we renamed into place; never serve it.
+            self._note_error(f"cached block {index} of {ref.sha1} has {fsize} bytes, not {blen}")
+            _unlink(path)
+            with self._lock:
+                self._index_drop(ref.sha1, index)
+            return None
+        with self._lock:
+            key = (ref.sha1, index)
+            if key in self._lru:
+                self._lru.move_to_end(key)
+            else:
+                self._index_add(ref.sha1, index, blen)  # stored by another process
+        return data
+
+    def _present(self, ref: FileRef, index: int) -> bool:
+        with self._lock:
+            if (ref.sha1, index) in self._lru:
+                return True
+        return os.path.exists(self._block_path(ref.sha1, index))
+
+    def _store(self, ref: FileRef, index: int, data: Buffer) -> bool:
+        """Store a verified block; False (logged) when it could not be stored."""
+        n = len(data)
+        if not self._make_room(n):
+            with self._lock:
+                self._stats["store_skipped"] += 1
+            return False
+        try:
+            _write_atomic(self._block_path(ref.sha1, index), data)
+        except OSError as exc:
+            self._note_error(f"cannot store block {index} of {ref.sha1}: {exc}")
+            if exc.errno == errno.ENOSPC:
+                self._evict(self.capacity // 10)
+            return False
+        with self._lock:
+            self._index_add(ref.sha1, index, n)
+            complete = (ref.root is None and self._file_blocks[ref.sha1] >= ref.blocks
+                        and ref.sha1 not in self._checking)
+        if complete and not os.path.exists(self._complete_path(ref.sha1)):
+            self._start_check(ref)
+        return True
+
+    # ---- capacity
+    def _make_room(self, n: int) -> bool:
+        """Evict so that N more bytes fit under capacity and above the free-space floor."""
+        with self._lock:
+            over = self._total + n - self.capacity
+        if over > 0:
+            self._evict(self._total + n - int(self.capacity * LOW_WATER))
+            with self._lock:
+                if self._total + n > self.capacity:
+                    return False
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return True  # the write will tell
+        if free - n < self.min_free:
+            self._evict(self.min_free - (free - n))
+            try:
+                free = shutil.disk_usage(self.directory).free
+            except OSError:
+                return True
+            if free - n < self.min_free:
+                return False
+        return True
+
+    def _evict(self, amount: int) -> int:
+        """Remove at least AMOUNT bytes of least recently used, unpinned blocks."""
+        victims: list[tuple[str, int]] = []
+        freed = 0
+        with self._lock:
+            for key, size in self._lru.items():
+                if freed >= amount:
+                    break
+                if self._pins[key[0]] or key in self._inflight:
+                    continue
+                victims.append(key)
+                freed += size
+            for sha1, index in victims:
+                self._index_drop(sha1, index)
+            self._stats["evictions"] += len(victims)
+        for sha1, index in victims:
+            _unlink(self._block_path(sha1, index))
+        return freed
+
+    # ---- fetching
+    def _claim(self, ref: FileRef, indices: Sequence[int], prefetch: bool
+               ) -> tuple[list[int], dict[int, _Flight]]:
+        """Register this thread as the fetcher of the blocks nobody is fetching yet."""
+        owned: list[int] = []
+        waits: dict[int, _Flight] = {}
+        with self._lock:
+            for i in indices:
+                flight = self._inflight.get((ref.sha1, i))
+                if flight is not None:
+                    waits[i] = flight
+                else:
+                    self._inflight[(ref.sha1, i)] = _Flight(prefetch)
+                    owned.append(i)
+        return owned, waits
+
+    def _fetch_owned(self, ref: FileRef, owned: list[int], run: int,
+                     out: dict[int, Buffer] | None) -> None:
+        """Fetch, publish and store the blocks this thread claimed, in runs of consecutive ones."""
+        with self._lock:
+            flights = {i: self._inflight[(ref.sha1, i)] for i in owned}
+        error: BaseException | None = None
+        into = getattr(self.source, "fetch_blocks_into", None)
+        try:
+            leaves = self._leaves(ref) if owned else []
+            for first, count in _runs(owned, run):
+                lo = first * ref.block_size
+                hi = min((first + count) * ref.block_size, ref.size)
+                if into is not None:
+                    # Straight into one buffer; blocks are views of it: no copies.
+                    view = memoryview(bytearray(max(0, hi - lo)))
+                    into(ref.sha1, ref.size, first, count, leaves, view, ref.block_size)
+                else:
+                    data = self.source.fetch_blocks(ref.sha1, ref.size, first, count, leaves,
+                                                    ref.block_size)
+                    if len(data) != hi - lo:
+                        raise VerificationError(f"source returned {len(data)} bytes for blocks "
+                                                f"{first}-{first + count - 1} of {ref.sha1}")
+                    view = memoryview(data)
+                blocks: list[Buffer] = []
+                for k in range(count):
+                    a, b = tree.block_span(k, len(view), ref.block_size)
+                    block = view[a:b]
+                    blocks.append(block)
+                    flights[first + k].future.set_result(block)  # waiters go on at once
+                    if out is not None:
+                        out[first + k] = block
+                with self._lock:
+                    self._stats["bytes_fetched"] += len(view)
+                for k, block in enumerate(blocks):
+                    self._store(ref, first + k, block)
+                with self._lock:
+                    for k in range(count):
+                        self._inflight.pop((ref.sha1, first + k), None)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with self._lock:
+                for i in owned:
+                    fl = flights[i]
+                    if not fl.future.done():
+                        fl.future.set_exception(error or CacheError("fetch abandoned"))
+                    if self._inflight.get((ref.sha1, i)) is fl:
+                        del self._inflight[(ref.sha1, i)]
+
+    def _obtain(self, ref: FileRef, indices: list[int], out: dict[int, Buffer]) -> None:
+        owned, waits = self._claim(ref, indices, prefetch=False)
+        if owned:
+            self._fetch_owned(ref, owned, MAX_RUN, out)
+        retry = []
+        for i, flight in waits.items():
+            try:
+                out[i] = flight.future.result()
+            except Exception:
+                if not flight.prefetch:
+                    raise
+                retry.append(i)  # a failed read-ahead is not this reader's failure
+        if retry:
+            owned, waits2 = self._claim(ref, retry, prefetch=False)
+            if owned:
+                self._fetch_owned(ref, owned, MAX_RUN, out)
+            for i, flight in waits2.items():
+                out[i] = flight.future.result()
+
+    # ---- public API
+    def read(self, ref: FileRef, offset: int, length: int) -> bytes:
+        """Up to LENGTH verified bytes of REF at OFFSET (clipped to its size); blocking."""
+        self._check_open()
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be non-negative")
+        end = min(ref.size, offset + length)
+        if offset >= end:
+            return b""
+        bs = ref.block_size
+        first, last = offset // bs, (end - 1) // bs
+        pieces: dict[int, Buffer] = {}   # block index -> just the part this read needs
+        missing: list[int] = []
+        for i in range(first, last + 1):
+            lo = offset - i * bs if i == first else 0
+            hi = end - i * bs if i == last else tree.block_span(i, ref.size, bs)[1] - i * bs
+            data = self._load_slice(ref, i, lo, hi)
+            if data is None:
+                missing.append(i)
+            else:
+                pieces[i] = data
+        if missing:
+            fetched: dict[int, Buffer] = {}
+            self._obtain(ref, missing, fetched)
+            for i in missing:
+                lo = offset - i * bs if i == first else 0
+                hi = end - i * bs if i == last else len(fetched[i])
+                pieces[i] = memoryview(fetched[i])[lo:hi]
+        with self._lock:
+            self._stats["hits"] += last - first + 1 - len(missing)
+            self._stats["misses"] += len(missing)
+            self._stats["bytes_served"] += end - offset
+        if first == last:
+            only = pieces[first]
+            return only if isinstance(only, bytes) else bytes(only)
+        return b"".join(pieces[i] for i in range(first, last + 1))
+
+    def prefetch(self, ref: FileRef, first: int, count: int) -> None:
+        """Fetch missing blocks [first, first+count) in the background; never raises."""
+        try:
+            if self._closed:
+                return
+            last = min(ref.blocks, first + count)
+            wanted = [i for i in range(max(0, first), last)
+                      if not self._present(ref, i)]
+            owned, _ = self._claim(ref, wanted, prefetch=True)
+            for run_first, run_count in _runs(owned, PREFETCH_RUN):
+                run = list(range(run_first, run_first + run_count))
+                with self._lock:
+                    self._pending += 1
+                try:
+                    self._pool.submit(self._prefetch_job, ref, run)
+                except RuntimeError:  # closed meanwhile
+                    self._abandon(ref, run)
+                    self._job_done()
+        except Exception:  # noqa: BLE001 - read-ahead must never break a read
+            log.exception("prefetch of %s failed", ref.sha1)
+
+    def _prefetch_job(self, ref: FileRef, run: list[int]) -> None:
+        try:
+            if self._closed:
+                self._abandon(ref, run)
+                return
+            self._fetch_owned(ref, run, PREFETCH_RUN, None)
+        except KbfsError as exc:
+            log.warning("prefetch of blocks %d-%d of %s failed: %s", run[0], run[-1], ref.sha1, exc)
+            self._note_error(None)
+        except Exception:  # noqa: BLE001 - logged, never raised: a background job
+            log.exception("prefetch of %s failed", ref.sha1)
+            self._note_error(None)
+        finally:
+            self._job_done()
+
+    def _abandon(self, ref: FileRef, run: list[int]) -> None:
+        with self._lock:
+            for i in run:
+                fl = self._inflight.pop((ref.sha1, i), None)
+                if fl is not None and not fl.future.done():
+                    fl.future.set_exception(CacheError("cache closed"))
+
+    def _job_done(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no prefetch or SHA-1 check is pending; False on timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._pending or self._checking:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def open_file(self, ref: FileRef) -> None:
+        """Pin REF's blocks against eviction until the matching `close_file`."""
+        with self._lock:
+            self._pins[ref.sha1] += 1
+
+    def close_file(self, ref: FileRef) -> None:
+        with self._lock:
+            self._pins[ref.sha1] -= 1
+            if self._pins[ref.sha1] <= 0:
+                del self._pins[ref.sha1]
+
+    def cached_bytes(self, ref: FileRef) -> int:
+        """Bytes of REF present in the cache (as known to this process)."""
+        with self._lock:
+            return self._file_bytes.get(ref.sha1, 0)
+
+    def verified(self, ref: FileRef) -> str:
+        """'tree' when REF has a root, 'sha1' once a legacy file passed its check, else 'pending'."""
+        if ref.root is not None:
+            return "tree"
+        return "sha1" if os.path.exists(self._complete_path(ref.sha1)) else "pending"
+
+    def local_path(self, ref: FileRef) -> str:
+        """Path of a complete, verified copy of REF (`DIR/files/<sha1>`), made if needed."""
+        self._check_open()
+        path = self._file_path(ref.sha1)
+        try:
+            if os.stat(path).st_size == ref.size and (
+                    ref.root is not None or self.verified(ref) == "sha1"):
+                return path
+        except FileNotFoundError:
+            pass
+        chunk = MAX_RUN * ref.block_size
+        hasher = hashlib.sha1() if ref.root is None else None
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{ref.sha1}.{os.getpid()}.{next(_tmp_counter)}.tmp")
+        self.open_file(ref)
+        try:
+            with open(tmp, "wb") as f:
+                for offset in range(0, ref.size, chunk):
+                    # Keep the next chunks coming while this one is written out.
+                    nxt = (offset + chunk) // ref.block_size
+                    self.prefetch(ref, nxt, 2 * MAX_RUN)
+                    data = self.read(ref, offset, chunk)
+                    if hasher is not None:
+                        hasher.update(data)
+                    f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if hasher is not None and hasher.hexdigest() != ref.sha1:
+                self._legacy_failed(ref.sha1, hasher.hexdigest())
+                raise VerificationError(f"content of {ref.sha1} has SHA-1 {hasher.hexdigest()}")
+            if hasher is not None:
+                self._mark_complete(ref.sha1)
+            os.rename(tmp, path)
+        finally:
+            self.close_file(ref)
+            _unlink(tmp)
+        return path
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters: hits, misses (blocks), bytes_served, bytes_fetched, evictions, errors,
+        cached_bytes, capacity, in_flight."""
+        with self._lock:
+            return {
+                "hits": self._stats["hits"],
+                "misses": self._stats["misses"],
+                "bytes_served": self._stats["bytes_served"],
+                "bytes_fetched": self._stats["bytes_fetched"],
+                "evictions": self._stats["evictions"],
+                "errors": self._stats["errors"],
+                "store_skipped": self._stats["store_skipped"],
+                "cached_bytes": self._total,
+                "capacity": self.capacity,
+                "in_flight": len(self._inflight),
+            }
+
+    def clear(self) -> None:
+        """Delete every block, tree, marker and copy whose file is not pinned (on disk too,
+        so content stored by other processes sharing the folder goes as well)."""
+        with self._lock:
+            pinned = set(self._pins)
+        for sha1 in self._sha1s_on_disk():
+            if sha1 not in pinned:
+                self._drop_content(sha1, marker=True)
+
+    def close(self) -> None:
+        """Stop background work (queued prefetches are abandoned, running ones finish)."""
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def __enter__(self) -> BlockCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- legacy (root-less) files
+    def _start_check(self, ref: FileRef) -> None:
+        with self._lock:
+            if ref.sha1 in self._checking or self._closed:
+                return
+            self._checking.add(ref.sha1)
+        threading.Thread(target=self._check_sha1, args=(ref,), daemon=True,
+                         name=f"kbfs-sha1-{ref.sha1[:8]}").start()
+
+    def _check_sha1(self, ref: FileRef) -> None:
+        """Hash the cached blocks of a root-less file; keep them only if the SHA-1 matches."""
+        try:
+            hasher = hashlib.sha1()
+            for i in range(ref.blocks):
+                data = self._load_slice(ref, i)
+                if data is None:
+                    return  # evicted meanwhile: checked again when complete again
+                hasher.update(data)
+            actual = hasher.hexdigest()
+            if actual == ref.sha1:
+                self._mark_complete(ref.sha1)
+                log.info("%s: SHA-1 of the cached blocks matches", ref.sha1)
+            else:
+                self._legacy_failed(ref.sha1, actual)
+        except Exception:  # noqa: BLE001 - a background thread: log, never raise
+            log.exception("SHA-1 check of %s failed", ref.sha1)
+        finally:
+            with self._lock:
+                self._checking.discard(ref.sha1)
+                self._idle.notify_all()
+
+    def _mark_complete(self, sha1: str) -> None:
+        try:
+            _write_atomic(self._complete_path(sha1), b"")
+        except OSError as exc:
+            self._note_error(f"cannot mark {sha1} complete: {exc}")
+
+    def _legacy_failed(self, sha1: str, actual: str) -> None:
+        log.error("%s: the blocks (checked against a tree trusted on first use) hash to SHA-1 %s;"
+                  " dropping the tree and every cached block of it", sha1, actual)
+        self._note_error(None)
+        self._drop_content(sha1)
+
+    def _drop_content(self, sha1: str, marker: bool = False) -> None:
+        """Delete every block, the tree (and with MARKER the complete marker and copy) of SHA1."""
+        with self._lock:
+            keys = [k for k in self._lru if k[0] == sha1]
+            for _, index in keys:
+                self._index_drop(sha1, index)
+            self._trees.pop(sha1, None)
+        folder = os.path.dirname(self._block_path(sha1, 0))
+        for name in _listdir(folder):
+            _unlink(os.path.join(folder, name))
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+        _unlink(self._tree_path(sha1))
+        if marker:
+            _unlink(self._complete_path(sha1))
+            _unlink(self._file_path(sha1))
+
+    def _sha1s_on_disk(self) -> set[str]:
+        out: set[str] = set()
+        for top in ("blocks", "trees"):
+            root = os.path.join(self.directory, top)
+            for prefix in _listdir(root):
+                out.update(n for n in _listdir(os.path.join(root, prefix)) if not n.startswith("."))
+        for top in ("complete", "files"):
+            out.update(n for n in _listdir(os.path.join(self.directory, top))
+                       if not n.startswith("."))
+        with self._lock:
+            out.update(k[0] for k in self._lru)
+        return out
+
+    # ---- small helpers
+    def _note_error(self, message: str | None) -> None:
+        if message:
+            log.warning("%s", message)
+        with self._lock:
+            self._stats["errors"] += 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheError("the block cache is closed")
+
+
+class ReadAhead:
+    """Per open file: detects sequential reads and keeps a growing window fetched ahead.
+
+    The window doubles (1, 2, 4, ... max_window blocks) with each read that continues the
+    previous one (same offset as its end, or within the same or next block, which tolerates
+    the kernel's slightly reordered reads) and resets on a jump. Random reads prefetch nothing.
+    """
+
+    def __init__(self, cache: BlockCache, ref: FileRef, max_window: int = 64) -> None:
+        self.cache = cache
+        self.ref = ref
+        self.max_window = max(1, max_window)
+        self.window = 0
+        self._lock = threading.Lock()
+        self._prev_end: int | None = None
+        self._ahead = 0  # blocks before this index were already submitted
+
+    def on_read(self, offset: int, length: int) -> None:
+        bs = self.ref.block_size
+        end = min(self.ref.size, offset + max(0, length))
+        with self._lock:
+            prev = self._prev_end
+            sequential = prev is not None and (
+                offset == prev or 0 <= offset // bs - max(0, prev - 1) // bs <= 1)
+            if sequential:
+                self.window = min(self.max_window, max(1, self.window * 2))
+            else:
+                self.window = 0
+                self._ahead = 0
+            self._prev_end = end
+            if not self.window:
+                return
+            nxt = -(-end // bs)  # the first block after this read
+            first = max(nxt, self._ahead)
+            last = min(self.ref.blocks, nxt + self.window)
+            if first >= last:
+                return
+            self._ahead = last
+        self.cache.prefetch(self.ref, first, last - first)
+
+
+def _runs(indices: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:
+    """(first, count) of runs of consecutive indices, each at most LIMIT long."""
+    start = prev = None
+    count = 0
+    for i in sorted(indices):
+        if start is not None and i == prev + 1 and count < limit:  # type: ignore[operator]
+            prev = i
+            count += 1
+            continue
+        if start is not None:
+            yield start, count
+        start = prev = i
+        count = 1
+    if start is not None:
+        yield start, count
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

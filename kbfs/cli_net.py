@@ -1,0 +1,231 @@
+"""The `kbfs relay`, `kbfs share DIR` and `kbfs share token DIR` commands.
+
+Wiring only: parse options, build a `relay.Relay` or a `share.Share`, run it under
+trio until SIGINT/SIGTERM, and print the lines people (and tests) wait for, flushed:
+`kbfs relay listening on URL`, `kbfs share id ID`, `kbfs share connected to URL ...`.
+Errors are raised as kbfs exceptions; the root group prints them as one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+import trio
+
+from kbfs import relay as relay_mod
+from kbfs import share as share_mod
+from kbfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _say(line: str) -> None:
+    click.echo(line)
+    sys.stdout.flush()
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"--listen {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8081")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+async def _until_signal(main: Callable[..., Any], *args: Any) -> None:
+    """Run MAIN until it returns or SIGINT/SIGTERM arrives; then cancel it cleanly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    log.info("signal %s: stopping", signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
+            await main(*args)
+            nursery.cancel_scope.cancel()
+
+
+def _info_logging(*names: str) -> None:
+    """Show INFO lines of these loggers (connect/disconnect) even without -v."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+@click.command("relay")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port; the URL is printed).")
+@click.option("--state-dir", type=click.Path(file_okay=False), help="Folder for the relay's state.")
+@click.option("--allow-shares", type=click.Path(dir_okay=False, exists=True),
+              help="File of share ids (one a line) allowed to connect; re-read when it changes.")
+def relay_command(host: str, port: int, state_dir: str | None, allow_shares: str | None) -> None:
+    """Run a relay: shares connect out to it, anyone reads their files through it.
+
+    \b
+    Logs one line per share connect/disconnect. Stops on Ctrl-C or SIGTERM.
+    HTTP API: /api/health /api/shares /api/find/SHA1 /sha1/SHA1 /tree/SHA1
+              /s/SHARE/list/PATH /s/SHARE/file/PATH   (see docs/protocol.md)
+    """
+    if state_dir:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    relay = relay_mod.Relay(allow_shares_file=allow_shares, state_dir=state_dir)
+    _info_logging("kbfs.relay")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(relay_mod.serve, relay, host, port)
+            _say(f"kbfs relay listening on {url}")
+
+    trio.run(_until_signal, main)
+    _say("kbfs relay stopped")
+
+
+class _ScanBar:
+    """A progress line for the first indexing pass, on a terminal only."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.done = 0
+        self.lock = threading.Lock()
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def on_total(self, n: int) -> None:
+        self.total = n
+
+    def progress(self, n: int) -> None:
+        if not self.tty:
+            return
+        with self.lock:
+            self.done += n
+            pct = 100.0 * self.done / self.total if self.total else 100.0
+            if pct - self.last >= 1 or self.done >= self.total:
+                self.last = pct
+                sys.stderr.write(f"\rindexing: {pct:5.1f}% of {self.total / 1e9:.2f} GB ")
+                if self.done >= self.total:
+                    sys.stderr.write("\n")
+                sys.stderr.flush()
+
+
+def _state_dir(directory: str, state_dir: str | None) -> str:
+    return os.path.realpath(state_dir) if state_dir else share_mod.state_dir_for(directory)
+
+
+class _ShareCommand(click.Command):
+    """`kbfs share DIR ...`, which also dispatches `kbfs share token DIR`."""
+
+    def __init__(self, *args: Any, token_command: click.Command, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token_command = token_command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] == "token":
+            ctx.meta["kbfs.share.token"] = self.token_command.make_context("token", args[1:],
+                                                                           parent=ctx)
+            return []
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        sub = ctx.meta.pop("kbfs.share.token", None)
+        if sub is not None:
+            with sub:
+                return self.token_command.invoke(sub)
+        return super().invoke(ctx)
+
+
+@click.command("token")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="The share's state folder, if not the default.")
+@click.option("--expires", "expires_days", type=float, default=None,
+              help="Days until the token expires (default: never).")
+@click.option("--label", default="", help="A note kept inside the token (who it is for).")
+def token_command(directory: str, state_dir: str | None, expires_days: float | None,
+                  label: str) -> None:
+    """Print a bearer token for the private share of DIRECTORY.
+
+    Readers send it as `Authorization: Bearer TOKEN`; the relay passes it to the
+    share, which checks it with a secret kept in its state folder.
+    """
+    sd = _state_dir(directory, state_dir)
+    key = share_mod.load_key(sd)
+    if expires_days is not None and expires_days <= 0:
+        raise ConfigError("--expires must be a positive number of days")
+    expires = expires_days * 86400 if expires_days else None
+    _say(share_mod.issue_token(sd, share_mod.share_id_of(key), expires, label))
+
+
+@click.command("share", cls=_ShareCommand, token_command=token_command)
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--relay", "relays", multiple=True, metavar="URL",
+              help="Relay to connect to (repeatable). Default: KBFS_RELAY.")
+@click.option("--name", default="", help="A readable name for the share (default: folder name).")
+@click.option("--listen", metavar="HOST:PORT", help="Also serve /sha1/ and /tree/ directly here.")
+@click.option("--public-url", default="", metavar="URL",
+              help="URL others use to reach --listen (default: its bound address).")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="Where the key, token secret and index live (default: per-user state).")
+@click.option("--private", is_flag=True, help="Serve only readers with a token (kbfs share token).")
+@click.option("--rescan-interval", default="30", show_default=True, metavar="SECONDS",
+              help="Seconds between rescans of DIR for changes.")
+def share_command(directory: str, relays: tuple[str, ...], name: str, listen: str | None,
+                  public_url: str, state_dir: str | None, private: bool,
+                  rescan_interval: str) -> None:
+    """Publish DIRECTORY through relays (no inbound port needed).
+
+    \b
+    Indexes DIR (files already indexed are served during a long first pass),
+    connects out to each relay and reconnects for ever with backoff, rescans
+    for changes. Prints the share id and URLs. `kbfs share token DIR` prints a
+    bearer token for a --private share. Stops on Ctrl-C or SIGTERM.
+    """
+    if not relays and os.environ.get("KBFS_RELAY"):
+        relays = tuple(r for r in os.environ["KBFS_RELAY"].split(",") if r.strip())
+    if not relays and not listen:
+        raise ConfigError("give --relay URL (or KBFS_RELAY), or --listen HOST:PORT")
+    try:
+        interval = float(rescan_interval)
+    except ValueError:
+        raise ConfigError(f"--rescan-interval {rescan_interval!r}: expected seconds") from None
+    if interval <= 0:
+        raise ConfigError("--rescan-interval must be positive")
+    options = share_mod.ShareOptions(
+        root_dir=directory, relays=list(relays), name=name,
+        listen=_parse_listen(listen) if listen else None, public_url=public_url,
+        state_dir=_state_dir(directory, state_dir), private=private, rescan_interval=interval)
+    bar = _ScanBar()
+    share = share_mod.Share(options, report=_say, scan_progress=bar.progress,
+                            scan_total=bar.on_total)
+    _info_logging("kbfs.share")
+    _say(f"kbfs share id {share.id}")
+    _say(f"kbfs share folder {share.root_dir} (state in {share.state_dir})")
+    for r in share.relays:
+        _say(f"kbfs share relay {r}/s/{share.id}/list/")
+    if private:
+        _say(f"kbfs share is private: make reader tokens with `kbfs share token {directory}`")
+    trio.run(_until_signal, share.run)
+    _say("kbfs share stopped")
+
+
+def register(cli: click.Group) -> None:
+    """Add `relay` and `share` to the root command group."""
+    cli.add_command(relay_command)
+    cli.add_command(share_command)
+
+
+__all__ = ["register"]

@@ -1,0 +1,610 @@
+"""Fetch verified blocks of content, by SHA-1, from an ordered list of sources.
+
+A `Fetcher` knows where content can be had and gets byte ranges of it:
+
+1. local candidates (`add_local_candidate`: a file believed to hold the content, e.g. a
+   pointer's `original_path`), checked once by size and then trusted only block by block;
+2. relays, in the order given: each is asked once (the answer is kept for a while)
+   `GET /api/find/{sha1}` for its URL list (direct share URLs first, then its own
+   `/sha1/{sha1}`); when that fails, `{relay}/sha1/{sha1}` is used directly.
+
+`fetch_blocks` makes one HTTP range request per attempt, streams the body into one
+preallocated buffer (no per-chunk copies), checks 206 + Content-Range, and verifies every
+block against its leaf while streaming. A source that fails or lies gets one warning
+naming the sha1 and the source, goes to the back of the order for a short while (it comes
+back by itself), and the next source continues from the first block not yet verified. The
+whole call is bounded by `deadline`: a stalled or trickling source is abandoned by a read
+timeout and a minimum-throughput check.
+
+What it does not do: it never stores anything (that is `kbfs.cache`), never imports
+`kbfs.cache` (it satisfies `cache.BlockSource` structurally), never verifies a tree against
+a root (`fetch_tree` returns the raw leaves; the caller holds the root), and does not search
+`local_dirs` by content (they are accepted for the interface; nothing maps a sha1 to a
+file name there without an index).
+
+Blocking (requests, one `Session` per thread); meant to be called from worker threads.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from kbfs import protocol, tree
+from kbfs.errors import (
+    BadRequest,
+    NotFound,
+    SourceError,
+    SourceUnavailable,
+    VerificationError,
+)
+
+log = logging.getLogger(__name__)
+
+FIND_TTL = 300.0          # seconds an /api/find answer is reused
+FIND_FAIL_TTL = 15.0      # seconds a failed /api/find is not asked again
+PENALTY = 10.0            # seconds a failed source stays at the back of the order
+MIN_THROUGHPUT = 256 << 10  # bytes/s below which a transfer is abandoned...
+THROUGHPUT_GRACE = 2.0    # ...once it has run this long (slow start, small ranges)
+READ_CHUNK = 1 << 20      # bytes per socket read while streaming
+LOCAL_TREE_LIMIT = 1 << 30  # hash a local candidate for its tree before asking the
+                            # network only when it is at most this big
+POOL_SIZE = 32
+
+
+@dataclass(frozen=True)
+class FindResult:
+    """A relay's answer to /api/find/{sha1}."""
+
+    relay: str
+    size: int
+    urls: list[str]
+    shares: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Stats:
+    bytes: int = 0
+    seconds: float = 0.0
+    errors: int = 0
+    requests: int = 0
+    lies: int = 0
+
+
+class _Lie(Exception):
+    """A source sent bytes that do not match their leaf (or a 200 for a range)."""
+
+
+class _Failed(Exception):
+    """A source failed to deliver (network, status, short body, too slow)."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    url: str          # full URL of the content, or a local file path
+    key: str          # what health and statistics are kept under
+    local: bool = False
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+class Fetcher:
+    """Ordered sources with failover; implements `kbfs.cache.BlockSource`."""
+
+    def __init__(self, relays: Sequence[str], *, timeout: float = 10.0, deadline: float = 30.0,
+                 local_dirs: Sequence[str] = ()) -> None:
+        self.relays = [r.rstrip("/") for r in relays]
+        self.timeout = timeout
+        self.deadline = deadline
+        self.local_dirs = list(local_dirs)
+        self.min_throughput = MIN_THROUGHPUT
+        self._lock = threading.Lock()
+        self._local: dict[str, list[str]] = {}
+        self._local_checked: dict[tuple[str, str], tuple[int, int] | None] = {}
+        self._find_cache: dict[tuple[str, str], tuple[float, FindResult | None]] = {}
+        self._failed_at: dict[str, float] = {}
+        self._stats: dict[str, _Stats] = {}
+        self._last: dict[str, str] = {}
+        self._tls = threading.local()
+        self._sessions: list[requests.Session] = []
+
+    # ---- sources
+    def add_local_candidate(self, sha1: str, path: str) -> None:
+        """Remember PATH as a file that may hold SHA1 (checked by size on first use)."""
+        sha1 = protocol.check_sha1(sha1)
+        with self._lock:
+            paths = self._local.setdefault(sha1, [])
+            if path not in paths:
+                paths.append(path)
+
+    def _local_sources(self, sha1: str, size: int) -> list[_Source]:
+        with self._lock:
+            paths = list(self._local.get(sha1, ()))
+        out = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if st.st_size != size:
+                # A file replaced by other content of another size: not a candidate.
+                key = (sha1, path)
+                if self._local_checked.get(key, ()) is not None:
+                    log.warning("local candidate %s for %s has %d bytes, expected %d",
+                                path, sha1, st.st_size, size)
+                    self._local_checked[key] = None
+                continue
+            out.append(_Source(path, "file:" + path, local=True))
+        return out
+
+    def find(self, sha1: str) -> FindResult | None:
+        """Size and URLs of SHA1 from the first relay that knows it (answers kept a while)."""
+        sha1 = protocol.check_sha1(sha1)
+        for relay in self.relays:
+            res = self._find_at(relay, sha1, time.monotonic() + self.timeout)
+            if res is not None:
+                return res
+        return None
+
+    def _find_at(self, relay: str, sha1: str, until: float) -> FindResult | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._find_cache.get((relay, sha1))
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        result: FindResult | None = None
+        ttl = FIND_FAIL_TTL
+        try:
+            t = max(0.1, min(self.timeout, until - now))
+            r = self._session().get(relay + protocol.FIND_PATH.format(sha1=sha1), timeout=(t, t))
+            if r.status_code == 200:
+                body = r.json()
+                if body.get("found"):
+                    urls = [u for u in body.get("urls", []) if isinstance(u, str)]
+                    result = FindResult(relay, int(body.get("size", 0)), urls,
+                                        list(body.get("shares", [])))
+                    ttl = FIND_TTL
+            elif r.status_code == 404:
+                ttl = FIND_TTL / 10
+        except (requests.RequestException, ValueError, TypeError) as exc:
+            log.debug("find %s at %s failed: %s", sha1, relay, exc)
+        with self._lock:
+            self._find_cache[(relay, sha1)] = (now + ttl, result)
+        return result
+
+    def _sources(self, sha1: str, size: int, until: float) -> list[_Source]:
+        """Every source in preference order; recently failed ones moved to the back."""
+        sources = self._local_sources(sha1, size)
+        seen = {s.url for s in sources}
+        for relay in self.relays:
+            found = None
+            if time.monotonic() < until and not self._penalised(_origin(relay)):
+                found = self._find_at(relay, sha1, until)
+            urls = found.urls if found else []
+            urls = urls + [relay + protocol.SHA1_PATH.format(sha1=sha1)]
+            for url in urls:
+                if url not in seen and url.startswith(("http://", "https://")):
+                    seen.add(url)
+                    sources.append(_Source(url, _origin(url)))
+        good = [s for s in sources if not self._penalised(s.key)]
+        bad = [s for s in sources if self._penalised(s.key)]
+        return good + bad
+
+    def _penalised(self, key: str) -> bool:
+        with self._lock:
+            at = self._failed_at.get(key)
+        return at is not None and time.monotonic() - at < PENALTY
+
+    def _record(self, key: str, ok: bool, nbytes: int = 0, seconds: float = 0.0,
+                lie: bool = False) -> None:
+        with self._lock:
+            st = self._stats.setdefault(key, _Stats())
+            st.requests += 1
+            st.bytes += nbytes
+            st.seconds += seconds
+            if ok:
+                self._failed_at.pop(key, None)
+            else:
+                st.errors += 1
+                st.lies += lie
+                self._failed_at[key] = time.monotonic()
+
+    # ---- HTTP plumbing
+    def _session(self) -> requests.Session:
+        s: requests.Session | None = getattr(self._tls, "session", None)
+        if s is None:
+            s = requests.Session()
+            adapter = HTTPAdapter(pool_connections=POOL_SIZE, pool_maxsize=POOL_SIZE, max_retries=0)
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
+            self._tls.session = s
+            with self._lock:
+                self._sessions.append(s)
+        return s
+
+    # ---- trees
+    def fetch_tree(self, sha1: str, size: int, block_size: int = tree.BLOCK_SIZE) -> bytes:
+        """The raw leaves blob of SHA1 (unverified) from the first source giving the right
+        length (block_count * 32)."""
+        sha1 = protocol.check_sha1(sha1)
+        want = tree.block_count(size, block_size) * tree.LEAF_BYTES
+        until = time.monotonic() + self.deadline
+        sources = self._sources(sha1, size, until)
+        local = [s for s in sources if s.local]
+        remote = [s for s in sources if not s.local]
+        # Hashing a local copy reads all of it: worth it first only for modest files.
+        order = local + remote if size <= LOCAL_TREE_LIMIT else remote + local
+        reasons = []
+        seen_trees: set[str] = set()
+        for src in order:
+            if time.monotonic() >= until:
+                break
+            if src.local:
+                try:
+                    blob = self._local_tree(src.url, size, block_size)
+                except OSError as exc:
+                    reasons.append(f"{src.url}: {exc}")
+                    continue
+                return blob
+            base = _tree_url(src.url, sha1)
+            if base is None or base in seen_trees:
+                continue
+            seen_trees.add(base)
+            t0 = time.monotonic()
+            try:
+                t = max(0.1, min(self.timeout, until - t0))
+                r = self._session().get(base, timeout=(t, t))
+                body = r.content
+            except requests.RequestException as exc:
+                self._record(src.key, False, seconds=time.monotonic() - t0)
+                log.warning("tree of %s from %s failed: %s", sha1, base, exc)
+                reasons.append(f"{base}: {exc.__class__.__name__}")
+                continue
+            if r.status_code == 200 and len(body) == want:
+                self._record(src.key, True, len(body), time.monotonic() - t0)
+                return body
+            self._record(src.key, False, seconds=time.monotonic() - t0)
+            why = (f"HTTP {r.status_code}" if r.status_code != 200
+                   else f"{len(body)} bytes, want {want}")
+            log.warning("tree of %s from %s unusable: %s", sha1, base, why)
+            reasons.append(f"{base}: {why}")
+        raise SourceUnavailable(f"no source gave the block tree of {sha1}: "
+                                + "; ".join(reasons or ["no sources"]))
+
+    def _local_tree(self, path: str, size: int, block_size: int) -> bytes:
+        leaves = []
+        with open(path, "rb") as f:
+            for i in range(tree.block_count(size, block_size)):
+                start, end = tree.block_span(i, size, block_size)
+                block = os.pread(f.fileno(), end - start, start)
+                if len(block) != end - start:
+                    raise OSError(f"{path} is shorter than {size} bytes")
+                leaves.append(tree.leaf_hash(block))
+        return b"".join(leaves)
+
+    # ---- blocks
+    def fetch_blocks(self, sha1: str, size: int, first: int, count: int,
+                     leaves: Sequence[bytes], block_size: int = tree.BLOCK_SIZE) -> bytes:
+        """Bytes of blocks [first, first+count) of SHA1, each verified against its leaf.
+
+        A source that fails or lies is skipped and the next one continues from the first
+        block not yet verified. Raises VerificationError when every source that answered
+        lied, SourceUnavailable when no source delivered within `deadline` seconds.
+        """
+        sha1 = protocol.check_sha1(sha1)
+        start = first * block_size
+        end = min((first + count) * block_size, size)
+        buf = bytearray(max(0, end - start))
+        self.fetch_blocks_into(sha1, size, first, count, leaves, memoryview(buf), block_size)
+        return bytes(buf)
+
+    def fetch_blocks_into(self, sha1: str, size: int, first: int, count: int,
+                          leaves: Sequence[bytes], out: memoryview,
+                          block_size: int = tree.BLOCK_SIZE) -> None:
+        """Like `fetch_blocks`, but fills OUT (exactly the blocks' length) in place.
+
+        The copy-free path: `kbfs.cache` uses it when the source offers it, since on this
+        kind of machine every extra pass over fresh memory costs about 1 GB/s.
+        """
+        sha1 = protocol.check_sha1(sha1)
+        nblocks = tree.block_count(size, block_size)
+        if count <= 0 or first < 0 or first + count > nblocks or len(leaves) != nblocks:
+            raise BadRequest(f"blocks [{first}, {first + count}) of a {nblocks}-block file "
+                             f"({len(leaves)} leaves)")
+        start = first * block_size
+        end = min((first + count) * block_size, size)
+        if len(out) != max(0, end - start):
+            raise BadRequest(f"buffer of {len(out)} bytes for {end - start} bytes of blocks")
+        if end <= start:  # the one empty block of an empty file
+            if not tree.block_matches(b"", leaves[first]):
+                raise VerificationError(f"empty block of {sha1} does not match its leaf")
+            return
+        view = out
+        done = 0  # blocks verified so far, counted from FIRST
+        until = time.monotonic() + self.deadline
+        reasons: list[str] = []
+        lied = answered = 0
+        tried: set[str] = set()
+        for attempt in range(2):  # a second round only for sources that failed transiently
+            for src in self._sources(sha1, size, until):
+                if done == count:
+                    break
+                if src.url in tried and attempt == 0:
+                    continue
+                if time.monotonic() >= until:
+                    break
+                tried.add(src.url)
+                got = 0
+                try:
+                    got = self._attempt(src, sha1, size, first + done, count - done, leaves,
+                                        block_size, view[done * block_size:], until)
+                except _Lie as exc:
+                    lied += 1
+                    answered += 1
+                    got = exc.args[1]
+                    reasons.append(f"{src.url}: {exc.args[0]}")
+                    log.warning("%s: source %s lied: %s", sha1, src.url, exc.args[0])
+                except _Failed as exc:
+                    got = exc.args[1]
+                    if exc.args[2]:
+                        answered += 1
+                    reasons.append(f"{src.url}: {exc.args[0]}")
+                    log.warning("%s: source %s failed: %s", sha1, src.url, exc.args[0])
+                else:
+                    with self._lock:
+                        self._last[sha1] = src.url
+                done += got
+            if done == count or time.monotonic() >= until or (answered and lied == answered):
+                break
+            if attempt == 0:
+                # Every source failed once: a short pause before the one retry round.
+                time.sleep(min(0.25, max(0.0, until - time.monotonic())))
+                tried = set()
+        if done == count:
+            return
+        if answered and lied == answered:
+            raise VerificationError(f"every source of {sha1} sent bytes that fail verification: "
+                                    + "; ".join(reasons))
+        raise SourceUnavailable(f"no source delivered blocks {first}-{first + count - 1} of {sha1} "
+                                f"within {self.deadline:g} s: " + "; ".join(reasons[-6:] or ["no sources"]))
+
+    def _attempt(self, src: _Source, sha1: str, size: int, first: int, count: int,
+                 leaves: Sequence[bytes], block_size: int, out: memoryview, until: float) -> int:
+        """Fill OUT with blocks [first, first+count) from SRC; return how many were verified.
+
+        Raises _Lie(reason, verified) or _Failed(reason, verified, answered).
+        """
+        start = first * block_size
+        end = min((first + count) * block_size, size)
+        if src.local:
+            return self._attempt_local(src, first, count, start, end, size, leaves, block_size, out)
+        t0 = time.monotonic()
+        verified = 0
+        nbytes = 0
+        try:
+            verified, nbytes = self._stream(src.url, start, end, size, first, leaves, block_size,
+                                            out, until)
+        except _Lie as exc:
+            self._record(src.key, False, nbytes, time.monotonic() - t0, lie=True)
+            raise
+        except _Failed:
+            self._record(src.key, False, nbytes, time.monotonic() - t0)
+            raise
+        self._record(src.key, True, end - start, time.monotonic() - t0)
+        return verified
+
+    def _stream(self, url: str, start: int, end: int, size: int, first: int,
+                leaves: Sequence[bytes], block_size: int, out: memoryview,
+                until: float) -> tuple[int, int]:
+        want = end - start
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            raise _Failed("deadline passed", 0, False)
+        t = min(self.timeout, remaining)
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        try:
+            r = self._session().get(url, headers=headers, stream=True, timeout=(t, t))
+        except requests.RequestException as exc:
+            raise _Failed(f"{exc.__class__.__name__}: {_short(exc)}", 0, False) from None
+        with r:
+            if r.status_code == 200:
+                # A 200 is only the truth when the range asked for was the whole file.
+                if not (start == 0 and end == size and r.headers.get("Content-Length") == str(size)):
+                    raise _Lie("answered 200 to a range request", 0)
+            elif r.status_code != 206:
+                raise _Failed(f"HTTP {r.status_code}", 0, True)
+            else:
+                try:
+                    a, b, total = protocol.parse_content_range(r.headers.get("Content-Range", ""))
+                except BadRequest as exc:
+                    raise _Lie(str(exc), 0) from None
+                if (a, b, total) != (start, end, size):
+                    raise _Lie(f"Content-Range {a}-{b - 1}/{total}, asked {start}-{end - 1}/{size}", 0)
+            return self._read_body(r, url, want, first, leaves, block_size, out, until)
+
+    def _read_body(self, r: requests.Response, url: str, want: int, first: int,
+                   leaves: Sequence[bytes], block_size: int, out: memoryview,
+                   until: float) -> tuple[int, int]:
+        direct = _direct_reader(r)
+        sock = _socket_of(r)
+        got = 0
+        verified = 0
+        t0 = time.monotonic()
+        while got < want:
+            now = time.monotonic()
+            if now >= until:
+                raise _Failed(f"deadline passed after {got} of {want} bytes", verified, True)
+            elapsed = now - t0
+            if elapsed > THROUGHPUT_GRACE and got / elapsed < self.min_throughput:
+                raise _Failed(f"too slow: {got} bytes in {elapsed:.1f} s", verified, True)
+            if sock is not None:
+                # Shrink the socket timeout as the deadline nears so one stalled read
+                # cannot carry the call past it.
+                sock.settimeout(max(0.05, min(self.timeout, until - now, THROUGHPUT_GRACE * 2)))
+            try:
+                # One socket read per step (readinto1/read1, never a blocking fill of the
+                # whole buffer) so a trickling source is seen as slow, not waited for.
+                if direct is not None:
+                    n = direct.fp.readinto1(out[got:min(want, got + READ_CHUNK)])
+                    direct.length -= n
+                else:
+                    piece = r.raw.read1(min(READ_CHUNK, want - got))
+                    n = len(piece)
+                    out[got:got + n] = piece
+            except Exception as exc:  # noqa: BLE001 - OSError, IncompleteRead, urllib3 errors
+                raise _Failed(f"{exc.__class__.__name__} after {got} of {want} bytes",
+                              verified, True) from None
+            if not n:
+                raise _Failed(f"short body: {got} of {want} bytes", verified, True)
+            got += n
+            # Verify each block as soon as it is complete, so a lie stops the transfer early.
+            while verified * block_size < got and (
+                    (verified + 1) * block_size <= got or got == want):
+                lo = verified * block_size
+                hi = min(lo + block_size, want)
+                if not tree.block_matches(out[lo:hi], leaves[first + verified]):
+                    raise _Lie(f"block {first + verified} does not match its leaf", verified)
+                verified += 1
+        if direct is not None:
+            # The body was read under http.client's bookkeeping: let it see the end (length
+            # 0), then hand the connection back to urllib3's pool for keep-alive.
+            try:
+                direct.read(0)
+                r.raw.release_conn()
+            except Exception:  # noqa: BLE001 - a lost keep-alive is not an error
+                pass
+        return verified, got
+
+    def _attempt_local(self, src: _Source, first: int, count: int, start: int, end: int,
+                       size: int, leaves: Sequence[bytes], block_size: int,
+                       out: memoryview) -> int:
+        t0 = time.monotonic()
+        verified = 0
+        try:
+            fd = os.open(src.url, os.O_RDONLY)
+            try:
+                got = 0
+                while got < end - start:
+                    more = os.preadv(fd, [out[got: end - start]], start + got)
+                    if not more:
+                        break
+                    got += more
+            finally:
+                os.close(fd)
+            for i in range(count):
+                lo = i * block_size
+                hi = min(lo + block_size, end - start)
+                if hi > got:
+                    raise _Failed(f"short read {got} of {end - start} bytes", verified, True)
+                if not tree.block_matches(out[lo:hi], leaves[first + i]):
+                    raise _Lie(f"block {first + i} does not match its leaf", verified)
+                verified += 1
+        except OSError as exc:
+            self._record(src.key, False, seconds=time.monotonic() - t0)
+            raise _Failed(str(exc), verified, False) from None
+        except _Lie:
+            self._record(src.key, False, seconds=time.monotonic() - t0, lie=True)
+            raise
+        except _Failed:
+            self._record(src.key, False, seconds=time.monotonic() - t0)
+            raise
+        self._record(src.key, True, end - start, time.monotonic() - t0)
+        return verified
+
+    # ---- listings
+    def list_share(self, relay: str, share: str, path: str) -> dict[str, Any]:
+        """The listing JSON of folder PATH of SHARE at RELAY."""
+        share = protocol.check_share_id(share)
+        url = relay.rstrip("/") + protocol.share_url_path(protocol.SHARE_LIST_PATH, share=share,
+                                                          path=path.strip("/"))
+        try:
+            r = self._session().get(url, timeout=(self.timeout, self.timeout))
+        except requests.RequestException as exc:
+            raise SourceUnavailable(f"{relay}: {exc.__class__.__name__}: {_short(exc)}") from None
+        if r.status_code == 404:
+            raise NotFound(f"{path or '/'} not found in share {share} at {relay}")
+        if r.status_code != 200:
+            raise SourceError(f"{relay}: HTTP {r.status_code} listing {path or '/'} of share {share}")
+        try:
+            body = r.json()
+        except ValueError:
+            raise SourceError(f"{relay}: listing of {path or '/'} is not JSON") from None
+        if not isinstance(body, dict):
+            raise SourceError(f"{relay}: listing of {path or '/'} is not a JSON object")
+        return body
+
+    # ---- introspection
+    def statistics(self) -> dict[str, Any]:
+        """Per source: bytes, seconds, errors, requests, lies; and the last source per sha1."""
+        with self._lock:
+            return {
+                "sources": {k: vars(v).copy() for k, v in self._stats.items()},
+                "last_source": dict(self._last),
+            }
+
+    def last_source(self, sha1: str) -> str | None:
+        """URL (or local path) that last delivered blocks of SHA1."""
+        with self._lock:
+            return self._last.get(sha1.lower())
+
+    def close(self) -> None:
+        """Close every thread's HTTP session."""
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for s in sessions:
+            s.close()
+        self._tls = threading.local()
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tree_url(url: str, sha1: str) -> str | None:
+    """The /tree/ URL next to a /sha1/ content URL (share and relay serve both)."""
+    suffix = protocol.SHA1_PATH.format(sha1=sha1)
+    if url.endswith(suffix):
+        return url[: -len(suffix)] + protocol.TREE_PATH.format(sha1=sha1)
+    return None
+
+
+def _direct_reader(r: requests.Response) -> http.client.HTTPResponse | None:
+    """The http.client response under R when its body can be read straight into our
+    buffer (plain Content-Length body, no decoding); None means use urllib3's read1."""
+    fp = getattr(r.raw, "_fp", None)
+    if (isinstance(fp, http.client.HTTPResponse) and not fp.chunked
+            and isinstance(fp.length, int) and isinstance(fp.fp, io.BufferedReader)
+            and not r.headers.get("Content-Encoding")):
+        return fp
+    return None
+
+
+def _socket_of(r: requests.Response) -> socket.socket | None:
+    """The socket under a streamed response, to bound each read by the deadline."""
+    try:
+        conn = r.raw.connection
+        sock = getattr(conn, "sock", None)
+        return sock if isinstance(sock, socket.socket) else None
+    except Exception:  # noqa: BLE001 - no socket: rely on the request's read timeout
+        return None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 160 else text[:157] + "..."

@@ -1,0 +1,890 @@
+"""The kbfs FUSE file system: a read-only view where every pointer is its full-size original.
+
+`KbfsOperations` is a `pyfuse3.Operations` subclass over an inode table built from SOURCE:
+
+- a local folder: `NAME.prv` shows as `NAME` (the pointer's size, the .prv file's mtime),
+  `NAME.prvdir` as a folder tree, everything else passes through read-only. A real `NAME`
+  wins over `NAME.prv`; a malformed pointer shows as the plain `.prv` file and is logged
+  once. Folders are scanned lazily and rescanned when their mtime changes; listing and
+  stat never touch the network.
+- a remote share: the tree comes from an injected `list_dir(path) -> dict` callable (the
+  relay's listing JSON, see docs/internals.md), run in a worker thread and kept for a while
+  so that a relay outage does not empty the view.
+
+Reads of pointer files go through `cache.BlockCache.read` in worker threads (a
+`trio.CapacityLimiter` bounds them) so one slow fetch never blocks the trio loop; each open
+file has a `cache.ReadAhead`. Every kbfs error becomes EIO with one log line naming the file
+and the source; the handlers never let an exception escape, so the mount never crashes.
+
+This module must not import `requests` or `kbfs.fetch` (layer L3: stdlib, pyfuse3, trio, L0
+modules and `kbfs.cache` only). What it needs of the fetcher (the last source used, local
+candidates) is injected as callables by `kbfs.mount`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from kbfs import cache as kcache
+from kbfs import prv
+from kbfs.errors import KbfsError
+
+log = logging.getLogger(__name__)
+
+# Pointer content is immutable, so the kernel may keep names and attributes for long.
+ENTRY_TIMEOUT = 300.0
+ATTR_TIMEOUT = 3600.0
+# Pass-through files and folders of a local SOURCE can change under us.
+LIVE_TIMEOUT = 1.0
+# How often a local folder's mtime is re-checked, and how long a remote listing is kept.
+RESCAN_INTERVAL = 1.0
+REMOTE_LISTING_TTL = 60.0
+READ_THREADS = 32
+READ_AHEAD_KB = 1024
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+XATTR_SHA1 = b"user.kbfs.sha1"
+XATTR_SIZE = b"user.kbfs.size"
+XATTR_CACHED = b"user.kbfs.cached"
+XATTR_VERIFIED = b"user.kbfs.verified"
+XATTR_SOURCE = b"user.kbfs.source"
+XATTR_POINTER = b"user.kbfs.pointer"
+POINTER_XATTRS = [XATTR_SHA1, XATTR_SIZE, XATTR_CACHED, XATTR_VERIFIED, XATTR_SOURCE, XATTR_POINTER]
+
+# Node kinds.
+LOCAL_DIR = "local-dir"  # a real folder of a local SOURCE
+PRVDIR_DIR = "prvdir-dir"  # a folder inside a .prvdir
+REMOTE_DIR = "remote-dir"  # a folder of a remote share
+POINTER = "pointer"  # a file served through the block cache
+PLAIN = "plain"  # a real file of a local SOURCE, read with pread
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass
+class Node:
+    """One inode. Folders keep `children` (name -> inode), None until first listed."""
+
+    inode: int
+    kind: str
+    parent: int
+    name: bytes
+    path: str = ""  # local: the real folder/file, or the .prv/.prvdir file behind it
+    rel: str = ""  # remote: share-relative path; prvdir: path inside the .prvdir
+    pointer: prv.Pointer | None = None
+    prvdir: prv.PrvDir | None = None
+    ref: kcache.FileRef | None = None
+    size: int = 0
+    mode: int = stat.S_IFDIR | 0o555
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    children: dict[bytes, int] | None = None
+    scanned_mtime_ns: int = -1
+    checked_at: float = 0.0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind in (LOCAL_DIR, PRVDIR_DIR, REMOTE_DIR)
+
+    def display(self) -> str:
+        """A name for log lines: the pointer or real file behind this node."""
+        if self.kind == REMOTE_DIR or (self.kind == POINTER and not self.path):
+            return "/" + self.rel
+        if self.kind == PRVDIR_DIR or (self.kind == POINTER and self.rel):
+            return f"{self.path}:{self.rel}"
+        return self.path
+
+
+@dataclass
+class _Spec:
+    """A directory entry found by a scan, before it has an inode (built in a worker thread)."""
+
+    key: tuple[str, ...]
+    name: bytes
+    kind: str
+    path: str = ""
+    rel: str = ""
+    pointer: prv.Pointer | None = None
+    prvdir: prv.PrvDir | None = None
+    size: int = 0
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+
+@dataclass
+class _OpenFile:
+    node: Node
+    fd: int = -1
+    readahead: kcache.ReadAhead | None = None
+
+
+def _guard(fn: _F) -> _F:
+    """Turn every failure of a handler into a FUSEError: the mount must never crash."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: KbfsOperations, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except KbfsError as exc:
+            self._count("errors")
+            log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            self._count("errors")
+            log.exception("internal error in %s%r", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def file_ref(pointer: prv.Pointer) -> kcache.FileRef:
+    """The cache key of a pointer's content."""
+    if pointer.tree is None:
+        return kcache.FileRef(pointer.sha1, pointer.size, None)
+    return kcache.FileRef(pointer.sha1, pointer.size, pointer.tree.root, pointer.tree.block_size)
+
+
+class KbfsOperations(pyfuse3.Operations):
+    """Read-only pyfuse3 operations over a local folder of pointers or a remote share.
+
+    Exactly one of SOURCE_DIR (a local folder) or LIST_DIR (a remote share's listing
+    callable, `list_dir("sub/dir") -> {"dirs": [...], "files": [...]}`) is given.
+    SOURCE_OF(sha1) names the last source that served the content (for the xattr);
+    ON_POINTER(pointer) is told of every pointer met, e.g. to register its original path
+    as a local candidate.
+    """
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        block_cache: kcache.BlockCache,
+        *,
+        source_dir: str | None = None,
+        list_dir: Callable[[str], dict[str, Any]] | None = None,
+        source_of: Callable[[str], str | None] | None = None,
+        on_pointer: Callable[[prv.Pointer], None] | None = None,
+        read_threads: int = READ_THREADS,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
+        super().__init__()
+        if (source_dir is None) == (list_dir is None):
+            raise ValueError("give exactly one of source_dir and list_dir")
+        self.cache = block_cache
+        self.source_dir = os.path.abspath(source_dir) if source_dir is not None else None
+        self.list_dir = list_dir
+        self.source_of = source_of or (lambda sha1: None)
+        self.on_pointer = on_pointer
+        self.read_threads = read_threads
+        self._limiter: trio.CapacityLimiter | None = None
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.nodes: dict[int, Node] = {}
+        self._by_key: dict[tuple[str, ...], int] = {}
+        self._next_inode = ROOT_INODE + 1
+        self._open: dict[int, _OpenFile] = {}
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_fh = 1
+        self._logged: set[tuple[str, int]] = set()
+        self._last_error_log: dict[int, float] = {}
+        self._stats_lock = threading.Lock()
+        self._stats: dict[str, int] = {
+            "reads": 0,
+            "bytes_served": 0,
+            "errors": 0,
+            "opens": 0,
+            "open_files": 0,
+        }
+        now = time.time_ns()
+        if self.source_dir is not None:
+            st = os.stat(self.source_dir)
+            root = Node(
+                ROOT_INODE,
+                LOCAL_DIR,
+                ROOT_INODE,
+                b"",
+                path=self.source_dir,
+                mode=stat.S_IFDIR | (st.st_mode & 0o555),
+                uid=st.st_uid,
+                gid=st.st_gid,
+                mtime_ns=st.st_mtime_ns,
+                ctime_ns=st.st_ctime_ns,
+            )
+            self._by_key[("l", self.source_dir)] = ROOT_INODE
+        else:
+            root = Node(
+                ROOT_INODE,
+                REMOTE_DIR,
+                ROOT_INODE,
+                b"",
+                rel="",
+                uid=self.uid,
+                gid=self.gid,
+                mtime_ns=now,
+                ctime_ns=now,
+            )
+            self._by_key[("r", "")] = ROOT_INODE
+        self.nodes[ROOT_INODE] = root
+
+    # ------------------------------------------------------------ bookkeeping
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        # Created lazily: a CapacityLimiter must be made inside the running trio loop.
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self.read_threads)
+        return self._limiter
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[key] = self._stats.get(key, 0) + n
+
+    def statistics(self) -> dict[str, int]:
+        """Counters of the file system side: reads, bytes served, errors, open files, inodes."""
+        with self._stats_lock:
+            out = dict(self._stats)
+        out["inodes"] = len(self.nodes)
+        return out
+
+    def _node(self, inode: int) -> Node:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _adopt(self, parent: Node, spec: _Spec) -> int:
+        """Give SPEC an inode, reusing the one its key had so inodes stay stable across scans."""
+        inode = self._by_key.get(spec.key)
+        node = self.nodes.get(inode) if inode is not None else None
+        if node is None or node.kind != spec.kind:
+            inode = self._next_inode
+            self._next_inode += 1
+            node = Node(inode, spec.kind, parent.inode, spec.name)
+            self.nodes[inode] = node
+            self._by_key[spec.key] = inode
+        node.parent, node.name = parent.inode, spec.name
+        node.path, node.rel = spec.path, spec.rel
+        node.size, node.mode, node.uid, node.gid = spec.size, spec.mode, spec.uid, spec.gid
+        node.mtime_ns, node.ctime_ns = spec.mtime_ns, spec.ctime_ns
+        if spec.kind == POINTER and spec.pointer is not None:
+            if node.pointer != spec.pointer:
+                node.pointer = spec.pointer
+                node.ref = file_ref(spec.pointer)
+                if self.on_pointer is not None:
+                    try:
+                        self.on_pointer(spec.pointer)
+                    except Exception:  # a hook's failure must not hide the file
+                        log.exception("on_pointer hook failed for %s", spec.path or spec.rel)
+        if spec.kind == PRVDIR_DIR and node.prvdir is not spec.prvdir:
+            node.prvdir = spec.prvdir
+            node.children = None  # the .prvdir changed: rebuild its folder
+        return node.inode
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The kernel's view of NODE."""
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.inode
+        attr.generation = 0
+        live = node.kind in (PLAIN, LOCAL_DIR)
+        attr.entry_timeout = LIVE_TIMEOUT if live else ENTRY_TIMEOUT
+        attr.attr_timeout = LIVE_TIMEOUT if live else ATTR_TIMEOUT
+        attr.st_mode = node.mode
+        attr.st_nlink = 2 if node.is_dir else 1
+        attr.st_uid = node.uid
+        attr.st_gid = node.gid
+        attr.st_rdev = 0
+        attr.st_size = node.size
+        attr.st_blksize = 1 << 20 if node.kind == POINTER else 4096
+        attr.st_blocks = (node.size + 511) // 512
+        attr.st_atime_ns = node.mtime_ns
+        attr.st_mtime_ns = node.mtime_ns
+        attr.st_ctime_ns = node.ctime_ns
+        return attr
+
+    # ------------------------------------------------------------ scanning
+
+    async def _ensure_children(self, node: Node, fresh: bool = False) -> dict[bytes, int]:
+        """Children of a folder, (re)built when stale. Local folders never touch the network.
+
+        FRESH re-checks a local folder's mtime now (a name the kernel asks for and we do
+        not know may have just been created).
+        """
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if node.kind == PRVDIR_DIR:
+            if node.children is None:
+                self._apply(node, self._prvdir_specs(node))
+            assert node.children is not None
+            return node.children
+        interval = RESCAN_INTERVAL if node.kind == LOCAL_DIR else REMOTE_LISTING_TTL
+        if fresh and node.kind == LOCAL_DIR:
+            interval = 0.0
+        if node.children is not None:
+            if time.monotonic() - node.checked_at < interval:
+                return node.children
+        async with node.lock:
+            if node.children is not None and time.monotonic() - node.checked_at < min(
+                0.05, interval
+            ):
+                return node.children  # another task just refreshed it
+            if node.kind == LOCAL_DIR:
+                specs, mtime_ns = await trio.to_thread.run_sync(
+                    self._scan_local, node.path, node.scanned_mtime_ns
+                )
+                if specs is not None:
+                    self._apply(node, specs)
+                    node.scanned_mtime_ns = mtime_ns
+            else:
+                try:
+                    specs = await trio.to_thread.run_sync(
+                        self._scan_remote, node.rel, limiter=self.limiter
+                    )
+                except (KbfsError, OSError) as exc:
+                    if node.children is None:
+                        raise
+                    # Keep the last listing: offline reads of cached files must keep working.
+                    log.warning(
+                        "listing /%s failed (%s); keeping the previous listing", node.rel, exc
+                    )
+                    specs = None
+                if specs is not None:
+                    self._apply(node, specs)
+            node.checked_at = time.monotonic()
+        assert node.children is not None
+        return node.children
+
+    def _apply(self, node: Node, specs: list[_Spec]) -> None:
+        node.children = {spec.name: self._adopt(node, spec) for spec in specs}
+
+    def _log_once(self, path: str, mtime_ns: int, message: str) -> None:
+        if (path, mtime_ns) not in self._logged:
+            self._logged.add((path, mtime_ns))
+            log.warning("%s", message)
+
+    def _scan_local(self, path: str, known_mtime_ns: int) -> tuple[list[_Spec] | None, int]:
+        """List a real folder (worker thread). Returns (None, mtime) when it has not changed."""
+        st_dir = os.stat(path)
+        if st_dir.st_mtime_ns == known_mtime_ns:
+            return None, known_mtime_ns
+        entries: dict[str, os.stat_result] = {}
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    entries[entry.name] = entry.stat()  # follows symlinks; a broken one is skipped
+                except OSError:
+                    continue
+        specs: list[_Spec] = []
+        claimed: set[str] = set()
+        # Pointers first, so that a name taken by NAME.prv is not taken again by NAME.prvdir.
+        for name in sorted(entries, key=lambda n: (not n.endswith(".prv"), n)):
+            st = entries[name]
+            full = os.path.join(path, name)
+            if stat.S_ISREG(st.st_mode) and name.endswith((".prv", ".prvdir")):
+                target = name[: -len(".prv")] if name.endswith(".prv") else name[: -len(".prvdir")]
+                # The real file wins over its pointer; then the pointer shows as itself.
+                if target and target not in entries and target not in claimed:
+                    spec = self._pointer_spec(full, name, target, st)
+                    if spec is not None:
+                        claimed.add(target)
+                        specs.append(spec)
+                        continue
+            specs.append(self._plain_spec(full, name, st))
+        return specs, st_dir.st_mtime_ns
+
+    def _pointer_spec(self, full: str, name: str, target: str, st: os.stat_result) -> _Spec | None:
+        try:
+            if name.endswith(".prv"):
+                pointer = prv.load_pointer(full)
+                return _Spec(
+                    ("p", full, pointer.sha1),
+                    os.fsencode(target),
+                    POINTER,
+                    path=full,
+                    pointer=pointer,
+                    size=pointer.size,
+                    mode=stat.S_IFREG | 0o444,
+                    uid=st.st_uid,
+                    gid=st.st_gid,
+                    mtime_ns=st.st_mtime_ns,
+                    ctime_ns=st.st_ctime_ns,
+                )
+            prvdir = prv.load_prvdir(full)
+            return _Spec(
+                ("d", full, ""),
+                os.fsencode(target),
+                PRVDIR_DIR,
+                path=full,
+                prvdir=prvdir,
+                mode=stat.S_IFDIR | 0o555,
+                uid=st.st_uid,
+                gid=st.st_gid,
+                mtime_ns=st.st_mtime_ns,
+                ctime_ns=st.st_ctime_ns,
+            )
+        except KbfsError as exc:
+            self._log_once(full, st.st_mtime_ns, f"malformed pointer shown as a plain file: {exc}")
+            return None
+
+    @staticmethod
+    def _plain_spec(full: str, name: str, st: os.stat_result) -> _Spec:
+        if stat.S_ISDIR(st.st_mode):
+            kind, mode = LOCAL_DIR, stat.S_IFDIR | (st.st_mode & 0o555)
+        else:
+            kind, mode = PLAIN, stat.S_IFREG | (st.st_mode & 0o555)
+        size = st.st_size if kind == PLAIN else 0
+        return _Spec(
+            ("l", full),
+            os.fsencode(name),
+            kind,
+            path=full,
+            size=size,
+            mode=mode,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+        )
+
+    def _prvdir_specs(self, node: Node) -> list[_Spec]:
+        assert node.prvdir is not None
+        specs: list[_Spec] = []
+        prefix = node.rel + "/" if node.rel else ""
+        for name, sub in node.prvdir.dirs.items():
+            specs.append(
+                _Spec(
+                    ("d", node.path, prefix + name),
+                    os.fsencode(name),
+                    PRVDIR_DIR,
+                    path=node.path,
+                    rel=prefix + name,
+                    prvdir=sub,
+                    mode=stat.S_IFDIR | 0o555,
+                    uid=node.uid,
+                    gid=node.gid,
+                    mtime_ns=node.mtime_ns,
+                    ctime_ns=node.ctime_ns,
+                )
+            )
+        for name, pointer in node.prvdir.files.items():
+            if name in node.prvdir.dirs:
+                continue  # a folder and a file of one name: the folder wins
+            specs.append(
+                _Spec(
+                    ("p", node.path, prefix + name, pointer.sha1),
+                    os.fsencode(name),
+                    POINTER,
+                    path=node.path,
+                    rel=prefix + name,
+                    pointer=pointer,
+                    size=pointer.size,
+                    mode=stat.S_IFREG | 0o444,
+                    uid=node.uid,
+                    gid=node.gid,
+                    mtime_ns=node.mtime_ns,
+                    ctime_ns=node.ctime_ns,
+                )
+            )
+        return specs
+
+    def _scan_remote(self, rel: str) -> list[_Spec]:
+        """Turn one listing of the share into entries (worker thread; may block on the network)."""
+        assert self.list_dir is not None
+        listing = self.list_dir(rel)
+        prefix = rel + "/" if rel else ""
+        specs: list[_Spec] = []
+        seen: set[str] = set()
+        now = time.time_ns()
+        for name in listing.get("dirs", []):
+            if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+                continue
+            seen.add(name)
+            specs.append(
+                _Spec(
+                    ("r", prefix + name),
+                    os.fsencode(name),
+                    REMOTE_DIR,
+                    rel=prefix + name,
+                    mode=stat.S_IFDIR | 0o555,
+                    uid=self.uid,
+                    gid=self.gid,
+                    mtime_ns=now,
+                    ctime_ns=now,
+                )
+            )
+        for item in listing.get("files", []):
+            try:
+                name = item["name"]
+                if not isinstance(name, str) or not name or "/" in name or name in seen:
+                    raise ValueError(f"bad or duplicate name {name!r}")
+                pointer = prv.pointer_from_dict(item.get("prv"), f"/{prefix}{name}")
+                mtime_ns = int(float(item.get("mtime", 0)) * 1e9)
+            except (KbfsError, KeyError, TypeError, ValueError) as exc:
+                self._log_once(
+                    f"/{prefix}{item!r:.80}", 0, f"skipping a listing entry of /{rel}: {exc}"
+                )
+                continue
+            seen.add(name)
+            specs.append(
+                _Spec(
+                    ("rp", prefix + name, pointer.sha1),
+                    os.fsencode(name),
+                    POINTER,
+                    rel=prefix + name,
+                    pointer=pointer,
+                    size=pointer.size,
+                    mode=stat.S_IFREG | 0o444,
+                    uid=self.uid,
+                    gid=self.gid,
+                    mtime_ns=mtime_ns,
+                    ctime_ns=mtime_ns,
+                )
+            )
+        return specs
+
+    # ------------------------------------------------------------ metadata handlers
+
+    @_guard
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self.attributes(parent)
+        if name == b"..":
+            return self.attributes(self._node(parent.parent))
+        children = await self._ensure_children(parent)
+        inode = children.get(name)
+        if inode is None and parent.kind == LOCAL_DIR:
+            inode = (await self._ensure_children(parent, fresh=True)).get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.attributes(self._node(inode))
+
+    @_guard
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.kind == PLAIN:
+            # Pass-through files report their current size: the source may have changed.
+            st = await trio.to_thread.run_sync(os.stat, node.path)
+            node.size, node.mtime_ns, node.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        return self.attributes(node)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Inodes are kept for the life of the mount (a few hundred bytes each) so that they
+        # stay stable; nothing to do.
+        return None
+
+    @_guard
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        node = self._node(inode)
+        children = await self._ensure_children(node)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = sorted(children.items())
+        return fh
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh, [])
+        for index in range(start_id, len(entries)):
+            name, inode = entries[index]
+            node = self.nodes.get(inode)
+            if node is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self.attributes(node), index + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = 1 << 20
+        data.f_frsize = 4096
+        data.f_blocks = sum(n.size for n in self.nodes.values() if not n.is_dir) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self.nodes)
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    @_guard
+    async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
+        self._node(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    # ------------------------------------------------------------ reads
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        if node.kind == PLAIN:
+            fd = await trio.to_thread.run_sync(os.open, node.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._open[fh] = _OpenFile(node, fd=fd)
+            self._count("opens")
+            # The source file may change, so the kernel must not keep stale pages.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        assert node.ref is not None
+        ref = node.ref
+        await trio.to_thread.run_sync(self.cache.open_file, ref, limiter=self.limiter)
+        self._open[fh] = _OpenFile(node, readahead=kcache.ReadAhead(self.cache, ref))
+        self._count("opens")
+        self._count("open_files")
+        # The content is immutable: pages read once may stay in the page cache.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        of = self._open.get(fh)
+        if of is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        node = of.node
+        if node.kind == PLAIN:
+            data: bytes = await trio.to_thread.run_sync(
+                os.pread, of.fd, size, off, limiter=self.limiter
+            )
+            self._count("reads")
+            self._count("bytes_served", len(data))
+            return data
+        if off >= node.size or size <= 0:
+            return b""
+        length = min(size, node.size - off)
+        try:
+            data = await trio.to_thread.run_sync(
+                self._read_blocking, of, off, length, limiter=self.limiter
+            )
+        except (KbfsError, OSError) as exc:
+            self._count("errors")
+            self._log_read_error(node, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        self._count("reads")
+        self._count("bytes_served", len(data))
+        return data
+
+    def _read_blocking(self, of: _OpenFile, off: int, length: int) -> bytes:
+        assert of.node.ref is not None
+        if of.readahead is not None:
+            # Told before the read so the window's fetches run while this block arrives.
+            of.readahead.on_read(off, length)
+        return self.cache.read(of.node.ref, off, length)
+
+    def _log_read_error(self, node: Node, exc: BaseException) -> None:
+        # One line per failure, but not a flood when a program retries every page.
+        now = time.monotonic()
+        if now - self._last_error_log.get(node.inode, -1e9) < 5.0:
+            return
+        self._last_error_log[node.inode] = now
+        sha1 = node.pointer.sha1 if node.pointer else "?"
+        try:
+            source = self.source_of(sha1) or "no source"
+        except Exception:
+            source = "unknown source"
+        log.error(
+            "read of %s (sha1 %s) failed: %s [last source: %s]", node.display(), sha1, exc, source
+        )
+
+    async def release(self, fh: int) -> None:
+        of = self._open.pop(fh, None)
+        if of is None:
+            return
+        try:
+            if of.fd >= 0:
+                os.close(of.fd)
+            elif of.node.ref is not None:
+                self._count("open_files", -1)
+                await trio.to_thread.run_sync(self.cache.close_file, of.node.ref)
+        except Exception:  # release has no caller to tell; never let it kill the loop
+            log.exception("release of %s failed", of.node.display())
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # ------------------------------------------------------------ xattrs
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        node = self._node(inode)
+        return list(POINTER_XATTRS) if node.kind == POINTER else []
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        node = self._node(inode)
+        if node.kind != POINTER or node.pointer is None or node.ref is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        pointer, ref = node.pointer, node.ref
+        if name == XATTR_SHA1:
+            return pointer.sha1.encode()
+        if name == XATTR_SIZE:
+            return str(pointer.size).encode()
+        if name == XATTR_CACHED:
+            n = await trio.to_thread.run_sync(self.cache.cached_bytes, ref, limiter=self.limiter)
+            return str(n).encode()
+        if name == XATTR_VERIFIED:
+            v = await trio.to_thread.run_sync(self.cache.verified, ref, limiter=self.limiter)
+            return str(v).encode()
+        if name == XATTR_SOURCE:
+            source = await trio.to_thread.run_sync(self.source_of, pointer.sha1)
+            return (source or "none").encode()
+        if name == XATTR_POINTER:
+            return pointer.to_json().encode()
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    # ------------------------------------------------------------ refused: this is a read-only view
+
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setxattr(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+
+# ---------------------------------------------------------------- kernel-side helpers
+
+
+def mount_options(fsname: str = "kbfs", allow_other: bool | None = None) -> set[str]:
+    """pyfuse3 options for a read-only kbfs mount.
+
+    `allow_other` (other users may read; permissions are still checked by the kernel through
+    `default_permissions`) is used when root mounts, or when /etc/fuse.conf permits it.
+    """
+    opts = {
+        "fsname=" + fsname.replace(",", "_"),
+        "subtype=kbfs",
+        "ro",
+        "default_permissions",
+        "noatime",
+    }
+    if allow_other is None:
+        allow_other = os.getuid() == 0 or _fuse_conf_allows_other()
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def _fuse_conf_allows_other() -> bool:
+    try:
+        with open("/etc/fuse.conf", encoding="utf-8") as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """'major:minor' of the file system mounted at MOUNTPOINT, from /proc/self/mountinfo.
+
+    Read from mountinfo rather than stat() so the daemon can call it without a round trip
+    through its own file system.
+    """
+    target = os.path.realpath(mountpoint)
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
+                    found = parts[2]  # the last (topmost) mount on this point wins
+    except OSError:
+        return None
+    return found
+
+
+def _unescape_mountinfo(text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 4 <= len(text) and text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> bool:
+    """Raise the kernel's read-ahead of the mount to KB KiB when permitted.
+
+    FUSE mounts start with 128 KiB; 1 MiB matches the block size and made sequential reads
+    several times faster here. Returns whether it was raised.
+    """
+    dev = mount_device(mountpoint)
+    if dev is None:
+        return False
+    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        log.info(
+            "cannot raise read-ahead (%s: %s); sequential reads will be slower", path, exc.strerror
+        )
+        return False
+    return True

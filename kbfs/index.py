@@ -1,0 +1,477 @@
+"""The share-side index: what `kbfs share` serves from.
+
+`ShareIndex` walks a shared folder and keeps, for every regular file, its relative
+path, stat tuple (size, mtime_ns, ctime_ns, inode), SHA-1, fcs, block-tree root and
+leaves in SQLite (`STATE_DIR/index.sqlite`, WAL mode, one connection per thread), so
+it can answer "which file has this SHA-1", "what are its leaves" and "what is in
+this folder" from any thread while a scan is still running.
+
+What a scan does:
+
+- walks ROOT_DIR with `os.scandir`, skipping hidden names (leading '.'), anything that
+  is not a regular file or a folder, the state folder when it lies inside ROOT_DIR,
+  and symlinks whose real path leaves ROOT_DIR (a symlink that stays inside is
+  followed; a link back to one of its own ancestor folders is not);
+- re-hashes (one pass, `prv.digest_file`) only files whose stat tuple changed since
+  the last scan, drops rows of files that are gone, and commits in batches so files
+  hashed early in a long first scan are served before the scan ends;
+- never records a hash for a file that changed while it was being read: such a
+  file is hashed again a few times, then skipped with a warning until the next scan.
+
+What it does not do: it does not watch the folder (a caller rescans), serve bytes,
+know about relays, or write anything inside ROOT_DIR (the data may be read-only).
+A stat match is trusted as "content unchanged", as rsync and git do; `is_current`
+lets a server check that before it serves a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import stat
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from kbfs import prv
+from kbfs.errors import KbfsError, NotFound
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.sqlite"
+HASH_ATTEMPTS = 3  # a file still changing after this many reads waits for the next scan
+
+_COLUMNS = "path, size, mtime_ns, ctime_ns, inode, sha1, fcs, root"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path     TEXT PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    inode    INTEGER NOT NULL,
+    sha1     TEXT NOT NULL,
+    fcs      TEXT NOT NULL,
+    root     TEXT NOT NULL,
+    leaves   BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_sha1 ON files (sha1);
+"""
+
+StatKey = tuple[int, int, int, int]  # (size, mtime_ns, ctime_ns, inode)
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    """One indexed file. `path` is relative to the shared folder, '/'-separated."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    sha1: str
+    fcs: str
+    root: str
+
+    def pointer(self, root_dir: str) -> prv.Pointer:
+        """The file's pointer; original_path is its absolute path under ROOT_DIR."""
+        original = os.path.join(os.path.abspath(root_dir), *self.path.split("/"))
+        return prv.Pointer(
+            self.sha1, self.size, self.fcs, original, prv.PRV_VERSION, prv.TreeRef(self.root)
+        )
+
+    def stat_key(self) -> StatKey:
+        return (self.size, self.mtime_ns, self.ctime_ns, self.inode)
+
+
+@dataclass(frozen=True)
+class ScanStats:
+    """What one scan did. `skipped`: files that could not be hashed (kept out of the index)."""
+
+    added: int
+    updated: int
+    removed: int
+    unchanged: int
+    hashed_bytes: int
+    seconds: float
+    skipped: int = 0
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that can be weakly referenced (the base class cannot)."""
+
+
+def _stat_key(st: os.stat_result) -> StatKey:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _to_sql_int(n: int) -> int:
+    # SQLite integers are signed 64-bit; some filesystems hand out inodes >= 2**63.
+    return n - (1 << 64) if n >= 1 << 63 else n
+
+
+def _from_sql_int(n: int) -> int:
+    return n + (1 << 64) if n < 0 else n
+
+
+def _row_to_file(row: tuple[str, int, int, int, int, str, str, str]) -> IndexedFile:
+    path, size, mtime_ns, ctime_ns, inode, sha1, fcs, root = row
+    return IndexedFile(path, size, mtime_ns, ctime_ns, _from_sql_int(inode), sha1, fcs, root)
+
+
+def _clean_relpath(relpath: str) -> str:
+    return "/".join(part for part in relpath.split("/") if part and part != ".")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    relpath: str
+    abspath: str
+    key: StatKey
+
+
+class ShareIndex:
+    """The SQLite index of one shared folder; safe to use from several threads."""
+
+    def __init__(
+        self,
+        root_dir: str,
+        state_dir: str,
+        *,
+        commit_seconds: float = 0.5,
+        commit_files: int = 500,
+    ) -> None:
+        self.root_dir = os.path.realpath(root_dir)
+        if not os.path.isdir(self.root_dir):
+            raise NotFound(f"{root_dir}: not a folder")
+        self.state_dir = os.path.realpath(state_dir)
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.db_path = os.path.join(self.state_dir, INDEX_FILE)
+        # How often a scan makes its progress visible to readers: a commit every
+        # COMMIT_SECONDS or COMMIT_FILES recorded files, whichever comes first.
+        self.commit_seconds = commit_seconds
+        self.commit_files = commit_files
+        self._local = threading.local()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._connections_lock = threading.Lock()
+        self._scan_lock = threading.Lock()
+        self._closed = False
+        self._db().executescript(_SCHEMA)
+
+    # ------------------------------------------------------------ connections
+
+    def _db(self) -> sqlite3.Connection:
+        if self._closed:
+            raise KbfsError(f"index of {self.root_dir} is closed")
+        conn: _Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: readers never hold a transaction open between calls;
+            # the scan opens its own with BEGIN. check_same_thread=False only so close()
+            # can close every thread's connection; each is otherwise used by one thread.
+            conn = sqlite3.connect(
+                self.db_path,
+                timeout=60,
+                isolation_level=None,
+                check_same_thread=False,
+                factory=_Connection,
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.add(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every thread's connection; the index cannot be used afterwards."""
+        self._closed = True
+        with self._connections_lock:
+            conns = list(self._connections)
+            self._connections.clear()
+        for conn in conns:
+            conn.close()
+
+    def __enter__(self) -> ShareIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ queries
+
+    def lookup_path(self, relpath: str) -> IndexedFile | None:
+        """The indexed file at RELPATH ('/'-separated, relative to the folder), if any."""
+        row = self._db().execute(
+            f"SELECT {_COLUMNS} FROM files WHERE path = ?", (_clean_relpath(relpath),)
+        ).fetchone()
+        return _row_to_file(row) if row else None
+
+    def lookup_sha1(self, sha1: str) -> IndexedFile | None:
+        """A file with this SHA-1: the first (by path) still current on disk, else the first."""
+        rows = self._db().execute(
+            f"SELECT {_COLUMNS} FROM files WHERE sha1 = ? ORDER BY path", (sha1.lower(),)
+        ).fetchall()
+        files = [_row_to_file(r) for r in rows]
+        # Copies of one content are common in data folders; prefer one that has not
+        # changed since the scan so a server does not pick a stale copy needlessly.
+        for f in files:
+            if self.is_current(f):
+                return f
+        return files[0] if files else None
+
+    def leaves(self, sha1: str) -> bytes:
+        """The concatenated 32-byte leaves of the content SHA1; NotFound if unknown."""
+        row = self._db().execute(
+            "SELECT leaves FROM files WHERE sha1 = ? LIMIT 1", (sha1.lower(),)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no indexed file has sha1 {sha1}")
+        return bytes(row[0])
+
+    def list_dir(self, relpath: str) -> tuple[list[str], list[IndexedFile]]:
+        """(sorted sub-folder names, files by name) directly inside RELPATH ('' is the top).
+
+        Folders exist here only as prefixes of indexed files, so a folder without
+        files does not appear. The walk skips over each sub-folder's rows with one
+        range query instead of reading them, so listing the top of a large share
+        costs about (files here + sub-folders) rows.
+        """
+        prefix = _clean_relpath(relpath)
+        prefix = prefix + "/" if prefix else ""
+        # '0' is the character after '/', so [P, P[:-1]+'0') holds exactly the paths under P
+        # in SQLite's binary (UTF-8 byte) order.
+        end = prefix[:-1] + "0" if prefix else None
+        dirs: list[str] = []
+        files: list[IndexedFile] = []
+        db = self._db()
+        start = prefix
+        while True:
+            if end is None:
+                cur = db.execute(
+                    f"SELECT {_COLUMNS} FROM files WHERE path >= ? ORDER BY path", (start,)
+                )
+            else:
+                cur = db.execute(
+                    f"SELECT {_COLUMNS} FROM files WHERE path >= ? AND path < ? ORDER BY path",
+                    (start, end),
+                )
+            next_start = None
+            for row in cur:
+                rest = row[0][len(prefix) :]
+                name, slash, _ = rest.partition("/")
+                if slash:
+                    dirs.append(name)
+                    next_start = prefix + name + "0"
+                    break
+                files.append(_row_to_file(row))
+            cur.close()
+            if next_start is None:
+                return sorted(dirs), files
+            start = next_start
+
+    def totals(self) -> tuple[int, int]:
+        """(number of files, total bytes) in the index."""
+        count, total = self._db().execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files"
+        ).fetchone()
+        return int(count), int(total)
+
+    def is_current(self, f: IndexedFile) -> bool:
+        """True when the file on disk still has the stat tuple recorded with its hash."""
+        try:
+            st = os.stat(os.path.join(self.root_dir, *f.path.split("/")))
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and _stat_key(st) == f.stat_key()
+
+    # ------------------------------------------------------------ scanning
+
+    def _walk(self) -> Iterator[_Candidate]:
+        """Every regular file to index, with the stat tuple of its target."""
+        root_st = os.stat(self.root_dir)
+        # Each folder carries the ids of its ancestors: a symlinked folder is listed
+        # wherever it is linked, but a link back to an ancestor (a loop) is cut.
+        stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
+            (self.root_dir, "", frozenset({(root_st.st_dev, root_st.st_ino)}))
+        ]
+        while stack:
+            folder, rel, ancestors = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                log.warning("cannot list %s: %s", folder, exc.strerror or exc)
+                continue
+            subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    entry.name.encode("utf-8")
+                except UnicodeEncodeError:
+                    log.warning("skipping %r: its name is not valid UTF-8", entry.path)
+                    continue
+                try:
+                    if entry.is_symlink():
+                        target = os.path.realpath(entry.path)
+                        if not _inside(target, self.root_dir):
+                            log.debug("skipping %s: symlink leaves the shared folder", entry.path)
+                            continue
+                        if _inside(target, self.state_dir):
+                            continue
+                        st = os.stat(target)
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                except OSError as exc:
+                    log.warning("skipping %s: %s", entry.path, exc.strerror or exc)
+                    continue
+                relpath = rel + entry.name
+                if stat.S_ISDIR(st.st_mode):
+                    dir_id = (st.st_dev, st.st_ino)
+                    if dir_id in ancestors:
+                        log.debug("skipping %s: symlink loop", entry.path)
+                        continue
+                    if _inside(os.path.realpath(entry.path), self.state_dir):
+                        continue
+                    subdirs.append((entry.path, relpath + "/", ancestors | {dir_id}))
+                elif stat.S_ISREG(st.st_mode):
+                    yield _Candidate(relpath, entry.path, _stat_key(st))
+            # Reversed so the stack pops folders in name order (deterministic scans).
+            stack.extend(reversed(subdirs))
+
+    def scan(
+        self,
+        progress: Callable[[int], None] | None = None,
+        on_total: Callable[[int], None] | None = None,
+    ) -> ScanStats:
+        """Bring the index up to date with the folder; see the module docstring.
+
+        ON_TOTAL is called once, before any hashing, with the bytes about to be hashed
+        (0 when nothing changed); PROGRESS is called with byte counts while hashing.
+        Scans are serialised: a second scan started meanwhile waits for the first.
+        """
+        with self._scan_lock:
+            return self._scan(progress, on_total)
+
+    def _scan(
+        self,
+        progress: Callable[[int], None] | None,
+        on_total: Callable[[int], None] | None,
+    ) -> ScanStats:
+        started = time.monotonic()
+        db = self._db()
+        known: dict[str, StatKey] = {
+            path: (size, mtime_ns, ctime_ns, _from_sql_int(inode))
+            for path, size, mtime_ns, ctime_ns, inode in db.execute(
+                "SELECT path, size, mtime_ns, ctime_ns, inode FROM files"
+            )
+        }
+        present: set[str] = set()
+        todo: list[_Candidate] = []
+        unchanged = 0
+        for cand in self._walk():
+            present.add(cand.relpath)
+            if known.get(cand.relpath) == cand.key:
+                unchanged += 1
+            else:
+                todo.append(cand)
+
+        gone = [path for path in known if path not in present]
+        if gone:
+            # Removals first, in their own commit: a deleted file must stop being
+            # offered before the (possibly long) hashing pass starts.
+            db.execute("BEGIN")
+            db.executemany("DELETE FROM files WHERE path = ?", ((p,) for p in gone))
+            db.execute("COMMIT")
+
+        if on_total is not None:
+            on_total(sum(c.key[0] for c in todo))
+
+        added = updated = skipped = hashed_bytes = 0
+        pending = 0
+        last_commit = time.monotonic()
+        db.execute("BEGIN")
+        try:
+            for cand in todo:
+                recorded, nbytes = self._hash_one(db, cand, progress)
+                hashed_bytes += nbytes
+                if recorded:
+                    if cand.relpath in known:
+                        updated += 1
+                    else:
+                        added += 1
+                else:
+                    skipped += 1
+                pending += 1
+                now = time.monotonic()
+                if pending >= self.commit_files or now - last_commit >= self.commit_seconds:
+                    db.execute("COMMIT")
+                    db.execute("BEGIN")
+                    pending, last_commit = 0, now
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return ScanStats(
+            added=added,
+            updated=updated,
+            removed=len(gone),
+            unchanged=unchanged,
+            hashed_bytes=hashed_bytes,
+            seconds=time.monotonic() - started,
+            skipped=skipped,
+        )
+
+    def _hash_one(
+        self,
+        db: sqlite3.Connection,
+        cand: _Candidate,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[bool, int]:
+        """Hash one file and record it; (recorded, bytes read). Never records a moving file."""
+        nbytes = 0
+        why = ""
+        for _ in range(HASH_ATTEMPTS):
+            try:
+                before = os.stat(cand.abspath)
+                if not stat.S_ISREG(before.st_mode):
+                    why = "no longer a regular file"
+                    break
+                digest = prv.digest_file(cand.abspath, progress)
+                after = os.stat(cand.abspath)
+            except (OSError, prv.PointerError) as exc:
+                why = str(exc)
+                continue
+            nbytes += digest.size
+            key = _stat_key(before)
+            if key != _stat_key(after) or digest.size != before.st_size:
+                why = "changed while being hashed"
+                continue
+            db.execute(
+                "INSERT OR REPLACE INTO files"
+                " (path, size, mtime_ns, ctime_ns, inode, sha1, fcs, root, leaves)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cand.relpath,
+                    key[0],
+                    key[1],
+                    key[2],
+                    _to_sql_int(key[3]),
+                    digest.sha1,
+                    digest.fcs,
+                    digest.root,
+                    b"".join(digest.leaves),
+                ),
+            )
+            return True, nbytes
+        log.warning("not indexing %s for now: %s", cand.abspath, why)
+        # The old row (if any) describes content that is no longer there.
+        db.execute("DELETE FROM files WHERE path = ?", (cand.relpath,))
+        return False, nbytes

@@ -1,0 +1,895 @@
+"""The relay: a public HTTP front for shares that sit behind firewalls.
+
+A share connects out to the relay over one websocket (`/_control`), proves who it is
+by signing a fresh challenge with its Ed25519 key, and sends its file catalogue. The
+relay answers HTTP clients (`/sha1/`, `/tree/`, `/s/{share}/...`, `/api/...`) from that
+catalogue; for content it sends the share a small control message with a one-time
+unguessable id, and the share POSTs the body to `/_upload/{id}`. The relay pipes that
+POST body into the waiting client response through a small bounded channel, so memory
+per transfer is bounded and a slow client slows only its own share upload.
+
+File bytes never travel over the websocket. This module must not import `share`,
+`fetch` or `cache`; it never reads shared files itself. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ctypes
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple
+
+import hypercorn.trio
+import hypercorn.trio.tcp_server
+import trio
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from hypercorn.config import Config as HyperConfig
+from starlette.routing import Route, Router, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from kbfs import protocol, prv, tree
+from kbfs.errors import BadRequest, ConfigError, KbfsError, NotFound, RangeError
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+HANDSHAKE_TIMEOUT = 10.0  # a share must answer the challenge within this
+START_TIMEOUT = 20.0  # a share must start its upload POST (or refuse) within this
+STALL_TIMEOUT = 60.0  # no byte moving in a transfer for this long ends it
+IDLE_TIMEOUT = 45.0  # a share silent for this long (it pings every 10 s) is dropped
+AUTH_TIMEOUT = 10.0
+AUTH_CACHE_SECONDS = 60.0
+OUTBOX_SLOTS = 1024  # control messages queued for one share
+MAX_CONTROL_MESSAGE = 4 << 20
+MAX_AUTH_HEADER = 4096
+RECV_CHUNK = 1 << 20  # hypercorn reads 64 KiB per recv() by default: too small for 1 GB/s
+
+_JSON = [(b"content-type", b"application/json")]
+_CORS = [(k.lower().encode(), v.encode()) for k, v in protocol.CORS_HEADERS.items()]
+
+
+class FileEntry(NamedTuple):
+    """One file of a share's catalogue, as the share reported it."""
+
+    path: str
+    sha1: str
+    size: int
+    mtime: float
+    fcs: str
+    root: str
+
+
+def parse_entry(item: Any) -> FileEntry:
+    """Validate one catalogue entry `[path, sha1, size, mtime, fcs, root]` from a share."""
+    if not isinstance(item, list) or len(item) != 6:
+        raise BadRequest("catalogue entry must be [path, sha1, size, mtime, fcs, root]")
+    path, sha1, size, mtime, fcs, root = item
+    if not isinstance(path, str) or not path or protocol.safe_relpath(path) != path:
+        raise BadRequest(f"unsafe catalogue path {str(path)[:80]!r}")
+    if not isinstance(sha1, str) or not protocol.SHA1_RE.match(sha1):
+        raise BadRequest("catalogue sha1 must be 40 lowercase hex digits")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise BadRequest("catalogue size must be a non-negative integer")
+    if isinstance(mtime, bool) or not isinstance(mtime, int | float):
+        raise BadRequest("catalogue mtime must be a number")
+    if not isinstance(fcs, str) or not isinstance(root, str) or len(root) != 64:
+        raise BadRequest("catalogue fcs/root malformed")
+    return FileEntry(path, sha1, size, float(mtime), fcs, root.lower())
+
+
+def _b64decode(value: Any, what: str) -> bytes:
+    if not isinstance(value, str) or len(value) > 200:
+        raise BadRequest(f"{what} must be base64 text")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what} is not valid base64") from None
+
+
+class ShareConn:
+    """An admitted share: its identity, catalogue, outbox and in-flight request ids."""
+
+    def __init__(self, share_id: str, name: str, private: bool, listen_url: str, root_dir: str,
+                 peer: str) -> None:
+        self.id = share_id
+        self.name = name
+        self.private = private
+        self.listen_url = listen_url
+        self.root_dir = root_dir
+        self.peer = peer
+        self.connected_since = time.time()
+        self.upload_secret = secrets.token_urlsafe(32)
+        self.scanning = True
+        self.files: dict[str, FileEntry] = {}
+        self.by_sha1: dict[str, set[str]] = {}
+        self.dir_files: dict[str, set[str]] = {"": set()}
+        self.dir_subdirs: dict[str, set[str]] = {"": set()}
+        self.dir_count: dict[str, int] = {}
+        self.total_bytes = 0
+        self.pending: set[str] = set()
+        self.auth_ok: dict[str, float] = {}
+        self.auth_waiters: dict[str, list[Any]] = {}
+        self.outbox_send, self.outbox_recv = trio.open_memory_channel[str](OUTBOX_SLOTS)
+        self.cancel_scope = trio.CancelScope()
+        self.closed = False
+
+    def post(self, message: dict[str, Any]) -> bool:
+        """Queue a control message; False when the share is gone or hopelessly behind."""
+        if self.closed:
+            return False
+        try:
+            self.outbox_send.send_nowait(json.dumps(message))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    def first_path(self, sha1: str) -> str | None:
+        paths = self.by_sha1.get(sha1)
+        return min(paths) if paths else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "files": len(self.files), "bytes": self.total_bytes,
+            "connected_since": self.connected_since, "private": self.private,
+            "listen": bool(self.listen_url), "scanning": self.scanning,
+        }
+
+
+@dataclass
+class Pending:
+    """One client request waiting for (or receiving) its share's upload POST."""
+
+    token: str
+    share: ShareConn
+    length: int
+    client_send: Send  # the waiting client's ASGI send: the upload writes straight into it
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    started: trio.Event = field(default_factory=trio.Event)  # upload arrived, or refused
+    done: trio.Event = field(default_factory=trio.Event)  # upload over, or client gone
+    reject: tuple[int, str] | None = None
+    taken: bool = False
+    sent: int = 0
+    complete: bool = False
+    client_gone: bool = False
+
+
+class HttpError(KbfsError):
+    """An answer other than success, with its HTTP status."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or []
+
+
+def _status_of(exc: KbfsError) -> int:
+    if isinstance(exc, HttpError):
+        return exc.status
+    if isinstance(exc, RangeError):
+        return 416
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, BadRequest):
+        return 400
+    return 500
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _send_json(send: Send, status: int, obj: Any,
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    headers = _JSON + [(b"content-length", str(len(body)).encode()),
+                       (b"cache-control", b"no-store")] + (extra or [])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Endpoint:
+    """Adapts `async def handler(scope, receive, send)` into a raw ASGI app for starlette
+    routes (a bound method would be wrapped as a request/response function)."""
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
+
+
+class Relay:
+    """The relay's state and its ASGI application (`Relay.app`)."""
+
+    def __init__(self, allow_shares_file: str | None = None, state_dir: str | None = None) -> None:
+        self.shares: dict[str, ShareConn] = {}
+        self.sha1_shares: dict[str, set[str]] = {}
+        self.pending: dict[str, Pending] = {}
+        self.allow_shares_file = allow_shares_file
+        self.state_dir = state_dir
+        self._allow_cache: tuple[float, frozenset[str]] | None = None
+        self.started = time.time()
+        self.stats = {"requests": 0, "bytes_out": 0, "aborted": 0, "rejected_uploads": 0}
+        if allow_shares_file is not None:
+            self.allowed_ids()  # fail at start on a bad file
+        get = ["GET", "HEAD"]
+        self.router = Router(routes=[
+            Route(protocol.HEALTH_PATH, _Endpoint(self._health), methods=get),
+            Route(protocol.SHARES_PATH, _Endpoint(self._shares), methods=get),
+            Route("/api/find/{sha1}", _Endpoint(self._find), methods=get),
+            Route("/sha1/{sha1}", _Endpoint(self._sha1), methods=get),
+            Route("/tree/{sha1}", _Endpoint(self._tree), methods=get),
+            Route("/s/{share}/list", _Endpoint(self._list), methods=get),
+            Route("/s/{share}/list/{path:path}", _Endpoint(self._list), methods=get),
+            Route("/s/{share}/file/{path:path}", _Endpoint(self._file), methods=get),
+            Route("/_upload/{token}", _Endpoint(self._upload), methods=["POST"]),
+            WebSocketRoute(protocol.CONTROL_PATH, self._control),
+        ])
+
+    # ------------------------------------------------------------ ASGI entry
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI application: CORS on every answer, kbfs errors turned into statuses."""
+        if scope["type"] != "http":
+            await self.router(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS":
+            await send({"type": "http.response.start", "status": 204,
+                        "headers": _CORS + [(b"content-length", b"0"),
+                                            (b"allow", b"GET, HEAD, OPTIONS")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        started = False
+
+        async def send_cors(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = list(message.get("headers", [])) + _CORS
+            await send(message)
+
+        try:
+            await self.router(scope, receive, send_cors)
+        except KbfsError as exc:
+            if not started:
+                extra = exc.headers if isinstance(exc, HttpError) else []
+                if isinstance(exc, RangeError):
+                    extra = [(b"content-range", protocol.unsatisfied_range(exc.size).encode())]
+                await _send_json(send_cors, _status_of(exc), {"error": str(exc)}, extra)
+        except Exception as exc:  # a bug: one line in the log, a 500 to the client
+            log.error("internal error on %s %s: %s: %s", scope.get("method"),
+                      scope.get("path", "")[:200], type(exc).__name__, exc)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("traceback", exc_info=True)
+            if not started:
+                await _send_json(send_cors, 500, {"error": "internal error"})
+
+    # ------------------------------------------------------------ allow list
+
+    def allowed_ids(self) -> frozenset[str] | None:
+        """The ids in --allow-shares (re-read when the file changes), or None for all."""
+        path = self.allow_shares_file
+        if path is None:
+            return None
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError as exc:
+            raise ConfigError(f"--allow-shares {path}: {exc.strerror}") from None
+        if self._allow_cache and self._allow_cache[0] == mtime:
+            return self._allow_cache[1]
+        ids = set()
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                text = line.split("#", 1)[0].strip()
+                if not text:
+                    continue
+                if not protocol.SHARE_ID_RE.match(text):
+                    raise ConfigError(f"--allow-shares {path}:{n}: {text[:80]!r} is not a share id")
+                ids.add(text)
+        self._allow_cache = (mtime, frozenset(ids))
+        return self._allow_cache[1]
+
+    # ------------------------------------------------------------ catalogue
+
+    def _add_file(self, conn: ShareConn, e: FileEntry) -> None:
+        if e.path in conn.files:
+            self._remove_file(conn, e.path)
+        conn.files[e.path] = e
+        conn.total_bytes += e.size
+        paths = conn.by_sha1.setdefault(e.sha1, set())
+        if not paths:
+            self.sha1_shares.setdefault(e.sha1, set()).add(conn.id)
+        paths.add(e.path)
+        parent, _, name = e.path.rpartition("/")
+        conn.dir_files.setdefault(parent, set()).add(name)
+        child = parent
+        while child:
+            conn.dir_count[child] = conn.dir_count.get(child, 0) + 1
+            up, _, base = child.rpartition("/")
+            conn.dir_subdirs.setdefault(up, set()).add(base)
+            conn.dir_files.setdefault(child, set())
+            child = up
+
+    def _remove_file(self, conn: ShareConn, path: str) -> None:
+        e = conn.files.pop(path, None)
+        if e is None:
+            return
+        conn.total_bytes -= e.size
+        paths = conn.by_sha1.get(e.sha1, set())
+        paths.discard(path)
+        if not paths:
+            conn.by_sha1.pop(e.sha1, None)
+            holders = self.sha1_shares.get(e.sha1)
+            if holders is not None:
+                holders.discard(conn.id)
+                if not holders:
+                    del self.sha1_shares[e.sha1]
+        parent, _, name = path.rpartition("/")
+        files = conn.dir_files.get(parent)
+        if files is not None:
+            files.discard(name)
+        child = parent
+        while child:
+            left = conn.dir_count.get(child, 0) - 1
+            up, _, base = child.rpartition("/")
+            if left <= 0:
+                conn.dir_count.pop(child, None)
+                conn.dir_files.pop(child, None)
+                conn.dir_subdirs.pop(child, None)
+                conn.dir_subdirs.get(up, set()).discard(base)
+            else:
+                conn.dir_count[child] = left
+            child = up
+
+    def _drop_catalogue(self, conn: ShareConn) -> None:
+        for sha1 in conn.by_sha1:
+            holders = self.sha1_shares.get(sha1)
+            if holders is not None:
+                holders.discard(conn.id)
+                if not holders:
+                    del self.sha1_shares[sha1]
+        conn.files.clear()
+        conn.by_sha1.clear()
+        conn.dir_files = {"": set()}
+        conn.dir_subdirs = {"": set()}
+        conn.dir_count.clear()
+        conn.total_bytes = 0
+
+    # ------------------------------------------------------------ control channel
+
+    async def _control(self, ws: WebSocket) -> None:
+        await ws.accept()
+        peer = f"{ws.client[0]}:{ws.client[1]}" if ws.client else "?"
+        conn: ShareConn | None = None
+        try:
+            conn = await self._admit(ws, peer)
+            if conn is None:
+                return
+            with conn.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._control_writer, ws, conn)
+                    await self._control_reader(ws, conn)
+                    nursery.cancel_scope.cancel()
+        except (WebSocketDisconnect, trio.TooSlowError, trio.BrokenResourceError,
+                trio.ClosedResourceError, OSError):
+            pass
+        except BadRequest as exc:
+            log.warning("share %s from %s: protocol error: %s", conn.id if conn else "?", peer, exc)
+        finally:
+            if conn is not None:
+                self._disconnected(conn)
+            if ws.application_state == WebSocketState.CONNECTED:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    try:
+                        await ws.close(1000)
+                    except Exception:  # the socket may be gone already
+                        pass
+
+    async def _receive_json(self, ws: WebSocket, timeout: float) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        text = message.get("text")
+        if text is None:
+            raise BadRequest("control messages must be JSON text")
+        if len(text) > MAX_CONTROL_MESSAGE:
+            raise BadRequest("control message too large")
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            raise BadRequest("control message is not JSON") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+            raise BadRequest("control message must be an object with a type")
+        return obj
+
+    async def _admit(self, ws: WebSocket, peer: str) -> ShareConn | None:
+        challenge = secrets.token_bytes(32)
+        await ws.send_text(json.dumps({
+            "type": "challenge", "version": protocol.CONTROL_VERSION,
+            "challenge": base64.b64encode(challenge).decode(),
+        }))
+        hello = await self._receive_json(ws, HANDSHAKE_TIMEOUT)
+        host = _header(ws.scope, b"host") or ""
+
+        async def refuse(why: str) -> None:
+            log.warning("share refused from %s: %s", peer, why)
+            await ws.send_text(json.dumps({"type": "refused", "message": why}))
+            await ws.close(4003)
+
+        if hello.get("type") != "hello":
+            await refuse("expected a hello message")
+            return None
+        try:
+            public_key = _b64decode(hello.get("public_key"), "public_key")
+            signature = _b64decode(hello.get("signature"), "signature")
+            share_id = protocol.share_id_from_public_key(public_key)
+            key = Ed25519PublicKey.from_public_bytes(public_key)
+        except (BadRequest, ValueError) as exc:
+            await refuse(f"bad identity: {exc}")
+            return None
+        signed_host = hello.get("host")
+        if not isinstance(signed_host, str) or signed_host.lower() != host.lower():
+            await refuse(f"the signature is for host {str(signed_host)[:100]!r}, not {host!r}")
+            return None
+        try:
+            key.verify(signature, protocol.handshake_payload(challenge, host, public_key))
+        except InvalidSignature:
+            await refuse(f"bad signature for share {share_id}")
+            return None
+        if hello.get("id") not in (None, share_id):
+            await refuse(f"claimed id {str(hello.get('id'))[:80]!r} does not match its key")
+            return None
+        allowed = self.allowed_ids()
+        if allowed is not None and share_id not in allowed:
+            await refuse(f"share {share_id} is not in this relay's --allow-shares list")
+            return None
+        name, listen_url, root_dir = (hello.get(k) or "" for k in ("name", "listen_url", "root"))
+        if not all(isinstance(v, str) for v in (name, listen_url, root_dir)):
+            await refuse("name, listen_url and root must be strings")
+            return None
+        if listen_url and not listen_url.startswith(("http://", "https://")):
+            await refuse("listen_url must be an http(s) URL")
+            return None
+        conn = ShareConn(share_id, str(name)[:200] or share_id, bool(hello.get("private")),
+                         str(listen_url).rstrip("/")[:500], str(root_dir)[:4096], peer)
+        old = self.shares.get(share_id)
+        if old is not None:
+            log.info("share %s reconnected from %s; dropping its old connection", share_id, peer)
+            self._disconnected(old)
+            old.cancel_scope.cancel()
+        self.shares[share_id] = conn
+        await ws.send_text(json.dumps({
+            "type": "welcome", "id": share_id, "upload_secret": conn.upload_secret,
+            "upload_path": protocol.UPLOAD_PATH,
+        }))
+        log.info("share %s (%s) connected from %s%s", share_id, conn.name, peer,
+                 " [private]" if conn.private else "")
+        return conn
+
+    async def _control_writer(self, ws: WebSocket, conn: ShareConn) -> None:
+        async for text in conn.outbox_recv:
+            with trio.fail_after(STALL_TIMEOUT):
+                await ws.send_text(text)
+
+    async def _control_reader(self, ws: WebSocket, conn: ShareConn) -> None:
+        while True:
+            msg = await self._receive_json(ws, IDLE_TIMEOUT)
+            kind = msg["type"]
+            if kind == "ping":
+                conn.post({"type": "pong", "t": msg.get("t")})
+            elif kind == "files":
+                if msg.get("reset"):
+                    self._drop_catalogue(conn)
+                for path in msg.get("remove") or []:
+                    if isinstance(path, str):
+                        self._remove_file(conn, path)
+                for item in msg.get("add") or []:
+                    try:
+                        self._add_file(conn, parse_entry(item))
+                    except BadRequest as exc:
+                        log.warning("share %s: skipped a catalogue entry: %s", conn.id, exc)
+                if "scanning" in msg:
+                    conn.scanning = bool(msg["scanning"])
+            elif kind == "reject":
+                token = msg.get("id")
+                p = self.pending.get(token) if isinstance(token, str) else None
+                if p is not None and p.share is conn and not p.taken:
+                    status = msg.get("status")
+                    status = status if isinstance(status, int) and 400 <= status < 600 else 502
+                    p.reject = (status, str(msg.get("message", ""))[:300])
+                    p.started.set()
+            elif kind == "auth_result":
+                waiter = conn.auth_waiters.get(str(msg.get("id")))
+                if waiter is not None:
+                    waiter[1] = msg.get("ok") is True
+                    waiter[0].set()
+            else:
+                raise BadRequest(f"unknown control message type {kind[:40]!r}")
+
+    def _disconnected(self, conn: ShareConn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        conn.outbox_send.close()
+        if self.shares.get(conn.id) is conn:
+            del self.shares[conn.id]
+            self._drop_catalogue(conn)
+        for token in list(conn.pending):
+            p = self.pending.get(token)
+            if p is not None and not p.taken:
+                p.reject = (503, f"share {conn.id} disconnected")
+                p.started.set()
+        for waiter in conn.auth_waiters.values():
+            waiter[0].set()
+        log.info("share %s (%s) disconnected", conn.id, conn.name)
+
+    # ------------------------------------------------------------ private shares
+
+    async def _authorized(self, conn: ShareConn, scope: Scope) -> bool:
+        """May this request see the private share CONN? (the share itself decides)."""
+        if not conn.private:
+            return True
+        auth = _header(scope, b"authorization")
+        if not auth or len(auth) > MAX_AUTH_HEADER:
+            return False
+        key = hashlib.sha256(auth.encode("latin-1")).hexdigest()
+        now = time.monotonic()
+        if conn.auth_ok.get(key, 0) > now:
+            return True
+        token = secrets.token_urlsafe(16)
+        waiter: list[Any] = [trio.Event(), False]
+        conn.auth_waiters[token] = waiter
+        try:
+            if not conn.post({"type": "auth", "id": token, "auth": auth}):
+                return False
+            with trio.move_on_after(AUTH_TIMEOUT):
+                await waiter[0].wait()
+        finally:
+            conn.auth_waiters.pop(token, None)
+        if waiter[1]:
+            if len(conn.auth_ok) > 1000:
+                conn.auth_ok.clear()
+            conn.auth_ok[key] = now + AUTH_CACHE_SECONDS
+        return bool(waiter[1])
+
+    # ------------------------------------------------------------ JSON API
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, 200, {
+            "ok": True, "shares": len(self.shares), "uptime": round(time.time() - self.started, 3),
+            "pending": len(self.pending), **self.stats,
+        })
+
+    async def _shares(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, 200, [c.summary() for c in self.shares.values()])
+
+    def _base_url(self, scope: Scope) -> str:
+        host = _header(scope, b"host")
+        if not host:
+            server = scope.get("server") or ("127.0.0.1", 80)
+            host = f"{server[0]}:{server[1]}"
+        return f"{scope.get('scheme', 'http')}://{host}"
+
+    async def _find(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
+        shares, direct, size = [], [], 0
+        for conn in self._holders(sha1):
+            if not await self._authorized(conn, scope):
+                continue
+            path = conn.first_path(sha1)
+            if path is None:
+                continue
+            size = conn.files[path].size
+            shares.append({"id": conn.id, "name": conn.name, "path": path})
+            if conn.listen_url:
+                direct.append(conn.listen_url + protocol.SHA1_PATH.format(sha1=sha1))
+        if shares:
+            direct.append(self._base_url(scope) + protocol.SHA1_PATH.format(sha1=sha1))
+        await _send_json(send, 200, {"found": bool(shares), "size": size, "shares": shares,
+                                     "urls": direct})
+
+    def _holders(self, sha1: str) -> list[ShareConn]:
+        """Connected shares that list SHA1, public ones first, least busy first."""
+        conns = [self.shares[i] for i in self.sha1_shares.get(sha1, ()) if i in self.shares]
+        return sorted(conns, key=lambda c: (c.private, len(c.pending)))
+
+    def _share(self, scope: Scope) -> ShareConn:
+        share_id = protocol.check_share_id(scope["path_params"]["share"])
+        conn = self.shares.get(share_id)
+        if conn is None:
+            raise NotFound(f"share {share_id} is not connected")
+        return conn
+
+    async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        conn = self._share(scope)
+        path = protocol.safe_relpath(scope["path_params"].get("path", ""))
+        if not await self._authorized(conn, scope):
+            raise HttpError(401, f"share {conn.id} is private: send Authorization: Bearer TOKEN",
+                            [(b"www-authenticate", b'Bearer realm="kbfs"')])
+        if path and path not in conn.dir_count:
+            raise NotFound(f"no folder {path!r} in share {conn.id}")
+        files = []
+        for name in sorted(conn.dir_files.get(path, ())):
+            e = conn.files[f"{path}/{name}" if path else name]
+            pointer = prv.Pointer(e.sha1, e.size, e.fcs, os.path.join(conn.root_dir, e.path),
+                                  tree=prv.TreeRef(e.root))
+            files.append({"name": name, "size": e.size, "mtime": e.mtime, "prv": pointer.to_dict()})
+        await _send_json(send, 200, {
+            "share": conn.id, "path": path, "dirs": sorted(conn.dir_subdirs.get(path, ())),
+            "files": files,
+        })
+
+    # ------------------------------------------------------------ content
+
+    async def _sha1(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
+        holders = self._holders(sha1)
+        if not holders:
+            raise NotFound(f"no connected share has {sha1}")
+        candidates = [(c, c.first_path(sha1) or "") for c in holders]
+        size = holders[0].files[candidates[0][1]].size
+        await self._serve_content(scope, receive, send, candidates, sha1, size,
+                                  protocol.CACHE_CONTROL_IMMUTABLE)
+
+    async def _file(self, scope: Scope, receive: Receive, send: Send) -> None:
+        conn = self._share(scope)
+        path = protocol.safe_relpath(scope["path_params"]["path"])
+        entry = conn.files.get(path)
+        if entry is None:
+            raise NotFound(f"no file {path!r} in share {conn.id}")
+        await self._serve_content(scope, receive, send, [(conn, path)], entry.sha1, entry.size,
+                                  "no-cache")
+
+    async def _tree(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
+        holders = self._holders(sha1)
+        if not holders:
+            raise NotFound(f"no connected share has {sha1}")
+        candidates = [(c, c.first_path(sha1) or "") for c in holders]
+        size = holders[0].files[candidates[0][1]].size
+        length = tree.LEAF_BYTES * tree.block_count(size)
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", str(length).encode()),
+            (b"etag", f'"{sha1}-tree"'.encode()),
+            (b"cache-control", protocol.CACHE_CONTROL_IMMUTABLE.encode()),
+        ]
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self._relay_body(scope, receive, send, candidates, sha1, "tree", 0, length, 200,
+                               headers)
+
+    async def _serve_content(self, scope: Scope, receive: Receive, send: Send,
+                             candidates: list[tuple[ShareConn, str]], sha1: str, size: int,
+                             cache_control: str) -> None:
+        etag = f'"{sha1}"'
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"accept-ranges", b"bytes"),
+            (b"etag", etag.encode()),
+            (b"cache-control", cache_control.encode()),
+        ]
+        inm = _header(scope, b"if-none-match")
+        if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+            await send({"type": "http.response.start", "status": 304, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        range_header = _header(scope, b"range")
+        if_range = _header(scope, b"if-range")
+        if if_range is not None and if_range.strip() != etag:
+            range_header = None
+        rng = protocol.parse_range(range_header, size)
+        if rng is None:
+            status, start, end = 200, 0, size
+        else:
+            status, (start, end) = 206, rng
+            headers.append((b"content-range", protocol.content_range(start, end, size).encode()))
+        headers.append((b"content-length", str(end - start).encode()))
+        if scope["method"] == "HEAD" or end == start:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self._relay_body(scope, receive, send, candidates, sha1, "data", start, end, status,
+                               headers)
+
+    async def _relay_body(self, scope: Scope, receive: Receive, send: Send,
+                          candidates: list[tuple[ShareConn, str]], sha1: str, kind: str,
+                          start: int, end: int, status: int,
+                          headers: list[tuple[bytes, bytes]]) -> None:
+        """Ask the candidate shares in turn; the first accepted upload is piped to the client."""
+        self.stats["requests"] += 1
+        auth = _header(scope, b"authorization")
+        if auth is not None and len(auth) > MAX_AUTH_HEADER:
+            raise BadRequest("Authorization header too long")
+        refusals: list[tuple[int, str]] = []
+        for conn, path in candidates:
+            if conn.closed:
+                continue
+            p = Pending(secrets.token_urlsafe(24), conn, end - start, send, status, headers)
+            self.pending[p.token] = p
+            conn.pending.add(p.token)
+            try:
+                message = {"type": "get", "id": p.token, "kind": kind, "sha1": sha1, "path": path,
+                           "start": start, "end": end, "auth": auth}
+                if not conn.post(message):
+                    refusals.append((503, f"share {conn.id} is not reachable"))
+                    continue
+                with trio.move_on_after(START_TIMEOUT):
+                    await p.started.wait()
+                if p.reject is not None:
+                    refusals.append(p.reject)
+                    continue
+                if not p.taken:
+                    refusals.append((504, f"share {conn.id} did not answer in time"))
+                    continue
+                await self._wait_piped(p, receive)
+                return
+            finally:
+                self.pending.pop(p.token, None)
+                conn.pending.discard(p.token)
+        statuses = {code for code, _ in refusals}
+        why = "; ".join(text for _, text in refusals) or "no share could serve it"
+        if 401 in statuses:
+            raise HttpError(401, why, [(b"www-authenticate", b'Bearer realm="kbfs"')])
+        if 403 in statuses:
+            raise HttpError(403, why)
+        if statuses and statuses <= {404, 409, 410}:
+            raise NotFound(why)
+        raise HttpError(503 if 504 not in statuses else 504, why, [(b"retry-after", b"5")])
+
+    async def _wait_piped(self, p: Pending, receive: Receive) -> None:
+        """Wait while the upload handler writes P's body into this client's response.
+
+        The client's ASGI call must stay open meanwhile (returning ends the response);
+        a client that goes away is flagged so the upload handler stops at once.
+        """
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                p.client_gone = True
+                p.done.set()
+
+            nursery.start_soon(watch_disconnect)
+            await p.done.wait()
+            nursery.cancel_scope.cancel()
+        self.stats["bytes_out"] += p.sent
+        if p.sent != p.length or not p.complete:
+            # Returning without the final body message makes hypercorn close the
+            # connection: the client sees a short body, never a clean end.
+            self.stats["aborted"] += 1
+            log.info("transfer %s from share %s ended after %d of %d bytes", p.token[:8],
+                     p.share.id, p.sent, p.length)
+
+    async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = scope["path_params"]["token"]
+        p = self.pending.get(token)
+        secret = _header(scope, protocol.UPLOAD_SECRET_HEADER.lower().encode()) or ""
+        if p is None or p.taken:
+            self.stats["rejected_uploads"] += 1
+            raise NotFound("unknown or already used upload id")
+        if not hmac.compare_digest(secret.encode(), p.share.upload_secret.encode()):
+            self.stats["rejected_uploads"] += 1
+            raise HttpError(403, "upload secret does not match the asked share")
+        length = _header(scope, b"content-length")
+        if length is None or not length.isdigit() or int(length) != p.length:
+            raise BadRequest(f"upload must have Content-Length {p.length}")
+        p.taken = True
+        self.pending.pop(token, None)
+        p.started.set()
+        try:
+            outcome = await self._pipe(p, receive)
+        finally:
+            p.done.set()
+        if outcome == "complete":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await _send_json(send, 410 if "client" in outcome else 400, {"error": outcome})
+
+    async def _pipe(self, p: Pending, receive: Receive) -> str:
+        """Copy the upload body (RECEIVE) into the client response (P.client_send).
+
+        No queue in between: each chunk is written to the client before the next is
+        read from the share, so a slow client slows exactly one upload, and memory per
+        transfer is hypercorn's small receive queue. Returns how it ended.
+        """
+        client_send = p.client_send
+        await client_send({"type": "http.response.start", "status": p.status,
+                           "headers": p.headers})
+        length = p.length
+        while True:
+            if p.client_gone:
+                return "client went away"
+            with trio.move_on_after(STALL_TIMEOUT) as timer:
+                message = await receive()
+            if timer.cancelled_caught:
+                return "share stalled"
+            if message["type"] == "http.disconnect":
+                return "share went away"
+            body = message.get("body", b"")
+            if body:
+                sent = p.sent + len(body)
+                if sent > length:
+                    return "upload longer than asked"
+                if p.client_gone:
+                    return "client went away"
+                try:
+                    await client_send({"type": "http.response.body", "body": body,
+                                       "more_body": sent < length})
+                except Exception:  # the client's connection broke under this write
+                    p.client_gone = True
+                    return "client went away"
+                p.sent = sent
+            if not message.get("more_body", False):
+                if p.sent == length:
+                    p.complete = True
+                    return "complete"
+                return "short upload"
+
+
+def hypercorn_config(host: str, port: int) -> HyperConfig:
+    """Hypercorn settings shared by the relay and a share's --listen server."""
+    config = HyperConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.loglevel = "WARNING"
+    config.keep_alive_timeout = 75
+    config.keep_alive_max_requests = 1 << 30
+    config.websocket_max_message_size = MAX_CONTROL_MESSAGE
+    config.max_app_queue_size = 4  # request-body chunks queued per connection (1 MiB each)
+    config.h11_max_incomplete_size = 16 * 1024
+    config.graceful_timeout = 2
+    config.include_server_header = False
+    return config
+
+
+def tune_process() -> None:
+    """Settings for moving ~1 GB/s through one Python process.
+
+    Hypercorn reads 64 KiB per recv() by default; the upload POSTs are the relay's hot
+    path, and fewer, larger chunks cut its per-chunk Python overhead. 1 MiB buffers
+    are above glibc's default mmap threshold, so each one would be mapped, faulted in
+    page by page and unmapped again: raising the thresholds lets malloc reuse them.
+    """
+    hypercorn.trio.tcp_server.MAX_RECV = RECV_CHUNK  # type: ignore[attr-defined]
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        libc.mallopt(m_trim_threshold, 128 << 20)
+    except (OSError, AttributeError):  # not glibc: only slower
+        pass
+
+
+async def serve(relay: Relay, host: str, port: int,
+                task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve RELAY on HOST:PORT until cancelled; reports the bound base URL when ready."""
+    tune_process()
+    config = hypercorn_config(host, port)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(hypercorn.trio.serve, relay.app, config))  # type: ignore[arg-type]
+        task_status.started(binds[0] if binds else f"http://{host}:{port}")

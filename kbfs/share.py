@@ -1,0 +1,858 @@
+"""The share: publish one folder through relays, from behind a firewall.
+
+`Share` indexes its folder (`kbfs.index.ShareIndex`, in a worker thread, rescanned
+periodically), keeps one outbound websocket per relay for control only (challenge
+signed with the share's Ed25519 key, catalogue updates, pings, small requests), and
+answers each request by POSTing the body to the relay's `/_upload/{id}` with
+`requests` from a worker thread. Every block it sends is first checked against the
+index's BLAKE3 leaves, and the file's stat against the index (`is_current`): a file
+that changed since it was indexed is never served under its old SHA-1; the upload is
+refused or cut short and a rescan is started. With `--listen` the same verified reads
+are also served directly over HTTP (`/sha1/`, `/tree/`).
+
+It serves only regular files of its index inside its folder: nothing hidden, nothing
+of its state folder, no path leaving the folder. This module must not import `relay`,
+`fetch` or `cache`. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import secrets
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import hypercorn.trio
+import requests
+import trio
+import trio_websocket
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypercorn.config import Config as HyperConfig
+from starlette.routing import Route, Router
+
+from kbfs import protocol, tree
+from kbfs.config import default_state_dir, normalize_relay
+from kbfs.errors import BadRequest, ConfigError, KbfsError, NotFound, RangeError
+from kbfs.index import IndexedFile, ShareIndex
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+KEY_FILE = "share.key"
+TOKEN_SECRET_FILE = "token.secret"
+PING_INTERVAL = 10.0
+PONG_TIMEOUT = 20.0
+HANDSHAKE_TIMEOUT = 10.0
+UPLOAD_TIMEOUT = 60.0  # a relay not taking upload bytes for this long ends the upload
+MAX_UPLOADS = 32  # concurrent uploads (worker threads)
+CATALOGUE_BATCH = 1000
+SCAN_REFRESH = 2.0  # how often the catalogue is republished during a long scan
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+LEAVES_CACHE_BYTES = 64 << 20
+MAX_CONTROL_MESSAGE = 4 << 20
+
+_CORS = [(k.lower().encode(), v.encode()) for k, v in protocol.CORS_HEADERS.items()]
+
+
+class Refused(KbfsError):
+    """This share will not serve a request; `status` is the HTTP status it maps to."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- identity and tokens
+
+
+def state_dir_for(root_dir: str) -> str:
+    """The default state folder of the share of ROOT_DIR (outside the folder)."""
+    digest = hashlib.sha256(os.path.realpath(root_dir).encode("utf-8", "surrogateescape"))
+    return default_state_dir("share-" + digest.hexdigest()[:16])
+
+
+def _write_private(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_private(path: str) -> bytes:
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        log.warning("%s was readable by others; making it private (0600)", path)
+        os.chmod(path, 0o600)
+    with open(path, "rb") as f:
+        return f.read(1 << 16)
+
+
+def load_key(state_dir: str, create: bool = True) -> Ed25519PrivateKey:
+    """The share's Ed25519 key from STATE_DIR, made (mode 0600) on first use."""
+    path = os.path.join(state_dir, KEY_FILE)
+    if not os.path.exists(path):
+        if not create:
+            raise ConfigError(f"{state_dir}: no share key yet (run `kbfs share DIR` once)")
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        try:
+            _write_private(path, pem)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+    try:
+        loaded = serialization.load_pem_private_key(_read_private(path), password=None)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not a share key ({exc})") from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: not an Ed25519 key")
+    return loaded
+
+
+def public_key_bytes(key: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public key."""
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
+
+
+def share_id_of(key: Ed25519PrivateKey) -> str:
+    """The share id of KEY (see protocol.share_id_from_public_key)."""
+    return protocol.share_id_from_public_key(public_key_bytes(key))
+
+
+def _token_secret(state_dir: str, create: bool = True) -> bytes:
+    path = os.path.join(state_dir, TOKEN_SECRET_FILE)
+    if not os.path.exists(path):
+        if not create:
+            raise ConfigError(f"{state_dir}: no token secret yet")
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        try:
+            _write_private(path, secrets.token_bytes(32))
+        except FileExistsError:
+            pass
+    data = _read_private(path)
+    if len(data) < 32:
+        raise ConfigError(f"{path}: token secret is too short")
+    return data
+
+
+def _b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64u(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def issue_token(state_dir: str, share_id: str, expires_in: float | None = None,
+                label: str = "") -> str:
+    """A bearer token for the private share SHARE_ID: `kbfs1.<payload>.<hmac>`.
+
+    The HMAC key lives only in STATE_DIR, so only this share can check its tokens.
+    """
+    payload = {"s": share_id, "e": int(time.time() + expires_in) if expires_in else 0,
+               "n": label[:100], "r": secrets.token_hex(4)}
+    body = protocol.SHARE_TOKEN_PREFIX + _b64u(json.dumps(payload, separators=(",", ":")).encode())
+    mac = hmac.new(_token_secret(state_dir), body.encode(), hashlib.sha256).digest()
+    return body + "." + _b64u(mac)
+
+
+def check_token(secret: bytes, share_id: str, authorization: str | None) -> bool:
+    """True when AUTHORIZATION is `Bearer <a valid, unexpired token of SHARE_ID>`."""
+    if not authorization or len(authorization) > 4096:
+        return False
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    body, _, mac = token.strip().rpartition(".")
+    if not body.startswith(protocol.SHARE_TOKEN_PREFIX):
+        return False
+    try:
+        given = _unb64u(mac)
+        payload = json.loads(_unb64u(body[len(protocol.SHARE_TOKEN_PREFIX):]))
+    except (binascii.Error, ValueError):
+        return False
+    expected = hmac.new(secret, body.encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(given, expected) or not isinstance(payload, dict):
+        return False
+    expiry = payload.get("e", 0)
+    return payload.get("s") == share_id and (not expiry or time.time() < expiry)
+
+
+# ---------------------------------------------------------------- verified reads
+
+
+class _VerifiedReader:
+    """Reads bytes [start, end) of an indexed file block by block, each block checked
+    against its leaf before any of it is handed out. Blocking; one thread at a time.
+
+    The first block is read and checked in the constructor, so a changed file is
+    refused before an upload starts. `__iter__` yields memoryviews of one reused
+    buffer: a consumer must be done with a chunk before asking for the next.
+    """
+
+    def __init__(self, path: str, f: IndexedFile, leaves: bytes, start: int, end: int) -> None:
+        self.f = f
+        self.leaves = leaves
+        self.start, self.end = start, end
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(path, flags)
+        try:
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                                  st.st_ino) != f.stat_key():
+                raise Refused(409, f"{f.path} changed since it was indexed")
+            self.buf = bytearray(tree.BLOCK_SIZE)
+            self.view = memoryview(self.buf)
+            self.block = start // tree.BLOCK_SIZE
+            # Read and check the first block now, so a changed file is refused before
+            # an upload starts rather than cut short in the middle.
+            self.first: memoryview | None = self._read_block(self.block)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def _read_block(self, index: int) -> memoryview:
+        offset = index * tree.BLOCK_SIZE
+        want = min(tree.BLOCK_SIZE, self.f.size - offset)
+        got = 0
+        while got < want:
+            n = os.preadv(self.fd, [self.view[got:want]], offset + got)
+            if n <= 0:
+                raise Refused(409, f"{self.f.path} is shorter than when it was indexed")
+            got += n
+        leaf = self.leaves[index * tree.LEAF_BYTES : (index + 1) * tree.LEAF_BYTES]
+        block = self.view[:want]
+        if tree.leaf_hash(block) != leaf:
+            raise Refused(409, f"{self.f.path}: block {index} no longer matches the index")
+        lo = max(self.start - offset, 0)
+        hi = min(self.end - offset, want)
+        return block[lo:hi]
+
+    def next_chunk(self) -> memoryview | None:
+        """The next verified chunk (at most one block), or None at the end."""
+        if self.first is not None:
+            chunk, self.first = self.first, None
+            self.block += 1
+            return chunk
+        if self.block * tree.BLOCK_SIZE >= self.end:
+            return None
+        chunk = self._read_block(self.block)
+        self.block += 1
+        return chunk
+
+    def __iter__(self) -> Iterator[memoryview]:
+        while True:
+            chunk = self.next_chunk()
+            if chunk is None:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ---------------------------------------------------------------- the share
+
+
+@dataclass
+class ShareOptions:
+    """What `kbfs share` was asked to do."""
+
+    root_dir: str
+    relays: list[str] = field(default_factory=list)
+    name: str = ""
+    listen: tuple[str, int] | None = None
+    public_url: str = ""  # how others reach the --listen server, when not its bind address
+    state_dir: str = ""
+    private: bool = False
+    rescan_interval: float = 30.0
+
+
+class Share:
+    """A running share. Construct, then `await run()` inside trio."""
+
+    def __init__(self, options: ShareOptions, report: Callable[[str], None] | None = None,
+                 scan_progress: Callable[[int], None] | None = None,
+                 scan_total: Callable[[int], None] | None = None) -> None:
+        self.options = options
+        self.root_dir = os.path.realpath(options.root_dir)
+        if not os.path.isdir(self.root_dir):
+            raise NotFound(f"{options.root_dir}: not a folder")
+        self.state_dir = os.path.realpath(options.state_dir or state_dir_for(self.root_dir))
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.key = load_key(self.state_dir)
+        self.public_key = public_key_bytes(self.key)
+        self.id = protocol.share_id_from_public_key(self.public_key)
+        self.name = options.name or os.path.basename(self.root_dir) or self.id
+        self.relays = [normalize_relay(r) for r in options.relays]
+        self.token_secret = _token_secret(self.state_dir)
+        self.index = ShareIndex(self.root_dir, self.state_dir)
+        self.report = report or (lambda line: log.info("%s", line))
+        self.scan_progress = scan_progress
+        self.scan_total = scan_total
+        self.listen_url = ""
+        self.scanning = True
+        self.snapshot: dict[str, list[Any]] = {}
+        self._changed = trio.Event()
+        self._rescan = trio.Event()
+        self._limiter = trio.CapacityLimiter(MAX_UPLOADS)
+        self._local = threading.local()
+        self._leaves: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._leaves_bytes = 0
+        self._leaves_lock = threading.Lock()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.stats = {"uploads": 0, "refused": 0, "failed": 0, "bytes": 0}
+
+    # ------------------------------------------------------------ main
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Index, serve and stay connected until cancelled."""
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.options.listen is not None:
+                    host, port = self.options.listen
+                    bound = await nursery.start(self._serve_direct, host, port)
+                    self.listen_url = (self.options.public_url or bound).rstrip("/")
+                    self.report(f"kbfs share listening on {self.listen_url}")
+                nursery.start_soon(self._scanner)
+                for relay in self.relays:
+                    nursery.start_soon(self._relay_loop, relay)
+                task_status.started()
+        finally:
+            self.index.close()
+
+    # ------------------------------------------------------------ index and catalogue
+
+    def request_rescan(self) -> None:
+        """Ask for a rescan soon (thread-safe)."""
+        if self._token is None:
+            return
+        try:
+            trio.from_thread.run_sync(self._rescan.set, trio_token=self._token)
+        except RuntimeError:  # called from the trio thread itself
+            self._rescan.set()
+        except trio.RunFinishedError:
+            pass
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _scanner(self) -> None:
+        first = True
+        while True:
+            self.scanning = True
+            self._notify()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._refresh_while_scanning)
+                try:
+                    stats = await trio.to_thread.run_sync(
+                        partial(self.index.scan, self.scan_progress if first else None,
+                                self.scan_total if first else None),
+                        abandon_on_cancel=True)
+                except (KbfsError, OSError) as exc:
+                    log.warning("scan of %s failed: %s", self.root_dir, exc)
+                    stats = None
+                nursery.cancel_scope.cancel()
+            self.scanning = False
+            await self._refresh_catalogue()
+            if first or (stats and (stats.added or stats.updated or stats.removed)):
+                files, nbytes = self.index.totals()
+                self.report(f"kbfs share indexed {files} files, {nbytes} bytes"
+                            + (f" ({stats.added} added, {stats.updated} updated, "
+                               f"{stats.removed} removed)" if stats else ""))
+            first = False
+            self._notify()
+            with trio.move_on_after(self.options.rescan_interval):
+                await self._rescan.wait()
+            self._rescan = trio.Event()
+
+    async def _refresh_while_scanning(self) -> None:
+        while True:
+            started = trio.current_time()
+            await self._refresh_catalogue()
+            # Walking a large index costs time; never spend more than a fifth of it there.
+            await trio.sleep(max(SCAN_REFRESH, 4 * (trio.current_time() - started)))
+
+    async def _refresh_catalogue(self) -> None:
+        snap = await trio.to_thread.run_sync(self._walk_index, abandon_on_cancel=True)
+        if snap != self.snapshot:
+            self.snapshot = snap
+            self._notify()
+
+    def _servable(self, relpath: str) -> str | None:
+        """The real path of RELPATH if this share may serve it, else None."""
+        try:
+            if protocol.safe_relpath(relpath) != relpath or not relpath:
+                return None
+        except BadRequest:
+            return None
+        real = os.path.realpath(os.path.join(self.root_dir, *relpath.split("/")))
+        if not real.startswith(self.root_dir + os.sep):
+            return None
+        if real == self.state_dir or real.startswith(self.state_dir + os.sep):
+            return None
+        return real
+
+    def _walk_index(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        stack = [""]
+        while stack:
+            folder = stack.pop()
+            dirs, files = self.index.list_dir(folder)
+            for f in files:
+                if self._servable(f.path) is not None:
+                    out[f.path] = [f.path, f.sha1, f.size, f.mtime_ns / 1e9, f.fcs, f.root]
+            stack.extend(f"{folder}/{d}" if folder else d for d in dirs)
+        return out
+
+    def _leaves_of(self, f: IndexedFile) -> bytes:
+        key = (f.sha1, f.mtime_ns, f.inode)
+        with self._leaves_lock:
+            blob = self._leaves.get(key)
+            if blob is not None:
+                self._leaves.move_to_end(key)
+                return blob
+        blob = self.index.leaves(f.sha1)
+        if len(blob) != tree.LEAF_BYTES * tree.block_count(f.size):
+            raise Refused(409, f"{f.path}: the index holds a tree of the wrong length")
+        with self._leaves_lock:
+            self._leaves[key] = blob
+            self._leaves_bytes += len(blob)
+            while self._leaves_bytes > LEAVES_CACHE_BYTES and len(self._leaves) > 1:
+                _, old = self._leaves.popitem(last=False)
+                self._leaves_bytes -= len(old)
+        return blob
+
+    def resolve(self, sha1: str | None, path: str | None) -> tuple[IndexedFile, str]:
+        """The indexed file (and its real path) for a request by sha1 or by path.
+
+        Refuses (404) anything not in the index, outside the folder, hidden or in the
+        state folder; refuses (409) and asks for a rescan when the file changed."""
+        if path:
+            try:
+                clean = protocol.safe_relpath(path)
+            except BadRequest as exc:
+                raise Refused(400, str(exc)) from None
+            f = self.index.lookup_path(clean)
+            if f is None or (sha1 and f.sha1 != sha1):
+                f = self.index.lookup_sha1(sha1) if sha1 else None
+        elif sha1:
+            f = self.index.lookup_sha1(sha1)
+        else:
+            raise Refused(400, "a request needs a sha1 or a path")
+        if f is None:
+            raise Refused(404, f"not in this share: {sha1 or path}")
+        real = self._servable(f.path)
+        if real is None:
+            raise Refused(404, f"not servable: {f.path}")
+        if not self.index.is_current(f):
+            self.request_rescan()
+            raise Refused(409, f"{f.path} changed since it was indexed; rescanning")
+        return f, real
+
+    def open_range(self, f: IndexedFile, real: str, start: int, end: int) -> _VerifiedReader:
+        """A verified reader of bytes [start, end) of F (first block already checked)."""
+        if not 0 <= start <= end <= f.size:
+            raise Refused(416, f"range {start}-{end} outside {f.size} bytes")
+        try:
+            return _VerifiedReader(real, f, self._leaves_of(f), start, end)
+        except Refused:
+            self.request_rescan()
+            raise
+        except OSError as exc:
+            self.request_rescan()
+            raise Refused(404, f"{f.path}: {exc.strerror or exc}") from None
+
+    def authorized(self, authorization: str | None) -> bool:
+        """May a request carrying this Authorization header read this share?"""
+        return not self.options.private or check_token(self.token_secret, self.id, authorization)
+
+    # ------------------------------------------------------------ relay connection
+
+    async def _relay_loop(self, relay: str) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            admitted = False
+            try:
+                admitted = await self._connect_once(relay)
+            except trio_websocket.ConnectionRejected as exc:
+                log.warning("relay %s rejected the connection (HTTP %s)", relay, exc.status_code)
+            except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError,
+                    trio.TooSlowError, trio.BrokenResourceError, KbfsError) as exc:
+                log.info("relay %s: %s", relay, str(exc) or type(exc).__name__)
+            if admitted:
+                self.report(f"kbfs share lost relay {relay}; reconnecting")
+                backoff = BACKOFF_MIN
+            delay = min(backoff, BACKOFF_MAX) * random.uniform(0.5, 1.5)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            await trio.sleep(delay)
+
+    async def _connect_once(self, relay: str) -> bool:
+        url = protocol.websocket_url(relay)
+        async with trio_websocket.open_websocket_url(
+            url, max_message_size=MAX_CONTROL_MESSAGE, connect_timeout=HANDSHAKE_TIMEOUT,
+            disconnect_timeout=2,
+        ) as ws:
+            challenge_msg = await self._receive(ws, HANDSHAKE_TIMEOUT)
+            if challenge_msg.get("type") != "challenge":
+                raise BadRequest("relay did not send a challenge")
+            challenge = base64.b64decode(str(challenge_msg.get("challenge", "")))
+            if len(challenge) < 16:
+                raise BadRequest("relay challenge too short")
+            host = protocol.websocket_host_header(relay)
+            signature = self.key.sign(protocol.handshake_payload(challenge, host, self.public_key))
+            await ws.send_message(json.dumps({
+                "type": "hello", "version": protocol.CONTROL_VERSION, "id": self.id,
+                "public_key": base64.b64encode(self.public_key).decode(),
+                "signature": base64.b64encode(signature).decode(), "host": host,
+                "name": self.name, "private": self.options.private,
+                "listen_url": self.listen_url, "root": self.root_dir,
+            }))
+            welcome = await self._receive(ws, HANDSHAKE_TIMEOUT)
+            if welcome.get("type") == "refused":
+                self.report(f"kbfs share refused by {relay}: {welcome.get('message')}")
+                return False
+            if welcome.get("type") != "welcome" or welcome.get("id") != self.id:
+                raise BadRequest("relay did not welcome this share")
+            secret = str(welcome.get("upload_secret", ""))
+            listing = protocol.share_url_path(protocol.SHARE_LIST_PATH, share=self.id, path="")
+            self.report(f"kbfs share connected to {relay}; browse {relay}{listing}")
+            last_pong = [trio.current_time()]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sync_catalogue, ws)
+                nursery.start_soon(self._heartbeat, ws, last_pong)
+                while True:
+                    msg = await self._receive(ws, None)
+                    kind = msg.get("type")
+                    if kind == "pong":
+                        last_pong[0] = trio.current_time()
+                    elif kind == "get":
+                        nursery.start_soon(self._handle_get, ws, relay, secret, msg)
+                    elif kind == "auth":
+                        ok = self.authorized(msg.get("auth") if isinstance(msg.get("auth"), str)
+                                             else None)
+                        await ws.send_message(json.dumps(
+                            {"type": "auth_result", "id": msg.get("id"), "ok": ok}))
+        return True
+
+    async def _receive(self, ws: trio_websocket.WebSocketConnection,
+                       timeout: float | None) -> dict[str, Any]:
+        with trio.fail_after(timeout if timeout is not None else float("inf")):
+            text = await ws.get_message()
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            raise BadRequest("relay sent a message that is not JSON") from None
+        if not isinstance(msg, dict):
+            raise BadRequest("relay sent a message that is not an object")
+        return msg
+
+    async def _heartbeat(self, ws: trio_websocket.WebSocketConnection,
+                         last_pong: list[float]) -> None:
+        while True:
+            await ws.send_message(json.dumps({"type": "ping", "t": time.time()}))
+            await trio.sleep(PING_INTERVAL)
+            if trio.current_time() - last_pong[0] > PONG_TIMEOUT:
+                raise trio.TooSlowError("relay stopped answering pings")
+
+    async def _sync_catalogue(self, ws: trio_websocket.WebSocketConnection) -> None:
+        sent: dict[str, list[Any]] = {}
+        reset = True
+        sent_scanning: bool | None = None
+        while True:
+            changed = self._changed
+            snap, scanning = self.snapshot, self.scanning
+            if reset or snap is not sent or scanning != sent_scanning:
+                add = [v for k, v in snap.items() if sent.get(k) != v]
+                remove = [k for k in sent if k not in snap]
+                batches = [add[i:i + CATALOGUE_BATCH] for i in range(0, len(add), CATALOGUE_BATCH)]
+                batches = batches or [[]]
+                for i, batch in enumerate(batches):
+                    msg: dict[str, Any] = {"type": "files", "add": batch}
+                    if i == 0:
+                        msg["reset"] = reset
+                        msg["remove"] = [] if reset else remove
+                    if i == len(batches) - 1:
+                        msg["scanning"] = scanning
+                    await ws.send_message(json.dumps(msg, separators=(",", ":")))
+                sent, reset, sent_scanning = snap, False, scanning
+            await changed.wait()
+
+    async def _handle_get(self, ws: trio_websocket.WebSocketConnection, relay: str, secret: str,
+                          msg: dict[str, Any]) -> None:
+        token = msg.get("id")
+        if not isinstance(token, str) or not token or len(token) > 200:
+            return
+        try:
+            await trio.to_thread.run_sync(partial(self._upload, relay, secret, msg),
+                                          limiter=self._limiter, abandon_on_cancel=True)
+            return
+        except Refused as exc:
+            status, message = exc.status, str(exc)
+            self.stats["refused"] += 1
+        except (KbfsError, OSError) as exc:
+            status, message = 500, str(exc)
+            self.stats["failed"] += 1
+        log.info("request %s refused: %s %s", token[:8], status, message)
+        try:
+            await ws.send_message(json.dumps({"type": "reject", "id": token, "status": status,
+                                              "message": message}))
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            self._local.session = session
+        return session
+
+    def _upload(self, relay: str, secret: str, msg: dict[str, Any]) -> None:
+        """Serve one relay request: POST the verified body to the relay (worker thread)."""
+        if not self.authorized(msg.get("auth") if isinstance(msg.get("auth"), str) else None):
+            raise Refused(401 if not msg.get("auth") else 403, f"share {self.id} is private: "
+                          "a valid bearer token is needed")
+        sha1 = msg.get("sha1")
+        path = msg.get("path")
+        if sha1 is not None and (not isinstance(sha1, str) or not protocol.SHA1_RE.match(sha1)):
+            raise Refused(400, "malformed sha1")
+        if path is not None and not isinstance(path, str):
+            raise Refused(400, "malformed path")
+        f, real = self.resolve(sha1, path)
+        url = relay + protocol.UPLOAD_PATH.format(token=msg["id"])
+        headers = {protocol.UPLOAD_SECRET_HEADER: secret,
+                   "Content-Type": "application/octet-stream"}
+        if msg.get("kind") == "tree":
+            blob = self._leaves_of(f)
+            self._post(url, headers, lambda: blob)
+            return
+        start, end = msg.get("start"), msg.get("end")
+        if not isinstance(start, int) or not isinstance(end, int):
+            raise Refused(400, "malformed range")
+        self._post(url, headers, lambda: self.open_range(f, real, start, end))
+
+    def _post(self, url: str, headers: dict[str, str],
+              make_body: Callable[[], bytes | _VerifiedReader]) -> None:
+        for attempt in (1, 2):
+            body = make_body()
+            try:
+                resp = self._session().post(url, data=body, headers=headers,  # type: ignore[arg-type]
+                                            timeout=(UPLOAD_TIMEOUT, UPLOAD_TIMEOUT))
+            except Refused:
+                self.request_rescan()  # a block changed under an upload already running
+                raise
+            except requests.RequestException as exc:
+                # A keep-alive connection the relay had just closed fails before the relay
+                # sees anything: one retry. If the relay had taken the id, it says 404.
+                if attempt == 2:
+                    self.stats["failed"] += 1
+                    log.info("upload to %s failed: %s", url.split("/_upload/")[0], exc)
+                    return
+                continue
+            finally:
+                if isinstance(body, _VerifiedReader):
+                    body.close()
+            if resp.status_code == 204:
+                self.stats["uploads"] += 1
+                self.stats["bytes"] += len(body)
+            elif resp.status_code != 404 or attempt == 1:
+                log.info("relay answered upload with %s: %s", resp.status_code, resp.text[:200])
+            return
+
+    # ------------------------------------------------------------ direct --listen server
+
+    async def _serve_direct(self, host: str, port: int,
+                            task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        router = Router(routes=[
+            Route(protocol.HEALTH_PATH, _Endpoint(self._direct_health), methods=["GET", "HEAD"]),
+            Route("/sha1/{sha1}", _Endpoint(self._direct_sha1), methods=["GET", "HEAD"]),
+            Route("/tree/{sha1}", _Endpoint(self._direct_tree), methods=["GET", "HEAD"]),
+        ])
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await _guarded(router, scope, receive, send)
+
+        config = _hypercorn_config(host, port)
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(hypercorn.trio.serve, app, config))  # type: ignore[arg-type]
+            task_status.started(binds[0] if binds else f"http://{host}:{port}")
+
+    def _direct_lookup(self, scope: Scope) -> tuple[IndexedFile, str]:
+        sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
+        if not self.authorized(_header(scope, b"authorization")):
+            raise Refused(401, f"share {self.id} is private: send Authorization: Bearer TOKEN")
+        return self.resolve(sha1, None)
+
+    async def _direct_health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        files, nbytes = self.index.totals()
+        await _send_json(send, 200, {"ok": True, "share": self.id, "files": files, "bytes": nbytes,
+                                     "scanning": self.scanning, **self.stats})
+
+    async def _direct_tree(self, scope: Scope, receive: Receive, send: Send) -> None:
+        f, _ = await trio.to_thread.run_sync(self._direct_lookup, scope)
+        blob = await trio.to_thread.run_sync(self._leaves_of, f)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", str(len(blob)).encode()),
+            (b"etag", f'"{f.sha1}-tree"'.encode()),
+            (b"cache-control", protocol.CACHE_CONTROL_IMMUTABLE.encode())]})
+        await send({"type": "http.response.body", "body": blob})
+
+    async def _direct_sha1(self, scope: Scope, receive: Receive, send: Send) -> None:
+        f, real = await trio.to_thread.run_sync(self._direct_lookup, scope)
+        etag = f'"{f.sha1}"'
+        headers = [(b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes"),
+                   (b"etag", etag.encode()),
+                   (b"cache-control", protocol.CACHE_CONTROL_IMMUTABLE.encode())]
+        inm = _header(scope, b"if-none-match")
+        if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+            await send({"type": "http.response.start", "status": 304, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        range_header = _header(scope, b"range")
+        if_range = _header(scope, b"if-range")
+        if if_range is not None and if_range.strip() != etag:
+            range_header = None
+        rng = protocol.parse_range(range_header, f.size)
+        status, (start, end) = (200, (0, f.size)) if rng is None else (206, rng)
+        if rng is not None:
+            headers.append((b"content-range", protocol.content_range(start, end, f.size).encode()))
+        headers.append((b"content-length", str(end - start).encode()))
+        if scope["method"] == "HEAD" or start == end:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        reader = await trio.to_thread.run_sync(self.open_range, f, real, start, end)
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            sent = 0
+            while sent < end - start:
+                try:
+                    chunk = await trio.to_thread.run_sync(reader.next_chunk)
+                except (Refused, OSError) as exc:
+                    log.warning("direct transfer of %s cut short: %s", f.path, exc)
+                    return  # hypercorn closes the connection: the client sees a short body
+                if chunk is None:
+                    return
+                sent += len(chunk)
+                await send({"type": "http.response.body", "body": chunk,
+                            "more_body": sent < end - start})
+        finally:
+            reader.close()
+
+
+# ---------------------------------------------------------------- small ASGI helpers
+
+
+class _Endpoint:
+    """A raw ASGI app around `async def handler(scope, receive, send)` for starlette."""
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _send_json(send: Send, status: int, obj: Any,
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store")] + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _guarded(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope: Scope,
+                   receive: Receive, send: Send) -> None:
+    """CORS on every answer; kbfs errors become 4xx JSON; a bug is one log line and a 500."""
+    if scope["type"] != "http":
+        await app(scope, receive, send)
+        return
+    if scope["method"] == "OPTIONS":
+        await send({"type": "http.response.start", "status": 204,
+                    "headers": _CORS + [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    started = False
+
+    async def send_cors(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+            message["headers"] = list(message.get("headers", [])) + _CORS
+        await send(message)
+
+    try:
+        await app(scope, receive, send_cors)
+    except KbfsError as exc:
+        if started:
+            return
+        extra: list[tuple[bytes, bytes]] = []
+        if isinstance(exc, Refused):
+            status = exc.status
+        elif isinstance(exc, RangeError):
+            status = 416
+            extra = [(b"content-range", protocol.unsatisfied_range(exc.size).encode())]
+        elif isinstance(exc, NotFound):
+            status = 404
+        elif isinstance(exc, BadRequest):
+            status = 400
+        else:
+            status = 500
+        if status == 409:
+            status = 404  # changed since indexed: this content is not here any more
+        await _send_json(send_cors, status, {"error": str(exc)}, extra)
+    except Exception as exc:
+        log.error("internal error on %s: %s: %s", scope.get("path", "")[:200],
+                  type(exc).__name__, exc)
+        if not started:
+            await _send_json(send_cors, 500, {"error": "internal error"})
+
+
+def _hypercorn_config(host: str, port: int) -> HyperConfig:
+    config = HyperConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.loglevel = "WARNING"
+    config.keep_alive_timeout = 75
+    config.keep_alive_max_requests = 1 << 30
+    config.h11_max_incomplete_size = 16 * 1024
+    config.graceful_timeout = 2
+    config.include_server_header = False
+    return config

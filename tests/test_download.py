@@ -1,0 +1,277 @@
+"""`kbfs download`, `kbfs cat` and `kbfs locate` as a user runs them: real processes.
+
+Content comes from `tests/httpsource.py` (a real threaded HTTP server that can lie,
+trickle or refuse on purpose) and from real relay and share processes
+(`tests/netutil.py`). Fault tests kill the download process by its pid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from httpsource import HTTPSource, wait_until
+
+from kbfs import prv
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a user with an empty config and a private cache."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KBFS_")}
+    e["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    e["KBFS_CACHE_DIR"] = str(tmp_path / "cache")
+    return e
+
+
+@pytest.fixture
+def src() -> Any:
+    with HTTPSource() as s:
+        yield s
+
+
+def kbfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kbfs", *args]
+
+
+def run(env: dict[str, str], *args: str, cwd: Path | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(kbfs_cmd(*args), env=env, cwd=cwd, capture_output=True, timeout=timeout)
+
+
+def pointer(tmp_path: Path, data: bytes, name: str = "data.bin", tree: bool = True,
+            original_path: str = "/nonexistent/data.bin") -> tuple[str, prv.Pointer]:
+    """A pointer to DATA whose original is gone (so the network must serve it)."""
+    f = tmp_path / "hash-me"
+    f.write_bytes(data)
+    p = prv.create_pointer(f)
+    f.unlink()
+    p = prv.Pointer(p.sha1, p.size, p.fcs, original_path, p.prv_version, p.tree if tree else None)
+    path = tmp_path / (name + ".prv")
+    path.write_text(p.to_json())
+    return str(path), p
+
+
+def cached_block_files(cache: Path, sha1: str) -> list[str]:
+    folder = cache / "blocks" / sha1[:2] / sha1
+    return sorted(n for n in os.listdir(folder) if n.isdigit()) if folder.is_dir() else []
+
+
+def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("kbfs: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- download
+
+
+def test_download_prv_default_name_and_stats(src: HTTPSource, tmp_path: Path, env: dict[str, str],
+                                             make_file: Any) -> None:
+    data = make_file(tmp_path / "x", 9 * MiB + 3, seed=11)
+    ptr, p = pointer(tmp_path, data, "rec.mda")
+    src.add(data)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run(env, "-v", "download", ptr, "--relay", src.url, cwd=work)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = work / "rec.mda"
+    assert proc.stdout.decode().strip() == str(out)
+    assert out.read_bytes() == data
+    assert sorted(os.listdir(work)) == ["rec.mda"]  # no .part left behind
+    assert "fetched" in proc.stderr.decode()
+    # Several range requests were in flight, not one stream.
+    assert src.counts()["sha1"] >= 3
+    # Already cached: a second download fetches nothing.
+    src.reset_counts()
+    proc = run(env, "download", ptr, "--relay", src.url, "-o", str(tmp_path / "again.bin"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (tmp_path / "again.bin").read_bytes() == data
+    assert src.counts().get("sha1", 0) == 0
+
+
+def test_download_sha1_uri_into_folder(src: HTTPSource, tmp_path: Path, env: dict[str, str],
+                                      make_file: Any) -> None:
+    data = make_file(tmp_path / "x", 3 * MiB + 1, seed=12)
+    info = src.add(data)
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    proc = run(env, "download", f"sha1://{info.sha1}/firings.mda", "-r", src.url, "-o", str(outdir))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (outdir / "firings.mda").read_bytes() == data
+    assert (tmp_path / "cache" / "complete" / info.sha1).exists()  # whole-file SHA-1 checked
+
+
+def test_resume_after_kill(src: HTTPSource, tmp_path: Path, env: dict[str, str],
+                           make_file: Any) -> None:
+    data = make_file(tmp_path / "x", 24 * MiB, seed=13)
+    ptr, p = pointer(tmp_path, data)
+    src.add(data)
+    src.mode = "trickle"
+    src.trickle_rate = 1 * MiB  # per connection per second: about 8 s for the whole file
+    out = tmp_path / "out.bin"
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(kbfs_cmd("download", ptr, "-r", src.url, "-o", str(out), "-j", "2"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: len(cached_block_files(cache, p.sha1)) >= 4, timeout=30)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+    kept = cached_block_files(cache, p.sha1)
+    assert 4 <= len(kept) < 24
+    assert not out.exists()
+    # The part file of the killed run is left (it could not clean up), never at OUT.
+    src.mode = "ok"
+    src.reset_counts()
+    proc2 = run(env, "-v", "download", ptr, "-r", src.url, "-o", str(out))
+    assert proc2.returncode == 0, proc2.stderr.decode()
+    assert hashlib.sha1(out.read_bytes()).hexdigest() == p.sha1
+    # Only the missing blocks went over the network.
+    fetched = 0
+    for _path, rng in src.ranges():
+        assert rng is not None
+        a, b = (int(x) for x in rng.split("=")[1].split("-"))
+        assert not any(int(k) * MiB <= a < (int(k) + 1) * MiB for k in kept)
+        fetched += b - a + 1
+    assert fetched == len(data) - len(kept) * MiB
+
+
+def test_lying_source_fails_cleanly(src: HTTPSource, tmp_path: Path, env: dict[str, str],
+                                    make_file: Any) -> None:
+    data = make_file(tmp_path / "x", 3 * MiB, seed=14)
+    ptr, p = pointer(tmp_path, data)
+    src.add(data)
+    src.mode = "lie"
+    out = tmp_path / "out.bin"
+    proc = run(env, "download", ptr, "-r", src.url, "-o", str(out))
+    line = one_line_error(proc)
+    assert "verification" in line or "does not match" in line or "lied" in line or "fail" in line
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out.bin")]
+    assert cached_block_files(tmp_path / "cache", p.sha1) == []
+
+
+def test_self_consistent_wrong_content_fails_on_sha1(src: HTTPSource, tmp_path: Path,
+                                                     env: dict[str, str], make_file: Any) -> None:
+    """A legacy pointer (no tree): the source serves other bytes with a matching tree."""
+    data = make_file(tmp_path / "x", 2 * MiB + 5, seed=15)
+    ptr, p = pointer(tmp_path, data, tree=False)
+    src.add(b"\0" * len(data), sha1=p.sha1)
+    out = tmp_path / "out.bin"
+    proc = run(env, "download", ptr, "-r", src.url, "-o", str(out))
+    assert "SHA-1" in one_line_error(proc)
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out.bin")]
+    cache = tmp_path / "cache"
+    assert cached_block_files(cache, p.sha1) == []
+    assert not (cache / "complete" / p.sha1).exists()
+    assert not (cache / "trees" / p.sha1[:2] / p.sha1).exists()
+
+
+def test_failover_to_the_next_source(tmp_path: Path, env: dict[str, str], make_file: Any) -> None:
+    data = make_file(tmp_path / "x", 4 * MiB, seed=16)
+    ptr, p = pointer(tmp_path, data)
+    with HTTPSource() as bad, HTTPSource() as good:
+        bad.add(data)
+        good.add(data)
+        bad.mode = "lie"
+        proc = run(env, "download", ptr, "-r", bad.url, "-r", good.url, "-o", str(tmp_path / "o"))
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert (tmp_path / "o").read_bytes() == data
+        assert bad.counts().get("sha1", 0) >= 1 and good.counts()["sha1"] >= 1
+
+
+def test_download_local_original_with_relay_down(tmp_path: Path, env: dict[str, str],
+                                                 make_file: Any) -> None:
+    data = make_file(tmp_path / "orig.bin", 2 * MiB + 9, seed=17)
+    p = prv.create_pointer(tmp_path / "orig.bin")
+    (tmp_path / "orig.bin.prv").write_text(p.to_json())
+    proc = run(env, "download", str(tmp_path / "orig.bin.prv"), "-r", "http://127.0.0.1:9",
+               "-o", str(tmp_path / "copy.bin"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (tmp_path / "copy.bin").read_bytes() == data
+
+
+def test_bad_input_is_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+    one_line_error(run(env, "download", str(tmp_path / "missing.prv")))
+    one_line_error(run(env, "cat", "sha1://zz"))
+    one_line_error(run(env, "locate", "gopher://x"))
+    one_line_error(run(env, "download", "sha1://" + "a" * 40))  # no relay configured
+    (tmp_path / "bad.prv").write_text('{"original_checksum": 5}')
+    assert "original_checksum" in one_line_error(run(env, "cat", str(tmp_path / "bad.prv")))
+
+
+def test_download_with_no_source_reachable(tmp_path: Path, env: dict[str, str],
+                                           make_file: Any) -> None:
+    data = make_file(tmp_path / "x", MiB, seed=18)
+    ptr, _ = pointer(tmp_path, data)
+    proc = run(env, "download", ptr, "-r", "http://127.0.0.1:9", "-o", str(tmp_path / "o"))
+    one_line_error(proc)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("o")]
+
+
+# ---------------------------------------------------------------- cat and locate
+
+
+def test_cat_offset_length_byte_exact(src: HTTPSource, tmp_path: Path, env: dict[str, str],
+                                      make_file: Any) -> None:
+    data = make_file(tmp_path / "x", 3 * MiB + 11, seed=19)
+    ptr, _ = pointer(tmp_path, data)
+    src.add(data)
+    for offset, length in ((0, 10), (MiB - 5, 10), (2 * MiB + 3, MiB + 8), (len(data), 5)):
+        proc = run(env, "cat", ptr, "-r", src.url, "--offset", str(offset), "--length", str(length))
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout == data[offset:offset + length]
+    proc = run(env, "cat", ptr, "-r", src.url, "--offset", str(len(data) - 7))
+    assert proc.stdout == data[-7:]
+    proc = run(env, "cat", ptr, "-r", src.url)
+    assert proc.stdout == data
+    one_line_error(run(env, "cat", ptr, "-r", src.url, "--offset", str(len(data) + 1)))
+    assert run(env, "cat", ptr, "--offset", "-1").returncode == 2  # click's usage error
+
+
+def test_cat_into_a_closed_pipe(src: HTTPSource, tmp_path: Path, env: dict[str, str],
+                                make_file: Any) -> None:
+    data = make_file(tmp_path / "x", 6 * MiB, seed=20)
+    ptr, _ = pointer(tmp_path, data)
+    src.add(data)
+    cmd = " ".join(kbfs_cmd("cat", ptr, "-r", src.url)) + " | head -c 100"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], env=env, capture_output=True,
+                          timeout=60)
+    assert proc.stdout == data[:100]
+    assert b"Traceback" not in proc.stderr and b"Exception" not in proc.stderr, proc.stderr
+
+
+def test_locate(src: HTTPSource, tmp_path: Path, env: dict[str, str], make_file: Any) -> None:
+    data = make_file(tmp_path / "orig.bin", 2 * MiB, seed=21)
+    p = prv.create_pointer(tmp_path / "orig.bin")
+    ptr = tmp_path / "orig.bin.prv"
+    ptr.write_text(p.to_json())
+    src.add(data)
+    proc = run(env, "locate", str(ptr), "-r", src.url)
+    assert proc.returncode == 0, proc.stderr.decode()
+    text = proc.stdout.decode()
+    assert f"local:   {tmp_path / 'orig.bin'}" in text
+    assert f"url:     {src.url}/sha1/{p.sha1}" in text
+    assert "cache:   0 B of 2.0 MiB (0%)" in text
+    assert run(env, "download", str(ptr), "--no-local", "-r", src.url, "-o",
+               str(tmp_path / "c")).returncode == 0
+    text = run(env, "locate", str(ptr), "-r", src.url).stdout.decode()
+    assert "cache:   2.0 MiB of 2.0 MiB (100%), verified: tree" in text
