@@ -202,7 +202,14 @@ class KbfsSide:
         self.share_id = self.share.wait_for(r"share id ([a-z2-7]+)").group(1)
         log("kbfs share indexing the file (hashing it once)...")
         self.share.wait_for(r"share connected to", timeout=1200)
-        listing = requests.get(f"{self.relay_url}/s/{self.share_id}/list/", timeout=30).json()
+        end = time.monotonic() + 1200
+        while True:
+            listing = requests.get(f"{self.relay_url}/s/{self.share_id}/list/", timeout=30).json()
+            if listing.get("files") or time.monotonic() > end:
+                break
+            time.sleep(0.5)
+        if not listing.get("files"):
+            raise RuntimeError(f"the share lists no files: {listing}")
         self.pointers.mkdir(exist_ok=True)
         for item in listing["files"]:
             pointer = dict(item["prv"], original_path="")  # a reader elsewhere: no local copy
@@ -343,6 +350,7 @@ def measure(side: KbfsSide | RcloneSide, fname: str, want_sha1: str, offsets: li
 @contextlib.contextmanager
 def workdir(parent: str | None) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="kbfs-bench-mount-", dir=parent))
+    path.chmod(0o755)  # nginx's workers run as an unprivileged user and must read the data
     try:
         yield path
     finally:

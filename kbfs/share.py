@@ -632,6 +632,9 @@ class Share:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
+            # No proxies or ~/.netrc lookups for every upload (they cost ~0.3 ms each):
+            # uploads go to the relay URL exactly as given.
+            session.trust_env = False
             self._local.session = session
         return session
 
@@ -726,17 +729,17 @@ class Share:
             (b"cache-control", protocol.CACHE_CONTROL_IMMUTABLE.encode())]})
         await send({"type": "http.response.body", "body": blob})
 
-    async def _direct_sha1(self, scope: Scope, receive: Receive, send: Send) -> None:
-        f, real = await trio.to_thread.run_sync(self._direct_lookup, scope)
+    def _direct_open(self, scope: Scope) -> tuple[IndexedFile, int, _VerifiedReader | None,
+                                                  list[tuple[bytes, bytes]]]:
+        """Look up, resolve the range and open a verified reader, in one worker-thread hop."""
+        f, real = self._direct_lookup(scope)
         etag = f'"{f.sha1}"'
         headers = [(b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes"),
                    (b"etag", etag.encode()),
                    (b"cache-control", protocol.CACHE_CONTROL_IMMUTABLE.encode())]
         inm = _header(scope, b"if-none-match")
         if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
-            await send({"type": "http.response.start", "status": 304, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-            return
+            return f, 304, None, headers
         range_header = _header(scope, b"range")
         if_range = _header(scope, b"if-range")
         if if_range is not None and if_range.strip() != etag:
@@ -747,26 +750,48 @@ class Share:
             headers.append((b"content-range", protocol.content_range(start, end, f.size).encode()))
         headers.append((b"content-length", str(end - start).encode()))
         if scope["method"] == "HEAD" or start == end:
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+            return f, status, None, headers
+        return f, status, self.open_range(f, real, start, end), headers
+
+    async def _direct_sha1(self, scope: Scope, receive: Receive, send: Send) -> None:
+        f, status, reader, headers = await trio.to_thread.run_sync(self._direct_open, scope)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if reader is None:
             await send({"type": "http.response.body", "body": b""})
             return
-        reader = await trio.to_thread.run_sync(self.open_range, f, real, start, end)
         try:
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            sent = 0
-            while sent < end - start:
-                try:
-                    chunk = await trio.to_thread.run_sync(reader.next_chunk)
-                except (Refused, OSError) as exc:
-                    log.warning("direct transfer of %s cut short: %s", f.path, exc)
-                    return  # hypercorn closes the connection: the client sees a short body
-                if chunk is None:
-                    return
-                sent += len(chunk)
-                await send({"type": "http.response.body", "body": chunk,
-                            "more_body": sent < end - start})
+            async with trio.open_nursery() as nursery:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_disconnect)
+                await self._direct_body(f, reader, send)
+                nursery.cancel_scope.cancel()
         finally:
             reader.close()
+
+    async def _direct_body(self, f: IndexedFile, reader: _VerifiedReader, send: Send) -> None:
+        sent = 0
+        while sent < len(reader):
+            try:
+                # The first chunk was read and checked when the reader was opened.
+                if reader.first is not None:
+                    chunk = reader.next_chunk()
+                else:
+                    chunk = await trio.to_thread.run_sync(reader.next_chunk,
+                                                          abandon_on_cancel=False)
+            except (Refused, OSError) as exc:
+                log.warning("direct transfer of %s cut short: %s", f.path, exc)
+                self.request_rescan()
+                return  # hypercorn closes the connection: the client sees a short body
+            if chunk is None:
+                return
+            sent += len(chunk)
+            await send({"type": "http.response.body", "body": chunk,
+                        "more_body": sent < len(reader)})
 
 
 # ---------------------------------------------------------------- small ASGI helpers

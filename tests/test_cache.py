@@ -1,0 +1,436 @@
+"""kbfs.cache over a real kbfs.fetch.Fetcher and real HTTP servers (tests/httpsource.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kbfs import fetch, tree
+from kbfs.cache import BlockCache, FileRef, ReadAhead
+from kbfs.errors import SourceUnavailable, VerificationError
+from kbfs.fetch import Fetcher
+
+try:
+    from tests.httpsource import HTTPSource, free_port, wait_until
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    from httpsource import HTTPSource, free_port, wait_until  # type: ignore[no-redef]
+
+pytestmark = pytest.mark.timeout(60)
+
+BS = 64 << 10
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def short_penalty(monkeypatch):
+    monkeypatch.setattr(fetch, "PENALTY", 0.5)
+
+
+@pytest.fixture
+def src():
+    with HTTPSource() as s:
+        yield s
+
+
+@pytest.fixture
+def data() -> bytes:
+    return os.urandom(10 * BS + 777)
+
+
+def ref_of(info, root: bool = True) -> FileRef:
+    return FileRef(info.sha1, info.size, info.root if root else None, info.block_size)
+
+
+def block_files(directory: Path) -> list[Path]:
+    return [p for p in (directory / "blocks").rglob("*")
+            if p.is_file() and not p.name.startswith(".")]
+
+
+@pytest.fixture
+def make_cache(tmp_path):
+    made: list[BlockCache] = []
+
+    def make(source, capacity: int = 1 << 30, **kw) -> BlockCache:
+        kw.setdefault("min_free", 0)
+        c = BlockCache(str(tmp_path / "cache"), source, capacity, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_reads_are_byte_exact(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        rng = random.Random(1)
+        cases = [(0, 1), (BS - 1, 2), (BS - 3, 3 * BS + 5), (len(data) - 10, 100), (0, len(data)),
+                 (len(data), 5), (len(data) + 100, 5), (10 * BS, 777), (5, 0)]
+        cases += [(rng.randrange(len(data)), rng.randrange(3 * BS)) for _ in range(40)]
+        for offset, length in cases:
+            assert cache.read(ref, offset, length) == data[offset:offset + length], (offset, length)
+        assert cache.cached_bytes(ref) == len(data)
+        assert cache.verified(ref) == "tree"
+        st = cache.statistics()
+        assert st["bytes_fetched"] == len(data)  # each block fetched exactly once
+        assert st["hits"] > 0 and st["misses"] == tree.block_count(len(data), BS)
+        for p in block_files(cache_dir(cache)):
+            i = int(p.name)
+            assert tree.leaf_hash(p.read_bytes()) == info.leaves[i]
+
+
+def cache_dir(cache: BlockCache) -> Path:
+    return Path(cache.directory)
+
+
+def test_empty_file(src, make_cache):
+    info = src.add(b"", block_size=BS)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        assert cache.read(ref_of(info), 0, 100) == b""
+        assert Path(cache.local_path(ref_of(info))).read_bytes() == b""
+        legacy = ref_of(info, root=False)
+        assert Path(cache.local_path(legacy)).read_bytes() == b""
+        assert cache.verified(legacy) == "sha1"
+
+
+def test_default_block_size(src, make_cache):
+    data = os.urandom(2 * tree.BLOCK_SIZE + 99)
+    info = src.add(data)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        ref = ref_of(info)
+        assert cache.read(ref, tree.BLOCK_SIZE - 5, tree.BLOCK_SIZE + 50) == \
+            data[tree.BLOCK_SIZE - 5:2 * tree.BLOCK_SIZE + 45]
+        assert cache.read(ref, 0, len(data)) == data
+
+
+def test_offline_after_caching_and_restart(src, data, make_cache, tmp_path):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url], deadline=2) as f:
+        cache = make_cache(f)
+        assert cache.read(ref, 0, len(data)) == data
+        src.mode = "refuse"
+        assert cache.read(ref, 123, 4 * BS) == data[123:123 + 4 * BS]
+        cache.close()
+        again = make_cache(f)  # a restart: everything comes from disk
+        assert again.cached_bytes(ref) == len(data)
+        assert again.read(ref, 0, len(data)) == data
+        other = FileRef("1" * 40, 10, None, BS)
+        t0 = time.monotonic()
+        with pytest.raises(SourceUnavailable):
+            again.read(other, 0, 10)
+        assert time.monotonic() - t0 < 3
+        # The source comes back: reads work again by themselves.
+        src.mode = "ok"
+        src.add(b"0123456789", block_size=BS, sha1="1" * 40)
+        time.sleep(fetch.PENALTY + 0.1)
+        assert again.read(other, 2, 3) == b"234"
+
+
+def test_wrong_tree_rejected(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    src.mode = "wrong_tree"
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        with pytest.raises(VerificationError):
+            cache.read(ref, 0, 10)
+        assert not (cache_dir(cache) / "trees" / info.sha1[:2] / info.sha1).exists()
+        assert src.counts().get("sha1", 0) == 0
+        src.mode = "ok"  # tried again later, and now it is right
+        assert cache.read(ref, 0, 10) == data[:10]
+
+
+def test_all_sources_lying_nothing_stored(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    src.mode = "lie"
+    with HTTPSource() as src2, Fetcher([src.url, src2.url]) as f:
+        src2.add(data, block_size=BS)
+        src2.mode = "lie"
+        cache = make_cache(f)
+        with pytest.raises(VerificationError):
+            cache.read(ref_of(info), BS - 1, 3)
+        assert cache.cached_bytes(ref_of(info)) == 0
+        assert block_files(cache_dir(cache)) == []
+
+
+def test_lying_source_skipped(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    src.mode = "lie"
+    with HTTPSource() as src2, Fetcher([src.url, src2.url]) as f:
+        src2.add(data, block_size=BS)
+        cache = make_cache(f)
+        assert cache.read(ref_of(info), 0, len(data)) == data
+        assert f.last_source(info.sha1) == src2.sha1_url(info.sha1)
+
+
+def test_legacy_tofu_then_sha1(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info, root=False)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        assert cache.read(ref, 0, 3 * BS) == data[:3 * BS]
+        assert cache.verified(ref) == "pending"
+        assert cache.read(ref, 3 * BS, len(data)) == data[3 * BS:]
+        assert cache.wait_idle(10)
+        assert cache.verified(ref) == "sha1"
+        assert (cache_dir(cache) / "complete" / info.sha1).exists()
+
+
+def test_legacy_consistent_liar_dropped(src, data, make_cache):
+    real_sha1 = hashlib.sha1(data).hexdigest()
+    fake = os.urandom(len(data))
+    info = src.add(fake, block_size=BS, sha1=real_sha1)  # tree and blocks agree, SHA-1 does not
+    ref = FileRef(real_sha1, len(data), None, BS)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        cache.read(ref, 0, len(data))
+        assert cache.wait_idle(10)
+        assert cache.verified(ref) == "pending"
+        assert block_files(cache_dir(cache)) == []
+        assert not (cache_dir(cache) / "trees" / real_sha1[:2] / real_sha1).exists()
+        assert cache.cached_bytes(ref) == 0
+        assert cache.statistics()["errors"] >= 1
+        with pytest.raises(VerificationError):
+            cache.local_path(ref)
+    assert info.sha1 == real_sha1
+
+
+def test_concurrent_readers_share_one_fetch(src, make_cache):
+    data = os.urandom(4 * tree.BLOCK_SIZE)
+    info = src.add(data)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        cache.read(ref, 0, 1)  # the tree, so only block requests race below
+        src.reset_counts()
+        barrier = threading.Barrier(12)
+        results: list[bytes] = []
+        errors: list[BaseException] = []
+
+        def reader(k: int) -> None:
+            try:
+                barrier.wait()
+                off = tree.BLOCK_SIZE * 2 + k * 1000
+                results.append(cache.read(ref, off, 5000))
+                assert results[-1] == data[off:off + 5000]
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(results) == 12
+        assert src.counts().get("sha1") == 1
+
+
+def test_capacity_eviction_and_pins(src, make_cache):
+    a = src.add(os.urandom(20 * BS), block_size=BS)
+    b = src.add(os.urandom(5 * BS), block_size=BS)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f, capacity=10 * BS)
+        rb = ref_of(b)
+        cache.open_file(rb)
+        assert cache.read(rb, 0, 5 * BS) == b.data
+        assert cache.read(ref_of(a), 0, 20 * BS) == a.data
+        st = cache.statistics()
+        assert st["cached_bytes"] <= 10 * BS
+        assert st["evictions"] > 0
+        assert cache.cached_bytes(rb) == 5 * BS  # pinned: kept
+        on_disk = sum(p.stat().st_size for p in block_files(cache_dir(cache)))
+        assert on_disk == st["cached_bytes"]
+        # Most recent blocks of A survive; the oldest went first.
+        assert (cache_dir(cache) / "blocks" / a.sha1[:2] / a.sha1 / "19").exists()
+        assert not (cache_dir(cache) / "blocks" / a.sha1[:2] / a.sha1 / "0").exists()
+        cache.close_file(rb)
+        # Unpinned now: filling the cache again evicts B down to the low-water mark.
+        c = src.add(os.urandom(9 * BS), block_size=BS)
+        cache.read(ref_of(c), 0, 9 * BS)
+        assert cache.cached_bytes(rb) < 5 * BS
+        assert cache.statistics()["cached_bytes"] <= 10 * BS
+
+
+def test_clear_keeps_pinned(src, make_cache):
+    a = src.add(os.urandom(3 * BS), block_size=BS)
+    b = src.add(os.urandom(3 * BS), block_size=BS)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        cache.read(ref_of(a), 0, 3 * BS)
+        cache.read(ref_of(b), 0, 3 * BS)
+        cache.open_file(ref_of(b))
+        cache.clear()
+        assert cache.cached_bytes(ref_of(a)) == 0
+        assert cache.cached_bytes(ref_of(b)) == 3 * BS
+        assert {p.parent.name for p in block_files(cache_dir(cache))} == {b.sha1}
+
+
+def test_store_failure_still_answers(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        d = cache_dir(cache)
+        # Tests run as root (chmod does not stop root): make 'blocks' a plain file instead.
+        shutil.rmtree(d / "blocks")
+        (d / "blocks").write_bytes(b"not a folder")
+        assert cache.read(ref, 5, 3 * BS) == data[5:5 + 3 * BS]
+        assert cache.statistics()["errors"] >= 1
+        assert cache.cached_bytes(ref) == 0
+        # The whole folder removed under us: folders are recreated and storing resumes.
+        shutil.rmtree(d)
+        assert cache.read(ref, 4 * BS, 2 * BS) == data[4 * BS:6 * BS]
+        assert cache.cached_bytes(ref) == 2 * BS
+        assert len(block_files(d)) == 2
+
+
+def test_min_free_floor_serves_uncached(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f, min_free=1 << 60)
+        assert cache.read(ref_of(info), 0, len(data)) == data
+        assert cache.cached_bytes(ref_of(info)) == 0
+        assert cache.statistics()["store_skipped"] > 0
+
+
+def test_prefetch_and_read_ahead(src, make_cache):
+    data = os.urandom(40 * BS)
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        ra = ReadAhead(cache, ref, max_window=8)
+        step = BS // 2
+        windows = []
+        for off in range(0, 8 * step, step):
+            assert cache.read(ref, off, step) == data[off:off + step]
+            ra.on_read(off, step)
+            windows.append(ra.window)
+        assert windows == [0, 1, 2, 4, 8, 8, 8, 8]
+        assert cache.wait_idle(10)
+        # Blocks ahead of the reader are present; nothing was fetched twice.
+        assert cache.cached_bytes(ref) >= 12 * BS
+        assert cache.statistics()["bytes_fetched"] == cache.cached_bytes(ref)
+        ra.on_read(30 * BS, 100)  # a jump resets the window
+        assert ra.window == 0
+        ra.on_read(35 * BS + 7, 100)
+        assert ra.window == 0
+        n = src.counts()["sha1"]
+        cache.prefetch(ref, 20, 4)
+        cache.prefetch(ref, 20, 4)  # already in flight or present: no second request
+        assert cache.wait_idle(10)
+        assert cache.read(ref, 20 * BS, 4 * BS) == data[20 * BS:24 * BS]
+        assert src.counts()["sha1"] - n == 1
+
+
+def test_prefetch_never_raises(make_cache):
+    with Fetcher([f"http://127.0.0.1:{free_port()}"], deadline=1) as f:
+        cache = make_cache(f)
+        ref = FileRef("2" * 40, 5 * BS, None, BS)
+        cache.prefetch(ref, 0, 5)
+        assert cache.wait_idle(10)
+        assert cache.statistics()["errors"] >= 1
+
+
+def test_local_path(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        p = cache.local_path(ref_of(info))
+        assert Path(p).read_bytes() == data
+        legacy = ref_of(info, root=False)
+        assert Path(cache.local_path(legacy)).read_bytes() == data
+        assert cache.verified(legacy) == "sha1"
+
+
+def test_local_candidate_with_relay_down(tmp_path, data, make_cache):
+    orig = tmp_path / "orig.dat"
+    orig.write_bytes(data)
+    leaves, root = tree.tree_of_bytes(data, BS)
+    ref = FileRef(hashlib.sha1(data).hexdigest(), len(data), root, BS)
+    with Fetcher([f"http://127.0.0.1:{free_port()}"], deadline=3) as f:
+        f.add_local_candidate(ref.sha1, str(orig))
+        cache = make_cache(f)
+        assert cache.read(ref, 100, 5 * BS) == data[100:100 + 5 * BS]
+        assert f.last_source(ref.sha1) == str(orig)
+
+
+CRASH_CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from kbfs.cache import BlockCache, FileRef
+    from kbfs.fetch import Fetcher
+    url, sha1, size, root, bs, directory = sys.argv[1:7]
+    ref = FileRef(sha1, int(size), root, int(bs))
+    f = Fetcher([url])
+    cache = BlockCache(directory, f, 1 << 40, min_free=0, workers=4)
+    print("ready", flush=True)
+    while True:
+        cache.read(ref, 0, ref.size)
+        cache.prefetch(ref, 0, ref.blocks)
+        cache.clear()
+""")
+
+
+def test_kill_9_leaves_no_bad_block(src, tmp_path):
+    bs = 256 << 10
+    data = os.urandom(24 * bs)
+    info = src.add(data, block_size=bs)
+    directory = tmp_path / "crash"
+    script = tmp_path / "child.py"
+    script.write_text(CRASH_CHILD.format(root=str(ROOT)))
+    rng = random.Random()
+    for _ in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), src.url, info.sha1, str(info.size), info.root,
+             str(bs), str(directory)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+            time.sleep(rng.uniform(0.05, 0.4))
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        present = block_files(directory)
+        for p in present:
+            assert tree.leaf_hash(p.read_bytes()) == info.leaves[int(p.name)], p
+    # A fresh cache over the leftovers counts only real blocks and reads right.
+    with Fetcher([src.url]) as f:
+        cache = BlockCache(str(directory), f, 1 << 40, min_free=0)
+        try:
+            assert cache.statistics()["cached_bytes"] == sum(
+                p.stat().st_size for p in block_files(directory))
+            assert cache.read(ref_of(info), 0, info.size) == data
+        finally:
+            cache.close()
+
+
+def test_two_caches_share_a_folder(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        one = make_cache(f)
+        two = make_cache(f)
+        assert one.read(ref, 0, len(data)) == data
+        n = src.counts()["sha1"]
+        assert two.read(ref, 0, len(data)) == data  # found on disk, not fetched
+        assert src.counts()["sha1"] == n
+        two.clear()
+        assert one.read(ref, 0, len(data)) == data  # vanished files: simply fetched again
+        assert wait_until(lambda: one.cached_bytes(ref) == len(data))
