@@ -108,10 +108,12 @@ def unmount(path: str) -> None:
 class Proc:
     """A child process whose output lines are collected in the background."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
-        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=env, cwd=cwd)
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> None:
+        self.popen = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd
+        )
         self.lines: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -130,7 +132,7 @@ class Proc:
             if self.popen.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"no {pattern!r} from {self.popen.args}: {''.join(self.lines)[-2000:]}")
+        raise RuntimeError(f"no {pattern!r} from {self.popen.args!r}: {''.join(self.lines)[-2000:]}")
 
     def stop(self) -> None:
         stop_pid(self.popen.pid)
@@ -194,11 +196,17 @@ class KbfsSide:
         self.cache = str(base / "kbfs-cache")
         self.pointers = base / "pointers"
         self.pid = 0
-        self.relay = Proc([sys.executable, "-m", "kbfs", "relay", "--host", "127.0.0.1", "--port",
-                           "0"], env=env, cwd=str(REPO))
+        self.relay = Proc(
+            [sys.executable, "-m", "kbfs", "relay", "--host", "127.0.0.1", "--port", "0"],
+            env=env,
+            cwd=str(REPO),
+        )
         self.relay_url = self.relay.wait_for(r"listening on (http://\S+)").group(1)
-        self.share = Proc([sys.executable, "-m", "kbfs", "share", str(data), "--relay",
-                           self.relay_url], env=env, cwd=str(REPO))
+        self.share = Proc(
+            [sys.executable, "-m", "kbfs", "share", str(data), "--relay", self.relay_url],
+            env=env,
+            cwd=str(REPO),
+        )
         self.share_id = self.share.wait_for(r"share id ([a-z2-7]+)").group(1)
         log("kbfs share indexing the file (hashing it once)...")
         self.share.wait_for(r"share connected to", timeout=1200)
@@ -219,10 +227,27 @@ class KbfsSide:
     def mount(self, fresh: bool) -> None:
         if fresh:
             shutil.rmtree(self.cache, ignore_errors=True)
-        res = subprocess.run([sys.executable, "-m", "kbfs", "mount", str(self.pointers), self.mnt,
-                              "--relay", self.relay_url, "--cache-dir", self.cache,
-                              "--cache-size", "20G"], capture_output=True, text=True,
-                             env=self.env, cwd=str(REPO), timeout=120)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kbfs",
+                "mount",
+                str(self.pointers),
+                self.mnt,
+                "--relay",
+                self.relay_url,
+                "--cache-dir",
+                self.cache,
+                "--cache-size",
+                "20G",
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=str(REPO),
+            timeout=120,
+        )
         m = re.search(r"pid (\d+)", res.stdout)
         if res.returncode or not m:
             raise RuntimeError(f"kbfs mount failed: {res.stdout}{res.stderr}")
@@ -277,7 +302,7 @@ http {{
                 break
             except requests.RequestException:
                 if time.monotonic() > end:
-                    raise RuntimeError("nginx did not start: " + "".join(self.nginx.lines))
+                    raise RuntimeError("nginx did not start: " + "".join(self.nginx.lines)) from None
                 time.sleep(0.1)
         os.makedirs(self.mnt, exist_ok=True)
         self.proc: Proc | None = None
@@ -290,10 +315,23 @@ http {{
     def mount(self, fresh: bool) -> None:
         if fresh:
             shutil.rmtree(self.cache, ignore_errors=True)
-        self.proc = Proc(["rclone", "mount", ":http:", self.mnt, "--http-url",
-                          f"http://127.0.0.1:{self.port}/", "--vfs-cache-mode", "full",
-                          "--cache-dir", self.cache, "--read-only", "--vfs-cache-max-size",
-                          "20G"])
+        self.proc = Proc(
+            [
+                "rclone",
+                "mount",
+                ":http:",
+                self.mnt,
+                "--http-url",
+                f"http://127.0.0.1:{self.port}/",
+                "--vfs-cache-mode",
+                "full",
+                "--cache-dir",
+                self.cache,
+                "--read-only",
+                "--vfs-cache-max-size",
+                "20G",
+            ]
+        )
         end = time.monotonic() + 30
         while not os.path.ismount(self.mnt):
             if time.monotonic() > end or self.proc.popen.poll() is not None:
@@ -311,8 +349,9 @@ http {{
         self.nginx.stop()
 
 
-def measure(side: KbfsSide | RcloneSide, fname: str, want_sha1: str, offsets: list[int],
-            can_drop: bool) -> dict[str, float]:
+def measure(
+    side: KbfsSide | RcloneSide, fname: str, want_sha1: str, offsets: list[int], can_drop: bool
+) -> dict[str, float]:
     path = os.path.join(side.mnt, fname)
     out: dict[str, float] = {}
     side.mount(fresh=True)
@@ -372,8 +411,12 @@ def main() -> int:
             return 2
     can_drop = drop_page_cache()
     with workdir(args.dir) as base:
-        env = dict(os.environ, XDG_STATE_HOME=str(base / "state"),
-                   XDG_CONFIG_HOME=str(base / "config"), KBFS_RUNTIME_DIR=str(base / "run"))
+        env = dict(
+            os.environ,
+            XDG_STATE_HOME=str(base / "state"),
+            XDG_CONFIG_HOME=str(base / "config"),
+            KBFS_RUNTIME_DIR=str(base / "run"),
+        )
         for key in ("KBFS_RELAY", "KBFS_CACHE_DIR", "KBFS_CACHE_SIZE"):
             env.pop(key, None)
         data = base / "data"
@@ -411,23 +454,35 @@ def main() -> int:
             kb.close()
     k, r = results["kbfs"], results["rclone"]
     print()
-    print(f"File: {size / (1 << 30):.2f} GiB, {args.random} random 4 KiB reads per pass; "
-          f"page cache dropped between passes: {'yes' if can_drop else 'NO (not permitted)'}.")
+    print(
+        f"File: {size / (1 << 30):.2f} GiB, {args.random} random 4 KiB reads per pass; "
+        f"page cache dropped between passes: {'yes' if can_drop else 'NO (not permitted)'}."
+    )
     print()
     print("| measure | kbfs | rclone | kbfs vs rclone | goal |")
     print("| --- | ---: | ---: | ---: | --- |")
-    print(f"| cold sequential | {k['cold_seq']:.0f} MB/s | {r['cold_seq']:.0f} MB/s | "
-          f"{k['cold_seq'] / r['cold_seq']:.2f}x | >= 1.5x |")
-    print(f"| warm sequential | {k['warm_seq']:.0f} MB/s | {r['warm_seq']:.0f} MB/s | "
-          f"{k['warm_seq'] / r['warm_seq']:.2f}x | >= 2x |")
-    print(f"| random 4 KiB cold, median | {k['rand_cold'] * 1e3:.2f} ms | "
-          f"{r['rand_cold'] * 1e3:.2f} ms | {r['rand_cold'] / k['rand_cold']:.2f}x faster | "
-          f"<= 0.5x rclone's |")
-    print(f"| random 4 KiB warm, median | {k['rand_warm'] * 1e6:.0f} us | "
-          f"{r['rand_warm'] * 1e6:.0f} us | {r['rand_warm'] / k['rand_warm']:.2f}x faster | "
-          f"<= 100 us |")
-    print(f"| daemon peak RSS (VmHWM) | {k['rss_mb']:.0f} MB | {r['rss_mb']:.0f} MB | "
-          f"{k['rss_mb'] / r['rss_mb']:.2f}x | <= 300 MB |")
+    print(
+        f"| cold sequential | {k['cold_seq']:.0f} MB/s | {r['cold_seq']:.0f} MB/s | "
+        f"{k['cold_seq'] / r['cold_seq']:.2f}x | >= 1.5x |"
+    )
+    print(
+        f"| warm sequential | {k['warm_seq']:.0f} MB/s | {r['warm_seq']:.0f} MB/s | "
+        f"{k['warm_seq'] / r['warm_seq']:.2f}x | >= 2x |"
+    )
+    print(
+        f"| random 4 KiB cold, median | {k['rand_cold'] * 1e3:.2f} ms | "
+        f"{r['rand_cold'] * 1e3:.2f} ms | {r['rand_cold'] / k['rand_cold']:.2f}x faster | "
+        f"<= 0.5x rclone's |"
+    )
+    print(
+        f"| random 4 KiB warm, median | {k['rand_warm'] * 1e6:.0f} us | "
+        f"{r['rand_warm'] * 1e6:.0f} us | {r['rand_warm'] / k['rand_warm']:.2f}x faster | "
+        f"<= 100 us |"
+    )
+    print(
+        f"| daemon peak RSS (VmHWM) | {k['rss_mb']:.0f} MB | {r['rss_mb']:.0f} MB | "
+        f"{k['rss_mb'] / r['rss_mb']:.2f}x | <= 300 MB |"
+    )
     return 0
 
 

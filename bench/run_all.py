@@ -26,7 +26,9 @@ def main() -> int:
         print(f"== bench {name}", flush=True)
         started = time.monotonic()
         with open(os.path.join(out_dir, f"{name}.txt"), "w") as log:
-            proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             assert proc.stdout is not None
             for line in proc.stdout:
                 sys.stdout.write(line)

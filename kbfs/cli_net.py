@@ -135,8 +135,8 @@ class _ShareCommand(click.Command):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] == "token":
-            ctx.meta["kbfs.share.token"] = self.token_command.make_context("token", args[1:],
-                                                                           parent=ctx)
+            ctx.meta["kbfs.share.token"] = self.token_command.make_context(
+                "share token", args[1:], parent=ctx.parent)
             return []
         return super().parse_args(ctx, args)
 

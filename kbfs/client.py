@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
@@ -56,8 +56,10 @@ from kbfs.errors import (
     PointerError,
     VerificationError,
 )
-from kbfs.fetch import Fetcher
 from kbfs.reader import KbfsFile
+
+if TYPE_CHECKING:
+    from kbfs.fetch import Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +82,12 @@ STATE_FILE = "client-state.json"
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _STATE_MAX_ENTRIES = 10_000
 DEFAULT_BUFFER = 1 << 20
-# Each download task asks the cache for this many blocks at once: large enough that one
-# HTTP range request carries several MiB, small enough that 8 of them keep a relay busy.
-DOWNLOAD_CHUNK_BLOCKS = 4
-DOWNLOAD_WORKERS = 8
+# Each download task asks the cache for this many blocks at once, which the cache fetches
+# in one range request (its MAX_RUN): measured through a relay (bench/bench_download.py),
+# few long requests beat many short ones, since each costs the relay a round trip to the
+# share, and four in flight hide that round trip and the cache's per-block fsync.
+DOWNLOAD_CHUNK_BLOCKS = 16
+DOWNLOAD_WORKERS = 4
 LEGACY_CHECK_WAIT = 600.0  # seconds to wait for the cache's whole-file SHA-1 check
 
 
@@ -238,6 +242,10 @@ class _Router:
         with self._lock:
             f = self._fetchers.get(key)
             if f is None:
+                # Imported here: the HTTP stack costs a fifth of a second of start-up that a
+                # `kbfs download` or `kbfs cat` of content already cached never needs.
+                from kbfs.fetch import Fetcher
+
                 f = self._fetchers[key] = Fetcher(list(key), local_dirs=self._local_dirs)
             return f
 
@@ -482,6 +490,17 @@ class Client:
 
     # ---- reading
 
+    def _check_sources(self, r: Resolved, whole: bool) -> None:
+        """Say plainly when nothing could supply missing blocks (rather than a fetch error)."""
+        if r.relays or self.settings.relays:
+            return
+        cached = self.cache.cached_bytes(r.ref)
+        if cached < r.ref.size if whole else cached == 0:
+            raise ConfigError(
+                f"{r.name}: no local copy and no relay configured "
+                "(use --relay, KBFS_RELAY or the config file)"
+            )
+
     def open(self, source: str | os.PathLike[str] | Resolved, *, local: bool = True,
              buffer_size: int = DEFAULT_BUFFER) -> BinaryIO:
         """A read-only, seekable binary file of SOURCE's verified bytes."""
@@ -490,6 +509,7 @@ class Client:
             copies = self.local_copies(r)
             if copies:
                 return builtins.open(copies[0], "rb", buffering=buffer_size)
+        self._check_sources(r, whole=False)
         raw = KbfsFile(self.cache, r.ref, r.name)
         return io.BufferedReader(raw, buffer_size=buffer_size)  # type: ignore[return-value]
 
@@ -500,6 +520,7 @@ class Client:
             copies = self.local_copies(r)
             if copies:
                 return copies[0]
+        self._check_sources(r, whole=True)
         self.cache.open_file(r.ref)
         try:
             return self.cache.local_path(r.ref)
@@ -544,6 +565,8 @@ class Client:
         r = source if isinstance(source, Resolved) else self.resolve(source)
         target = _target_path(out, r.name)
         copies = self.local_copies(r) if local else []
+        if not copies:
+            self._check_sources(r, whole=True)
         cached_before = 0 if copies else self.cache.cached_bytes(r.ref)
         if on_total is not None:
             on_total(r.ref.size)

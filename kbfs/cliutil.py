@@ -26,10 +26,8 @@ def progress_bar(total: int, label: str, unit_bytes: bool = True) -> Iterator[An
     if not sys.stderr.isatty():
         yield _Silent()
         return
-    with click.progressbar(
-        length=max(total, 1), label=label, file=sys.stderr, show_eta=True, show_percent=True,
-        item_show_func=None,
-    ) as bar:
+    bar: Any = click.progressbar(length=max(total, 1), label=label, file=sys.stderr, show_eta=True, show_percent=True)
+    with bar:
         yield bar
 
 

@@ -664,7 +664,8 @@ class KbfsOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=False)
         assert node.ref is not None
         ref = node.ref
-        await trio.to_thread.run_sync(self.cache.open_file, ref, limiter=self.limiter)
+        # Pinning is a counter under the cache's dictionary lock (no I/O): done inline.
+        self.cache.open_file(ref)
         self._open[fh] = _OpenFile(node, readahead=kcache.ReadAhead(self.cache, ref))
         self._count("opens")
         self._count("open_files")
@@ -754,7 +755,7 @@ class KbfsOperations(pyfuse3.Operations):
                 os.close(of.fd)
             elif of.node.ref is not None:
                 self._count("open_files", -1)
-                await trio.to_thread.run_sync(self.cache.close_file, of.node.ref)
+                self.cache.close_file(of.node.ref)
         except Exception:  # release has no caller to tell; never let it kill the loop
             log.exception("release of %s failed", of.node.display())
 

@@ -26,6 +26,7 @@ lets a server check that before it serves a file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -163,7 +164,13 @@ class ShareIndex:
         self._connections_lock = threading.Lock()
         self._scan_lock = threading.Lock()
         self._closed = False
-        self._db().executescript(_SCHEMA)
+        try:
+            self._db().executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise KbfsError(
+                f"{self.db_path}: cannot use the index ({exc}); delete it to rebuild it"
+            ) from None
 
     # ------------------------------------------------------------ connections
 
@@ -400,6 +407,8 @@ class ShareIndex:
         db.execute("BEGIN")
         try:
             for cand in todo:
+                if self._closed:
+                    raise KbfsError(f"index of {self.root_dir} closed during a scan")
                 recorded, nbytes = self._hash_one(db, cand, progress)
                 hashed_bytes += nbytes
                 if recorded:
@@ -416,8 +425,13 @@ class ShareIndex:
                     db.execute("BEGIN")
                     pending, last_commit = 0, now
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as exc:
+            # Files recorded before the last batch commit stay; the rest is hashed again
+            # next time. The connection may already be closed (close() during a scan).
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if self._closed and isinstance(exc, sqlite3.Error):
+                raise KbfsError(f"index of {self.root_dir} closed during a scan") from None
             raise
         return ScanStats(
             added=added,

@@ -384,6 +384,7 @@ def spawn_mount(
             stderr=subprocess.STDOUT,
             pass_fds=(w,),
             start_new_session=True,
+            cwd="/",  # a daemon must not keep the caller's folder (or a mount) busy
             env=env,
             close_fds=True,
         )

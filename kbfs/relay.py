@@ -35,6 +35,7 @@ import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypercorn.config import Config as HyperConfig
+from hypercorn.events import Closed
 from starlette.routing import Route, Router, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -176,6 +177,17 @@ class HttpError(KbfsError):
         super().__init__(message)
         self.status = status
         self.headers = headers or []
+
+
+_CONNECTION_ENDED = (WebSocketDisconnect, trio.TooSlowError, trio.BrokenResourceError,
+                     trio.ClosedResourceError, OSError)
+
+
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or EXC itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaf_exceptions(inner)]
+    return [exc]
 
 
 def _status_of(exc: KbfsError) -> int:
@@ -382,18 +394,20 @@ class Relay:
         conn: ShareConn | None = None
         try:
             conn = await self._admit(ws, peer)
-            if conn is None:
-                return
-            with conn.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._control_writer, ws, conn)
-                    await self._control_reader(ws, conn)
-                    nursery.cancel_scope.cancel()
-        except (WebSocketDisconnect, trio.TooSlowError, trio.BrokenResourceError,
-                trio.ClosedResourceError, OSError):
-            pass
-        except BadRequest as exc:
-            log.warning("share %s from %s: protocol error: %s", conn.id if conn else "?", peer, exc)
+            if conn is not None:
+                with conn.cancel_scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._control_writer, ws, conn, nursery.cancel_scope)
+                        await self._control_reader(ws, conn)
+                        nursery.cancel_scope.cancel()
+        except Exception as exc:  # a group from the nursery, or a failed handshake
+            for leaf in _leaf_exceptions(exc):
+                if isinstance(leaf, BadRequest):
+                    log.warning("share %s from %s: protocol error: %s",
+                                conn.id if conn else "?", peer, leaf)
+                elif not isinstance(leaf, _CONNECTION_ENDED):
+                    log.warning("share %s from %s: %s: %s", conn.id if conn else "?", peer,
+                                type(leaf).__name__, leaf)
         finally:
             if conn is not None:
                 self._disconnected(conn)
@@ -486,10 +500,16 @@ class Relay:
                  " [private]" if conn.private else "")
         return conn
 
-    async def _control_writer(self, ws: WebSocket, conn: ShareConn) -> None:
-        async for text in conn.outbox_recv:
-            with trio.fail_after(STALL_TIMEOUT):
-                await ws.send_text(text)
+    async def _control_writer(self, ws: WebSocket, conn: ShareConn,
+                              scope: trio.CancelScope) -> None:
+        try:
+            async for text in conn.outbox_recv:
+                with trio.fail_after(STALL_TIMEOUT):
+                    await ws.send_text(text)
+        except Exception as exc:  # the websocket broke: end the whole connection
+            if not isinstance(exc, _CONNECTION_ENDED):
+                log.warning("share %s: control send failed: %s", conn.id, exc)
+        scope.cancel()
 
     async def _control_reader(self, ws: WebSocket, conn: ShareConn) -> None:
         while True:
@@ -822,7 +842,7 @@ class Relay:
                            "headers": p.headers})
         length = p.length
         while True:
-            if p.client_gone:
+            if p.client_gone and not p.complete:
                 return "client went away"
             with trio.move_on_after(STALL_TIMEOUT) as timer:
                 message = await receive()
@@ -835,20 +855,21 @@ class Relay:
                 sent = p.sent + len(body)
                 if sent > length:
                     return "upload longer than asked"
-                if p.client_gone:
-                    return "client went away"
+                # Marked before the last write: the client's normal end of response
+                # (hypercorn then reports it "disconnected") must not look like an abort.
+                p.complete = sent == length
+                p.sent = sent
                 try:
                     await client_send({"type": "http.response.body", "body": body,
-                                       "more_body": sent < length})
-                except Exception:  # the client's connection broke under this write
+                                       "more_body": not p.complete})
+                except Exception as exc:  # the client's connection broke under this write
+                    log.info("transfer %s: client write failed: %s: %s", p.token[:8],
+                             type(exc).__name__, exc)
                     p.client_gone = True
+                    p.complete = False
                     return "client went away"
-                p.sent = sent
             if not message.get("more_body", False):
-                if p.sent == length:
-                    p.complete = True
-                    return "complete"
-                return "short upload"
+                return "complete" if p.complete else "short upload"
 
 
 def hypercorn_config(host: str, port: int) -> HyperConfig:
@@ -876,6 +897,7 @@ def tune_process() -> None:
     page by page and unmapped again: raising the thresholds lets malloc reuse them.
     """
     hypercorn.trio.tcp_server.MAX_RECV = RECV_CHUNK  # type: ignore[attr-defined]
+    _guard_send_eof_race()
     try:
         libc = ctypes.CDLL(None)
         m_trim_threshold, m_mmap_threshold = -1, -3
@@ -883,6 +905,30 @@ def tune_process() -> None:
         libc.mallopt(m_trim_threshold, 128 << 20)
     except (OSError, AttributeError):  # not glibc: only slower
         pass
+
+
+def _guard_send_eof_race() -> None:
+    """Keep one closing connection from taking the whole server down.
+
+    Hypercorn 0.18's TCPServer closes a connection with `send_eof()` outside its send
+    lock; if the read task answers a websocket close or ping frame at that moment, its
+    `send_all` raises `trio.BusyResourceError`, which nothing catches, and the error
+    ends `serve()` (seen here when a refused share closed its websocket). A send that
+    races a close is treated as a send on a closed connection.
+    """
+    server = hypercorn.trio.tcp_server.TCPServer
+    if getattr(server, "_kbfs_guarded", False):
+        return
+    original = server.protocol_send
+
+    async def protocol_send(self: Any, event: Any) -> None:
+        try:
+            await original(self, event)
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
+
+    server.protocol_send = protocol_send  # type: ignore[method-assign]
+    server._kbfs_guarded = True  # type: ignore[attr-defined]
 
 
 async def serve(relay: Relay, host: str, port: int,

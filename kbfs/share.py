@@ -46,7 +46,14 @@ from starlette.routing import Route, Router
 
 from kbfs import protocol, tree
 from kbfs.config import default_state_dir, normalize_relay
-from kbfs.errors import BadRequest, ConfigError, KbfsError, NotFound, RangeError
+from kbfs.errors import (
+    BadRequest,
+    ConfigError,
+    KbfsError,
+    NotFound,
+    RangeError,
+    VerificationError,
+)
 from kbfs.index import IndexedFile, ShareIndex
 
 log = logging.getLogger(__name__)
@@ -69,7 +76,16 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 LEAVES_CACHE_BYTES = 64 << 20
 MAX_CONTROL_MESSAGE = 4 << 20
 
+_CONNECTION_FAILED = (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError,
+                      trio.TooSlowError, trio.BrokenResourceError, KbfsError)
 _CORS = [(k.lower().encode(), v.encode()) for k, v in protocol.CORS_HEADERS.items()]
+
+
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or EXC itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaf_exceptions(inner)]
+    return [exc]
 
 
 class Refused(KbfsError):
@@ -202,6 +218,25 @@ def check_token(secret: bytes, share_id: str, authorization: str | None) -> bool
 # ---------------------------------------------------------------- verified reads
 
 
+_buffers: list[bytearray] = []
+_buffers_lock = threading.Lock()
+
+
+def _take_buffer() -> bytearray:
+    """A block-sized buffer from a small pool: a fresh 1 MiB bytearray is mapped and
+    faulted in page by page, which costs as much as reading and hashing the block."""
+    with _buffers_lock:
+        if _buffers:
+            return _buffers.pop()
+    return bytearray(tree.BLOCK_SIZE)
+
+
+def _give_buffer(buf: bytearray) -> None:
+    with _buffers_lock:
+        if len(_buffers) < MAX_UPLOADS:
+            _buffers.append(buf)
+
+
 class _VerifiedReader:
     """Reads bytes [start, end) of an indexed file block by block, each block checked
     against its leaf before any of it is handed out. Blocking; one thread at a time.
@@ -222,7 +257,7 @@ class _VerifiedReader:
             if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                                                   st.st_ino) != f.stat_key():
                 raise Refused(409, f"{f.path} changed since it was indexed")
-            self.buf = bytearray(tree.BLOCK_SIZE)
+            self.buf = _take_buffer()
             self.view = memoryview(self.buf)
             self.block = start // tree.BLOCK_SIZE
             # Read and check the first block now, so a changed file is refused before
@@ -275,6 +310,10 @@ class _VerifiedReader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            if hasattr(self, "buf"):
+                self.first = None
+                self.view.release()
+                _give_buffer(self.buf)
 
 
 # ---------------------------------------------------------------- the share
@@ -441,8 +480,11 @@ class Share:
                 self._leaves.move_to_end(key)
                 return blob
         blob = self.index.leaves(f.sha1)
-        if len(blob) != tree.LEAF_BYTES * tree.block_count(f.size):
-            raise Refused(409, f"{f.path}: the index holds a tree of the wrong length")
+        try:  # once per file (then cached): the leaves must hash up to the indexed root
+            tree.verify_leaves(tree.split_leaves(blob), f.size, f.root)
+        except VerificationError:
+            raise Refused(409, f"{f.path}: the index holds leaves that do not match its root"
+                          ) from None
         with self._leaves_lock:
             self._leaves[key] = blob
             self._leaves_bytes += len(blob)
@@ -503,11 +545,15 @@ class Share:
             admitted = False
             try:
                 admitted = await self._connect_once(relay)
-            except trio_websocket.ConnectionRejected as exc:
-                log.warning("relay %s rejected the connection (HTTP %s)", relay, exc.status_code)
-            except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError,
-                    trio.TooSlowError, trio.BrokenResourceError, KbfsError) as exc:
-                log.info("relay %s: %s", relay, str(exc) or type(exc).__name__)
+            except Exception as exc:  # any failure: one line, back off, try again for ever
+                for leaf in _leaf_exceptions(exc):
+                    if isinstance(leaf, trio_websocket.ConnectionRejected):
+                        log.warning("relay %s rejected the connection (HTTP %s)", relay,
+                                    leaf.status_code)
+                    elif isinstance(leaf, _CONNECTION_FAILED):
+                        log.info("relay %s: %s", relay, str(leaf) or type(leaf).__name__)
+                    else:
+                        log.warning("relay %s: %s: %s", relay, type(leaf).__name__, leaf)
             if admitted:
                 self.report(f"kbfs share lost relay {relay}; reconnecting")
                 backoff = BACKOFF_MIN
@@ -618,8 +664,8 @@ class Share:
         except Refused as exc:
             status, message = exc.status, str(exc)
             self.stats["refused"] += 1
-        except (KbfsError, OSError) as exc:
-            status, message = 500, str(exc)
+        except Exception as exc:  # never let one request take the connection down
+            status, message = 500, f"{type(exc).__name__}: {exc}"
             self.stats["failed"] += 1
         log.info("request %s refused: %s %s", token[:8], status, message)
         try:

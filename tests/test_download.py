@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
 
 def test_download_prv_default_name_and_stats(src: HTTPSource, tmp_path: Path, env: dict[str, str],
                                              make_file: Any) -> None:
-    data = make_file(tmp_path / "x", 9 * MiB + 3, seed=11)
+    data = make_file(tmp_path / "x", 33 * MiB + 3, seed=11)  # three 16-block spans
     ptr, p = pointer(tmp_path, data, "rec.mda")
     src.add(data)
     work = tmp_path / "work"
@@ -119,7 +118,9 @@ def test_resume_after_kill(src: HTTPSource, tmp_path: Path, env: dict[str, str],
     ptr, p = pointer(tmp_path, data)
     src.add(data)
     src.mode = "trickle"
-    src.trickle_rate = 1 * MiB  # per connection per second: about 8 s for the whole file
+    # Per connection per second. The download asks for 16-block spans, two at a time:
+    # blocks 16-23 land after about 2 s, blocks 0-15 would take 4 s.
+    src.trickle_rate = 4 * MiB
     out = tmp_path / "out.bin"
     cache = tmp_path / "cache"
     proc = subprocess.Popen(kbfs_cmd("download", ptr, "-r", src.url, "-o", str(out), "-j", "2"),
@@ -216,6 +217,8 @@ def test_bad_input_is_one_line(tmp_path: Path, env: dict[str, str]) -> None:
     one_line_error(run(env, "download", "sha1://" + "a" * 40))  # no relay configured
     (tmp_path / "bad.prv").write_text('{"original_checksum": 5}')
     assert "original_checksum" in one_line_error(run(env, "cat", str(tmp_path / "bad.prv")))
+    data_ptr, _ = pointer(tmp_path, b"x" * 100)
+    assert "no relay configured" in one_line_error(run(env, "download", data_ptr))
 
 
 def test_download_with_no_source_reachable(tmp_path: Path, env: dict[str, str],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kbfs import prv, tree
-from kbfs.errors import NotFound
+from kbfs.errors import KbfsError, NotFound
 from kbfs.index import ShareIndex
 
 MakeFile = Callable[..., bytes]
@@ -313,3 +313,27 @@ def test_close_then_use_fails(tmp_path: Path, share: Path) -> None:
 def test_missing_root(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         ShareIndex(str(tmp_path / "nope"), str(tmp_path / "state"))
+
+
+def test_corrupt_index_file_is_a_clear_error(tmp_path: Path, share: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(KbfsError, match="index.sqlite: cannot use the index"):
+        ShareIndex(str(share), str(state))
+
+
+def test_close_during_a_scan_stops_it(tmp_path: Path, share: Path, make_file: MakeFile) -> None:
+    for i in range(5):
+        make_file(share / f"f{i}", 10, seed=i)
+    ix = ShareIndex(str(share), str(tmp_path / "state"), commit_seconds=0)
+
+    def close_after_two(_n: int) -> None:
+        if ix.totals()[0] == 2:
+            ix.close()
+
+    with pytest.raises(KbfsError, match="closed"):
+        ix.scan(progress=close_after_two)
+    with ShareIndex(str(share), str(tmp_path / "state")) as again:
+        assert again.totals()[0] == 2  # what was committed stays
+        assert again.scan().added == 3

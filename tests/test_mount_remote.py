@@ -1,22 +1,16 @@
 """A real relay and a real share as processes, and a FUSE mount of `kbfs://HOST:PORT/SHARE_ID`.
 
-The relay and the share are started as `python -m kbfs relay|share` processes and stopped by
-their pids in teardown; the mount is cleaned up by tests/mountutil.py.
+The relay and the share are real processes (tests/netutil.py), stopped by their pids in
+teardown; the mount is cleaned up by tests/mountutil.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 import random
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mountutil import REPO, isolated_env, mounted
+from tests.mountutil import isolated_env, mounted
+from tests.netutil import ShareProc, start_relay, start_share
 
 pytestmark = [
     pytest.mark.fuse,
@@ -38,59 +33,11 @@ MiB = 1 << 20
 
 
 @dataclass
-class Proc:
-    popen: subprocess.Popen[str]
-    lines: list[str]
-
-    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = re.search(pattern, line)
-                if m:
-                    return m
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no line matching {pattern!r}; output: {''.join(self.lines)}")
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(10)
-
-
-@contextlib.contextmanager
-def kbfs_process(args: list[str], env: dict[str, str]) -> Iterator[Proc]:
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "kbfs", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    proc = Proc(popen, [])
-
-    def pump() -> None:
-        assert popen.stdout is not None
-        for line in popen.stdout:
-            proc.lines.append(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        yield proc
-    finally:
-        proc.kill()
-
-
-@dataclass
 class Net:
     relay_url: str
     share_id: str
     data: Path
-    share: Proc
+    share: ShareProc
 
     def source(self, sub: str = "") -> str:
         host = self.relay_url.removeprefix("http://")
@@ -100,8 +47,6 @@ class Net:
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     base = tmp_path_factory.mktemp("net")
-    env = isolated_env(base)
-    env["XDG_STATE_HOME"] = str(base / "state")
     data = base / "data"
     (data / "sub" / "deeper").mkdir(parents=True)
     rng = random.Random(5)
@@ -109,12 +54,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     (data / "b.bin").write_bytes(rng.randbytes(2 * MiB))
     (data / "sub" / "c.txt").write_text("see\n")
     (data / "sub" / "deeper" / "d.bin").write_bytes(rng.randbytes(MiB + 1))
-    with kbfs_process(["relay", "--host", "127.0.0.1", "--port", "0"], env) as relay:
-        url = relay.wait_for(r"listening on (http://\S+)").group(1)
-        with kbfs_process(["share", str(data), "--relay", url], env) as share:
-            share_id = share.wait_for(r"share id ([a-z2-7]+)").group(1)
-            share.wait_for(r"share connected to")
-            yield Net(url, share_id, data, share)
+    with start_relay(base) as relay, start_share(data, relay.url, base) as share:
+        yield Net(relay.url, share.id, data, share)
 
 
 def md5_file(path: Path | str) -> str:
@@ -166,30 +107,24 @@ def test_remote_bad_share_fails_clearly(net: Net, tmp_path: Path) -> None:
 
 def test_remote_offline_after_share_stops(tmp_path: Path) -> None:
     """Cached files keep reading with the share gone; an uncached one fails with EIO, quickly."""
-    env = isolated_env(tmp_path)
-    env["XDG_STATE_HOME"] = str(tmp_path / "state")
     data = tmp_path / "data"
     data.mkdir()
     rng = random.Random(9)
     (data / "cached.bin").write_bytes(rng.randbytes(2 * MiB))
     (data / "later.bin").write_bytes(rng.randbytes(2 * MiB))
-    with kbfs_process(["relay", "--host", "127.0.0.1", "--port", "0"], env) as relay:
-        url = relay.wait_for(r"listening on (http://\S+)").group(1)
-        with kbfs_process(["share", str(data), "--relay", url], env) as share:
-            share_id = share.wait_for(r"share id ([a-z2-7]+)").group(1)
-            share.wait_for(r"share connected to")
-            source = f"kbfs://{url.removeprefix('http://')}/{share_id}"
-            with mounted(source, tmp_path, extra=["--timeout", "3"]) as m:
-                assert md5_file(m.path("cached.bin")) == md5_file(data / "cached.bin")
-                os.stat(m.path("later.bin"))
-                share.kill()
-                relay.kill()
-                # Drop the kernel's copy so the read reaches the daemon's disk cache.
-                with open(m.path("cached.bin"), "rb") as f:
-                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                assert md5_file(m.path("cached.bin")) == md5_file(data / "cached.bin")
-                t0 = time.monotonic()
-                with pytest.raises(OSError) as info:
-                    md5_file(m.path("later.bin"))
-                assert info.value.errno == errno.EIO
-                assert time.monotonic() - t0 < 15
+    with start_relay(tmp_path) as relay, start_share(data, relay.url, tmp_path) as share:
+        source = f"kbfs://{relay.url.removeprefix('http://')}/{share.id}"
+        with mounted(source, tmp_path, extra=["--timeout", "3"]) as m:
+            assert md5_file(m.path("cached.bin")) == md5_file(data / "cached.bin")
+            os.stat(m.path("later.bin"))
+            share.kill()
+            relay.kill()
+            # Drop the kernel's copy so the read reaches the daemon's disk cache.
+            with open(m.path("cached.bin"), "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert md5_file(m.path("cached.bin")) == md5_file(data / "cached.bin")
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as info:
+                md5_file(m.path("later.bin"))
+            assert info.value.errno == errno.EIO
+            assert time.monotonic() - t0 < 15

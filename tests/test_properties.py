@@ -10,7 +10,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kbfs import prv, protocol
+from kbfs import protocol, prv
 from kbfs.errors import BadRequest, PointerError, RangeError
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

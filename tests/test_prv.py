@@ -354,3 +354,15 @@ def test_file_matches(tmp_path: Path, make_file: Callable[..., bytes]) -> None:
 
     legacy = dataclasses.replace(p, tree=None)
     assert prv.file_matches(tmp_path / "f.bin", legacy) == (True, "")
+
+
+def test_digest_file_refuses_a_growing_file(tmp_path: Path, make_file: Callable[..., bytes]) -> None:
+    path = tmp_path / "growing.bin"
+    make_file(path, 1000)
+
+    def append(_n: int) -> None:
+        with open(path, "ab") as f:
+            f.write(b"more")
+
+    with pytest.raises(PointerError, match="grew"):
+        prv.digest_file(path, progress=append)

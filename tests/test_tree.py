@@ -35,7 +35,7 @@ def test_tree_vectors(fixtures_dir: Path) -> None:
 
 def test_three_blocks_by_hand() -> None:
     """The worked example of docs/hash-tree.md, computed straight from the definition."""
-    bs = 4096
+    bs = tree.BLOCK_SIZE
     data = b"a" * bs + b"b" * bs + b"c" * 10
     l0, l1, l2 = (blake3(b"\x00" + data[i : i + bs]).digest() for i in range(0, len(data), bs))
     n01 = blake3(b"\x01" + l0 + l1).digest()
@@ -44,6 +44,10 @@ def test_three_blocks_by_hand() -> None:
     leaves, got = tree.tree_of_bytes(data, bs)
     assert leaves == [l0, l1, l2]
     assert got == root
+    # The figures printed in docs/hash-tree.md.
+    assert l2.hex() == "5b658fbcca5708680f03a0b747151fc9f1c7a62136b696c753c5e27eace48d2d"
+    assert top.hex() == "52a9e0c913621b52e2a1fe5779785d72e05d1b665b18ef8b04e476ae6e920f50"
+    assert root == "4ea22132f98975531f711cae5c47b4bd4e8b3cac134971077af36378988cb72a"
 
 
 def test_block_count_and_span() -> None:

@@ -1,0 +1,192 @@
+"""`kbfs prv ...`, `--version`, `--help`, run as a real `kbfs` process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import kbfs
+from kbfs import prv, tree
+
+KBFS = os.path.join(os.path.dirname(sys.executable), "kbfs")
+MakeFile = Callable[..., bytes]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [KBFS, *args], cwd=cwd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kbfs: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_version_and_help() -> None:
+    r = run("--version")
+    assert r.returncode == 0
+    assert kbfs.__version__ in r.stdout
+    r = run("--help")
+    assert r.returncode == 0
+    assert "prv" in r.stdout and "Usage" in r.stdout
+    r = run("prv", "--help")
+    assert r.returncode == 0
+    for verb in ("create", "info", "verify"):
+        assert verb in r.stdout
+
+
+def test_create_file_default_output(tmp_path: Path, make_file: MakeFile) -> None:
+    data = make_file(tmp_path / "x.bin", tree.BLOCK_SIZE + 11, seed=1)
+    r = run("prv", "create", "x.bin", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "x.bin.prv"
+    p = prv.load_pointer(tmp_path / "x.bin.prv")
+    assert p.sha1 == hashlib.sha1(data).hexdigest()
+    assert p.size == len(data)
+    assert p.original_path == str(tmp_path / "x.bin")
+    assert p.tree is not None and p.tree.root == tree.tree_of_bytes(data)[1]
+    assert not (tmp_path / "x.bin.prv.tmp").exists()
+
+
+def test_create_with_output(tmp_path: Path, make_file: MakeFile) -> None:
+    make_file(tmp_path / "x.bin", 10)
+    out = tmp_path / "elsewhere.prv"
+    r = run("prv", "create", str(tmp_path / "x.bin"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert prv.load_pointer(out).size == 10
+    assert not (tmp_path / "x.bin.prv").exists()
+
+
+def test_create_folder(tmp_path: Path, make_file: MakeFile) -> None:
+    make_file(tmp_path / "d" / "a.bin", 100, seed=1)
+    make_file(tmp_path / "d" / "s" / "b.bin", 200, seed=2)
+    make_file(tmp_path / "d" / ".hidden", 3)
+    r = run("prv", "create", str(tmp_path / "d") + "/")
+    assert r.returncode == 0, r.stderr
+    d = prv.load_prvdir(tmp_path / "d.prvdir")
+    assert sorted(rel for rel, _ in d.walk()) == ["a.bin", "s/b.bin"]
+
+
+def test_info(tmp_path: Path, make_file: MakeFile, fixtures_dir: Path) -> None:
+    make_file(tmp_path / "x.bin", 5000, seed=3)
+    assert run("prv", "create", str(tmp_path / "x.bin")).returncode == 0
+    p = prv.load_pointer(tmp_path / "x.bin.prv")
+    assert p.tree is not None
+
+    r = run("prv", "info", str(tmp_path / "x.bin.prv"))
+    assert r.returncode == 0, r.stderr
+    assert p.sha1 in r.stdout and "5000" in r.stdout and p.tree.root in r.stdout
+
+    r = run("prv", "info", "--json", str(tmp_path / "x.bin.prv"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == p.to_dict()
+
+    r = run("prv", "info", str(fixtures_dir / "legacy-content.bin.prv"))
+    assert r.returncode == 0, r.stderr
+    assert "e6937aa016bc06eda81d3b227fffde825d881ce5" in r.stdout
+    assert "tree:      none" in r.stdout
+
+    r = run("prv", "info", str(fixtures_dir / "legacy-tree.prvdir"))
+    assert r.returncode == 0, r.stderr
+    assert "2 files" in r.stdout and "sub/copy.bin" in r.stdout
+
+
+def test_verify(tmp_path: Path, make_file: MakeFile, fixtures_dir: Path) -> None:
+    make_file(tmp_path / "x.bin", 3000, seed=4)
+    assert run("prv", "create", str(tmp_path / "x.bin")).returncode == 0
+    r = run("prv", "verify", str(tmp_path / "x.bin.prv"), str(tmp_path / "x.bin"))
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+
+    make_file(tmp_path / "other.bin", 3000, seed=5)
+    r = run("prv", "verify", str(tmp_path / "x.bin.prv"), str(tmp_path / "other.bin"))
+    assert r.returncode == 1
+    assert "does not match" in r.stderr and "SHA-1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+    # A pointer of the original tools is checked by its whole-file SHA-1.
+    r = run(
+        "prv",
+        "verify",
+        str(fixtures_dir / "legacy-content.bin.prv"),
+        str(fixtures_dir / "legacy-content.bin"),
+    )
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"not json at all", "not valid JSON"),
+        (b'{"original_checksum": "abc", "original_size": 1}', "original_checksum"),
+        (b'{"original_checksum": "' + b"a" * 40 + b'", "original_size": -1}', "original_size"),
+        (b" " * (prv.MAX_POINTER_BYTES + 1), "larger than"),
+    ],
+    ids=["not-json", "short-sha1", "negative-size", "oversized"],
+)
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_bad_pointer_is_one_line(
+    tmp_path: Path, make_file: MakeFile, content: bytes, needle: str, command: str
+) -> None:
+    bad = tmp_path / "bad.prv"
+    bad.write_bytes(content)
+    make_file(tmp_path / "x.bin", 1)
+    args = [str(bad)] if command == "info" else [str(bad), str(tmp_path / "x.bin")]
+    assert_one_error_line(run("prv", command, *args), str(bad), needle)
+
+
+def test_bad_prvdir_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.prvdir"
+    bad.write_text(json.dumps({"files": {"..": {}}, "dirs": {}}))
+    assert_one_error_line(run("prv", "info", str(bad)), str(bad), "invalid entry name")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.prv"
+    bad.write_text("nope")
+    r = run("--debug", "prv", "info", str(bad))
+    assert r.returncode != 0
+    assert "Traceback" in r.stderr and "PointerError" in r.stderr
+
+
+def test_unwritable_output_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "x.bin").write_bytes(b"abc")
+    # The output folder does not exist: an OSError, reported as one line.
+    r = run("prv", "create", str(tmp_path / "x.bin"), "-o", str(tmp_path / "missing" / "x.prv"))
+    assert_one_error_line(r, "No such file or directory")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["prv", "info", "{tmp}/missing.prv"], "No such file or directory"),
+        (["prv", "info", "{tmp}"], "Is a directory"),
+        (["prv", "verify", "{tmp}/missing.prv", "{tmp}/x.bin"], "No such file or directory"),
+        (["prv", "create", "{tmp}/missing.bin"], "No such file or directory"),
+    ],
+    ids=["info-missing", "info-folder", "verify-missing", "create-missing"],
+)
+def test_missing_paths_are_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    (tmp_path / "x.bin").write_bytes(b"x")
+    filled = [a.format(tmp=tmp_path) for a in args]
+    assert_one_error_line(run(*filled), filled[2], needle)
+
+
+def test_create_is_silent_when_not_a_terminal(tmp_path: Path, make_file: MakeFile) -> None:
+    make_file(tmp_path / "x.bin", 2 * tree.BLOCK_SIZE)
+    r = run("prv", "create", str(tmp_path / "x.bin"))
+    assert r.returncode == 0
+    assert r.stderr == ""
