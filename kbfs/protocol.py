@@ -75,7 +75,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, dash, last = spec.partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+    # ASCII digits only: str.isdigit() is also true of '²' or '٣', which int() refuses
+    # or reads as another number (a 500, or the wrong range).
+    if not dash or (first and not (first.isascii() and first.isdigit())) or (
+            last and not (last.isascii() and last.isdigit())):
         return None
     if not first:
         if not last:
@@ -191,3 +194,69 @@ def websocket_host_header(relay_url: str) -> str:
     default = 443 if parsed.scheme == "https" else 80
     port = parsed.port or default
     return host if port in (80, 443) else f"{host}:{port}"
+
+
+# ---- the JSON listing of a share folder (`GET /s/{share}/list/{path}`), read by clients
+
+MAX_LISTING_ENTRIES = 1_000_000
+MAX_LISTED_SIZE = 1 << 62
+
+
+def _listable_name(name: object) -> bool:
+    """True for one safe path component: what a listing may name a file or folder."""
+    return (isinstance(name, str) and 0 < len(name) <= 1024 and name not in (".", "..")
+            and not name.startswith(".") and not any(c in name for c in "/\\\0"))
+
+
+def parse_listing(obj: object) -> dict[str, object]:
+    """Validate a decoded share listing; return a clean copy.
+
+    The result is `{"share": str, "path": str, "dirs": [name, ...], "files": [{"name",
+    "size", "mtime", "prv"}, ...]}`: names are single safe path components (no '/',
+    '\\', NUL, '.', '..' or leading dot), unique across dirs and files; sizes are
+    non-negative ints, mtimes finite floats, `prv` a JSON object (its fields are checked
+    by `prv.pointer_from_dict` where it is used). Entries that break these rules are
+    dropped, so one bad entry does not hide a folder; a listing whose shape is wrong
+    (not an object, `dirs`/`files` not lists, too many entries) raises BadRequest.
+    """
+    if not isinstance(obj, dict):
+        raise BadRequest("listing is not a JSON object")
+    dirs_in = obj.get("dirs", [])
+    files_in = obj.get("files", [])
+    if dirs_in is None:
+        dirs_in = []
+    if files_in is None:
+        files_in = []
+    if not isinstance(dirs_in, list) or not isinstance(files_in, list):
+        raise BadRequest("listing dirs and files must be lists")
+    if len(dirs_in) + len(files_in) > MAX_LISTING_ENTRIES:
+        raise BadRequest("listing has too many entries")
+    share = obj.get("share", "")
+    path = obj.get("path", "")
+    seen: set[str] = set()
+    dirs: list[str] = []
+    for name in dirs_in:
+        if _listable_name(name) and name not in seen:
+            seen.add(name)
+            dirs.append(name)
+    files: list[dict[str, object]] = []
+    for item in files_in:
+        if not isinstance(item, dict):
+            continue
+        name, size, mtime = item.get("name"), item.get("size"), item.get("mtime", 0)
+        pointer = item.get("prv")
+        if not _listable_name(name) or name in seen:
+            continue
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < MAX_LISTED_SIZE:
+            continue
+        if isinstance(mtime, bool) or not isinstance(mtime, int | float):
+            continue
+        if not isinstance(pointer, dict):
+            continue
+        mtime = float(mtime)
+        if mtime != mtime or mtime in (float("inf"), float("-inf")):
+            continue
+        seen.add(name)
+        files.append({"name": name, "size": size, "mtime": mtime, "prv": pointer})
+    return {"share": share if isinstance(share, str) else "",
+            "path": path if isinstance(path, str) else "", "dirs": dirs, "files": files}

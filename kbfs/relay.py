@@ -815,7 +815,7 @@ class Relay:
             self.stats["rejected_uploads"] += 1
             raise HttpError(403, "upload secret does not match the asked share")
         length = _header(scope, b"content-length")
-        if length is None or not length.isdigit() or int(length) != p.length:
+        if length is None or not (length.isascii() and length.isdigit()) or int(length) != p.length:
             raise BadRequest(f"upload must have Content-Length {p.length}")
         p.taken = True
         self.pending.pop(token, None)
@@ -872,13 +872,27 @@ class Relay:
                 return "complete" if p.complete else "short upload"
 
 
+def http_idle_timeout() -> float:
+    """Seconds a connection may wait for a complete request head: KBFS_HTTP_IDLE_TIMEOUT
+    (default 75; tests lower it to watch slowloris clients being cut)."""
+    try:
+        value = float(os.environ.get("KBFS_HTTP_IDLE_TIMEOUT", "75"))
+    except ValueError:
+        raise ConfigError("KBFS_HTTP_IDLE_TIMEOUT must be a number of seconds") from None
+    if not 0.5 <= value <= 3600:
+        raise ConfigError("KBFS_HTTP_IDLE_TIMEOUT must be from 0.5 to 3600 seconds")
+    return value
+
+
 def hypercorn_config(host: str, port: int) -> HyperConfig:
     """Hypercorn settings shared by the relay and a share's --listen server."""
     config = HyperConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.loglevel = "WARNING"
-    config.keep_alive_timeout = 75
+    # Also the bound on a client that never finishes its request head (slowloris): the
+    # idle timer runs from accept (or the end of the last response) to a complete head.
+    config.keep_alive_timeout = http_idle_timeout()
     config.keep_alive_max_requests = 1 << 30
     config.websocket_max_message_size = MAX_CONTROL_MESSAGE
     config.max_app_queue_size = 4  # request-body chunks queued per connection (1 MiB each)

@@ -921,7 +921,12 @@ def _hypercorn_config(host: str, port: int) -> HyperConfig:
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.loglevel = "WARNING"
-    config.keep_alive_timeout = 75
+    # Also bounds a client that never finishes its request head (slowloris); see
+    # relay.http_idle_timeout (not imported: a share must not import the relay).
+    try:
+        config.keep_alive_timeout = float(os.environ.get("KBFS_HTTP_IDLE_TIMEOUT", "75"))
+    except ValueError:
+        raise ConfigError("KBFS_HTTP_IDLE_TIMEOUT must be a number of seconds") from None
     config.keep_alive_max_requests = 1 << 30
     config.h11_max_incomplete_size = 16 * 1024
     config.graceful_timeout = 2

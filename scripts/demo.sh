@@ -75,6 +75,7 @@ while IFS= read -r rel; do
 done < <(cd "$DEMO/data" && find . -type f | sed 's|^\./||' | sort)
 xattr_verified=$("$PY" -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.kbfs.verified").decode())' "$DEMO/mnt/recording.mda")
 echo "   recording.mda verified by: $xattr_verified"
+sleep 2.5  # the daemon refreshes its status file every 2 s
 "$KBFS" status "$DEMO/mnt" | sed 's/^/   /' || true
 
 cat <<MSG
