@@ -260,3 +260,17 @@ def parse_listing(obj: object) -> dict[str, object]:
         files.append({"name": name, "size": size, "mtime": mtime, "prv": pointer})
     return {"share": share if isinstance(share, str) else "",
             "path": path if isinstance(path, str) else "", "dirs": dirs, "files": files}
+
+
+# ---- request heads
+
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers; beyond it: 431
+
+
+def head_bytes(raw_path: bytes, query_string: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """About how many bytes a request head took on the wire (target + headers).
+
+    The HTTP layer's own limit only applies to a head that arrives in pieces (a head
+    read in one large recv() is parsed whole), so servers check this on every request.
+    """
+    return len(raw_path) + len(query_string) + sum(len(k) + len(v) + 4 for k, v in headers)

@@ -261,6 +261,14 @@ class Relay:
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI application: CORS on every answer, kbfs errors turned into statuses."""
+        if scope["type"] in ("http", "websocket") and protocol.head_bytes(
+                scope.get("raw_path") or b"", scope.get("query_string") or b"",
+                scope.get("headers") or []) > protocol.MAX_HEAD_BYTES:
+            if scope["type"] == "http":
+                await _send_json(send, 431, {"error": "request head too large"})
+            else:
+                await send({"type": "websocket.close", "code": 1009})
+            return
         if scope["type"] != "http":
             await self.router(scope, receive, send)
             return

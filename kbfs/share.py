@@ -872,6 +872,11 @@ async def _send_json(send: Send, status: int, obj: Any,
 async def _guarded(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope: Scope,
                    receive: Receive, send: Send) -> None:
     """CORS on every answer; kbfs errors become 4xx JSON; a bug is one log line and a 500."""
+    if scope["type"] == "http" and protocol.head_bytes(
+            scope.get("raw_path") or b"", scope.get("query_string") or b"",
+            scope.get("headers") or []) > protocol.MAX_HEAD_BYTES:
+        await _send_json(send, 431, {"error": "request head too large"})
+        return
     if scope["type"] != "http":
         await app(scope, receive, send)
         return
