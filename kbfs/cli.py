@@ -180,8 +180,23 @@ def prv_verify(pointer: str, file: str) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="kbfs")
+    """Console-script entry point: usage errors, too, are one line (click prints three)."""
+    try:
+        result = cli.main(prog_name="kbfs", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: show its help
+        click.echo(exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "kbfs"
+        click.echo(f"kbfs: error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"kbfs: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("kbfs: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 __all__ = ["cli", "main"]
