@@ -80,6 +80,20 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return time.monotonic() - t0
 
 
+def report_table(mib: float, t_curl: float, t_kbfs: float, t_cp: float, t_cached: float) -> str:
+    """The markdown table: times, speeds, ratios against the references, goals met or not."""
+    rows = ["| run | seconds | MiB/s | vs reference | goal | result |",
+            "| --- | ---: | ---: | ---: | --- | --- |"]
+    cold, cached = t_curl / t_kbfs, t_cp / t_cached
+    rows.append(f"| curl -o (relay URL) | {t_curl:.2f} | {mib / t_curl:.0f} | reference | | |")
+    rows.append(f"| kbfs download (empty cache) | {t_kbfs:.2f} | {mib / t_kbfs:.0f} | "
+                f"{cold:.2f}x curl | >= 0.8x | {'met' if cold >= 0.8 else 'NOT met'} |")
+    rows.append(f"| cp (original) | {t_cp:.2f} | {mib / t_cp:.0f} | reference | | |")
+    rows.append(f"| kbfs download (cached) | {t_cached:.2f} | {mib / t_cached:.0f} | "
+                f"{cached:.2f}x cp | >= 0.8x | {'met' if cached >= 0.8 else 'NOT met'} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     size = parse_size(os.environ.get("BENCH_SIZE", "1G"))
     scratch = tempfile.mkdtemp(prefix="kbfs-bench-", dir=os.environ.get("BENCH_DIR"))
@@ -144,11 +158,8 @@ def main() -> int:
         check(f"{out}/kbfs-cached.bin")
 
         print(f"file: {mib:.0f} MiB through a relay and a share on 127.0.0.1, {os.cpu_count()} CPUs")
-        for name, t in (("curl -o (relay URL)", t_curl), ("kbfs download (empty cache)", t_kbfs),
-                        ("cp (original)", t_cp), ("kbfs download (cached)", t_cached)):
-            print(f"  {name:30s} {t:7.2f} s  {mib / t:8.0f} MiB/s")
-        print(f"kbfs download / curl: {t_curl / t_kbfs:.2f}x speed (goal >= 0.8)")
-        print(f"kbfs download cached / cp: {t_cp / t_cached:.2f}x speed (goal >= 0.8)")
+        print()
+        print(report_table(mib, t_curl, t_kbfs, t_cp, t_cached))
         return 0
     finally:
         for p in procs:

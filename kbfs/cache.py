@@ -22,17 +22,22 @@ network). What a power loss or a failing disk could leave behind (a renamed file
 never reached the disk, a flipped bit) is caught instead by verifying each block file
 against its leaf the first time this process reads it (BLAKE3, ~5 GB/s: a fraction of a
 millisecond per block); the blocks verified so far are remembered in memory. A block file
-that fails is deleted and fetched again, so every byte returned was checked against the
-tree in this process. Trees of content with a root are re-verified against the root on
-every load, so they are not fsynced either; trees trusted on first use (no root) and the
-`complete/` markers still are.
+that fails is deleted and fetched again. One shortcut: a block file carries the id of the
+boot it was written (or last verified) in, as the xattr `user.kbfs.boot`; a file marked
+with the current boot id cannot have lost data to a power cut (that would have meant a new
+boot), so it counts as verified without hashing, in any process. Files of earlier boots,
+and file systems without user xattrs, are hashed on their first read in each process.
+Trees of content with a root are re-verified against the root on every load, so they are
+not fsynced either; trees trusted on first use (no root) and `complete/` markers still are.
 
-Stores can run off the critical path (`background_stores=True`, used by the mount and the
-downloader): the verified bytes go to the reader at once and a store thread writes the
-block file; the block stays in the in-flight registry (with its bytes) until the rename,
-so nobody fetches it twice meanwhile. Queued stores are bounded (`STORE_QUEUE_BLOCKS`).
-Present, verified blocks are read through a small LRU of open descriptors: one pread, no
-open/stat per read (`read_cached` is that path alone, for callers on an event loop).
+Stores can run off the critical path (`background_stores=True`, or
+`enable_background_stores()`, as the mount and the downloader do): the verified bytes go
+to the reader at once and a store thread writes the block file (read-ahead jobs, which no
+reader waits on, store their blocks themselves). The block stays in the in-flight registry,
+with its bytes, until the rename, so nobody fetches it twice meanwhile. Queued stores are
+bounded (`STORE_QUEUE_BLOCKS`). Present, verified blocks are read through an LRU of open
+descriptors: one pread, no open or stat per read (`read_cached` is that path alone, for
+callers on an event loop). `write_to` copies blocks into a caller's file at their offsets.
 
 Concurrency: one in-flight entry (a Future) per block being fetched, so concurrent readers
 of a block share one fetch; the global lock guards only dictionaries, never I/O.
@@ -55,6 +60,7 @@ import errno
 import hashlib
 import itertools
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -71,12 +77,16 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE = tree.BLOCK_SIZE
 MAX_RUN = 16            # blocks per fetch_blocks call from read()
-PREFETCH_RUN = 4        # blocks per background fetch: several range requests in flight
+PREFETCH_RUN = 8        # blocks per background fetch (one range request); with the
+                        # read-ahead window several such requests are in flight
 LOW_WATER = 0.9         # eviction goes down to this fraction of capacity
 TREE_MEMORY = 1024      # trees kept in memory
-FD_CACHE = 128          # open descriptors of block files kept for reads
+FD_CACHE = 1024         # open descriptors of block files kept for reads (at most a
+                        # quarter of the process's descriptor limit, see _fd_cache_size)
 STORE_QUEUE_BLOCKS = 64  # blocks waiting for a background store at most (bounds memory)
 STORE_THREADS = 2
+RECENT_BLOCKS = 64      # read-ahead blocks kept in memory for their reader
+REORDER = 4             # blocks a sequential reader's reads may arrive out of order
 STALE_TEMP = 3600.0     # seconds after which a leftover temporary file is removed
 
 
@@ -103,6 +113,17 @@ class BlockSource(Protocol):
                      leaves: Sequence[bytes], block_size: int = ...) -> bytes: ...
 
 
+class _Fd:
+    """An open block file shared by readers; closed when dropped and no reader uses it."""
+
+    __slots__ = ("fd", "users", "dropped")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.dropped = False
+
+
 class _Flight:
     """A block being fetched: readers that need it wait here instead of fetching it again."""
 
@@ -116,30 +137,105 @@ class _Flight:
 Buffer = bytes | memoryview  # a verified block: bytes, or a view into a fetched run
 
 _tmp_counter = itertools.count()
+XATTR_BOOT = "user.kbfs.boot"
 
 
-def _write_atomic(path: str, data: bytes | memoryview, durable: bool = True) -> None:
+def _read_boot_id() -> bytes | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+_BOOT_ID = _read_boot_id()
+
+
+def _mark_boot(fd: int) -> None:
+    """Tag the block file open at FD as written or verified during this boot."""
+    if _BOOT_ID is not None:
+        try:
+            os.setxattr(fd, XATTR_BOOT, _BOOT_ID)
+        except OSError:
+            pass  # no user xattrs here: the block is hashed on its first read instead
+
+
+def _marked_this_boot(fd: int) -> bool:
+    if _BOOT_ID is None:
+        return False
+    try:
+        return os.getxattr(fd, XATTR_BOOT) == _BOOT_ID
+    except OSError:
+        return False
+
+
+_direct_ok = hasattr(os, "O_DIRECT")  # cleared on the first file system that refuses it
+_bounce = threading.local()
+DIRECT_ALIGN = 4096
+
+
+def _write_direct(fd: int, data: bytes | memoryview) -> None:
+    """Write DATA (a multiple of DIRECT_ALIGN long) to FD opened with O_DIRECT, through an
+    aligned per-thread buffer (mmap memory is page aligned; a bytes object is not)."""
+    n = len(data)
+    buf: mmap.mmap | None = getattr(_bounce, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _bounce.buf = mmap.mmap(-1, max(n, BLOCK_SIZE))
+    view = memoryview(buf)
+    try:
+        view[:n] = data
+        done = 0
+        while done < n:
+            done += os.write(fd, view[done:n])
+    finally:
+        view.release()
+
+
+def _write_atomic(path: str, data: bytes | memoryview, durable: bool = True,
+                  mark: bool = False, direct: bool = False) -> None:
     """Write DATA to PATH so PATH either does not exist or holds all of DATA (fsynced
-    before the rename when DURABLE)."""
+    before the rename when DURABLE; tagged with the boot id when MARK; with DIRECT, past
+    the page cache when the length and the file system allow)."""
+    global _direct_ok
+    if direct and _direct_ok and len(data) and len(data) % DIRECT_ALIGN == 0:
+        try:
+            _write_atomic_to(path, data, durable, mark, os.O_DIRECT)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _direct_ok = False  # e.g. tmpfs: buffered from now on
+            log.debug("no O_DIRECT writes under %s: %s", path, exc)
+    _write_atomic_to(path, data, durable, mark, 0)
+
+
+def _write_atomic_to(path: str, data: bytes | memoryview, durable: bool, mark: bool,
+                     flags: int) -> None:
     folder, name = os.path.split(path)
     # Unique per process, thread and call; the leading dot keeps it from ever being
     # taken for a block (names of blocks are digits only).
     tmp = os.path.join(folder,
                        f".{name}.{os.getpid()}.{threading.get_ident()}.{next(_tmp_counter)}.tmp")
+    mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, mode, 0o644)
     except FileNotFoundError:
         # The folder vanished (cleared by hand, or never made): recreate it once.
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, mode, 0o644)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            if flags:
+                _write_direct(fd, data)
+            else:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
             if durable:
                 os.fsync(fd)
+            if mark:
+                _mark_boot(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -155,7 +251,8 @@ class BlockCache:
     """Verified blocks on disk with LRU eviction; see the module docstring."""
 
     def __init__(self, directory: str, source: BlockSource, capacity: int,
-                 min_free: int = 1 << 30, workers: int = 8) -> None:
+                 min_free: int = 1 << 30, workers: int = 8,
+                 background_stores: bool = False) -> None:
         self.directory = os.path.abspath(directory)
         self.source = source
         self.capacity = capacity
@@ -175,8 +272,20 @@ class BlockCache:
         self._idle = threading.Condition(self._lock)
         self._closed = False
         self._stats: Counter[str] = Counter()
+        # Blocks whose file this process has checked against its leaf (or written itself).
+        self._good: set[tuple[str, int]] = set()
+        self._fds: OrderedDict[tuple[str, int], _Fd] = OrderedDict()
+        self._fd_max = _fd_cache_size()
+        # Blocks fetched by read-ahead, kept in memory for the reader they were fetched for
+        # (their files are written past the page cache), least recently fetched first.
+        self._recent: OrderedDict[tuple[str, int], Buffer] = OrderedDict()
         self._pool = cf.ThreadPoolExecutor(max_workers=max(1, workers),
                                            thread_name_prefix="kbfs-prefetch")
+        self._store_pool: cf.ThreadPoolExecutor | None = None
+        self._store_slots = threading.BoundedSemaphore(STORE_QUEUE_BLOCKS)
+        if background_stores:
+            self._store_pool = cf.ThreadPoolExecutor(max_workers=STORE_THREADS,
+                                                     thread_name_prefix="kbfs-store")
         for sub in ("blocks", "trees", "complete", "files"):
             os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
         self._scan()
@@ -232,7 +341,14 @@ class BlockCache:
         self._file_blocks[sha1] += 1
 
     def _index_drop(self, sha1: str, index: int) -> None:
-        size = self._lru.pop((sha1, index), None)
+        """Forget block INDEX of SHA1 (the caller holds the lock)."""
+        key = (sha1, index)
+        self._good.discard(key)
+        self._recent.pop(key, None)
+        ent = self._fds.pop(key, None)
+        if ent is not None:
+            self._fd_drop(ent)
+        size = self._lru.pop(key, None)
         if size is None:
             return
         self._total -= size
@@ -305,7 +421,8 @@ class BlockCache:
             if ref.root is not None:
                 tree.verify_leaves(leaves, ref.size, ref.root, ref.block_size)
             try:
-                _write_atomic(path, blob)
+                # A tree with a root is checked against it on every load: no fsync needed.
+                _write_atomic(path, blob, durable=ref.root is None)
             except OSError as exc:
                 self._note_error(f"cannot store the tree of {ref.sha1}: {exc}")
         with self._lock:
@@ -321,17 +438,32 @@ class BlockCache:
         return leaves
 
     # ---- blocks on disk
-    def _load_slice(self, ref: FileRef, index: int, lo: int = 0, hi: int | None = None
-                    ) -> bytes | None:
-        """Bytes [lo, hi) of the verified block INDEX from disk, or None when not present.
+    def _fd_drop(self, ent: _Fd) -> None:
+        """Close ENT once no reader uses it (the caller holds the lock)."""
+        ent.dropped = True
+        if ent.users == 0 and ent.fd >= 0:
+            os.close(ent.fd)
+            ent.fd = -1
 
-        Only the slice asked for is read: a 128 KiB FUSE read costs 128 KiB of I/O."""
-        start, end = tree.block_span(index, ref.size, ref.block_size)
-        blen = end - start
-        hi = blen if hi is None else hi
+    def _fd_release(self, ent: _Fd) -> None:
+        with self._lock:
+            ent.users -= 1
+            if ent.dropped:
+                self._fd_drop(ent)
+
+    def _fd_acquire(self, ref: FileRef, index: int, blen: int) -> _Fd | None:
+        """An open descriptor of block INDEX (its size checked when opened), or None when
+        the block file is not there (or not usable: then it is deleted)."""
+        key = (ref.sha1, index)
+        with self._lock:
+            ent = self._fds.get(key)
+            if ent is not None:
+                ent.users += 1
+                self._fds.move_to_end(key)
+                return ent
         path = self._block_path(ref.sha1, index)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             with self._lock:
                 self._index_drop(ref.sha1, index)  # evicted, maybe by another process
@@ -341,26 +473,118 @@ class BlockCache:
             return None
         try:
             fsize = os.fstat(fd).st_size
-            data = os.pread(fd, hi - lo, lo) if fsize == blen else None
+        except OSError as exc:
+            os.close(fd)
+            self._note_error(f"cannot stat cached block {index} of {ref.sha1}: {exc}")
+            return None
+        if fsize != blen:
+            # Not possible for a file we renamed into place; never serve it.
+            os.close(fd)
+            self._bad_block(ref, index, f"has {fsize} bytes, not {blen}")
+            return None
+        trusted = _marked_this_boot(fd)
+        with self._lock:
+            if trusted:
+                self._good.add(key)
+            ent = self._fds.get(key)
+            if ent is not None:  # opened by another thread meanwhile: use that one
+                os.close(fd)
+            else:
+                ent = self._fds[key] = _Fd(fd)
+                while len(self._fds) > self._fd_max:
+                    _, old = self._fds.popitem(last=False)
+                    self._fd_drop(old)
+            ent.users += 1
+            self._fds.move_to_end(key)
+            return ent
+
+    def _bad_block(self, ref: FileRef, index: int, why: str) -> None:
+        self._note_error(f"cached block {index} of {ref.sha1} {why}: deleted, fetched again")
+        _unlink(self._block_path(ref.sha1, index))
+        with self._lock:
+            self._index_drop(ref.sha1, index)
+
+    def _load_slice(self, ref: FileRef, index: int, lo: int = 0, hi: int | None = None
+                    ) -> bytes | None:
+        """Bytes [lo, hi) of the verified block INDEX from disk, or None when not present.
+
+        A block this process has verified costs one pread of just the slice asked for (a
+        128 KiB FUSE read costs 128 KiB of I/O). The first read of a block file in this
+        process reads all of it and checks it against its leaf (see the module docstring)."""
+        start, end = tree.block_span(index, ref.size, ref.block_size)
+        blen = end - start
+        hi = blen if hi is None else hi
+        key = (ref.sha1, index)
+        ent = self._fd_acquire(ref, index, blen)
+        if ent is None:
+            return None
+        try:
+            with self._lock:
+                good = key in self._good
+            if good:
+                data = os.pread(ent.fd, hi - lo, lo)
+            else:
+                whole = os.pread(ent.fd, blen, 0)
+                leaves = self._leaves(ref)
+                if len(whole) != blen or not tree.block_matches(whole, leaves[index]):
+                    data = None
+                else:
+                    _mark_boot(ent.fd)
+                    with self._lock:
+                        self._good.add(key)
+                    data = whole if (lo, hi) == (0, blen) else whole[lo:hi]
         except OSError as exc:
             self._note_error(f"cannot read cached block {index} of {ref.sha1}: {exc}")
             return None
         finally:
-            os.close(fd)
-        if data is None or len(data) != hi - lo:
-            # Not possible for a file we renamed into place; never serve it.
-            self._note_error(f"cached block {index} of {ref.sha1} has {fsize} bytes, not {blen}")
-            _unlink(path)
-            with self._lock:
-                self._index_drop(ref.sha1, index)
+            self._fd_release(ent)
+        if data is None:
+            self._bad_block(ref, index, "does not match its leaf")
+            return None
+        if len(data) != hi - lo:
+            self._bad_block(ref, index, f"gave {len(data)} bytes, not {hi - lo}")
             return None
         with self._lock:
-            key = (ref.sha1, index)
             if key in self._lru:
                 self._lru.move_to_end(key)
             else:
                 self._index_add(ref.sha1, index, blen)  # stored by another process
         return data
+
+    def enable_background_stores(self) -> None:
+        """Write fetched blocks in store threads from now on (see the module docstring)."""
+        with self._lock:
+            if self._store_pool is None and not self._closed:
+                self._store_pool = cf.ThreadPoolExecutor(max_workers=STORE_THREADS,
+                                                         thread_name_prefix="kbfs-store")
+
+    def read_cached(self, ref: FileRef, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset+length) of REF when every block of it is present and
+        already verified by this process (at most two blocks), else None. Never fetches,
+        never hashes: one pread per block, cheap enough for an event loop thread."""
+        end = min(ref.size, offset + length)
+        if offset >= end or offset < 0:
+            return None
+        bs = ref.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if last - first > 1:
+            return None
+        with self._lock:
+            for i in range(first, last + 1):
+                if (ref.sha1, i) not in self._good:
+                    return None
+        pieces = []
+        for i in range(first, last + 1):
+            lo = offset - i * bs if i == first else 0
+            hi = end - i * bs if i == last else min(bs, ref.size - i * bs)
+            data = self._load_slice(ref, i, lo, hi)
+            if data is None:
+                return None
+            pieces.append(data)
+        with self._lock:
+            self._stats["hits"] += len(pieces)
+            self._stats["bytes_served"] += end - offset
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _present(self, ref: FileRef, index: int) -> bool:
         with self._lock:
@@ -368,15 +592,17 @@ class BlockCache:
                 return True
         return os.path.exists(self._block_path(ref.sha1, index))
 
-    def _store(self, ref: FileRef, index: int, data: Buffer) -> bool:
-        """Store a verified block; False (logged) when it could not be stored."""
+    def _store(self, ref: FileRef, index: int, data: Buffer, direct: bool = False) -> bool:
+        """Store a verified block; False (logged) when it could not be stored. DIRECT
+        writes it past the page cache (read-ahead streams: see `_fetch_owned`)."""
         n = len(data)
         if not self._make_room(n):
             with self._lock:
                 self._stats["store_skipped"] += 1
             return False
         try:
-            _write_atomic(self._block_path(ref.sha1, index), data)
+            _write_atomic(self._block_path(ref.sha1, index), data, durable=False, mark=True,
+                          direct=direct)
         except OSError as exc:
             self._note_error(f"cannot store block {index} of {ref.sha1}: {exc}")
             if exc.errno == errno.ENOSPC:
@@ -384,6 +610,7 @@ class BlockCache:
             return False
         with self._lock:
             self._index_add(ref.sha1, index, n)
+            self._good.add((ref.sha1, index))  # written from bytes verified in this process
             complete = (ref.root is None and self._file_blocks[ref.sha1] >= ref.blocks
                         and ref.sha1 not in self._checking)
         if complete and not os.path.exists(self._complete_path(ref.sha1)):
@@ -441,6 +668,8 @@ class BlockCache:
         waits: dict[int, _Flight] = {}
         with self._lock:
             for i in indices:
+                if prefetch and (ref.sha1, i) in self._lru:
+                    continue  # stored since the caller looked
                 flight = self._inflight.get((ref.sha1, i))
                 if flight is not None:
                     waits[i] = flight
@@ -450,11 +679,12 @@ class BlockCache:
         return owned, waits
 
     def _fetch_owned(self, ref: FileRef, owned: list[int], run: int,
-                     out: dict[int, Buffer] | None) -> None:
+                     out: dict[int, Buffer] | None, store: bool = True) -> None:
         """Fetch, publish and store the blocks this thread claimed, in runs of consecutive ones."""
         with self._lock:
             flights = {i: self._inflight[(ref.sha1, i)] for i in owned}
         error: BaseException | None = None
+        handed: set[int] = set()  # blocks a background store now owns (and unregisters)
         into = getattr(self.source, "fetch_blocks_into", None)
         try:
             leaves = self._leaves(ref) if owned else []
@@ -481,10 +711,23 @@ class BlockCache:
                     flights[first + k].future.set_result(block)  # waiters go on at once
                     if out is not None:
                         out[first + k] = block
+                    elif store:
+                        self._keep_recent((ref.sha1, first + k), block)
                 with self._lock:
                     self._stats["bytes_fetched"] += len(view)
+                # A reader waiting for these blocks has them now; a read-ahead job stores
+                # them itself (no reader waits on it, and it paces the read-ahead).
+                if store and out is not None and self._queue_stores(ref, first, blocks,
+                                                                    flights):
+                    handed.update(range(first, first + count))
+                    continue
                 for k, stored in enumerate(blocks):
-                    self._store(ref, first + k, stored)
+                    if store:
+                        # Read-ahead streams (out is None) write with O_DIRECT: their reader
+                        # keeps the bytes in its own page cache (the FUSE file's), so the
+                        # block files need not fill it a second time; that copy cost as
+                        # much CPU as the fetch itself here.
+                        self._store(ref, first + k, stored, direct=out is None)
                 with self._lock:
                     for k in range(count):
                         self._inflight.pop((ref.sha1, first + k), None)
@@ -494,16 +737,74 @@ class BlockCache:
         finally:
             with self._lock:
                 for i in owned:
+                    if i in handed:
+                        continue
                     fl = flights[i]
                     if not fl.future.done():
                         fl.future.set_exception(error or CacheError("fetch abandoned"))
                     if self._inflight.get((ref.sha1, i)) is fl:
                         del self._inflight[(ref.sha1, i)]
 
-    def _obtain(self, ref: FileRef, indices: list[int], out: dict[int, Buffer]) -> None:
+    def _keep_recent(self, key: tuple[str, int], block: Buffer) -> None:
+        with self._lock:
+            self._recent[key] = block
+            self._recent.move_to_end(key)
+            while len(self._recent) > RECENT_BLOCKS:
+                self._recent.popitem(last=False)
+
+    def _queue_stores(self, ref: FileRef, first: int, blocks: list[Buffer],
+                      flights: dict[int, _Flight]) -> bool:
+        """Hand verified BLOCKS (already published to readers) to a store thread; False
+        when stores are synchronous or the store pool is gone (the caller stores them)."""
+        pool = self._store_pool
+        if pool is None or self._closed:
+            return False
+        for _ in blocks:
+            self._store_slots.acquire()  # back-pressure: bounded bytes waiting in memory
+        with self._lock:
+            self._pending += 1
+        try:
+            pool.submit(self._store_job, ref, first, blocks, flights)
+        except RuntimeError:  # shut down meanwhile
+            for _ in blocks:
+                self._store_slots.release()
+            self._job_done()
+            return False
+        return True
+
+    def _store_job(self, ref: FileRef, first: int, blocks: list[Buffer],
+                   flights: dict[int, _Flight]) -> None:
+        try:
+            for k, data in enumerate(blocks):
+                try:
+                    self._store(ref, first + k, data)
+                except Exception:  # noqa: BLE001 - a background job: log, never raise
+                    log.exception("store of block %d of %s failed", first + k, ref.sha1)
+                    self._note_error(None)
+                finally:
+                    # Only now (the file renamed, or the store given up) may it be fetched again.
+                    with self._lock:
+                        if self._inflight.get((ref.sha1, first + k)) is flights[first + k]:
+                            del self._inflight[(ref.sha1, first + k)]
+                    self._store_slots.release()
+        finally:
+            self._job_done()
+
+    def _obtain(self, ref: FileRef, indices: list[int], out: dict[int, Buffer],
+                store: bool = True) -> None:
+        with self._lock:
+            # Stored (and no longer in flight) since the caller looked: read, not fetched.
+            stored = [i for i in indices if (ref.sha1, i) in self._lru
+                      and (ref.sha1, i) not in self._inflight]
+        if stored:
+            for i in stored:
+                data = self._load_slice(ref, i)
+                if data is not None:
+                    out[i] = data
+            indices = [i for i in indices if i not in out]
         owned, waits = self._claim(ref, indices, prefetch=False)
         if owned:
-            self._fetch_owned(ref, owned, MAX_RUN, out)
+            self._fetch_owned(ref, owned, MAX_RUN, out, store)
         retry = []
         for i, flight in waits.items():
             try:
@@ -535,6 +836,11 @@ class BlockCache:
         for i in range(first, last + 1):
             lo = offset - i * bs if i == first else 0
             hi = end - i * bs if i == last else tree.block_span(i, ref.size, bs)[1] - i * bs
+            with self._lock:
+                ahead = self._recent.get((ref.sha1, i))
+            if ahead is not None:
+                pieces[i] = memoryview(ahead)[lo:hi]  # read ahead, still in memory
+                continue
             data = self._load_slice(ref, i, lo, hi)
             if data is None:
                 missing.append(i)
@@ -555,6 +861,74 @@ class BlockCache:
             only = pieces[first]
             return only if isinstance(only, bytes) else bytes(only)
         return b"".join(pieces[i] for i in range(first, last + 1))
+
+    def write_to(self, ref: FileRef, fd: int, first: int, count: int,
+                 store: bool = True) -> int:
+        """Write verified blocks [first, first+count) of REF into FD, each at its own offset
+        in the content (a download's output file); returns the bytes written.
+
+        Present blocks are copied from their files (in the kernel once verified in this
+        process); missing ones are fetched (one range request per run) and written as soon
+        as they are verified, then stored in the cache behind (not at all with STORE False,
+        e.g. for content bigger than the whole cache). Blocking."""
+        self._check_open()
+        bs = ref.block_size
+        last = min(ref.blocks, first + count)
+        if ref.size == 0 or first >= last:
+            return 0
+        buf = memoryview(bytearray(min(bs, ref.size)))  # reused for blocks to verify
+        missing: list[int] = []
+        for i in range(first, last):
+            if not self._copy_block(ref, i, fd, buf):
+                missing.append(i)
+        if missing:
+            fetched: dict[int, Buffer] = {}
+            self._obtain(ref, missing, fetched, store)
+            for i in missing:
+                _pwrite_all(fd, fetched[i], i * bs)
+        written = min(ref.size, last * bs) - first * bs
+        with self._lock:
+            self._stats["hits"] += last - first - len(missing)
+            self._stats["misses"] += len(missing)
+            self._stats["bytes_served"] += written
+        return written
+
+    def _copy_block(self, ref: FileRef, index: int, fd: int, buf: memoryview) -> bool:
+        """Copy the present block INDEX into FD at its offset, verifying it first if this
+        process has not yet; False when it is not present (or failed verification)."""
+        start, end = tree.block_span(index, ref.size, ref.block_size)
+        blen = end - start
+        key = (ref.sha1, index)
+        ent = self._fd_acquire(ref, index, blen)
+        if ent is None:
+            return False
+        ok = True
+        try:
+            with self._lock:
+                good = key in self._good
+            if good:
+                _copy_all(ent.fd, fd, blen, start)
+            else:
+                view = buf[:blen]
+                got = os.preadv(ent.fd, [view], 0)
+                if got != blen or not tree.block_matches(view, self._leaves(ref)[index]):
+                    ok = False
+                else:
+                    _mark_boot(ent.fd)
+                    with self._lock:
+                        self._good.add(key)
+                    _pwrite_all(fd, view, start)
+        finally:
+            self._fd_release(ent)
+        if not ok:
+            self._bad_block(ref, index, "does not match its leaf")
+            return False
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+            else:
+                self._index_add(ref.sha1, index, blen)
+        return True
 
     def prefetch(self, ref: FileRef, first: int, count: int) -> None:
         """Fetch missing blocks [first, first+count) in the background; never raises."""
@@ -605,7 +979,8 @@ class BlockCache:
             self._idle.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no prefetch or SHA-1 check is pending; False on timeout."""
+        """Wait until no prefetch, background store or SHA-1 check is pending; False on
+        timeout."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._pending or self._checking:
@@ -704,9 +1079,16 @@ class BlockCache:
                 self._drop_content(sha1, marker=True)
 
     def close(self) -> None:
-        """Stop background work (queued prefetches are abandoned, running ones finish)."""
+        """Stop background work (queued prefetches are abandoned, running ones finish;
+        queued stores are all written)."""
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=False)
+        if self._store_pool is not None:
+            self._store_pool.shutdown(wait=True, cancel_futures=False)
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), OrderedDict()
+            for ent in fds:
+                self._fd_drop(ent)
 
     def __enter__(self) -> BlockCache:
         return self
@@ -764,6 +1146,8 @@ class BlockCache:
             for _, index in keys:
                 self._index_drop(sha1, index)
             self._trees.pop(sha1, None)
+            for key in [k for k in self._recent if k[0] == sha1]:
+                del self._recent[key]
         folder = os.path.dirname(self._block_path(sha1, 0))
         for name in _listdir(folder):
             _unlink(os.path.join(folder, name))
@@ -805,8 +1189,10 @@ class ReadAhead:
     """Per open file: detects sequential reads and keeps a growing window fetched ahead.
 
     The window doubles (1, 2, 4, ... max_window blocks) with each read that continues the
-    previous one (same offset as its end, or within the same or next block, which tolerates
-    the kernel's slightly reordered reads) and resets on a jump. Random reads prefetch nothing.
+    previous one (same offset as its end, or up to REORDER blocks past it: the kernel's
+    read-ahead reaches the daemon as several concurrent reads, slightly reordered; a read
+    up to REORDER blocks behind is such a late one and changes nothing) and resets on a
+    jump. Random reads prefetch nothing.
     """
 
     def __init__(self, cache: BlockCache, ref: FileRef, max_window: int = 64) -> None:
@@ -823,8 +1209,14 @@ class ReadAhead:
         end = min(self.ref.size, offset + max(0, length))
         with self._lock:
             prev = self._prev_end
-            sequential = prev is not None and (
-                offset == prev or 0 <= offset // bs - max(0, prev - 1) // bs <= 1)
+            sequential = False
+            if prev is not None:
+                delta = offset // bs - max(0, prev - 1) // bs
+                if -REORDER <= delta < 0:
+                    # A read the kernel issued with its neighbours and that arrived after
+                    # them (FUSE serves its read-ahead concurrently): not a jump.
+                    return
+                sequential = offset == prev or 0 <= delta <= REORDER
             if sequential:
                 self.window = min(self.max_window, max(1, self.window * 2))
             else:
@@ -836,7 +1228,11 @@ class ReadAhead:
             nxt = -(-end // bs)  # the first block after this read
             first = max(nxt, self._ahead)
             last = min(self.ref.blocks, nxt + self.window)
-            if first >= last:
+            # Top the window up in batches, not one block per block read: every range
+            # request costs a relay round trip, so few large ones beat many 1-block ones.
+            batch = min(self.window, PREFETCH_RUN)
+            if first >= last or (last - first < batch and first > nxt
+                                 and last < self.ref.blocks):
                 return
             self._ahead = last
         self.cache.prefetch(self.ref, first, last - first)
@@ -857,6 +1253,43 @@ def _runs(indices: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:
         count = 1
     if start is not None:
         yield start, count
+
+
+def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _copy_all(src: int, dst: int, length: int, dst_offset: int) -> None:
+    """Copy bytes [0, LENGTH) of SRC to DST at DST_OFFSET, in the kernel when it can."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src, dst, length - done, done, dst_offset + done)
+        except OSError:
+            n = 0
+        if n <= 0:
+            data = os.pread(src, length - done, done)
+            if not data:
+                raise OSError(errno.EIO, f"block file ended after {done} of {length} bytes")
+            _pwrite_all(dst, data, dst_offset + done)
+            n = len(data)
+        done += n
+
+
+def _fd_cache_size() -> int:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        return FD_CACHE
+    return max(16, min(FD_CACHE, soft // 4))
 
 
 def _listdir(path: str) -> list[str]:

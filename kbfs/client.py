@@ -54,6 +54,7 @@ from kbfs.errors import (
     KbfsError,
     NotFound,
     PointerError,
+    SourceError,
     VerificationError,
 )
 from kbfs.reader import KbfsFile
@@ -85,7 +86,7 @@ DEFAULT_BUFFER = 1 << 20
 # Each download task asks the cache for this many blocks at once, which the cache fetches
 # in one range request (its MAX_RUN): measured through a relay (bench/bench_download.py),
 # few long requests beat many short ones, since each costs the relay a round trip to the
-# share, and four in flight hide that round trip and the cache's per-block fsync.
+# share, and four in flight hide that round trip.
 DOWNLOAD_CHUNK_BLOCKS = 16
 DOWNLOAD_WORKERS = 4
 LEGACY_CHECK_WAIT = 600.0  # seconds to wait for the cache's whole-file SHA-1 check
@@ -272,6 +273,13 @@ class _Router:
     ) -> bytes:
         return self.for_sha1(sha1).fetch_blocks(sha1, size, first, count, leaves, block_size)
 
+    def fetch_blocks_into(
+        self, sha1: str, size: int, first: int, count: int, leaves: Sequence[bytes],
+        out: memoryview, block_size: int = tree.BLOCK_SIZE,
+    ) -> None:
+        # The cache's copy-free path (no bytes() of every fetched run).
+        self.for_sha1(sha1).fetch_blocks_into(sha1, size, first, count, leaves, out, block_size)
+
     def statistics(self) -> dict[str, Any]:
         with self._lock:
             fetchers = dict(self._fetchers)
@@ -439,7 +447,7 @@ class Client:
         if not relpath:
             raise BadRequest(f"{source}: names the share's top folder, not a file")
         parent, _, name = relpath.rpartition("/")
-        listing = self._router.fetcher([relay]).list_share(relay, share, parent)
+        listing = _list_share(self._router.fetcher([relay]), relay, share, parent)
         entry = _listing_entry(listing, name)
         if entry is None:
             if name in (listing.get("dirs") or []):
@@ -584,22 +592,23 @@ class Client:
         """Fill FD with REF's bytes through the cache, several block runs at a time."""
         self.cache.open_file(ref)
         try:
-            # One path for cached and missing blocks alike: the cache serves hits from
-            # disk and fetches misses (verified, stored: what resume relies on).
+            # One path for cached and missing blocks alike: the cache copies present blocks
+            # (verified) and fetches missing ones, writing each run into OUT at its offset
+            # as soon as it is verified; block files are stored behind (what resume relies
+            # on). Content bigger than the whole cache is not stored (it would only evict
+            # itself), except root-less content, whose SHA-1 check reads the cached blocks.
+            self.cache.enable_background_stores()
+            store = ref.size <= self.cache.capacity or ref.root is None
             os.ftruncate(fd, ref.size)
-            step = ref.block_size * DOWNLOAD_CHUNK_BLOCKS
-            spans = [(off, min(step, ref.size - off)) for off in range(0, ref.size, step)]
+            n_blocks = ref.blocks
+            step = DOWNLOAD_CHUNK_BLOCKS
+            spans = [(first, min(step, n_blocks - first)) for first in range(0, n_blocks, step)]
 
-            def fetch_span(off: int, length: int) -> int:
-                # Verified bytes go straight to their place in OUT, no read-back from disk.
-                data = self.cache.read(ref, off, length)
-                if len(data) != length:
-                    raise VerificationError(f"cache gave {len(data)} bytes for {length} at {off}")
-                _pwrite_all(fd, data, off)
-                return length
+            def fetch_span(first: int, count: int) -> int:
+                return self.cache.write_to(ref, fd, first, count, store=store)
 
             with ThreadPoolExecutor(max(1, workers), thread_name_prefix="kbfs-dl") as pool:
-                futures: list[Future[int]] = [pool.submit(fetch_span, o, n) for o, n in spans]
+                futures: list[Future[int]] = [pool.submit(fetch_span, f, n) for f, n in spans]
                 pending = set(futures)
                 try:
                     while pending:
@@ -654,6 +663,15 @@ class Client:
                     raise VerificationError(f"{r.name}: ended early at {pos} of {r.ref.size} bytes")
                 pos += len(data)
                 yield data
+
+
+def _list_share(fetcher: Any, relay: str, share: str, path: str) -> dict[str, Any]:
+    """The listing of folder PATH of SHARE at RELAY, checked by protocol.parse_listing."""
+    listing = fetcher.list_share(relay, share, path)
+    try:
+        return protocol.parse_listing(listing)
+    except BadRequest as exc:
+        raise SourceError(f"{relay}: listing of {path or '/'} in share {share}: {exc}") from None
 
 
 def _listing_entry(listing: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -879,7 +897,7 @@ class KbfsFileSystem(_KbfsFSBase):
 
     def _listing(self, path: str) -> dict[str, Any]:
         relay, share, relpath = parse_kbfs_uri("kbfs://" + path)
-        return self.client._router.fetcher([relay]).list_share(relay, share, relpath)
+        return _list_share(self.client._router.fetcher([relay]), relay, share, relpath)
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         path = self._strip_protocol(path)
@@ -904,7 +922,7 @@ class KbfsFileSystem(_KbfsFSBase):
             return {"name": path, "size": 0, "type": "directory"}
         parent, _, name = relpath.rpartition("/")
         try:
-            listing = self.client._router.fetcher([relay]).list_share(relay, share, parent)
+            listing = _list_share(self.client._router.fetcher([relay]), relay, share, parent)
         except NotFound as exc:
             raise FileNotFoundError(path) from exc
         if name in (listing.get("dirs") or []):

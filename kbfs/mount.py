@@ -79,8 +79,10 @@ def parse_source(text: str) -> Source:
 
 
 def _is_dead_mount(path: str) -> bool:
+    # statfs, not stat: the kernel answers stat of a FUSE root from its attribute cache for
+    # a while after the daemon died, so a remount right after a crash would see a live mount.
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
@@ -233,7 +235,8 @@ def _build(opts: MountOptions) -> tuple[Any, Any, fusefs.KbfsOperations]:
 
         def list_dir(path: str) -> dict[str, Any]:
             full = "/".join(p for p in (sub, path) if p)
-            return fetcher.list_share(relay, share, full)
+            # names, sizes and shapes checked here; each pointer by fusefs
+            return protocol.parse_listing(fetcher.list_share(relay, share, full))
 
     ops = fusefs.KbfsOperations(
         block_cache,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from typing import TypeGuard
 
 from kbfs.errors import BadRequest, RangeError
 
@@ -202,7 +203,7 @@ MAX_LISTING_ENTRIES = 1_000_000
 MAX_LISTED_SIZE = 1 << 62
 
 
-def _listable_name(name: object) -> bool:
+def _listable_name(name: object) -> TypeGuard[str]:
     """True for one safe path component: what a listing may name a file or folder."""
     return (isinstance(name, str) and 0 < len(name) <= 1024 and name not in (".", "..")
             and not name.startswith(".") and not any(c in name for c in "/\\\0"))

@@ -84,8 +84,8 @@ def parse_entry(item: Any) -> FileEntry:
         raise BadRequest(f"unsafe catalogue path {str(path)[:80]!r}")
     if not isinstance(sha1, str) or not protocol.SHA1_RE.match(sha1):
         raise BadRequest("catalogue sha1 must be 40 lowercase hex digits")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise BadRequest("catalogue size must be a non-negative integer")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < protocol.MAX_LISTED_SIZE:
+        raise BadRequest("catalogue size must be a non-negative integer below 2^62")
     if isinstance(mtime, bool) or not isinstance(mtime, int | float):
         raise BadRequest("catalogue mtime must be a number")
     if not isinstance(fcs, str) or not isinstance(root, str) or len(root) != 64:
@@ -526,6 +526,8 @@ class Relay:
             if kind == "ping":
                 conn.post({"type": "pong", "t": msg.get("t")})
             elif kind == "files":
+                if not all(isinstance(msg.get(k) or [], list) for k in ("add", "remove")):
+                    raise BadRequest("files message: add and remove must be lists")
                 if msg.get("reset"):
                     self._drop_catalogue(conn)
                 for path in msg.get("remove") or []:
@@ -920,6 +922,7 @@ def tune_process() -> None:
     """
     hypercorn.trio.tcp_server.MAX_RECV = RECV_CHUNK  # type: ignore[attr-defined]
     _guard_send_eof_race()
+    close_on_client_eof()
     try:
         libc = ctypes.CDLL(None)
         m_trim_threshold, m_mmap_threshold = -1, -3
@@ -951,6 +954,32 @@ def _guard_send_eof_race() -> None:
 
     server.protocol_send = protocol_send  # type: ignore[method-assign]
     server._kbfs_guarded = True  # type: ignore[attr-defined]
+
+
+def close_on_client_eof() -> None:
+    """Close a keep-alive connection as soon as its client closes it.
+
+    Hypercorn 0.18's TCPServer, on reading EOF from an idle keep-alive connection,
+    leaves its read loop but then waits for the connection's idle timer (the
+    keep-alive timeout, 75 s) before closing the socket: every client that hangs up
+    leaves a CLOSE-WAIT socket behind for that long (a client churning connections
+    runs the server out of file descriptors). Stopping the idle timer once the read
+    loop is over lets the connection close at once.
+    """
+    server = hypercorn.trio.tcp_server.TCPServer
+    if getattr(server, "_kbfs_close_on_eof", False):
+        return
+    original = server._read_data
+
+    async def _read_data(self: Any) -> None:
+        try:
+            await original(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.idle_task.stop()
+
+    server._read_data = _read_data  # type: ignore[method-assign]
+    server._kbfs_close_on_eof = True  # type: ignore[attr-defined]
 
 
 async def serve(relay: Relay, host: str, port: int,

@@ -36,6 +36,7 @@ from functools import partial
 from typing import Any
 
 import hypercorn.trio
+import hypercorn.trio.tcp_server
 import requests
 import trio
 import trio_websocket
@@ -750,6 +751,7 @@ class Share:
             await _guarded(router, scope, receive, send)
 
         config = _hypercorn_config(host, port)
+        _close_on_client_eof()
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(hypercorn.trio.serve, app, config))  # type: ignore[arg-type]
             task_status.started(binds[0] if binds else f"http://{host}:{port}")
@@ -919,6 +921,26 @@ async def _guarded(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope
                   type(exc).__name__, exc)
         if not started:
             await _send_json(send_cors, 500, {"error": "internal error"})
+
+
+def _close_on_client_eof() -> None:
+    """Close a keep-alive connection as soon as its client closes it (hypercorn 0.18
+    otherwise holds it in CLOSE-WAIT until the keep-alive timeout). The same fix as
+    relay.close_on_client_eof, repeated here because a share must not import the relay."""
+    server = hypercorn.trio.tcp_server.TCPServer
+    if getattr(server, "_kbfs_close_on_eof", False):
+        return
+    original = server._read_data
+
+    async def _read_data(self: Any) -> None:
+        try:
+            await original(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.idle_task.stop()
+
+    server._read_data = _read_data  # type: ignore[method-assign]
+    server._kbfs_close_on_eof = True  # type: ignore[attr-defined]
 
 
 def _hypercorn_config(host: str, port: int) -> HyperConfig:

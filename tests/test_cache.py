@@ -434,3 +434,188 @@ def test_two_caches_share_a_folder(src, data, make_cache):
         two.clear()
         assert one.read(ref, 0, len(data)) == data  # vanished files: simply fetched again
         assert wait_until(lambda: one.cached_bytes(ref) == len(data))
+
+
+# ---------------------------------------------------------------- no fsync: verify on read
+
+
+def _xattrs_work(directory: Path) -> bool:
+    probe = directory / ".xattr-probe"
+    probe.write_bytes(b"")
+    try:
+        os.setxattr(probe, "user.kbfs.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def _block_path(cache: BlockCache, sha1: str, index: int) -> Path:
+    return cache_dir(cache) / "blocks" / sha1[:2] / sha1 / str(index)
+
+
+def test_block_of_an_earlier_boot_is_verified_and_refetched_when_bad(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        assert cache.read(ref, 0, len(data)) == data
+        cache.close()
+        # As after a power cut: the file is there at full size, its bytes are not, and it
+        # carries no mark of the current boot.
+        bad = _block_path(cache, info.sha1, 3)
+        raw = bytearray(bad.read_bytes())
+        raw[100] ^= 0xFF
+        bad.write_bytes(bytes(raw))
+        for p in block_files(cache_dir(cache)):
+            try:
+                os.removexattr(p, "user.kbfs.boot")
+            except OSError:
+                pass
+        n = src.counts()["sha1"]
+        again = make_cache(f)
+        assert again.read(ref, 0, len(data)) == data
+        assert again.read(ref, 3 * BS + 5, 10) == data[3 * BS + 5:3 * BS + 15]
+        assert src.counts()["sha1"] == n + 1  # only the bad block went over the network
+        assert again.statistics()["errors"] >= 1
+        assert again.wait_idle(10)
+        assert tree.leaf_hash(bad.read_bytes()) == info.leaves[3]
+
+
+def test_bad_block_copied_by_write_to_is_refetched(src, data, make_cache, tmp_path):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        cache.read(ref, 0, len(data))
+        cache.close()
+        bad = _block_path(cache, info.sha1, 1)
+        bad.write_bytes(b"\0" * BS)  # right size, wrong bytes...
+        try:
+            os.removexattr(bad, "user.kbfs.boot")  # ...and no mark of this boot
+        except OSError:
+            pass
+        again = make_cache(f)
+        out = tmp_path / "out.bin"
+        fd = os.open(out, os.O_RDWR | os.O_CREAT)
+        try:
+            assert again.write_to(ref, fd, 0, ref.blocks) == len(data)
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == data
+        assert again.statistics()["errors"] >= 1
+
+
+def test_blocks_written_this_boot_are_not_hashed_again(src, data, make_cache, monkeypatch):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        if not _xattrs_work(cache_dir(cache)):
+            pytest.skip("no user xattrs on this file system")
+        cache.read(ref, 0, len(data))
+        cache.close()
+        calls = []
+        real = tree.block_matches
+
+        def counting(block, leaf):
+            calls.append(len(block))
+            return real(block, leaf)
+
+        monkeypatch.setattr(tree, "block_matches", counting)
+        again = make_cache(f)
+        assert again.read(ref, 0, len(data)) == data
+        assert calls == []
+        # Unmarked (an earlier boot): hashed once in this process, then trusted.
+        for p in block_files(cache_dir(cache)):
+            os.removexattr(p, "user.kbfs.boot")
+        third = make_cache(f)
+        assert third.read(ref, 0, len(data)) == data
+        assert third.read(ref, 0, len(data)) == data
+        assert len(calls) == ref.blocks
+
+
+def test_read_cached_only_serves_present_verified_blocks(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        assert cache.read_cached(ref, 10, 4096) is None  # missing: never fetched by it
+        assert src.counts().get("sha1", 0) == 0
+        cache.read(ref, 0, 3 * BS)
+        assert cache.read_cached(ref, 10, 4096) == data[10:4106]
+        assert cache.read_cached(ref, BS - 5, 10) == data[BS - 5:BS + 5]  # two blocks
+        assert cache.read_cached(ref, 2 * BS + 1, 2 * BS) is None  # block 3 is missing
+        assert cache.read_cached(ref, len(data), 10) is None
+        for off in range(0, 3 * BS, 4096):
+            assert cache.read_cached(ref, off, 4096) == data[off:off + 4096]
+
+
+def test_write_to_mixes_cached_and_fetched_blocks(src, data, make_cache, tmp_path):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f, background_stores=True)
+        cache.read(ref, 2 * BS, 3 * BS)
+        out = tmp_path / "out.bin"
+        fd = os.open(out, os.O_RDWR | os.O_CREAT)
+        try:
+            os.ftruncate(fd, len(data))
+            assert cache.write_to(ref, fd, 6, 100) == len(data) - 6 * BS  # clipped at the end
+            assert cache.write_to(ref, fd, 0, 6) == 6 * BS
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == data
+        assert cache.wait_idle(10)
+        assert cache.cached_bytes(ref) == len(data)
+        assert cache.statistics()["bytes_fetched"] == len(data)  # each block once
+
+
+def test_write_to_without_storing(src, data, make_cache, tmp_path):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        out = tmp_path / "out.bin"
+        fd = os.open(out, os.O_RDWR | os.O_CREAT)
+        try:
+            assert cache.write_to(ref, fd, 0, ref.blocks, store=False) == len(data)
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == data
+        assert cache.wait_idle(10)
+        assert cache.cached_bytes(ref) == 0 and block_files(cache_dir(cache)) == []
+
+
+def test_background_stores_serve_at_once_and_store_behind(src, data, make_cache):
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f, background_stores=True)
+        assert cache.read(ref, 0, len(data)) == data
+        # Read again at once, stores maybe still queued: served from memory or disk,
+        # never fetched twice.
+        assert cache.read(ref, 0, len(data)) == data
+        assert cache.wait_idle(10)
+        assert cache.statistics()["bytes_fetched"] == len(data)
+        assert cache.cached_bytes(ref) == len(data)
+        for p in block_files(cache_dir(cache)):
+            assert tree.leaf_hash(p.read_bytes()) == info.leaves[int(p.name)]
+        assert not [p for p in (cache_dir(cache) / "blocks").rglob(".*")]  # no temporaries
+
+
+def test_read_ahead_tops_up_in_batches(src, make_cache):
+    data = os.urandom(64 * BS)
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        ra = ReadAhead(cache, ref, max_window=32)
+        for off in range(0, 40 * BS, BS // 2):
+            ra.on_read(off, BS // 2)
+            assert cache.read(ref, off, BS // 2) == data[off:off + BS // 2]
+        assert cache.wait_idle(10)
+        assert cache.statistics()["bytes_fetched"] == cache.cached_bytes(ref)
+        # Range requests carry several blocks each, not one per block read.
+        assert src.counts()["sha1"] <= 40 // 2

@@ -270,3 +270,18 @@ def test_parallel_fetches(src, data):
 def test_list_share_not_found(src):
     with Fetcher([src.url]) as f, pytest.raises(NotFound):
         f.list_share(src.url, "a" * 16, "sub/dir")
+
+
+def test_environment_proxies_still_apply(src, data, monkeypatch):
+    """Proxies come from the environment once per origin (not per request), NO_PROXY too."""
+    info = src.add(data)
+    for key in ("no_proxy", "NO_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    with Fetcher([src.url], deadline=2, timeout=1) as f:
+        with pytest.raises(SourceUnavailable):
+            f.fetch_tree(info.sha1, info.size)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with Fetcher([src.url], deadline=5) as f:
+        leaves = tree.split_leaves(f.fetch_tree(info.sha1, info.size))
+        assert f.fetch_blocks(info.sha1, info.size, 0, 1, leaves) == data  # one 1 MiB block
