@@ -38,6 +38,7 @@ from hostileutil import (
     get_request,
     hello,
     host_port,
+    open_fds,
     raw_http,
 )
 
@@ -630,3 +631,20 @@ def test_upload_longer_or_shorter_than_announced(world: Any) -> None:
 
     trio.run(main)
 
+
+
+def test_closed_keepalive_connections_are_released(world: Any) -> None:
+    """A client hanging up an idle keep-alive connection frees the server's socket at
+    once (hypercorn held it in CLOSE-WAIT until the keep-alive timeout)."""
+    for base, proc in ((world["relay"].url, world["relay"]), (world["share"].direct_url,
+                                                              world["share"])):
+        time.sleep(0.5)
+        before = open_fds(proc.pid)
+        for _ in range(40):
+            with requests.Session() as session:
+                r = session.get(base + "/api/health", timeout=5)
+                assert r.status_code == 200
+        deadline = time.monotonic() + 2.0
+        while open_fds(proc.pid) > before + 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert open_fds(proc.pid) <= before + 4, (base, before, open_fds(proc.pid))
