@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ctypes
 import hashlib
 import hmac
 import json
@@ -24,30 +23,21 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, NamedTuple
 
-import hypercorn.trio
-import hypercorn.trio.tcp_server
 import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from hypercorn.config import Config as HyperConfig
-from hypercorn.events import Closed
 from starlette.routing import Route, Router, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from kbfs import protocol, prv, tree
-from kbfs.errors import BadRequest, ConfigError, KbfsError, NotFound, RangeError
+from kbfs import httpserve, protocol, prv, tree
+from kbfs.errors import BadRequest, ConfigError, NotFound
+from kbfs.httpserve import Endpoint, HttpError, Receive, Scope, Send, header, send_json
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 HANDSHAKE_TIMEOUT = 10.0  # a share must answer the challenge within this
 START_TIMEOUT = 20.0  # a share must start its upload POST (or refuse) within this
@@ -58,10 +48,7 @@ AUTH_CACHE_SECONDS = 60.0
 OUTBOX_SLOTS = 1024  # control messages queued for one share
 MAX_CONTROL_MESSAGE = 4 << 20
 MAX_AUTH_HEADER = 4096
-RECV_CHUNK = 1 << 20  # hypercorn reads 64 KiB per recv() by default: too small for 1 GB/s
 
-_JSON = [(b"content-type", b"application/json")]
-_CORS = [(k.lower().encode(), v.encode()) for k, v in protocol.CORS_HEADERS.items()]
 
 
 class FileEntry(NamedTuple):
@@ -170,15 +157,6 @@ class Pending:
     client_gone: bool = False
 
 
-class HttpError(KbfsError):
-    """An answer other than success, with its HTTP status."""
-
-    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or []
-
-
 _CONNECTION_ENDED = (WebSocketDisconnect, trio.TooSlowError, trio.BrokenResourceError,
                      trio.ClosedResourceError, OSError)
 
@@ -188,45 +166,6 @@ def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaf_exceptions(inner)]
     return [exc]
-
-
-def _status_of(exc: KbfsError) -> int:
-    if isinstance(exc, HttpError):
-        return exc.status
-    if isinstance(exc, RangeError):
-        return 416
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, BadRequest):
-        return 400
-    return 500
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-async def _send_json(send: Send, status: int, obj: Any,
-                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    headers = _JSON + [(b"content-length", str(len(body)).encode()),
-                       (b"cache-control", b"no-store")] + (extra or [])
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class _Endpoint:
-    """Adapts `async def handler(scope, receive, send)` into a raw ASGI app for starlette
-    routes (a bound method would be wrapped as a request/response function)."""
-
-    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.handler = handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handler(scope, receive, send)
 
 
 class Relay:
@@ -245,15 +184,15 @@ class Relay:
             self.allowed_ids()  # fail at start on a bad file
         get = ["GET", "HEAD"]
         self.router = Router(routes=[
-            Route(protocol.HEALTH_PATH, _Endpoint(self._health), methods=get),
-            Route(protocol.SHARES_PATH, _Endpoint(self._shares), methods=get),
-            Route("/api/find/{sha1}", _Endpoint(self._find), methods=get),
-            Route("/sha1/{sha1}", _Endpoint(self._sha1), methods=get),
-            Route("/tree/{sha1}", _Endpoint(self._tree), methods=get),
-            Route("/s/{share}/list", _Endpoint(self._list), methods=get),
-            Route("/s/{share}/list/{path:path}", _Endpoint(self._list), methods=get),
-            Route("/s/{share}/file/{path:path}", _Endpoint(self._file), methods=get),
-            Route("/_upload/{token}", _Endpoint(self._upload), methods=["POST"]),
+            Route(protocol.HEALTH_PATH, Endpoint(self._health), methods=get),
+            Route(protocol.SHARES_PATH, Endpoint(self._shares), methods=get),
+            Route("/api/find/{sha1}", Endpoint(self._find), methods=get),
+            Route("/sha1/{sha1}", Endpoint(self._sha1), methods=get),
+            Route("/tree/{sha1}", Endpoint(self._tree), methods=get),
+            Route("/s/{share}/list", Endpoint(self._list), methods=get),
+            Route("/s/{share}/list/{path:path}", Endpoint(self._list), methods=get),
+            Route("/s/{share}/file/{path:path}", Endpoint(self._file), methods=get),
+            Route("/_upload/{token}", Endpoint(self._upload), methods=["POST"]),
             WebSocketRoute(protocol.CONTROL_PATH, self._control),
         ])
 
@@ -261,47 +200,7 @@ class Relay:
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI application: CORS on every answer, kbfs errors turned into statuses."""
-        if scope["type"] in ("http", "websocket") and protocol.head_bytes(
-                scope.get("raw_path") or b"", scope.get("query_string") or b"",
-                scope.get("headers") or []) > protocol.MAX_HEAD_BYTES:
-            if scope["type"] == "http":
-                await _send_json(send, 431, {"error": "request head too large"})
-            else:
-                await send({"type": "websocket.close", "code": 1009})
-            return
-        if scope["type"] != "http":
-            await self.router(scope, receive, send)
-            return
-        if scope["method"] == "OPTIONS":
-            await send({"type": "http.response.start", "status": 204,
-                        "headers": _CORS + [(b"content-length", b"0"),
-                                            (b"allow", b"GET, HEAD, OPTIONS")]})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        started = False
-
-        async def send_cors(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message["headers"] = list(message.get("headers", [])) + _CORS
-            await send(message)
-
-        try:
-            await self.router(scope, receive, send_cors)
-        except KbfsError as exc:
-            if not started:
-                extra = exc.headers if isinstance(exc, HttpError) else []
-                if isinstance(exc, RangeError):
-                    extra = [(b"content-range", protocol.unsatisfied_range(exc.size).encode())]
-                await _send_json(send_cors, _status_of(exc), {"error": str(exc)}, extra)
-        except Exception as exc:  # a bug: one line in the log, a 500 to the client
-            log.error("internal error on %s %s: %s: %s", scope.get("method"),
-                      scope.get("path", "")[:200], type(exc).__name__, exc)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("traceback", exc_info=True)
-            if not started:
-                await _send_json(send_cors, 500, {"error": "internal error"})
+        await httpserve.guarded(self.router, scope, receive, send)
 
     # ------------------------------------------------------------ allow list
 
@@ -451,7 +350,7 @@ class Relay:
             "challenge": base64.b64encode(challenge).decode(),
         }))
         hello = await self._receive_json(ws, HANDSHAKE_TIMEOUT)
-        host = _header(ws.scope, b"host") or ""
+        host = header(ws.scope, b"host") or ""
 
         async def refuse(why: str) -> None:
             log.warning("share refused from %s: %s", peer, why)
@@ -579,7 +478,7 @@ class Relay:
         """May this request see the private share CONN? (the share itself decides)."""
         if not conn.private:
             return True
-        auth = _header(scope, b"authorization")
+        auth = header(scope, b"authorization")
         if not auth or len(auth) > MAX_AUTH_HEADER:
             return False
         key = hashlib.sha256(auth.encode("latin-1")).hexdigest()
@@ -605,16 +504,16 @@ class Relay:
     # ------------------------------------------------------------ JSON API
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send_json(send, 200, {
+        await send_json(send, 200, {
             "ok": True, "shares": len(self.shares), "uptime": round(time.time() - self.started, 3),
             "pending": len(self.pending), **self.stats,
         })
 
     async def _shares(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send_json(send, 200, [c.summary() for c in self.shares.values()])
+        await send_json(send, 200, [c.summary() for c in self.shares.values()])
 
     def _base_url(self, scope: Scope) -> str:
-        host = _header(scope, b"host")
+        host = header(scope, b"host")
         if not host:
             server = scope.get("server") or ("127.0.0.1", 80)
             host = f"{server[0]}:{server[1]}"
@@ -635,7 +534,7 @@ class Relay:
                 direct.append(conn.listen_url + protocol.SHA1_PATH.format(sha1=sha1))
         if shares:
             direct.append(self._base_url(scope) + protocol.SHA1_PATH.format(sha1=sha1))
-        await _send_json(send, 200, {"found": bool(shares), "size": size, "shares": shares,
+        await send_json(send, 200, {"found": bool(shares), "size": size, "shares": shares,
                                      "urls": direct})
 
     def _holders(self, sha1: str) -> list[ShareConn]:
@@ -664,7 +563,7 @@ class Relay:
             pointer = prv.Pointer(e.sha1, e.size, e.fcs, os.path.join(conn.root_dir, e.path),
                                   tree=prv.TreeRef(e.root))
             files.append({"name": name, "size": e.size, "mtime": e.mtime, "prv": pointer.to_dict()})
-        await _send_json(send, 200, {
+        await send_json(send, 200, {
             "share": conn.id, "path": path, "dirs": sorted(conn.dir_subdirs.get(path, ())),
             "files": files,
         })
@@ -721,13 +620,13 @@ class Relay:
             (b"etag", etag.encode()),
             (b"cache-control", cache_control.encode()),
         ]
-        inm = _header(scope, b"if-none-match")
+        inm = header(scope, b"if-none-match")
         if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
             await send({"type": "http.response.start", "status": 304, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
-        range_header = _header(scope, b"range")
-        if_range = _header(scope, b"if-range")
+        range_header = header(scope, b"range")
+        if_range = header(scope, b"if-range")
         if if_range is not None and if_range.strip() != etag:
             range_header = None
         rng = protocol.parse_range(range_header, size)
@@ -750,7 +649,7 @@ class Relay:
                           headers: list[tuple[bytes, bytes]]) -> None:
         """Ask the candidate shares in turn; the first accepted upload is piped to the client."""
         self.stats["requests"] += 1
-        auth = _header(scope, b"authorization")
+        auth = header(scope, b"authorization")
         if auth is not None and len(auth) > MAX_AUTH_HEADER:
             raise BadRequest("Authorization header too long")
         refusals: list[tuple[int, str]] = []
@@ -817,14 +716,14 @@ class Relay:
     async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = scope["path_params"]["token"]
         p = self.pending.get(token)
-        secret = _header(scope, protocol.UPLOAD_SECRET_HEADER.lower().encode()) or ""
+        secret = header(scope, protocol.UPLOAD_SECRET_HEADER.lower().encode()) or ""
         if p is None or p.taken:
             self.stats["rejected_uploads"] += 1
             raise NotFound("unknown or already used upload id")
         if not hmac.compare_digest(secret.encode(), p.share.upload_secret.encode()):
             self.stats["rejected_uploads"] += 1
             raise HttpError(403, "upload secret does not match the asked share")
-        length = _header(scope, b"content-length")
+        length = header(scope, b"content-length")
         if length is None or not (length.isascii() and length.isdigit()) or int(length) != p.length:
             raise BadRequest(f"upload must have Content-Length {p.length}")
         p.taken = True
@@ -838,7 +737,7 @@ class Relay:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
         else:
-            await _send_json(send, 410 if "client" in outcome else 400, {"error": outcome})
+            await send_json(send, 410 if "client" in outcome else 400, {"error": outcome})
 
     async def _pipe(self, p: Pending, receive: Receive) -> str:
         """Copy the upload body (RECEIVE) into the client response (P.client_send).
@@ -882,111 +781,8 @@ class Relay:
                 return "complete" if p.complete else "short upload"
 
 
-def http_idle_timeout() -> float:
-    """Seconds a connection may wait for a complete request head: KBFS_HTTP_IDLE_TIMEOUT
-    (default 75; tests lower it to watch slowloris clients being cut)."""
-    try:
-        value = float(os.environ.get("KBFS_HTTP_IDLE_TIMEOUT", "75"))
-    except ValueError:
-        raise ConfigError("KBFS_HTTP_IDLE_TIMEOUT must be a number of seconds") from None
-    if not 0.5 <= value <= 3600:
-        raise ConfigError("KBFS_HTTP_IDLE_TIMEOUT must be from 0.5 to 3600 seconds")
-    return value
-
-
-def hypercorn_config(host: str, port: int) -> HyperConfig:
-    """Hypercorn settings shared by the relay and a share's --listen server."""
-    config = HyperConfig()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.loglevel = "WARNING"
-    # Also the bound on a client that never finishes its request head (slowloris): the
-    # idle timer runs from accept (or the end of the last response) to a complete head.
-    config.keep_alive_timeout = http_idle_timeout()
-    config.keep_alive_max_requests = 1 << 30
-    config.websocket_max_message_size = MAX_CONTROL_MESSAGE
-    config.max_app_queue_size = 4  # request-body chunks queued per connection (1 MiB each)
-    config.h11_max_incomplete_size = 16 * 1024
-    config.graceful_timeout = 2
-    config.include_server_header = False
-    return config
-
-
-def tune_process() -> None:
-    """Settings for moving ~1 GB/s through one Python process.
-
-    Hypercorn reads 64 KiB per recv() by default; the upload POSTs are the relay's hot
-    path, and fewer, larger chunks cut its per-chunk Python overhead. 1 MiB buffers
-    are above glibc's default mmap threshold, so each one would be mapped, faulted in
-    page by page and unmapped again: raising the thresholds lets malloc reuse them.
-    """
-    hypercorn.trio.tcp_server.MAX_RECV = RECV_CHUNK  # type: ignore[attr-defined]
-    _guard_send_eof_race()
-    close_on_client_eof()
-    try:
-        libc = ctypes.CDLL(None)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 32 << 20)
-        libc.mallopt(m_trim_threshold, 128 << 20)
-    except (OSError, AttributeError):  # not glibc: only slower
-        pass
-
-
-def _guard_send_eof_race() -> None:
-    """Keep one closing connection from taking the whole server down.
-
-    Hypercorn 0.18's TCPServer closes a connection with `send_eof()` outside its send
-    lock; if the read task answers a websocket close or ping frame at that moment, its
-    `send_all` raises `trio.BusyResourceError`, which nothing catches, and the error
-    ends `serve()` (seen here when a refused share closed its websocket). A send that
-    races a close is treated as a send on a closed connection.
-    """
-    server = hypercorn.trio.tcp_server.TCPServer
-    if getattr(server, "_kbfs_guarded", False):
-        return
-    original = server.protocol_send
-
-    async def protocol_send(self: Any, event: Any) -> None:
-        try:
-            await original(self, event)
-        except trio.BusyResourceError:
-            await self.protocol.handle(Closed())
-
-    server.protocol_send = protocol_send  # type: ignore[method-assign]
-    server._kbfs_guarded = True  # type: ignore[attr-defined]
-
-
-def close_on_client_eof() -> None:
-    """Close a keep-alive connection as soon as its client closes it.
-
-    Hypercorn 0.18's TCPServer, on reading EOF from an idle keep-alive connection,
-    leaves its read loop but then waits for the connection's idle timer (the
-    keep-alive timeout, 75 s) before closing the socket: every client that hangs up
-    leaves a CLOSE-WAIT socket behind for that long (a client churning connections
-    runs the server out of file descriptors). Stopping the idle timer once the read
-    loop is over lets the connection close at once.
-    """
-    server = hypercorn.trio.tcp_server.TCPServer
-    if getattr(server, "_kbfs_close_on_eof", False):
-        return
-    original = server._read_data
-
-    async def _read_data(self: Any) -> None:
-        try:
-            await original(self)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.idle_task.stop()
-
-    server._read_data = _read_data  # type: ignore[method-assign]
-    server._kbfs_close_on_eof = True  # type: ignore[attr-defined]
-
-
 async def serve(relay: Relay, host: str, port: int,
                 task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve RELAY on HOST:PORT until cancelled; reports the bound base URL when ready."""
-    tune_process()
-    config = hypercorn_config(host, port)
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(hypercorn.trio.serve, relay.app, config))  # type: ignore[arg-type]
-        task_status.started(binds[0] if binds else f"http://{host}:{port}")
+    config = httpserve.hypercorn_config(host, port, max_ws_message=MAX_CONTROL_MESSAGE)
+    await httpserve.serve(relay.app, config, host, port, task_status=task_status)

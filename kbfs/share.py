@@ -30,39 +30,32 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import hypercorn.trio
-import hypercorn.trio.tcp_server
 import requests
 import trio
 import trio_websocket
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypercorn.config import Config as HyperConfig
 from starlette.routing import Route, Router
 
-from kbfs import protocol, tree
+from kbfs import httpserve, protocol, tree
 from kbfs.config import default_state_dir, normalize_relay
 from kbfs.errors import (
     BadRequest,
     ConfigError,
     KbfsError,
     NotFound,
-    RangeError,
     VerificationError,
 )
+from kbfs.httpserve import Endpoint, HttpError, Receive, Scope, Send, header, send_json
 from kbfs.index import IndexedFile, ShareIndex
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 KEY_FILE = "share.key"
 TOKEN_SECRET_FILE = "token.secret"
@@ -79,7 +72,6 @@ MAX_CONTROL_MESSAGE = 4 << 20
 
 _CONNECTION_FAILED = (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError,
                       trio.TooSlowError, trio.BrokenResourceError, KbfsError)
-_CORS = [(k.lower().encode(), v.encode()) for k, v in protocol.CORS_HEADERS.items()]
 
 
 def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
@@ -89,12 +81,9 @@ def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-class Refused(KbfsError):
-    """This share will not serve a request; `status` is the HTTP status it maps to."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class Refused(HttpError):
+    """This share will not serve a request; `status` is the HTTP status it maps to
+    (409: the file changed since it was indexed)."""
 
 
 # ---------------------------------------------------------------- identity and tokens
@@ -742,29 +731,27 @@ class Share:
     async def _serve_direct(self, host: str, port: int,
                             task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         router = Router(routes=[
-            Route(protocol.HEALTH_PATH, _Endpoint(self._direct_health), methods=["GET", "HEAD"]),
-            Route("/sha1/{sha1}", _Endpoint(self._direct_sha1), methods=["GET", "HEAD"]),
-            Route("/tree/{sha1}", _Endpoint(self._direct_tree), methods=["GET", "HEAD"]),
+            Route(protocol.HEALTH_PATH, Endpoint(self._direct_health), methods=["GET", "HEAD"]),
+            Route("/sha1/{sha1}", Endpoint(self._direct_sha1), methods=["GET", "HEAD"]),
+            Route("/tree/{sha1}", Endpoint(self._direct_tree), methods=["GET", "HEAD"]),
         ])
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            await _guarded(router, scope, receive, send)
+            # A file changed since it was indexed: this content is not here any more.
+            await httpserve.guarded(router, scope, receive, send, remap={409: 404})
 
-        config = _hypercorn_config(host, port)
-        _close_on_client_eof()
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(hypercorn.trio.serve, app, config))  # type: ignore[arg-type]
-            task_status.started(binds[0] if binds else f"http://{host}:{port}")
+        config = httpserve.hypercorn_config(host, port)
+        await httpserve.serve(app, config, host, port, task_status=task_status)
 
     def _direct_lookup(self, scope: Scope) -> tuple[IndexedFile, str]:
         sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
-        if not self.authorized(_header(scope, b"authorization")):
+        if not self.authorized(header(scope, b"authorization")):
             raise Refused(401, f"share {self.id} is private: send Authorization: Bearer TOKEN")
         return self.resolve(sha1, None)
 
     async def _direct_health(self, scope: Scope, receive: Receive, send: Send) -> None:
         files, nbytes = self.index.totals()
-        await _send_json(send, 200, {"ok": True, "share": self.id, "files": files, "bytes": nbytes,
+        await send_json(send, 200, {"ok": True, "share": self.id, "files": files, "bytes": nbytes,
                                      "scanning": self.scanning, **self.stats})
 
     async def _direct_tree(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -785,11 +772,11 @@ class Share:
         headers = [(b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes"),
                    (b"etag", etag.encode()),
                    (b"cache-control", protocol.CACHE_CONTROL_IMMUTABLE.encode())]
-        inm = _header(scope, b"if-none-match")
+        inm = header(scope, b"if-none-match")
         if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
             return f, 304, None, headers
-        range_header = _header(scope, b"range")
-        if_range = _header(scope, b"if-range")
+        range_header = header(scope, b"range")
+        if_range = header(scope, b"if-range")
         if if_range is not None and if_range.strip() != etag:
             range_header = None
         rng = protocol.parse_range(range_header, f.size)
@@ -842,120 +829,3 @@ class Share:
                         "more_body": sent < len(reader)})
 
 
-# ---------------------------------------------------------------- small ASGI helpers
-
-
-class _Endpoint:
-    """A raw ASGI app around `async def handler(scope, receive, send)` for starlette."""
-
-    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.handler = handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handler(scope, receive, send)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-async def _send_json(send: Send, status: int, obj: Any,
-                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store")] + (extra or [])})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _guarded(app: Callable[[Scope, Receive, Send], Awaitable[None]], scope: Scope,
-                   receive: Receive, send: Send) -> None:
-    """CORS on every answer; kbfs errors become 4xx JSON; a bug is one log line and a 500."""
-    if scope["type"] == "http" and protocol.head_bytes(
-            scope.get("raw_path") or b"", scope.get("query_string") or b"",
-            scope.get("headers") or []) > protocol.MAX_HEAD_BYTES:
-        await _send_json(send, 431, {"error": "request head too large"})
-        return
-    if scope["type"] != "http":
-        await app(scope, receive, send)
-        return
-    if scope["method"] == "OPTIONS":
-        await send({"type": "http.response.start", "status": 204,
-                    "headers": _CORS + [(b"content-length", b"0")]})
-        await send({"type": "http.response.body", "body": b""})
-        return
-    started = False
-
-    async def send_cors(message: Message) -> None:
-        nonlocal started
-        if message["type"] == "http.response.start":
-            started = True
-            message["headers"] = list(message.get("headers", [])) + _CORS
-        await send(message)
-
-    try:
-        await app(scope, receive, send_cors)
-    except KbfsError as exc:
-        if started:
-            return
-        extra: list[tuple[bytes, bytes]] = []
-        if isinstance(exc, Refused):
-            status = exc.status
-        elif isinstance(exc, RangeError):
-            status = 416
-            extra = [(b"content-range", protocol.unsatisfied_range(exc.size).encode())]
-        elif isinstance(exc, NotFound):
-            status = 404
-        elif isinstance(exc, BadRequest):
-            status = 400
-        else:
-            status = 500
-        if status == 409:
-            status = 404  # changed since indexed: this content is not here any more
-        await _send_json(send_cors, status, {"error": str(exc)}, extra)
-    except Exception as exc:
-        log.error("internal error on %s: %s: %s", scope.get("path", "")[:200],
-                  type(exc).__name__, exc)
-        if not started:
-            await _send_json(send_cors, 500, {"error": "internal error"})
-
-
-def _close_on_client_eof() -> None:
-    """Close a keep-alive connection as soon as its client closes it (hypercorn 0.18
-    otherwise holds it in CLOSE-WAIT until the keep-alive timeout). The same fix as
-    relay.close_on_client_eof, repeated here because a share must not import the relay."""
-    server = hypercorn.trio.tcp_server.TCPServer
-    if getattr(server, "_kbfs_close_on_eof", False):
-        return
-    original = server._read_data
-
-    async def _read_data(self: Any) -> None:
-        try:
-            await original(self)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.idle_task.stop()
-
-    server._read_data = _read_data  # type: ignore[method-assign]
-    server._kbfs_close_on_eof = True  # type: ignore[attr-defined]
-
-
-def _hypercorn_config(host: str, port: int) -> HyperConfig:
-    config = HyperConfig()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.loglevel = "WARNING"
-    # Also bounds a client that never finishes its request head (slowloris); see
-    # relay.http_idle_timeout (not imported: a share must not import the relay).
-    try:
-        config.keep_alive_timeout = float(os.environ.get("KBFS_HTTP_IDLE_TIMEOUT", "75"))
-    except ValueError:
-        raise ConfigError("KBFS_HTTP_IDLE_TIMEOUT must be a number of seconds") from None
-    config.keep_alive_max_requests = 1 << 30
-    config.h11_max_incomplete_size = 16 * 1024
-    config.graceful_timeout = 2
-    config.include_server_header = False
-    return config
