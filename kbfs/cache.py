@@ -56,6 +56,7 @@ no tree trust beyond the rule above; `files/` copies are not counted against cap
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -85,7 +86,7 @@ FD_CACHE = 1024         # open descriptors of block files kept for reads (at mos
                         # quarter of the process's descriptor limit, see _fd_cache_size)
 STORE_QUEUE_BLOCKS = 64  # blocks waiting for a background store at most (bounds memory)
 STORE_THREADS = 2
-RECENT_BLOCKS = 64      # read-ahead blocks kept in memory for their reader
+RECENT_BLOCKS = 32      # read-ahead blocks kept in memory for their reader
 REORDER = 4             # blocks a sequential reader's reads may arrive out of order
 STALE_TEMP = 3600.0     # seconds after which a leftover temporary file is removed
 
@@ -497,12 +498,6 @@ class BlockCache:
         if ent is not None:  # opened by another thread meanwhile: use that one
             os.close(fd)
         else:
-            try:
-                # Reads of a block file ask for exactly what they need (a 4 KiB slice or the
-                # whole block): kernel read-ahead would only turn a 4 KiB read into 128 KiB.
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            except OSError:
-                pass
             ent = self._fds[key] = _Fd(fd)
             while len(self._fds) > self._fd_max:
                 _, old = self._fds.popitem(last=False)
@@ -884,29 +879,33 @@ class BlockCache:
         return b"".join(pieces[i] for i in range(first, last + 1))
 
     def write_to(self, ref: FileRef, fd: int, first: int, count: int,
-                 store: bool = True) -> int:
+                 store: bool = True, lock: threading.Lock | None = None) -> int:
         """Write verified blocks [first, first+count) of REF into FD, each at its own offset
         in the content (a download's output file); returns the bytes written.
 
         Present blocks are copied from their files (in the kernel once verified in this
         process); missing ones are fetched (one range request per run) and written as soon
         as they are verified, then stored in the cache behind (not at all with STORE False,
-        e.g. for content bigger than the whole cache). Blocking."""
+        e.g. for content bigger than the whole cache). Threads writing into the same FD
+        should share one LOCK: concurrent writers of one file contend for its inode lock
+        in the kernel, which spins (that doubled the CPU of a download). Blocking."""
         self._check_open()
         bs = ref.block_size
         last = min(ref.blocks, first + count)
         if ref.size == 0 or first >= last:
             return 0
         buf = memoryview(bytearray(min(bs, ref.size)))  # reused for blocks to verify
+        held = lock if lock is not None else contextlib.nullcontext()
         missing: list[int] = []
         for i in range(first, last):
-            if not self._copy_block(ref, i, fd, buf):
+            if not self._copy_block(ref, i, fd, buf, held):
                 missing.append(i)
         if missing:
             fetched: dict[int, Buffer] = {}
             self._obtain(ref, missing, fetched, store)
-            for i in missing:
-                _pwrite_all(fd, fetched[i], i * bs)
+            with held:
+                for i in missing:
+                    _pwrite_all(fd, fetched[i], i * bs)
         written = min(ref.size, last * bs) - first * bs
         with self._lock:
             self._stats["hits"] += last - first - len(missing)
@@ -914,7 +913,8 @@ class BlockCache:
             self._stats["bytes_served"] += written
         return written
 
-    def _copy_block(self, ref: FileRef, index: int, fd: int, buf: memoryview) -> bool:
+    def _copy_block(self, ref: FileRef, index: int, fd: int, buf: memoryview,
+                    held: contextlib.AbstractContextManager[Any]) -> bool:
         """Copy the present block INDEX into FD at its offset, verifying it first if this
         process has not yet; False when it is not present (or failed verification)."""
         start, end = tree.block_span(index, ref.size, ref.block_size)
@@ -928,7 +928,8 @@ class BlockCache:
             with self._lock:
                 good = key in self._good
             if good:
-                _copy_all(ent.fd, fd, blen, start)
+                with held:
+                    _copy_all(ent.fd, fd, blen, start)
             else:
                 view = buf[:blen]
                 got = os.preadv(ent.fd, [view], 0)
@@ -938,7 +939,8 @@ class BlockCache:
                     _mark_boot(ent.fd)
                     with self._lock:
                         self._good.add(key)
-                    _pwrite_all(fd, view, start)
+                    with held:
+                        _pwrite_all(fd, view, start)
         finally:
             self._fd_release(ent)
         if not ok:
@@ -1216,7 +1218,7 @@ class ReadAhead:
     jump. Random reads prefetch nothing.
     """
 
-    def __init__(self, cache: BlockCache, ref: FileRef, max_window: int = 64) -> None:
+    def __init__(self, cache: BlockCache, ref: FileRef, max_window: int = 32) -> None:
         self.cache = cache
         self.ref = ref
         self.max_window = max(1, max_window)

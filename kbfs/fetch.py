@@ -233,6 +233,9 @@ class Fetcher:
             # on every request: with trust_env requests re-reads the environment and
             # stats ~/.netrc per request, a few tenths of a millisecond of each 4 KiB read.
             s.trust_env = False
+            # What trust_env would have taken from the environment besides proxies.
+            s.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get(
+                "CURL_CA_BUNDLE") or True
             adapter = HTTPAdapter(pool_connections=POOL_SIZE, pool_maxsize=POOL_SIZE, max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
