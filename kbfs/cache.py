@@ -108,7 +108,7 @@ class FileRef:
 class BlockSource(Protocol):
     """Where missing blocks come from; `kbfs.fetch.Fetcher` implements it."""
 
-    def fetch_tree(self, sha1: str, size: int) -> bytes: ...
+    def fetch_tree(self, sha1: str, size: int, block_size: int = ..., root: str | None = None) -> bytes: ...
 
     def fetch_blocks(self, sha1: str, size: int, first: int, count: int,
                      leaves: Sequence[bytes], block_size: int = ...) -> bytes: ...
@@ -409,12 +409,8 @@ class BlockCache:
                 self._drop_content(ref.sha1)
                 leaves = None
         if leaves is None:
-            if ref.block_size == BLOCK_SIZE:
-                blob = self.source.fetch_tree(ref.sha1, ref.size)
-            else:
-                # Only sources that know other block sizes (Fetcher does) can serve these.
-                blob = self.source.fetch_tree(ref.sha1, ref.size,  # type: ignore[call-arg]
-                                              block_size=ref.block_size)
+            # The root goes along so the source can pass over a source serving a wrong tree.
+            blob = self.source.fetch_tree(ref.sha1, ref.size, block_size=ref.block_size, root=ref.root)
             if len(blob) != want:
                 raise VerificationError(
                     f"tree of {ref.sha1} has {len(blob)} bytes, expected {want}")

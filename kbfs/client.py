@@ -264,8 +264,8 @@ class _Router:
                 relays = tuple(dict.fromkeys(r for rs in self._fetchers for r in rs))
         return self.fetcher(relays)
 
-    def fetch_tree(self, sha1: str, size: int) -> bytes:
-        return self.for_sha1(sha1).fetch_tree(sha1, size)
+    def fetch_tree(self, sha1: str, size: int, block_size: int = tree.BLOCK_SIZE, root: str | None = None) -> bytes:
+        return self.for_sha1(sha1).fetch_tree(sha1, size, block_size, root)
 
     def fetch_blocks(
         self, sha1: str, size: int, first: int, count: int, leaves: Sequence[bytes],

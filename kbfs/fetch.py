@@ -17,8 +17,8 @@ whole call is bounded by `deadline`: a stalled or trickling source is abandoned 
 timeout and a minimum-throughput check.
 
 What it does not do: it never stores anything (that is `kbfs.cache`), never imports
-`kbfs.cache` (it satisfies `cache.BlockSource` structurally), never verifies a tree against
-a root (`fetch_tree` returns the raw leaves; the caller holds the root), and does not search
+`kbfs.cache` (it satisfies `cache.BlockSource` structurally), verifies a tree against a root
+only when the caller passes one (to skip a source serving a wrong tree), and does not search
 `local_dirs` by content (they are accepted for the interface; nothing maps a sha1 to a
 file name there without an index).
 
@@ -31,6 +31,7 @@ import http.client
 import io
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -52,6 +53,7 @@ from kbfs.errors import (
 
 log = logging.getLogger(__name__)
 
+RETRY_WINDOW = 5.0       # seconds of retry rounds when every source failed transiently
 FIND_TTL = 300.0          # seconds an /api/find answer is reused
 FIND_FAIL_TTL = 15.0      # seconds a failed /api/find is not asked again
 PENALTY = 10.0            # seconds a failed source stays at the back of the order
@@ -252,9 +254,11 @@ class Fetcher:
         return self._session().get(url, proxies=proxies, **kw)
 
     # ---- trees
-    def fetch_tree(self, sha1: str, size: int, block_size: int = tree.BLOCK_SIZE) -> bytes:
-        """The raw leaves blob of SHA1 (unverified) from the first source giving the right
-        length (block_count * 32)."""
+    def fetch_tree(self, sha1: str, size: int, block_size: int = tree.BLOCK_SIZE,
+                   root: str | None = None) -> bytes:
+        """The raw leaves blob of SHA1 from the first source giving the right length
+        (block_count * 32) and, when ROOT is given, leaves that hash up to ROOT: a source
+        serving a wrong tree is counted as a lie and the next one is asked."""
         sha1 = protocol.check_sha1(sha1)
         want = tree.block_count(size, block_size) * tree.LEAF_BYTES
         until = time.monotonic() + self.deadline
@@ -290,6 +294,11 @@ class Fetcher:
                 reasons.append(f"{base}: {exc.__class__.__name__}")
                 continue
             if r.status_code == 200 and len(body) == want:
+                if root is not None and not _tree_matches(body, size, block_size, root):
+                    self._record(src.key, False, seconds=time.monotonic() - t0, lie=True)
+                    log.warning("tree of %s from %s does not match root %s", sha1, base, root)
+                    reasons.append(f"{base}: tree does not match the root")
+                    continue
                 self._record(src.key, True, len(body), time.monotonic() - t0)
                 return body
             self._record(src.key, False, seconds=time.monotonic() - t0)
@@ -354,7 +363,13 @@ class Fetcher:
         reasons: list[str] = []
         lied = answered = 0
         tried: set[str] = set()
-        for attempt in range(2):  # a second round only for sources that failed transiently
+        # Rounds over the sources repeat with a growing pause for up to RETRY_WINDOW seconds
+        # (within the deadline), so a relay or share restarting in a few seconds is ridden
+        # out instead of failing the read.
+        retry_until = min(until, time.monotonic() + RETRY_WINDOW)
+        pause = 0.25
+        attempt = 0
+        while True:
             for src in self._sources(sha1, size, until):
                 if done == count:
                     break
@@ -383,12 +398,14 @@ class Fetcher:
                     with self._lock:
                         self._last[sha1] = src.url
                 done += got
-            if done == count or time.monotonic() >= until or (answered and lied == answered):
+            if done == count or (answered and lied == answered):
                 break
-            if attempt == 0:
-                # Every source failed once: a short pause before the one retry round.
-                time.sleep(min(0.25, max(0.0, until - time.monotonic())))
-                tried = set()
+            if time.monotonic() + pause >= retry_until:
+                break
+            time.sleep(pause * random.uniform(0.8, 1.2))
+            pause = min(pause * 2, 1.0)
+            attempt += 1
+            tried = set()
         if done == count:
             return
         if answered and lied == answered:
@@ -627,3 +644,11 @@ def _socket_of(r: requests.Response) -> socket.socket | None:
 def _short(exc: BaseException) -> str:
     text = str(exc)
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _tree_matches(blob: bytes, size: int, block_size: int, root: str) -> bool:
+    try:
+        tree.verify_leaves(tree.split_leaves(blob), size, root, block_size)
+    except VerificationError:
+        return False
+    return True

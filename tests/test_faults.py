@@ -389,14 +389,7 @@ def test_restart_mid_cold_read(net: Net, victim: str) -> None:
 
 # ---------------------------------------------------------------- lying sources
 
-WRONG_TREE_BUG = (
-    "kbfs/fetch.py Fetcher.fetch_tree returns the first leaves blob of the right length and "
-    "kbfs/cache.py BlockCache._load_tree then fails verify_leaves against the root with "
-    "VerificationError, without asking the next source: a first source serving a wrong tree "
-    "makes every read EIO although the second source is good")
-LIES = ["lie", "short",
-        pytest.param("wrong_tree", marks=pytest.mark.xfail(strict=True, reason=WRONG_TREE_BUG)),
-        "no_range", "stall", "trickle", "error500", "refuse"]
+LIES = ["lie", "short", "wrong_tree", "no_range", "stall", "trickle", "error500", "refuse"]
 
 
 @pytest.mark.parametrize("mode", LIES)

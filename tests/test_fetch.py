@@ -285,3 +285,18 @@ def test_environment_proxies_still_apply(src, data, monkeypatch):
     with Fetcher([src.url], deadline=5) as f:
         leaves = tree.split_leaves(f.fetch_tree(info.sha1, info.size))
         assert f.fetch_blocks(info.sha1, info.size, 0, 1, leaves) == data  # one 1 MiB block
+
+
+def test_wrong_tree_from_first_source_skipped_when_root_known(src, src2, data):
+    info = src.add(data, block_size=BS)
+    src2.add(data, block_size=BS)
+    src.mode = "wrong_tree"
+    root = info.root
+    with Fetcher([src.url, src2.url]) as f:
+        # Without a root the first tree of the right length is all anyone can judge...
+        assert f.fetch_tree(info.sha1, info.size, BS) != info.leaves_blob
+        # ...with one, the liar is passed over and counted as such.
+        assert f.fetch_tree(info.sha1, info.size, BS, root=root) == info.leaves_blob
+        assert f.statistics()["sources"][src.url]["lies"] >= 1
+    with Fetcher([src.url]) as f, pytest.raises(SourceUnavailable):
+        f.fetch_tree(info.sha1, info.size, BS, root=root)
