@@ -53,7 +53,7 @@ from kbfs.errors import (
 
 log = logging.getLogger(__name__)
 
-RETRY_WINDOW = 5.0       # seconds of retry rounds when every source failed transiently
+RETRY_WINDOW = 5.0       # seconds (at most half the deadline) of retry rounds after transient failures
 FIND_TTL = 300.0          # seconds an /api/find answer is reused
 FIND_FAIL_TTL = 15.0      # seconds a failed /api/find is not asked again
 PENALTY = 10.0            # seconds a failed source stays at the back of the order
@@ -268,6 +268,7 @@ class Fetcher:
         # Hashing a local copy reads all of it: worth it first only for modest files.
         order = local + remote if size <= LOCAL_TREE_LIMIT else remote + local
         reasons = []
+        lied = 0
         seen_trees: set[str] = set()
         for src in order:
             if time.monotonic() >= until:
@@ -298,6 +299,7 @@ class Fetcher:
                     self._record(src.key, False, seconds=time.monotonic() - t0, lie=True)
                     log.warning("tree of %s from %s does not match root %s", sha1, base, root)
                     reasons.append(f"{base}: tree does not match the root")
+                    lied += 1
                     continue
                 self._record(src.key, True, len(body), time.monotonic() - t0)
                 return body
@@ -306,6 +308,9 @@ class Fetcher:
                    else f"{len(body)} bytes, want {want}")
             log.warning("tree of %s from %s unusable: %s", sha1, base, why)
             reasons.append(f"{base}: {why}")
+        if lied and lied == len(reasons):
+            raise VerificationError(f"every source of {sha1} sent a block tree that fails the root: "
+                                    + "; ".join(reasons))
         raise SourceUnavailable(f"no source gave the block tree of {sha1}: "
                                 + "; ".join(reasons or ["no sources"]))
 
@@ -364,9 +369,9 @@ class Fetcher:
         lied = answered = 0
         tried: set[str] = set()
         # Rounds over the sources repeat with a growing pause for up to RETRY_WINDOW seconds
-        # (within the deadline), so a relay or share restarting in a few seconds is ridden
+        # (at most half the deadline), so a relay or share restarting in a few seconds is ridden
         # out instead of failing the read.
-        retry_until = min(until, time.monotonic() + RETRY_WINDOW)
+        retry_until = time.monotonic() + min(RETRY_WINDOW, self.deadline / 2)
         pause = 0.25
         attempt = 0
         while True:
@@ -400,9 +405,10 @@ class Fetcher:
                 done += got
             if done == count or (answered and lied == answered):
                 break
-            if time.monotonic() + pause >= retry_until:
+            nap = pause * random.uniform(0.8, 1.2)
+            if time.monotonic() + nap >= retry_until:
                 break
-            time.sleep(pause * random.uniform(0.8, 1.2))
+            time.sleep(nap)
             pause = min(pause * 2, 1.0)
             attempt += 1
             tried = set()
