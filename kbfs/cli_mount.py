@@ -44,6 +44,11 @@ PREFETCH_THREADS = 4
 )
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
 @click.option(
+    "--no-local",
+    is_flag=True,
+    help="Never read a pointer's original file on this machine; always fetch through relays.",
+)
+@click.option(
     "--timeout",
     type=click.FloatRange(0.1),
     hidden=True,
@@ -59,6 +64,7 @@ def mount_cmd(
     cache_dir: str | None,
     cache_size: str | None,
     foreground: bool,
+    no_local: bool,
     timeout: float | None,
     ready_fd: int | None,
 ) -> None:
@@ -87,7 +93,8 @@ def mount_cmd(
             logging.getLogger("kbfs").setLevel(logging.INFO)
         deadline = timeout if timeout is not None else 30.0
         opts = mount.MountOptions(
-            src, mnt, settings, timeout=min(10.0, deadline), deadline=deadline, ready_fd=ready_fd
+            src, mnt, settings, timeout=min(10.0, deadline), deadline=deadline, ready_fd=ready_fd,
+            use_local=not no_local,
         )
         mount.run_mount(opts)
         return
@@ -106,6 +113,8 @@ def mount_cmd(
         argv += ["--cache-size", str(settings.cache_size)]
     if timeout is not None:
         argv += ["--timeout", str(timeout)]
+    if no_local:
+        argv.append("--no-local")
     pid, logfile = mount.spawn_mount(argv, mnt, settings.cache_dir)
     click.echo(f"mounted {source} at {mnt} (pid {pid}; log {logfile})")
 

@@ -201,6 +201,7 @@ class MountOptions:
     timeout: float = 10.0
     deadline: float = 30.0
     ready_fd: int | None = None
+    use_local: bool = True  # read a pointer's original_path when it is on this machine
 
 
 def _build(opts: MountOptions) -> tuple[Any, Any, fusefs.KbfsOperations]:
@@ -225,7 +226,8 @@ def _build(opts: MountOptions) -> tuple[Any, Any, fusefs.KbfsOperations]:
     def on_pointer(pointer: prv.Pointer) -> None:
         # A local pointer's original_path may name a copy on this machine (checked block by
         # block, like any source); a remote share's paths are of the share's machine.
-        if src.local_dir and pointer.original_path and os.path.isabs(pointer.original_path):
+        if (opts.use_local and src.local_dir and pointer.original_path
+                and os.path.isabs(pointer.original_path)):
             fetcher.add_local_candidate(pointer.sha1, pointer.original_path)
 
     list_dir: Callable[[str], dict[str, Any]] | None = None

@@ -64,7 +64,9 @@ echo "== 4. pointers, written into a separate folder (these are what you email)"
 ls -l "$DEMO/pointers" | sed 's/^/   /'
 
 echo "== 5. mount the pointers: every NAME.prv shows up as NAME"
-"$KBFS" mount "$DEMO/pointers" "$DEMO/mnt" --relay "$RELAY" --cache-dir "$DEMO/cache"
+# --no-local: the originals sit on this same machine, and kbfs would rightly read them
+# directly; the demo wants every byte to travel share -> relay -> mount as it would abroad.
+"$KBFS" mount "$DEMO/pointers" "$DEMO/mnt" --relay "$RELAY" --cache-dir "$DEMO/cache" --no-local
 ls -lR "$DEMO/mnt" | sed 's/^/   /'
 
 echo "== 6. read every file back through the mount and check its SHA-1"

@@ -584,3 +584,24 @@ def test_cache_commands(tmp_path: Path) -> None:
         assert _check_cache_blocks(Path(cache), data) == 0
         res = run_kbfs(["cache", "prefetch", str(tmp_path / "src"), "--cache-dir", cache], env=env)
         assert res.returncode == 1 and "neither a file in a kbfs mount" in res.stderr
+
+
+def test_no_local_fetches_through_relays_only(tmp_path: Path) -> None:
+    """A pointer whose original is on this machine is read from it, unless --no-local."""
+    data = _data(2 * MiB + 5, 31)
+    original = tmp_path / "data" / "orig.bin"
+    original.parent.mkdir()
+    original.write_bytes(data)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "orig.bin.prv").write_text(prv.create_pointer(str(original)).to_json())
+    with HTTPSource() as source:
+        source.mode = "refuse"  # the relay is down: only the original can answer
+        with mounted(str(src), tmp_path, name="local", cache_dir=str(tmp_path / "c1"),
+                     relays=[source.url], extra=["--timeout", "3"]) as m:
+            assert read_all(m.path("orig.bin")) == data
+        with mounted(str(src), tmp_path, name="remote", cache_dir=str(tmp_path / "c2"),
+                     relays=[source.url], extra=["--timeout", "3", "--no-local"]) as m:
+            with open(m.path("orig.bin"), "rb", buffering=0) as f, pytest.raises(OSError) as info:
+                f.read(4096)
+            assert info.value.errno == errno.EIO
