@@ -810,7 +810,20 @@ def download(source: str | os.PathLike[str], out: str | None = None, *, local: b
 
 
 class _KbfsFSBase(AbstractFileSystem):
-    """Read-only fsspec file system over `Client`; subclasses parse their paths."""
+    """Read-only fsspec file system over `Client`; subclasses name their protocol."""
+
+    protocol: str  # type: ignore[assignment]
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        if isinstance(path, list):
+            return [cls._strip_protocol(p) for p in path]
+        text, prefix = str(path), f"{cls.protocol}://"
+        text = text[len(prefix):] if text.startswith(prefix) else text
+        return text.strip("/")
+
+    def _source(self, path: str) -> str:
+        return f"{self.protocol}://{path}"
 
     def __init__(self, relays: Sequence[str] | str | None = None, cache_dir: str | None = None,
                  cache_size: str | int | None = None, search_dirs: Sequence[str] | None = None,
@@ -820,9 +833,6 @@ class _KbfsFSBase(AbstractFileSystem):
             relays = [relays]
         self.client = get_client(relays, cache_dir, cache_size, search_dirs)
         self.local = local
-
-    def _source(self, path: str) -> str:
-        raise NotImplementedError
 
     def _resolved(self, path: str) -> Resolved:
         return self.client.resolve(self._source(self._strip_protocol(path)))
@@ -867,17 +877,6 @@ class Sha1FileSystem(_KbfsFSBase):
 
     protocol = "sha1"
 
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> Any:
-        if isinstance(path, list):
-            return [cls._strip_protocol(p) for p in path]
-        text = str(path)
-        text = text[len("sha1://"):] if text.startswith("sha1://") else text
-        return text.strip("/")
-
-    def _source(self, path: str) -> str:
-        return "sha1://" + path
-
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         info = self.info(path)
         return [info] if detail else [info["name"]]
@@ -887,17 +886,6 @@ class KbfsFileSystem(_KbfsFSBase):
     """fsspec "kbfs": `kbfs://HOST:PORT/SHARE_ID/path`, listed and read through that relay."""
 
     protocol = "kbfs"
-
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> Any:
-        if isinstance(path, list):
-            return [cls._strip_protocol(p) for p in path]
-        text = str(path)
-        text = text[len("kbfs://"):] if text.startswith("kbfs://") else text
-        return text.strip("/")
-
-    def _source(self, path: str) -> str:
-        return "kbfs://" + path
 
     def _listing(self, path: str) -> dict[str, Any]:
         relay, share, relpath = parse_kbfs_uri("kbfs://" + path)

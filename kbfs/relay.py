@@ -570,13 +570,17 @@ class Relay:
 
     # ------------------------------------------------------------ content
 
-    async def _sha1(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _content_candidates(self, scope: Scope) -> tuple[str, list[tuple[ShareConn, str]], int]:
+        """(sha1, [(share, path)] of every connected share holding it, size) or NotFound."""
         sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
         holders = self._holders(sha1)
         if not holders:
             raise NotFound(f"no connected share has {sha1}")
         candidates = [(c, c.first_path(sha1) or "") for c in holders]
-        size = holders[0].files[candidates[0][1]].size
+        return sha1, candidates, holders[0].files[candidates[0][1]].size
+
+    async def _sha1(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sha1, candidates, size = self._content_candidates(scope)
         await self._serve_content(scope, receive, send, candidates, sha1, size,
                                   protocol.CACHE_CONTROL_IMMUTABLE)
 
@@ -590,12 +594,7 @@ class Relay:
                                   "no-cache")
 
     async def _tree(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
-        holders = self._holders(sha1)
-        if not holders:
-            raise NotFound(f"no connected share has {sha1}")
-        candidates = [(c, c.first_path(sha1) or "") for c in holders]
-        size = holders[0].files[candidates[0][1]].size
+        sha1, candidates, size = self._content_candidates(scope)
         length = tree.LEAF_BYTES * tree.block_count(size)
         headers = [
             (b"content-type", b"application/octet-stream"),
