@@ -441,21 +441,29 @@ def test_kill_9_during_reads_then_remount(tmp_path: Path) -> None:
     data = _data(40 * MiB, 30)
     with HTTPSource() as source:
         write_pointer(source, tmp_path / "src", "big.bin", data)
-        source.trickle_rate = 4 * MiB
-        source.mode = "trickle"  # slow enough that the kill lands mid-transfer
+        # Slow enough per connection that the read is still under way when the kill lands,
+        # however many range requests the read-ahead keeps in flight.
+        source.trickle_rate = 1 * MiB
+        source.mode = "trickle"
         m = start_mount(str(tmp_path / "src"), tmp_path, relays=[source.url])
         try:
             outcome: list[object] = []
+            first_bytes = threading.Event()
 
             def reader() -> None:
+                got = bytearray()
                 try:
-                    outcome.append(read_all(m.path("big.bin")))
+                    with open(m.path("big.bin"), "rb", buffering=0) as f:
+                        while chunk := f.read(MiB):
+                            got += chunk
+                            first_bytes.set()
+                    outcome.append(bytes(got))
                 except OSError as exc:
                     outcome.append(exc)
 
             t = threading.Thread(target=reader, daemon=True)
             t.start()
-            time.sleep(1.5)
+            assert first_bytes.wait(30), "no bytes arrived through the mount"
             os.kill(m.pid, signal.SIGKILL)
             t.join(30)
             assert outcome and isinstance(outcome[0], OSError)
