@@ -42,7 +42,8 @@ callers on an event loop). `write_to` copies blocks into a caller's file at thei
 Concurrency: one in-flight entry (a Future) per block being fetched, so concurrent readers
 of a block share one fetch; the global lock guards only dictionaries, never I/O.
 Capacity: LRU by last access over block files, evicted to 90% of capacity, never evicting
-files pinned by `open_file`; a floor of free disk space (`min_free`). When a block cannot
+files pinned by `open_file`; a floor of free disk space (`min_free`, at most 5% of the file
+system). When a block cannot
 be stored (full disk, folder gone) the verified bytes are still returned, uncached.
 
 Legacy pointers (root None) trust the tree on first use; once every block is present the
@@ -248,16 +249,18 @@ def _write_atomic_to(path: str, data: bytes | memoryview, durable: bool, mark: b
         raise
 
 
+DEFAULT_MIN_FREE = 1 << 30  # bytes of free disk the cache leaves (at most 5% of the file system)
+
 class BlockCache:
     """Verified blocks on disk with LRU eviction; see the module docstring."""
 
     def __init__(self, directory: str, source: BlockSource, capacity: int,
-                 min_free: int = 1 << 30, workers: int = 8,
+                 min_free: int | None = None, workers: int = 8,
                  background_stores: bool = False) -> None:
         self.directory = os.path.abspath(directory)
         self.source = source
         self.capacity = capacity
-        self.min_free = min_free
+        self.min_free = DEFAULT_MIN_FREE if min_free is None else min_free
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], _Flight] = {}
         self._tree_flights: dict[str, cf.Future[list[bytes]]] = {}
@@ -289,6 +292,13 @@ class BlockCache:
                                                      thread_name_prefix="kbfs-store")
         for sub in ("blocks", "trees", "complete", "files"):
             os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
+        # On a small file system the default floor (1 GiB) would leave no room at all: there
+        # it is 5% of the file system instead.
+        if min_free is None:
+            try:
+                self.min_free = min(self.min_free, shutil.disk_usage(self.directory).total // 20)
+            except OSError:
+                pass
         self._scan()
 
     # ---- paths

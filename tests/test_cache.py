@@ -619,3 +619,23 @@ def test_read_ahead_tops_up_in_batches(src, make_cache):
         assert cache.statistics()["bytes_fetched"] == cache.cached_bytes(ref)
         # Range requests carry several blocks each, not one per block read.
         assert src.counts()["sha1"] <= 40 // 2
+
+
+def test_free_space_floor_fits_small_file_systems(tmp_path, src, data):
+    """A 1 GiB floor on a 64 MiB file system would forbid caching anything at all."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    try:
+        info = src.add(data, block_size=BS)
+        with Fetcher([src.url]) as f:
+            cache = BlockCache(str(mnt / "cache"), f, capacity=32 << 20)
+            try:
+                assert cache.min_free <= (64 << 20) // 20
+                assert cache.read(ref_of(info), 0, len(data)) == data
+                cache.wait_idle(10)
+                assert cache.cached_bytes(ref_of(info)) == len(data)
+            finally:
+                cache.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
