@@ -467,7 +467,21 @@ class BlockCache:
             if ent is not None:
                 ent.users += 1
                 self._fds.move_to_end(key)
+        if ent is not None:
+            # Another process (its eviction, `kbfs cache clear`, rm) may have deleted the
+            # file: its old inode still reads right, but would hold the disk space for as
+            # long as the descriptor stays cached, and the block would never be stored again.
+            try:
+                unlinked = os.fstat(ent.fd).st_nlink == 0
+            except OSError:
+                unlinked = True
+            if not unlinked:
                 return ent
+            with self._lock:
+                if self._fds.get(key) is ent:
+                    self._index_drop(ref.sha1, index)
+            self._fd_release(ent)
+            return None
         path = self._block_path(ref.sha1, index)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

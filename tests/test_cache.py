@@ -639,3 +639,22 @@ def test_free_space_floor_fits_small_file_systems(tmp_path, src, data):
                 cache.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_block_deleted_by_another_process_is_fetched_again(src, data, make_cache):
+    """A cached descriptor must not keep serving (and holding the space of) a deleted file."""
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        assert cache.read(ref, 0, BS) == data[:BS]
+        cache.wait_idle(10)
+        assert cache.read(ref, 0, 100) == data[:100]  # served through the cached descriptor
+        block = cache_dir(cache) / "blocks" / info.sha1[:2] / info.sha1 / "0"
+        assert block.exists()
+        before = src.counts().get("sha1", 0)
+        block.unlink()  # as another mount's eviction or `kbfs cache clear` would
+        assert cache.read(ref, 0, BS) == data[:BS]
+        cache.wait_idle(10)
+        assert src.counts().get("sha1", 0) > before  # fetched again, not read from the old inode
+        assert block.exists()  # and stored again
