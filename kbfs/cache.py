@@ -270,6 +270,7 @@ class BlockCache:
         self._file_bytes: Counter[str] = Counter()
         self._file_blocks: Counter[str] = Counter()
         self._total = 0
+        self._reserved = 0  # bytes of stores under way (counted against the cap before they land)
         self._pins: Counter[str] = Counter()
         self._checking: set[str] = set()
         self._pending = 0
@@ -635,6 +636,8 @@ class BlockCache:
             _write_atomic(self._block_path(ref.sha1, index), data, durable=False, mark=True,
                           direct=direct)
         except OSError as exc:
+            with self._lock:
+                self._reserved -= n
             self._note_error(f"cannot store block {index} of {ref.sha1}: {exc}")
             if exc.errno == errno.ENOSPC:
                 self._evict(self.capacity // 10)
@@ -647,6 +650,7 @@ class BlockCache:
         except OSError:
             rfd = -1
         with self._lock:
+            self._reserved -= n
             self._index_add(ref.sha1, index, n)
             self._good.add((ref.sha1, index))  # written from bytes verified in this process
             if rfd >= 0:
@@ -659,14 +663,19 @@ class BlockCache:
 
     # ---- capacity
     def _make_room(self, n: int) -> bool:
-        """Evict so that N more bytes fit under capacity and above the free-space floor."""
+        """Evict so that N more bytes fit under capacity and above the free-space floor.
+
+        On True the N bytes stay reserved until the caller's store lands or fails, so
+        concurrent stores (readers, read-ahead, background writers) cannot together
+        overshoot the cap between their checks and their writes."""
         with self._lock:
-            over = self._total + n - self.capacity
+            over = self._total + self._reserved + n - self.capacity
         if over > 0:
-            self._evict(self._total + n - int(self.capacity * LOW_WATER))
-            with self._lock:
-                if self._total + n > self.capacity:
-                    return False
+            self._evict(over + self.capacity - int(self.capacity * LOW_WATER))
+        with self._lock:
+            if self._total + self._reserved + n > self.capacity:
+                return False
+            self._reserved += n
         try:
             free = shutil.disk_usage(self.directory).free
         except OSError:
@@ -678,6 +687,8 @@ class BlockCache:
             except OSError:
                 return True
             if free - n < self.min_free:
+                with self._lock:
+                    self._reserved -= n
                 return False
         return True
 
