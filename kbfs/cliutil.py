@@ -18,7 +18,7 @@ from kbfs.errors import ConfigError
 
 
 @contextmanager
-def progress_bar(total: int, label: str, unit_bytes: bool = True) -> Iterator[Any]:
+def progress_bar(total: int, label: str) -> Iterator[Any]:
     """A click progress bar on a terminal's stderr; a no-op object when not a terminal.
 
     Yields an object with `update(n)`.

@@ -684,8 +684,7 @@ class KbfsOperations(pyfuse3.Operations):
             data: bytes = await trio.to_thread.run_sync(
                 os.pread, of.fd, size, off, limiter=self.limiter
             )
-            self._count("reads")
-            self._count("bytes_served", len(data))
+            self._count_read(len(data))
             return data
         if off >= node.size or size <= 0:
             return b""

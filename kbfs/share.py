@@ -112,22 +112,31 @@ def _read_private(path: str) -> bytes:
         return f.read(1 << 16)
 
 
-def load_key(state_dir: str, create: bool = True) -> Ed25519PrivateKey:
-    """The share's Ed25519 key from STATE_DIR, made (mode 0600) on first use."""
-    path = os.path.join(state_dir, KEY_FILE)
+def _private_file(path: str, make: Callable[[], bytes], missing: str | None) -> bytes:
+    """The bytes of the 0600 file PATH, made with MAKE on first use (or ConfigError MISSING
+    when MISSING is given and the file is not there yet)."""
     if not os.path.exists(path):
-        if not create:
-            raise ConfigError(f"{state_dir}: no share key yet (run `kbfs share DIR` once)")
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        if missing is not None:
+            raise ConfigError(missing)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         try:
-            _write_private(path, pem)
+            _write_private(path, make())
         except FileExistsError:
             pass  # another process made it first: use theirs
+    return _read_private(path)
+
+
+def load_key(state_dir: str, create: bool = True) -> Ed25519PrivateKey:
+    """The share's Ed25519 key from STATE_DIR, made (mode 0600) on first use."""
+    def new_pem() -> bytes:
+        return Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    path = os.path.join(state_dir, KEY_FILE)
+    pem = _private_file(path, new_pem, None if create else
+                        f"{state_dir}: no share key yet (run `kbfs share DIR` once)")
     try:
-        loaded = serialization.load_pem_private_key(_read_private(path), password=None)
+        loaded = serialization.load_pem_private_key(pem, password=None)
     except ValueError as exc:
         raise ConfigError(f"{path}: not a share key ({exc})") from None
     if not isinstance(loaded, Ed25519PrivateKey):
@@ -148,15 +157,8 @@ def share_id_of(key: Ed25519PrivateKey) -> str:
 
 def _token_secret(state_dir: str, create: bool = True) -> bytes:
     path = os.path.join(state_dir, TOKEN_SECRET_FILE)
-    if not os.path.exists(path):
-        if not create:
-            raise ConfigError(f"{state_dir}: no token secret yet")
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        try:
-            _write_private(path, secrets.token_bytes(32))
-        except FileExistsError:
-            pass
-    data = _read_private(path)
+    data = _private_file(path, lambda: secrets.token_bytes(32),
+                         None if create else f"{state_dir}: no token secret yet")
     if len(data) < 32:
         raise ConfigError(f"{path}: token secret is too short")
     return data

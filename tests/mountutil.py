@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
+
+# The marks of every test that mounts: skipped (with the reason printed) only where FUSE is missing.
+NEEDS_FUSE = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(
+        not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+        reason="needs /dev/fuse and fusermount3",
+    ),
+]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -33,7 +33,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 PYTHON = sys.executable
 READY_TIMEOUT = 30.0
@@ -142,11 +142,10 @@ def get_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = No
         return json.loads(resp.read())
 
 
-@dataclass
-class RelayProc:
-    """A running `kbfs relay`: its base URL, pid and the process handle."""
+class _Running:
+    """What every started process offers: its pid, stop (SIGTERM, then SIGKILL), kill -9,
+    and use as a context manager that stops it."""
 
-    url: str
     proc: _Proc
 
     @property
@@ -159,10 +158,7 @@ class RelayProc:
     def kill(self) -> None:
         self.proc.kill()
 
-    def shares(self) -> list[dict[str, Any]]:
-        return get_json(self.url + "/api/shares")
-
-    def __enter__(self) -> RelayProc:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -170,29 +166,24 @@ class RelayProc:
 
 
 @dataclass
-class ShareProc:
+class RelayProc(_Running):
+    """A running `kbfs relay`: its base URL, pid and the process handle."""
+
+    url: str
+    proc: _Proc
+
+    def shares(self) -> list[dict[str, Any]]:
+        return get_json(self.url + "/api/shares")
+
+
+@dataclass
+class ShareProc(_Running):
     """A running `kbfs share`: its id, --listen URL (or ''), pid and process handle."""
 
     id: str
     direct_url: str
     proc: _Proc
     state_dir: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> int | None:
-        return self.proc.stop()
-
-    def kill(self) -> None:
-        self.proc.kill()
-
-    def __enter__(self) -> ShareProc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start_relay(tmp_path: Path | str, *extra: str, port: int = 0) -> RelayProc:

@@ -38,16 +38,10 @@ import requests
 
 from kbfs import prv, tree
 from tests.httpsource import HTTPSource
-from tests.mountutil import Mount, alive, force_unmount, is_mounted, isolated_env, mounted, run_kbfs
+from tests.mountutil import NEEDS_FUSE, Mount, alive, force_unmount, is_mounted, isolated_env, mounted, run_kbfs
 from tests.netutil import ShareProc, start_relay, start_share, wait_share_ready
 
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(
-        not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-        reason="needs /dev/fuse and fusermount3",
-    ),
-]
+pytestmark = NEEDS_FUSE
 
 MiB = 1 << 20
 

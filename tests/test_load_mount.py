@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mountutil import alive, mounted
+from tests.mountutil import NEEDS_FUSE, alive, mounted
 from tests.netutil import start_relay, start_share
 from tests.test_faults import (
     MiB,
@@ -37,13 +36,7 @@ from tests.test_faults import (
     run_bounded,
 )
 
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(
-        not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-        reason="needs /dev/fuse and fusermount3",
-    ),
-]
+pytestmark = NEEDS_FUSE
 
 THREADS = 32
 PROCESSES = 32

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,15 +26,9 @@ import pytest
 
 from kbfs import prv, tree
 from tests.httpsource import HTTPSource
-from tests.mountutil import Mount, alive, force_unmount, mounted, run_kbfs, start_mount
+from tests.mountutil import NEEDS_FUSE, Mount, alive, force_unmount, mounted, run_kbfs, start_mount
 
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(
-        not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-        reason="needs /dev/fuse and fusermount3",
-    ),
-]
+pytestmark = NEEDS_FUSE
 
 MiB = 1 << 20
 

@@ -10,7 +10,6 @@ import errno
 import hashlib
 import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,16 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.mountutil import isolated_env, mounted
+from tests.mountutil import NEEDS_FUSE, isolated_env, mounted
 from tests.netutil import ShareProc, start_relay, start_share
 
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(
-        not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-        reason="needs /dev/fuse and fusermount3",
-    ),
-]
+pytestmark = NEEDS_FUSE
 
 MiB = 1 << 20
 
