@@ -90,6 +90,8 @@ STORE_THREADS = 2
 RECENT_BLOCKS = 32      # read-ahead blocks kept in memory for their reader
 REORDER = 4             # blocks a sequential reader's reads may arrive out of order
 STALE_TEMP = 3600.0     # seconds after which a leftover temporary file is removed
+FREE_RECHECK_SECONDS = 1.0      # free disk space is re-read at least this often, and on
+FREE_RECHECK_MARGIN = 256 << 20  # every store once it is this close to the floor
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class _Flight:
         self.prefetch = prefetch
 
 
-Buffer = bytes | memoryview  # a verified block: bytes, or a view into a fetched run
+Buffer = bytes | bytearray | memoryview  # a verified block: bytes, or a view into a fetched run
 
 _tmp_counter = itertools.count()
 XATTR_BOOT = "user.kbfs.boot"
@@ -174,15 +176,39 @@ def _marked_this_boot(fd: int) -> bool:
 _direct_ok = hasattr(os, "O_DIRECT")  # cleared on the first file system that refuses it
 _bounce = threading.local()
 DIRECT_ALIGN = 4096
+HUGE_PAGE = 2 << 20
 
 
-def _write_direct(fd: int, data: bytes | memoryview) -> None:
+def _anonymous(n: int) -> mmap.mmap:
+    """N bytes of private anonymous memory: page-aligned, zero pages until written (not
+    MAP_SHARED, mmap's default, whose pages cost a shmem page fault each)."""
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if n >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        # One page fault per 2 MiB instead of per 4 KiB (the faults of a fresh 8 MiB run
+        # buffer cost more than the copy of its bytes off the socket).
+        with contextlib.suppress(OSError):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
+
+
+def _write_direct(fd: int, data: Buffer) -> None:
     """Write DATA (a multiple of DIRECT_ALIGN long) to FD opened with O_DIRECT, through an
     aligned per-thread buffer (mmap memory is page aligned; a bytes object is not)."""
     n = len(data)
+    if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
+        # A block of a fetched run (page-aligned mmap memory, blocks at multiples of
+        # 1 MiB): written as it is, without the copy through the bounce buffer.
+        try:
+            done = 0
+            while done < n:
+                done += os.write(fd, data[done:n])
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or done:
+                raise
     buf: mmap.mmap | None = getattr(_bounce, "buf", None)
     if buf is None or len(buf) < n:
-        buf = _bounce.buf = mmap.mmap(-1, max(n, BLOCK_SIZE))
+        buf = _bounce.buf = _anonymous(max(n, BLOCK_SIZE))
     view = memoryview(buf)
     try:
         view[:n] = data
@@ -193,7 +219,7 @@ def _write_direct(fd: int, data: bytes | memoryview) -> None:
         view.release()
 
 
-def _write_atomic(path: str, data: bytes | memoryview, durable: bool = True,
+def _write_atomic(path: str, data: Buffer, durable: bool = True,
                   mark: bool = False, direct: bool = False) -> None:
     """Write DATA to PATH so PATH either does not exist or holds all of DATA (fsynced
     before the rename when DURABLE; tagged with the boot id when MARK; with DIRECT, past
@@ -211,7 +237,7 @@ def _write_atomic(path: str, data: bytes | memoryview, durable: bool = True,
     _write_atomic_to(path, data, durable, mark, 0)
 
 
-def _write_atomic_to(path: str, data: bytes | memoryview, durable: bool, mark: bool,
+def _write_atomic_to(path: str, data: Buffer, durable: bool, mark: bool,
                      flags: int) -> None:
     folder, name = os.path.split(path)
     # Unique per process, thread and call; the leading dot keeps it from ever being
@@ -279,6 +305,11 @@ class BlockCache:
         self._stats: Counter[str] = Counter()
         # Blocks whose file this process has checked against its leaf (or written itself).
         self._good: set[tuple[str, int]] = set()
+        # Blocks whose file should be in the page cache (read ahead, or written or read
+        # through it): the only ones a NOWAIT read tries.
+        self._paged: set[tuple[str, int]] = set()
+        self._free_seen = 0         # free disk bytes at the last statvfs, less stores since
+        self._free_at = -1e9        # when that statvfs was (time.monotonic)
         self._fds: OrderedDict[tuple[str, int], _Fd] = OrderedDict()
         self._fd_max = _fd_cache_size()
         # Blocks fetched by read-ahead, kept in memory for the reader they were fetched for
@@ -356,6 +387,7 @@ class BlockCache:
         """Forget block INDEX of SHA1 (the caller holds the lock)."""
         key = (sha1, index)
         self._good.discard(key)
+        self._paged.discard(key)
         self._recent.pop(key, None)
         ent = self._fds.pop(key, None)
         if ent is not None:
@@ -536,13 +568,15 @@ class BlockCache:
         with self._lock:
             self._index_drop(ref.sha1, index)
 
-    def _load_slice(self, ref: FileRef, index: int, lo: int = 0, hi: int | None = None
-                    ) -> bytes | None:
+    def _load_slice(self, ref: FileRef, index: int, lo: int = 0, hi: int | None = None,
+                    nowait: bool = False) -> bytes | bytearray | None:
         """Bytes [lo, hi) of the verified block INDEX from disk, or None when not present.
 
         A block this process has verified costs one pread of just the slice asked for (a
         128 KiB FUSE read costs 128 KiB of I/O). The first read of a block file in this
-        process reads all of it and checks it against its leaf (see the module docstring)."""
+        process reads all of it and checks it against its leaf (see the module docstring).
+        NOWAIT: only bytes already in the page cache (RWF_NOWAIT), else None, and never
+        a first read (which must hash the whole block)."""
         start, end = tree.block_span(index, ref.size, ref.block_size)
         blen = end - start
         hi = blen if hi is None else hi
@@ -553,7 +587,23 @@ class BlockCache:
         try:
             with self._lock:
                 good = key in self._good
-            if good:
+            data: bytes | bytearray | None
+            if nowait:
+                if not good:
+                    return None
+                buf = bytearray(hi - lo)
+                try:
+                    got = os.preadv(ent.fd, [buf], lo, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    got = -1
+                if got != hi - lo:
+                    # Not (all) in the page cache (evicted since): the caller reads in a
+                    # thread, and NOWAIT reads skip this block until it is read ahead again.
+                    with self._lock:
+                        self._paged.discard(key)
+                    return None
+                data = buf
+            elif good:
                 data = os.pread(ent.fd, hi - lo, lo)
             else:
                 whole = os.pread(ent.fd, blen, 0)
@@ -564,6 +614,7 @@ class BlockCache:
                     _mark_boot(ent.fd)
                     with self._lock:
                         self._good.add(key)
+                        self._paged.add(key)  # all of it was just read
                     data = whole if (lo, hi) == (0, blen) else whole[lo:hi]
         except OSError as exc:
             self._note_error(f"cannot read cached block {index} of {ref.sha1}: {exc}")
@@ -590,10 +641,14 @@ class BlockCache:
                 self._store_pool = cf.ThreadPoolExecutor(max_workers=STORE_THREADS,
                                                          thread_name_prefix="kbfs-store")
 
-    def read_cached(self, ref: FileRef, offset: int, length: int) -> bytes | None:
-        """Bytes [offset, offset+length) of REF when every block of it is present and
-        already verified by this process (at most two blocks), else None. Never fetches,
-        never hashes: one pread per block, cheap enough for an event loop thread."""
+    def read_cached(self, ref: FileRef, offset: int, length: int, nowait: bool = False
+                    ) -> Buffer | None:
+        """Bytes [offset, offset+length) of REF (at most two blocks) when they can be had
+        without fetching or hashing, else None: from a read-ahead block still in memory, or
+        one pread of a block file this process has verified. Cheap enough for an event
+        loop thread. NOWAIT: a block file only when its bytes should be in the page cache
+        (read ahead by `_advise_job`, or written or read through it) and only if they are
+        there (RWF_NOWAIT): it never waits for the disk."""
         end = min(ref.size, offset + length)
         if offset >= end or offset < 0:
             return None
@@ -601,22 +656,30 @@ class BlockCache:
         first, last = offset // bs, (end - 1) // bs
         if last - first > 1:
             return None
-        with self._lock:
-            for i in range(first, last + 1):
-                if (ref.sha1, i) not in self._good:
-                    return None
-        pieces = []
+        pieces: list[Buffer] = []
         for i in range(first, last + 1):
             lo = offset - i * bs if i == first else 0
             hi = end - i * bs if i == last else min(bs, ref.size - i * bs)
-            data = self._load_slice(ref, i, lo, hi)
+            key = (ref.sha1, i)
+            with self._lock:
+                ahead = self._recent.get(key)
+                usable = key in self._good and (not nowait or key in self._paged)
+            if ahead is not None:
+                pieces.append(memoryview(ahead)[lo:hi])  # read ahead, still in memory
+                continue
+            if not usable:
+                return None
+            data = self._load_slice(ref, i, lo, hi, nowait)
             if data is None:
                 return None
             pieces.append(data)
         with self._lock:
             self._stats["hits"] += len(pieces)
             self._stats["bytes_served"] += end - offset
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(pieces) == 1:
+            only = pieces[0]
+            return only.toreadonly() if isinstance(only, memoryview) else only
+        return b"".join(pieces)
 
     def _present(self, ref: FileRef, index: int) -> bool:
         with self._lock:
@@ -653,6 +716,8 @@ class BlockCache:
             self._reserved -= n
             self._index_add(ref.sha1, index, n)
             self._good.add((ref.sha1, index))  # written from bytes verified in this process
+            if not direct:
+                self._paged.add((ref.sha1, index))
             if rfd >= 0:
                 self._fd_insert((ref.sha1, index), rfd)
             complete = (ref.root is None and self._file_blocks[ref.sha1] >= ref.blocks
@@ -676,10 +741,18 @@ class BlockCache:
             if self._total + self._reserved + n > self.capacity:
                 return False
             self._reserved += n
+            # Far above the floor, a recent reading (less what was stored since) will do:
+            # one statvfs per block was one more GIL hand-off per MiB streamed.
+            if (time.monotonic() - self._free_at < FREE_RECHECK_SECONDS
+                    and self._free_seen - n > self.min_free + FREE_RECHECK_MARGIN):
+                self._free_seen -= n
+                return True
         try:
             free = shutil.disk_usage(self.directory).free
         except OSError:
             return True  # the write will tell
+        with self._lock:
+            self._free_seen, self._free_at = free - n, time.monotonic()
         if free - n < self.min_free:
             self._evict(self.min_free - (free - n))
             try:
@@ -744,8 +817,10 @@ class BlockCache:
                 hi = min((first + count) * ref.block_size, ref.size)
                 view: memoryview
                 if into is not None:
-                    # Straight into one buffer; blocks are views of it: no copies.
-                    view = memoryview(bytearray(max(0, hi - lo)))
+                    # Straight into one buffer; blocks are views of it: no copies. mmap
+                    # memory is page-aligned, so O_DIRECT stores can write from it as it
+                    # is, and is not zeroed byte by byte first as a bytearray is.
+                    view = memoryview(_anonymous(hi - lo)) if hi > lo else memoryview(b"")
                     into(ref.sha1, ref.size, first, count, leaves, view, ref.block_size)
                 else:
                     data = self.source.fetch_blocks(ref.sha1, ref.size, first, count, leaves,
@@ -766,19 +841,20 @@ class BlockCache:
                         self._keep_recent((ref.sha1, first + k), block)
                 with self._lock:
                     self._stats["bytes_fetched"] += len(view)
-                # A reader waiting for these blocks has them now; a read-ahead job stores
-                # them itself (no reader waits on it, and it paces the read-ahead).
-                if store and out is not None and self._queue_stores(ref, first, blocks,
-                                                                    flights):
+                # Whoever waits for these blocks has them now; a store thread writes them
+                # while this one fetches on (a read-ahead job that stored its own blocks
+                # waited for the disk between its range requests). The bounded store queue
+                # paces the fetching. Read-ahead streams (out is None) write with O_DIRECT:
+                # their reader keeps the bytes in its own page cache (the FUSE file's), so
+                # the block files need not fill it a second time; that copy cost as much
+                # CPU as the fetch itself here.
+                direct = out is None
+                if store and self._queue_stores(ref, first, blocks, flights, direct):
                     handed.update(range(first, first + count))
                     continue
                 for k, stored in enumerate(blocks):
                     if store:
-                        # Read-ahead streams (out is None) write with O_DIRECT: their reader
-                        # keeps the bytes in its own page cache (the FUSE file's), so the
-                        # block files need not fill it a second time; that copy cost as
-                        # much CPU as the fetch itself here.
-                        self._store(ref, first + k, stored, direct=out is None)
+                        self._store(ref, first + k, stored, direct=direct)
                 with self._lock:
                     for k in range(count):
                         self._inflight.pop((ref.sha1, first + k), None)
@@ -804,7 +880,7 @@ class BlockCache:
                 self._recent.popitem(last=False)
 
     def _queue_stores(self, ref: FileRef, first: int, blocks: list[Buffer],
-                      flights: dict[int, _Flight]) -> bool:
+                      flights: dict[int, _Flight], direct: bool = False) -> bool:
         """Hand verified BLOCKS (already published to readers) to a store thread; False
         when stores are synchronous or the store pool is gone (the caller stores them)."""
         pool = self._store_pool
@@ -815,7 +891,7 @@ class BlockCache:
         with self._lock:
             self._pending += 1
         try:
-            pool.submit(self._store_job, ref, first, blocks, flights)
+            pool.submit(self._store_job, ref, first, blocks, flights, direct)
         except RuntimeError:  # shut down meanwhile
             for _ in blocks:
                 self._store_slots.release()
@@ -824,11 +900,11 @@ class BlockCache:
         return True
 
     def _store_job(self, ref: FileRef, first: int, blocks: list[Buffer],
-                   flights: dict[int, _Flight]) -> None:
+                   flights: dict[int, _Flight], direct: bool = False) -> None:
         try:
             for k, data in enumerate(blocks):
                 try:
-                    self._store(ref, first + k, data)
+                    self._store(ref, first + k, data, direct=direct)
                 except Exception:  # noqa: BLE001 - a background job: log, never raise
                     log.exception("store of block %d of %s failed", first + k, ref.sha1)
                     self._note_error(None)
@@ -874,6 +950,12 @@ class BlockCache:
     # ---- public API
     def read(self, ref: FileRef, offset: int, length: int) -> bytes:
         """Up to LENGTH verified bytes of REF at OFFSET (clipped to its size); blocking."""
+        data = self.read_buffer(ref, offset, length)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def read_buffer(self, ref: FileRef, offset: int, length: int) -> Buffer:
+        """`read`, but the bytes may come as a read-only view of a fetched block (no copy
+        of a whole block for a caller, like the FUSE reply, that copies them anyway)."""
         self._check_open()
         if offset < 0 or length < 0:
             raise ValueError("offset and length must be non-negative")
@@ -910,7 +992,7 @@ class BlockCache:
             self._stats["bytes_served"] += end - offset
         if first == last:
             only = pieces[first]
-            return only if isinstance(only, bytes) else bytes(only)
+            return only.toreadonly() if isinstance(only, memoryview) else only
         return b"".join(pieces[i] for i in range(first, last + 1))
 
     def write_to(self, ref: FileRef, fd: int, first: int, count: int,
@@ -988,14 +1070,64 @@ class BlockCache:
                 self._index_add(ref.sha1, index, blen)
         return True
 
+    def leaves(self, ref: FileRef) -> list[bytes]:
+        """The leaves of REF, checked against its root (stored tree, else fetched from the
+        source): what a caller that fetches blocks itself verifies them against."""
+        self._check_open()
+        return self._leaves(ref)
+
+    def copy_present(self, ref: FileRef, fd: int, indices: Sequence[int],
+                     lock: threading.Lock | None = None) -> list[int]:
+        """Copy those of blocks INDICES of REF that are in the cache into FD, each at its
+        offset in the content, verified as `write_to` does; never fetches. Returns the
+        indices that were not copied (not present, or failed their leaf: then deleted).
+
+        For a downloader that fetches missing blocks itself without storing them. LOCK as
+        for `write_to`. Blocking."""
+        self._check_open()
+        if ref.size == 0:
+            return list(indices)
+        buf = memoryview(bytearray(min(ref.block_size, ref.size)))
+        held = lock if lock is not None else contextlib.nullcontext()
+        # Block files written past the page cache (read-ahead stores) are read from disk:
+        # asking for all of them first keeps the disk busy instead of one 1 MiB file at a
+        # time (measured: 1 GiB copied in 1.5 s without, see bench/bench_download.py).
+        for i in indices:
+            start, end = tree.block_span(i, ref.size, ref.block_size)
+            ent = self._fd_acquire(ref, i, end - start)
+            if ent is None:
+                continue
+            try:
+                os.posix_fadvise(ent.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                self._fd_release(ent)
+        missing: list[int] = []
+        served = 0
+        for i in indices:
+            if self._copy_block(ref, i, fd, buf, held):
+                start, end = tree.block_span(i, ref.size, ref.block_size)
+                served += end - start
+            else:
+                missing.append(i)
+        with self._lock:
+            self._stats["hits"] += len(indices) - len(missing)
+            self._stats["bytes_served"] += served
+        return missing
+
     def prefetch(self, ref: FileRef, first: int, count: int) -> None:
         """Fetch missing blocks [first, first+count) in the background; never raises."""
         try:
             if self._closed:
                 return
             last = min(ref.blocks, first + count)
-            wanted = [i for i in range(max(0, first), last)
-                      if not self._present(ref, i)]
+            wanted: list[int] = []
+            present: list[int] = []
+            for i in range(max(0, first), last):
+                (present if self._present(ref, i) else wanted).append(i)
+            if present:
+                self._submit(self._advise_job, ref, present)
             owned, _ = self._claim(ref, wanted, prefetch=True)
             for run_first, run_count in _runs(owned, PREFETCH_RUN):
                 run = list(range(run_first, run_first + run_count))
@@ -1008,6 +1140,41 @@ class BlockCache:
                     self._job_done()
         except Exception:  # noqa: BLE001 - read-ahead must never break a read
             log.exception("prefetch of %s failed", ref.sha1)
+
+    def _submit(self, job: Any, *args: Any) -> None:
+        """Run JOB(*ARGS) in the prefetch pool, counted as pending (see wait_idle)."""
+        with self._lock:
+            self._pending += 1
+        try:
+            self._pool.submit(job, *args)
+        except RuntimeError:  # closed meanwhile
+            self._job_done()
+
+    def _advise_job(self, ref: FileRef, indices: list[int]) -> None:
+        """Start the kernel reading present blocks into the page cache (read-ahead of a
+        warm file). Each block is its own small file, so the kernel's own read-ahead never
+        runs past one block: without this, a sequential reader of cached content waits for
+        one 1 MiB disk read at a time (measured: warm reads at half the disk's speed)."""
+        try:
+            for index in indices:
+                if self._closed:
+                    return
+                start, end = tree.block_span(index, ref.size, ref.block_size)
+                ent = self._fd_acquire(ref, index, end - start)
+                if ent is None:
+                    continue
+                try:
+                    os.posix_fadvise(ent.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    continue  # only a hint
+                finally:
+                    self._fd_release(ent)
+                with self._lock:
+                    self._paged.add((ref.sha1, index))
+        except Exception:  # noqa: BLE001 - a hint must never break a read
+            log.exception("read-ahead of cached blocks of %s failed", ref.sha1)
+        finally:
+            self._job_done()
 
     def _prefetch_job(self, ref: FileRef, run: list[int]) -> None:
         try:

@@ -59,18 +59,20 @@ def download(source: str, out: str | None, jobs: int, relays: tuple[str, ...],
              cache_dir: str | None, cache_size: int | None, no_local: bool) -> None:
     """Download SOURCE, verifying every block; prints the path written.
 
-    The file appears at OUT only once it is complete and verified. Blocks also go to
-    the cache, so an interrupted download resumes where it stopped.
+    The file appears at OUT only once it is complete and verified. Until then it is
+    written as .NAME.kbfs-part next to OUT; when a download fails or is interrupted that
+    file is kept, and the next download to OUT fetches only the blocks it lacks.
     """
     c = _client(relays, cache_dir, cache_size)
     r = c.resolve(source)
     with progress_bar(r.ref.size, f"downloading {r.name}") as bar:
         result = c.download(r, out, local=not no_local, workers=jobs, progress=bar.update)
-    stats = c.cache.statistics()
     rate = result.size / result.seconds / (1 << 20) if result.seconds > 0 else 0.0
     how = f"copied from {result.from_local}" if result.from_local else (
         f"{format_size(result.cached_before)} already cached, "
-        f"{format_size(stats['bytes_fetched'])} fetched")
+        + (f"{format_size(result.resumed)} kept from an interrupted run, "
+           if result.resumed else "")
+        + f"{format_size(result.fetched)} fetched")
     log.info("%s: %s in %.2f s (%.0f MiB/s), %s", result.path, format_size(result.size),
              result.seconds, rate, how)
     click.echo(result.path)

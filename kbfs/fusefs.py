@@ -52,7 +52,8 @@ LIVE_TIMEOUT = 1.0
 RESCAN_INTERVAL = 1.0
 REMOTE_LISTING_TTL = 60.0
 READ_THREADS = 32
-# Reads up to this size of a fully cached file are served on the trio thread.
+# Reads up to this size of cached blocks may wait for the disk on the trio thread;
+# larger ones are served there only from the page cache.
 INLINE_READ_MAX = 128 * 1024
 READ_AHEAD_KB = 4096
 
@@ -675,7 +676,8 @@ class KbfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_guard
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> kcache.Buffer:  # type: ignore[override]
+        # Any buffer will do: pyfuse3 copies it into its reply (a view saves a block copy).
         of = self._open.get(fh)
         if of is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -692,37 +694,38 @@ class KbfsOperations(pyfuse3.Operations):
         ref = node.ref
         assert ref is not None
         try:
-            if length <= INLINE_READ_MAX:
-                # Blocks present and verified in this process: one pread through the cache's
-                # open descriptors, on the trio thread. Cheaper than the hop to a worker
-                # thread and back, which dominated the latency of random 4 KiB reads.
-                hit = self.cache.read_cached(ref, off, length)
-                if hit is not None:
-                    if of.readahead is not None:
-                        of.readahead.on_read(off, length)  # keeps the sequential window growing
-                    self._count_read(len(hit))
-                    return hit
-            data = await trio.to_thread.run_sync(
+            # Blocks present and verified in this process: one pread through the cache's
+            # open descriptors, on the trio thread. Cheaper than the hop to a worker thread
+            # and back, which dominated the latency of random 4 KiB reads. A larger read
+            # is served here only from the page cache (RWF_NOWAIT), where the cached-block
+            # read-ahead puts a sequential reader's blocks: it never waits for the disk.
+            hit = self.cache.read_cached(ref, off, length, nowait=length > INLINE_READ_MAX)
+            if hit is not None:
+                if of.readahead is not None:
+                    of.readahead.on_read(off, length)  # keeps the sequential window growing
+                self._count_read(len(hit))
+                return hit
+            view = await trio.to_thread.run_sync(
                 self._read_blocking, of, off, length, limiter=self.limiter
             )
         except (KbfsError, OSError) as exc:
             self._count("errors")
             self._log_read_error(node, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        self._count_read(len(data))
-        return data
+        self._count_read(len(view))
+        return view
 
     def _count_read(self, n: int) -> None:
         with self._stats_lock:
             self._stats["reads"] += 1
             self._stats["bytes_served"] += n
 
-    def _read_blocking(self, of: _OpenFile, off: int, length: int) -> bytes:
+    def _read_blocking(self, of: _OpenFile, off: int, length: int) -> kcache.Buffer:
         assert of.node.ref is not None
         if of.readahead is not None:
             # Told before the read so the window's fetches run while this block arrives.
             of.readahead.on_read(off, length)
-        return self.cache.read(of.node.ref, off, length)
+        return self.cache.read_buffer(of.node.ref, off, length)
 
     def _log_read_error(self, node: Node, exc: BaseException) -> None:
         # One line per failure, but not a flood when a program retries every page.

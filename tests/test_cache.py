@@ -658,3 +658,83 @@ def test_block_deleted_by_another_process_is_fetched_again(src, data, make_cache
         cache.wait_idle(10)
         assert src.counts().get("sha1", 0) > before  # fetched again, not read from the old inode
         assert block.exists()  # and stored again
+
+
+def block_path(cache: BlockCache, ref: FileRef, index: int) -> Path:
+    return cache_dir(cache) / "blocks" / ref.sha1[:2] / ref.sha1 / str(index)
+
+
+def evict_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def in_page_cache(path: Path) -> bool:
+    """Whether all of PATH is in the page cache (a read that must not wait says so)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return os.preadv(fd, [bytearray(size)], 0, os.RWF_NOWAIT) == size
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_read_cached_nowait_serves_only_page_cached_blocks(src, data, make_cache):
+    """NOWAIT (the event loop's large reads) never waits for the disk: a block file out of
+    the page cache is left to a worker thread, until read-ahead brings it back in."""
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        assert cache.read(ref, 0, 4 * BS) == data[:4 * BS]  # stored through the page cache
+        assert cache.read_cached(ref, 0, BS, nowait=True) == data[:BS]
+        evict_from_page_cache(block_path(cache, ref, 1))
+        if in_page_cache(block_path(cache, ref, 1)):
+            pytest.skip("this file system ignores POSIX_FADV_DONTNEED")
+        assert cache.read_cached(ref, BS, BS, nowait=True) is None
+        assert cache.read_cached(ref, BS, BS) == data[BS:2 * BS]  # blocking: still served
+        # Sequential read-ahead over present blocks asks the kernel to read them in.
+        evict_from_page_cache(block_path(cache, ref, 2))
+        cache.prefetch(ref, 1, 2)
+        assert cache.wait_idle(10)
+        assert wait_until(lambda: in_page_cache(block_path(cache, ref, 2)), 10)
+        assert cache.read_cached(ref, BS, 2 * BS, nowait=True) == data[BS:3 * BS]
+        assert src.counts()["sha1"] == 1  # nothing was fetched again
+
+
+def test_read_ahead_blocks_in_memory_are_served_without_a_fetch(src, make_cache):
+    data = os.urandom(24 * BS)
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f, background_stores=True)
+        cache.prefetch(ref, 0, 8)
+        assert cache.wait_idle(10)
+        # Held in memory for their reader (and written to disk past the page cache).
+        for off in range(0, 8 * BS, BS // 2):
+            assert cache.read_cached(ref, off, BS // 2, nowait=True) == data[off:off + BS // 2]
+        assert cache.read_buffer(ref, 3 * BS, BS) == data[3 * BS:4 * BS]
+
+
+def test_read_ahead_blocks_written_direct_are_exact(src, make_cache, tmp_path):
+    """Read-ahead stores write straight from the fetched run's memory (O_DIRECT where the
+    file system has it); a fresh cache reads back exactly the source's bytes."""
+    data = os.urandom(20 * BS + 100)  # the short last block is written buffered
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f, background_stores=True)
+        cache.prefetch(ref, 0, ref.blocks)
+        assert cache.wait_idle(10)
+        assert cache.cached_bytes(ref) == len(data)
+        for i in range(ref.blocks):
+            assert block_path(cache, ref, i).read_bytes() == data[i * BS:(i + 1) * BS]
+    with Fetcher([f"http://127.0.0.1:{free_port()}"], deadline=1) as offline:
+        again = make_cache(offline)
+        assert again.read(ref, 0, len(data)) == data

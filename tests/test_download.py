@@ -7,6 +7,7 @@ trickle or refuse on purpose) and from real relay and share processes
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import signal
@@ -65,6 +66,31 @@ def cached_block_files(cache: Path, sha1: str) -> list[str]:
     return sorted(n for n in os.listdir(folder) if n.isdigit()) if folder.is_dir() else []
 
 
+def part_of(out: Path) -> Path:
+    """Where a download to OUT keeps its bytes until they are complete and verified."""
+    return out.parent / f".{out.name}.kbfs-part"
+
+
+def good_blocks(path: Path, data: bytes) -> list[int]:
+    """Blocks of PATH that already hold the right bytes of DATA."""
+    try:
+        have = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [k for k in range(-(-len(data) // MiB))
+            if have[k * MiB:min(len(data), (k + 1) * MiB)] == data[k * MiB:(k + 1) * MiB]]
+
+
+def fetched_ranges(src: HTTPSource) -> list[tuple[int, int]]:
+    """[a, b) of every range request SRC answered since its counts were reset."""
+    out = []
+    for _path, rng in src.ranges():
+        assert rng is not None
+        a, b = (int(x) for x in rng.split("=")[1].split("-"))
+        out.append((a, b + 1))
+    return out
+
+
 def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
     err = proc.stderr.decode()
     assert proc.returncode == 1, err
@@ -78,7 +104,7 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
 
 def test_download_prv_default_name_and_stats(src: HTTPSource, tmp_path: Path, env: dict[str, str],
                                              make_file: Any) -> None:
-    data = make_file(tmp_path / "x", 33 * MiB + 3, seed=11)  # three 16-block spans
+    data = make_file(tmp_path / "x", 33 * MiB + 3, seed=11)  # 34 blocks: runs of 9
     ptr, p = pointer(tmp_path, data, "rec.mda")
     src.add(data)
     work = tmp_path / "work"
@@ -88,11 +114,15 @@ def test_download_prv_default_name_and_stats(src: HTTPSource, tmp_path: Path, en
     out = work / "rec.mda"
     assert proc.stdout.decode().strip() == str(out)
     assert out.read_bytes() == data
-    assert sorted(os.listdir(work)) == ["rec.mda"]  # no .part left behind
+    assert sorted(os.listdir(work)) == ["rec.mda"]  # no part file left behind
     assert "fetched" in proc.stderr.decode()
     # Several range requests were in flight, not one stream.
     assert src.counts()["sha1"] >= 3
-    # Already cached: a second download fetches nothing.
+    # A download keeps no second copy of what it fetched in the cache.
+    assert cached_block_files(tmp_path / "cache", p.sha1) == []
+    # Already cached (here by `kbfs cat`): a download fetches nothing.
+    assert run(env, "cat", ptr, "--relay", src.url).stdout == data
+    assert len(cached_block_files(tmp_path / "cache", p.sha1)) == 34
     src.reset_counts()
     proc = run(env, "download", ptr, "--relay", src.url, "-o", str(tmp_path / "again.bin"))
     assert proc.returncode == 0, proc.stderr.decode()
@@ -118,15 +148,15 @@ def test_resume_after_kill(src: HTTPSource, tmp_path: Path, env: dict[str, str],
     ptr, p = pointer(tmp_path, data)
     src.add(data)
     src.mode = "trickle"
-    # Per connection per second. The download asks for 16-block spans, two at a time:
-    # blocks 16-23 land after about 2 s, blocks 0-15 would take 4 s.
+    # Per connection per second. The download asks for runs of 6 blocks, two at a time:
+    # blocks 0-11 land after about 1.5 s, blocks 12-23 would take 3 s.
     src.trickle_rate = 4 * MiB
     out = tmp_path / "out.bin"
-    cache = tmp_path / "cache"
+    part = part_of(out)
     proc = subprocess.Popen(kbfs_cmd("download", ptr, "-r", src.url, "-o", str(out), "-j", "2"),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert wait_until(lambda: len(cached_block_files(cache, p.sha1)) >= 4, timeout=30)
+        assert wait_until(lambda: len(good_blocks(part, data)) >= 4, timeout=30)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -135,23 +165,95 @@ def test_resume_after_kill(src: HTTPSource, tmp_path: Path, env: dict[str, str],
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
-    kept = cached_block_files(cache, p.sha1)
+    kept = good_blocks(part, data)
     assert 4 <= len(kept) < 24
-    assert not out.exists()
     # The part file of the killed run is left (it could not clean up), never at OUT.
+    assert not out.exists()
     src.mode = "ok"
     src.reset_counts()
     proc2 = run(env, "-v", "download", ptr, "-r", src.url, "-o", str(out))
     assert proc2.returncode == 0, proc2.stderr.decode()
     assert hashlib.sha1(out.read_bytes()).hexdigest() == p.sha1
+    assert not part.exists()
     # Only the missing blocks went over the network.
     fetched = 0
-    for _path, rng in src.ranges():
-        assert rng is not None
-        a, b = (int(x) for x in rng.split("=")[1].split("-"))
-        assert not any(int(k) * MiB <= a < (int(k) + 1) * MiB for k in kept)
-        fetched += b - a + 1
+    for a, b in fetched_ranges(src):
+        assert not any(k * MiB < b and a < (k + 1) * MiB for k in kept)
+        fetched += b - a
     assert fetched == len(data) - len(kept) * MiB
+
+
+def test_resume_checks_every_block_of_the_part_file(src: HTTPSource, tmp_path: Path,
+                                                    env: dict[str, str], make_file: Any) -> None:
+    """A part file left by a failed run: right blocks are kept, wrong ones and holes
+    are fetched again, and a failure keeps the part file for the next run."""
+    data = make_file(tmp_path / "x", 10 * MiB + 5, seed=22)
+    ptr, p = pointer(tmp_path, data)
+    src.add(data)
+    out = tmp_path / "out.bin"
+    part = part_of(out)
+    with open(part, "wb") as f:
+        f.truncate(12 * MiB)  # longer than the content: cut to its size
+        for k in (0, 1, 4, 5, 10):  # right bytes (10 is the short last block)
+            f.seek(k * MiB)
+            f.write(data[k * MiB:(k + 1) * MiB])
+        f.seek(2 * MiB)  # wrong bytes in block 2, half of block 3; 6-9 are holes
+        f.write(b"\1" * (MiB + MiB // 2))
+    src.mode = "error500"
+    line = one_line_error(run(env, "download", ptr, "-r", src.url, "-o", str(out)))
+    assert "500" in line or "no source" in line
+    assert not out.exists()
+    assert good_blocks(part, data) == [0, 1, 4, 5, 10]  # kept for the next run, untouched
+    src.mode = "ok"
+    src.reset_counts()
+    proc = run(env, "-v", "download", ptr, "-r", src.url, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert out.read_bytes() == data
+    assert not part.exists()
+    assert "kept from an interrupted run" in proc.stderr.decode()
+    wanted = {2, 3, 6, 7, 8, 9}
+    got = set()
+    for a, b in fetched_ranges(src):
+        got.update(range(a // MiB, -(-b // MiB)))
+    assert got == wanted
+    assert sum(b - a for a, b in fetched_ranges(src)) == len(wanted) * MiB
+
+
+def test_download_copies_cached_blocks_and_fetches_the_rest(
+        src: HTTPSource, tmp_path: Path, env: dict[str, str], make_file: Any) -> None:
+    data = make_file(tmp_path / "x", 8 * MiB, seed=23)
+    ptr, p = pointer(tmp_path, data)
+    src.add(data)
+    cache = tmp_path / "cache"
+    proc = run(env, "cat", ptr, "-r", src.url, "--offset", str(2 * MiB), "--length", str(3 * MiB))
+    assert proc.stdout == data[2 * MiB:5 * MiB]
+    assert cached_block_files(cache, p.sha1) == ["2", "3", "4"]
+    src.reset_counts()
+    out = tmp_path / "out.bin"
+    proc = run(env, "download", ptr, "-r", src.url, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert out.read_bytes() == data
+    got = set()
+    for a, b in fetched_ranges(src):
+        got.update(range(a // MiB, -(-b // MiB)))
+    assert got == {0, 1, 5, 6, 7}
+    assert cached_block_files(cache, p.sha1) == ["2", "3", "4"]  # nothing stored by the download
+
+
+def test_two_downloads_to_one_file(src: HTTPSource, tmp_path: Path, env: dict[str, str],
+                                   make_file: Any) -> None:
+    data = make_file(tmp_path / "x", 2 * MiB, seed=24)
+    ptr, p = pointer(tmp_path, data)
+    src.add(data)
+    out = tmp_path / "out.bin"
+    with open(part_of(out), "wb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a running download holds it
+        assert "under way" in one_line_error(run(env, "download", ptr, "-r", src.url,
+                                                 "-o", str(out)))
+        assert not out.exists() and part_of(out).exists()
+    proc = run(env, "download", ptr, "-r", src.url, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert out.read_bytes() == data
 
 
 def test_lying_source_fails_cleanly(src: HTTPSource, tmp_path: Path, env: dict[str, str],
@@ -166,6 +268,7 @@ def test_lying_source_fails_cleanly(src: HTTPSource, tmp_path: Path, env: dict[s
     assert "verification" in line or "does not match" in line or "lied" in line or "fail" in line
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith("out.bin")]
+    assert not part_of(out).exists()  # nothing verified: nothing worth keeping
     assert cached_block_files(tmp_path / "cache", p.sha1) == []
 
 
@@ -274,7 +377,6 @@ def test_locate(src: HTTPSource, tmp_path: Path, env: dict[str, str], make_file:
     assert f"local:   {tmp_path / 'orig.bin'}" in text
     assert f"url:     {src.url}/sha1/{p.sha1}" in text
     assert "cache:   0 B of 2.0 MiB (0%)" in text
-    assert run(env, "download", str(ptr), "--no-local", "-r", src.url, "-o",
-               str(tmp_path / "c")).returncode == 0
+    assert run(env, "cat", str(ptr), "--no-local", "-r", src.url).stdout == data
     text = run(env, "locate", str(ptr), "-r", src.url).stdout.decode()
     assert "cache:   2.0 MiB of 2.0 MiB (100%), verified: tree" in text

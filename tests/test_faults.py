@@ -287,6 +287,12 @@ def _kill_rounds(tmp_path: Path, rounds: int) -> None:
                 "small": lambda o: read_checked(m.path("small.bin"), small, o),
             }, 120)
             assert all(o.ok for o in res.values()), res
+            # Blocks are stored behind the reads: a clean unmount writes what is queued.
+            assert m.kbfs("umount", m.path()).returncode == 0
+            end = time.monotonic() + 30
+            while alive(pid) and time.monotonic() < end:
+                time.sleep(0.02)
+            assert not alive(pid), "the daemon did not exit after umount"
             outcomes = [o for o in seen if not o.ok]
             print(f"\nkill -9 x{rounds}: {len(seen) - len(outcomes)} readers finished true before "
                   f"the kill, {len(outcomes)} ended with "

@@ -33,6 +33,17 @@ pytestmark = NEEDS_FUSE
 MiB = 1 << 20
 
 
+
+def wait_xattr(path: str, name: str, want: bytes, timeout: float = 20) -> bool:
+    """Whether xattr NAME of PATH reaches WANT within TIMEOUT: blocks are stored behind
+    the reads that fetched them, so "cached" catches up a moment after a read returns."""
+    end = time.monotonic() + timeout
+    while os.getxattr(path, name) != want:
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
 def _data(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -344,7 +355,7 @@ def test_xattrs(world: World) -> None:
     assert os.getxattr(path, "user.kbfs.sha1").decode() == sha1
     assert os.getxattr(path, "user.kbfs.size") == str(3 * MiB).encode()
     read_all(path)
-    assert os.getxattr(path, "user.kbfs.cached") == str(3 * MiB).encode()
+    assert wait_xattr(path, "user.kbfs.cached", str(3 * MiB).encode())
     assert os.getxattr(path, "user.kbfs.verified") == b"tree"
     assert world.source.url in os.getxattr(path, "user.kbfs.source").decode()
     assert json.loads(os.getxattr(path, "user.kbfs.pointer"))["original_checksum"] == sha1
@@ -579,7 +590,7 @@ def test_cache_commands(tmp_path: Path) -> None:
             # Prefetch through the mount: the daemon fills its own cache.
             res = m.kbfs("cache", "prefetch", m.path("p.bin"))
             assert res.returncode == 0, res.stderr
-            assert os.getxattr(m.path("p.bin"), "user.kbfs.cached") == str(len(data)).encode()
+            assert wait_xattr(m.path("p.bin"), "user.kbfs.cached", str(len(data)).encode())
         res = run_kbfs(["cache", "clear", "--cache-dir", cache], env=env)
         assert res.returncode == 0, res.stderr
         assert _check_cache_blocks(Path(cache), data) == 0
