@@ -22,16 +22,21 @@ only when the caller passes one (to skip a source serving a wrong tree), and doe
 `local_dirs` by content (they are accepted for the interface; nothing maps a sha1 to a
 file name there without an index).
 
-Blocking (requests, one `Session` per thread); meant to be called from worker threads.
+Blocking; meant to be called from worker threads. Range requests and other GETs to a
+plain-http origin without a proxy go over one keep-alive `http.client` connection per
+thread and origin (requests' per-request machinery cost more CPU than a 4 KiB read);
+https, proxies and userinfo URLs go through `requests` (one `Session` per thread).
 """
 
 from __future__ import annotations
 
 import http.client
 import io
+import json
 import logging
 import os
 import random
+import select
 import socket
 import threading
 import time
@@ -124,6 +129,7 @@ class Fetcher:
         self._tls = threading.local()
         self._sessions: list[requests.Session] = []
         self._proxies: dict[str, dict[str, str]] = {}
+        self._plain: list[dict[str, http.client.HTTPConnection]] = []  # every thread's
 
     # ---- sources
     def add_local_candidate(self, sha1: str, path: str) -> None:
@@ -173,15 +179,15 @@ class Fetcher:
         ttl = FIND_FAIL_TTL
         try:
             t = max(0.1, min(self.timeout, until - now))
-            r = self._get(relay + protocol.FIND_PATH.format(sha1=sha1), timeout=(t, t))
-            if r.status_code == 200:
-                body = r.json()
+            status, raw = self._get_small(relay + protocol.FIND_PATH.format(sha1=sha1), t)
+            if status == 200:
+                body = json.loads(raw)
                 if body.get("found"):
                     urls = [u for u in body.get("urls", []) if isinstance(u, str)]
                     result = FindResult(relay, int(body.get("size", 0)), urls,
                                         list(body.get("shares", [])))
                     ttl = FIND_TTL
-            elif r.status_code == 404:
+            elif status == 404:
                 ttl = FIND_TTL / 10
         except (requests.RequestException, ValueError, TypeError) as exc:
             log.debug("find %s at %s failed: %s", sha1, relay, exc)
@@ -247,11 +253,7 @@ class Fetcher:
         return s
 
     def _get(self, url: str, **kw: Any) -> requests.Response:
-        origin = _origin(url)
-        proxies = self._proxies.get(origin)
-        if proxies is None:
-            proxies = self._proxies[origin] = requests.utils.get_environ_proxies(url)
-        return self._session().get(url, proxies=proxies, **kw)
+        return self._session().get(url, proxies=self._proxies_of(url), **kw)
 
     # ---- trees
     def fetch_tree(self, sha1: str, size: int, block_size: int = tree.BLOCK_SIZE,
@@ -287,14 +289,13 @@ class Fetcher:
             t0 = time.monotonic()
             try:
                 t = max(0.1, min(self.timeout, until - t0))
-                r = self._get(base, timeout=(t, t))
-                body = r.content
+                status, body = self._get_small(base, t)
             except requests.RequestException as exc:
                 self._record(src.key, False, seconds=time.monotonic() - t0)
                 log.warning("tree of %s from %s failed: %s", sha1, base, exc)
                 reasons.append(f"{base}: {exc.__class__.__name__}")
                 continue
-            if r.status_code == 200 and len(body) == want:
+            if status == 200 and len(body) == want:
                 if root is not None and not _tree_matches(body, size, block_size, root):
                     self._record(src.key, False, seconds=time.monotonic() - t0, lie=True)
                     log.warning("tree of %s from %s does not match root %s", sha1, base, root)
@@ -304,7 +305,7 @@ class Fetcher:
                 self._record(src.key, True, len(body), time.monotonic() - t0)
                 return body
             self._record(src.key, False, seconds=time.monotonic() - t0)
-            why = (f"HTTP {r.status_code}" if r.status_code != 200
+            why = (f"HTTP {status}" if status != 200
                    else f"{len(body)} bytes, want {want}")
             log.warning("tree of %s from %s unusable: %s", sha1, base, why)
             reasons.append(f"{base}: {why}")
@@ -455,33 +456,106 @@ class Fetcher:
             raise _Failed("deadline passed", 0, False)
         t = min(self.timeout, remaining)
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        if self._plain_ok(url):
+            return self._stream_plain(url, headers, t, start, end, size, first, leaves,
+                                      block_size, out, until)
         try:
             r = self._get(url, headers=headers, stream=True, timeout=(t, t))
         except requests.RequestException as exc:
             raise _Failed(f"{exc.__class__.__name__}: {_short(exc)}", 0, False) from None
         with r:
-            if r.status_code == 200:
-                # A 200 is only the truth when the range asked for was the whole file.
-                whole = start == 0 and end == size
-                if not (whole and r.headers.get("Content-Length") == str(size)):
-                    raise _Lie("answered 200 to a range request", 0)
-            elif r.status_code != 206:
-                raise _Failed(f"HTTP {r.status_code}", 0, True)
-            else:
+            _check_range_answer(r.status_code, r.headers.get("Content-Length"),
+                                r.headers.get("Content-Range"), start, end, size)
+            direct = _direct_reader(r)
+            if direct is not None:
+                got = self._read_body(direct, None, _socket_of(r), want, first, leaves,
+                                      block_size, out, until)
+                # The body was read under http.client's bookkeeping: let it see the end
+                # (length 0), then hand the connection back to urllib3's pool for keep-alive.
                 try:
-                    a, b, total = protocol.parse_content_range(r.headers.get("Content-Range", ""))
-                except BadRequest as exc:
-                    raise _Lie(str(exc), 0) from None
-                if (a, b, total) != (start, end, size):
-                    raise _Lie(f"Content-Range {a}-{b - 1}/{total}, "
-                               f"asked {start}-{end - 1}/{size}", 0)
-            return self._read_body(r, url, want, first, leaves, block_size, out, until)
+                    direct.read(0)
+                    r.raw.release_conn()
+                except Exception:  # noqa: BLE001 - a lost keep-alive is not an error
+                    pass
+                return got
+            return self._read_body(None, r.raw.read1, _socket_of(r), want, first, leaves,
+                                   block_size, out, until)
 
-    def _read_body(self, r: requests.Response, url: str, want: int, first: int,
+    def _stream_plain(self, url: str, headers: dict[str, str], t: float, start: int, end: int,
+                      size: int, first: int, leaves: Sequence[bytes], block_size: int,
+                      out: memoryview, until: float) -> tuple[int, int]:
+        """`_stream` over this thread's own keep-alive `http.client` connection to URL's
+        origin: for plain http without a proxy, requests' per-request machinery (hooks,
+        adapters, header merging, urllib3's pool) costs more CPU than the 4 KiB read a
+        FUSE reader asked for. Same checks, same streaming verification."""
+        netloc, _, path = url.partition("://")[2].partition("/")
+        conn, resp = _plain_request(self._plain_conns(), netloc, "/" + path, headers, t)
+        ok = False
+        try:
+            _check_range_answer(resp.status, resp.getheader("Content-Length"),
+                                resp.getheader("Content-Range"), start, end, size)
+            if (resp.chunked or not isinstance(resp.length, int)
+                    or resp.getheader("Content-Encoding") or not isinstance(resp.fp, io.BufferedReader)):
+                raise _Failed("answer without a plain Content-Length body", 0, True)
+            got = self._read_body(resp, None, conn.sock, end - start, first, leaves, block_size,
+                                  out, until)
+            resp.read(0)  # let http.client see the end of the body
+            ok = resp.isclosed()
+            return got
+        finally:
+            resp.close()
+            if not ok:
+                conn.close()  # never reuse a connection with a body left unread
+
+    def _plain_conns(self) -> dict[str, http.client.HTTPConnection]:
+        """This thread's keep-alive http.client connections, by host:port."""
+        conns: dict[str, http.client.HTTPConnection] | None = getattr(self._tls, "plain", None)
+        if conns is None:
+            conns = self._tls.plain = {}
+            with self._lock:
+                self._plain.append(conns)
+        return conns
+
+    def _plain_ok(self, url: str) -> bool:
+        """May URL go over a plain http.client connection (http, no proxy, no userinfo)?"""
+        return url.startswith("http://") and "@" not in _origin(url) and not self._proxies_of(url)
+
+    def _get_small(self, url: str, t: float) -> tuple[int, bytes]:
+        """(status, body) of a small GET (find, tree, listing); requests' exceptions."""
+        if not self._plain_ok(url):
+            r = self._get(url, timeout=(t, t))
+            return r.status_code, r.content
+        netloc, _, path = url.partition("://")[2].partition("/")
+        try:
+            conn, resp = _plain_request(self._plain_conns(), netloc, "/" + path,
+                                        {"Accept-Encoding": "identity"}, t)
+        except _Failed as exc:
+            raise requests.ConnectionError(exc.args[0]) from None
+        try:
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise requests.ConnectionError(f"{exc.__class__.__name__}: {_short(exc)}") from None
+        finally:
+            resp.close()
+        return resp.status, body
+
+    def _proxies_of(self, url: str) -> dict[str, str]:
+        origin = _origin(url)
+        proxies = self._proxies.get(origin)
+        if proxies is None:
+            proxies = self._proxies[origin] = requests.utils.get_environ_proxies(url)
+        return proxies
+
+    def _read_body(self, direct: http.client.HTTPResponse | None,
+                   read1: Any, sock: socket.socket | None, want: int, first: int,
                    leaves: Sequence[bytes], block_size: int, out: memoryview,
                    until: float) -> tuple[int, int]:
-        direct = _direct_reader(r)
-        sock = _socket_of(r)
+        """Read WANT body bytes into OUT, verifying each block as soon as it is complete.
+
+        DIRECT: an http.client response whose buffered reader we read straight into OUT;
+        else READ1(n) returns the next piece. Returns (blocks verified, bytes read).
+        """
         got = 0
         verified = 0
         t0 = time.monotonic()
@@ -503,7 +577,7 @@ class Fetcher:
                     n = direct.fp.readinto1(out[got:min(want, got + READ_CHUNK)])
                     direct.length -= n  # type: ignore[operator]  # checked int above
                 else:
-                    piece = r.raw.read1(min(READ_CHUNK, want - got))
+                    piece = read1(min(READ_CHUNK, want - got))
                     n = len(piece)
                     out[got:got + n] = piece
             except Exception as exc:  # noqa: BLE001 - OSError, IncompleteRead, urllib3 errors
@@ -520,14 +594,6 @@ class Fetcher:
                 if not tree.block_matches(out[lo:hi], leaves[first + verified]):
                     raise _Lie(f"block {first + verified} does not match its leaf", verified)
                 verified += 1
-        if direct is not None:
-            # The body was read under http.client's bookkeeping: let it see the end (length
-            # 0), then hand the connection back to urllib3's pool for keep-alive.
-            try:
-                direct.read(0)
-                r.raw.release_conn()
-            except Exception:  # noqa: BLE001 - a lost keep-alive is not an error
-                pass
         return verified, got
 
     def _attempt_local(self, src: _Source, first: int, count: int, start: int, end: int,
@@ -573,16 +639,15 @@ class Fetcher:
         url = relay.rstrip("/") + protocol.share_url_path(protocol.SHARE_LIST_PATH, share=share,
                                                           path=path.strip("/"))
         try:
-            r = self._get(url, timeout=(self.timeout, self.timeout))
+            status, raw = self._get_small(url, self.timeout)
         except requests.RequestException as exc:
             raise SourceUnavailable(f"{relay}: {exc.__class__.__name__}: {_short(exc)}") from None
-        if r.status_code == 404:
+        if status == 404:
             raise NotFound(f"{path or '/'} not found in share {share} at {relay}")
-        if r.status_code != 200:
-            raise SourceError(
-                f"{relay}: HTTP {r.status_code} listing {path or '/'} of share {share}")
+        if status != 200:
+            raise SourceError(f"{relay}: HTTP {status} listing {path or '/'} of share {share}")
         try:
-            body = r.json()
+            body = json.loads(raw)
         except ValueError:
             raise SourceError(f"{relay}: listing of {path or '/'} is not JSON") from None
         if not isinstance(body, dict):
@@ -607,8 +672,12 @@ class Fetcher:
         """Close every thread's HTTP session."""
         with self._lock:
             sessions, self._sessions = self._sessions, []
+            plain, self._plain = self._plain, []
         for s in sessions:
             s.close()
+        for conns in plain:
+            for conn in list(conns.values()):
+                conn.close()
         self._tls = threading.local()
 
     def __enter__(self) -> Fetcher:
@@ -624,6 +693,59 @@ def _tree_url(url: str, sha1: str) -> str | None:
     if url.endswith(suffix):
         return url[: -len(suffix)] + protocol.TREE_PATH.format(sha1=sha1)
     return None
+
+
+def _check_range_answer(status: int, length: str | None, content_range: str | None,
+                        start: int, end: int, size: int) -> None:
+    """Raise _Lie / _Failed unless the answer is the asked range [START, END) of SIZE bytes."""
+    if status == 200:
+        # A 200 is only the truth when the range asked for was the whole file.
+        if not (start == 0 and end == size and length == str(size)):
+            raise _Lie("answered 200 to a range request", 0)
+    elif status != 206:
+        raise _Failed(f"HTTP {status}", 0, True)
+    else:
+        try:
+            a, b, total = protocol.parse_content_range(content_range or "")
+        except BadRequest as exc:
+            raise _Lie(str(exc), 0) from None
+        if (a, b, total) != (start, end, size):
+            raise _Lie(f"Content-Range {a}-{b - 1}/{total}, asked {start}-{end - 1}/{size}", 0)
+
+
+def _plain_request(conns: dict[str, http.client.HTTPConnection], netloc: str, path: str,
+                   headers: dict[str, str],
+                   t: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET PATH from NETLOC over the kept-alive connection in CONNS (made when missing or
+    closed by the server); one retry on a fresh connection when a reused one fails."""
+    for attempt in (1, 2):
+        conn = conns.get(netloc)
+        reused = conn is not None and conn.sock is not None and not _dropped(conn.sock)
+        if conn is None or not reused:
+            if conn is not None:
+                conn.close()
+            conn = conns[netloc] = http.client.HTTPConnection(netloc, timeout=t)
+        conn.timeout = t
+        if conn.sock is not None:
+            conn.sock.settimeout(t)
+        try:
+            conn.request("GET", path, headers=headers)
+            return conn, conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if not (reused and attempt == 1):  # else: a keep-alive the server had just closed
+                raise _Failed(f"{exc.__class__.__name__}: {_short(exc)}", 0, False) from None
+    raise AssertionError("unreachable")
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """True when an idle keep-alive connection was closed by the server (it is readable)."""
+    try:
+        poller = select.poll()  # not select(): file descriptors may be above 1023
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def _direct_reader(r: requests.Response) -> http.client.HTTPResponse | None:

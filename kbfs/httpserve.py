@@ -3,8 +3,11 @@
 What both servers need identically and neither may import from the other (they are
 sibling adapters): the ASGI guard (request-head cap, CORS on every answer and on
 preflight, kbfs errors mapped to 4xx JSON, a bug reduced to one log line and a 500),
-JSON answers, header lookup, and the hypercorn configuration with the two fixes we
-apply to hypercorn 0.18. Nothing here knows shares, relays, files or ranges.
+JSON answers, header lookup, and the hypercorn configuration with the fixes we apply
+to hypercorn 0.18 (a close racing a send, sockets left in CLOSE-WAIT) and the changes
+that cut its per-request and per-byte cost (direct socket reads and writes when they
+need no wait, no extra copies in h11, a cheaper idle timer).
+Nothing here knows shares, relays, files or ranges.
 """
 
 from __future__ import annotations
@@ -13,14 +16,18 @@ import ctypes
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import h11
+import h11._receivebuffer
 import hypercorn.trio
 import hypercorn.trio.tcp_server
+import hypercorn.trio.worker_context
 import trio
 from hypercorn.config import Config as HyperConfig
-from hypercorn.events import Closed
+from hypercorn.events import Closed, RawData
 
 from kbfs import protocol
 from kbfs.errors import BadRequest, ConfigError, KbfsError, NotFound, RangeError
@@ -185,6 +192,8 @@ def tune_process() -> None:
     page by page and unmapped again: raising the thresholds lets malloc reuse them.
     """
     hypercorn.trio.tcp_server.MAX_RECV = RECV_CHUNK  # type: ignore[attr-defined]
+    _h11_fewer_copies()
+    _cheaper_idle_timer()
     _guard_send_eof_race()
     _close_on_client_eof()
     try:
@@ -196,14 +205,97 @@ def tune_process() -> None:
         pass
 
 
+def _h11_fewer_copies() -> None:
+    """Stop h11 (under hypercorn) copying every body chunk two or three extra times.
+
+    h11 0.16 copies each received body chunk out of its buffer twice (a slice to test
+    for emptiness, then the slice it returns), and joins every chunk it sends into a new
+    bytes object even when there is only one piece. For the relay, which receives each
+    upload chunk and sends it on, that was three needless passes over each megabyte on
+    top of the kernel's own copies. Handing over the whole buffer when all of it is
+    asked for, and a lone piece as it is (h11 documents the result of `send` as a
+    bytes-like object; hypercorn writes it to the socket before the call returns) keeps
+    the behaviour and drops the copies.
+    """
+    buffer_class = h11._receivebuffer.ReceiveBuffer
+    if getattr(buffer_class, "_kbfs_fewer_copies", False):
+        return
+
+    def maybe_extract_at_most(self: Any, count: int) -> bytearray | None:
+        data = self._data
+        if not data or count <= 0:
+            return None
+        if count >= len(data):
+            self._data = bytearray()
+            self._next_line_search = 0
+            self._multiple_lines_search = 0
+            return data  # type: ignore[no-any-return]
+        return self._extract(count)  # type: ignore[no-any-return]
+
+    def send(self: h11.Connection, event: Any) -> Any:
+        data_list = self.send_with_data_passthrough(event)
+        if data_list is None:
+            return None
+        if len(data_list) == 1:
+            return data_list[0]
+        return b"".join(data_list)
+
+    buffer_class.maybe_extract_at_most = maybe_extract_at_most  # type: ignore[method-assign]
+    buffer_class._kbfs_fewer_copies = True  # type: ignore[attr-defined]
+    h11.Connection.send = send  # type: ignore[method-assign,assignment]
+
+
+def _cheaper_idle_timer() -> None:
+    """Re-arm hypercorn's per-connection idle timer without waiting for a task to start.
+
+    Hypercorn stops a connection's idle timer when a request arrives and restarts it
+    when the answer is done, each restart a `nursery.start()` of a new task behind a
+    lock: several scheduler passes per request just to move a deadline. Starting the
+    timer task with `start_soon` inside a cancel scope made beforehand does the same
+    (a scope cancelled before its task runs cancels the task at once), and there is no
+    await between cancelling the old timer and recording the new one, so no lock.
+    """
+    single_task = hypercorn.trio.worker_context.TrioSingleTask
+    if getattr(single_task, "_kbfs_cheaper", False):
+        return
+
+    async def run_in(scope: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
+        with scope:
+            await action()
+
+    async def restart(self: Any, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = trio.CancelScope()
+        task_group._nursery.start_soon(run_in, self._handle, action)
+
+    async def stop(self: Any) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None
+
+    single_task.restart = restart  # type: ignore[method-assign]
+    single_task.stop = stop  # type: ignore[method-assign]
+    single_task._kbfs_cheaper = True  # type: ignore[attr-defined]
+
+
 def _guard_send_eof_race() -> None:
-    """Keep one closing connection from taking the whole server down.
+    """Keep one closing connection from taking the whole server down, and write without
+    a trip through the event loop when the socket can take the bytes at once.
 
     Hypercorn 0.18's TCPServer closes a connection with `send_eof()` outside its send
     lock; if the read task answers a websocket close or ping frame at that moment, its
     `send_all` raises `trio.BusyResourceError`, which nothing catches, and the error
     ends `serve()` (seen here when a refused share closed its websocket). A send that
     races a close is treated as a send on a closed connection.
+
+    Each hypercorn write (a response head, a body chunk, a websocket frame) took a lock
+    and a trio socket send: four passes through trio's scheduler, which made the
+    scheduler the largest single CPU cost of a relayed request. When nobody holds the
+    send lock, the bytes are first offered to the (non-blocking) socket directly; only
+    what it cannot take at once, and every error, goes the usual way. (Hypercorn
+    acknowledges a websocket close before it tells the application: with writes this
+    quick, an application must act on the disconnect message at once; the relay does.)
     """
     server = hypercorn.trio.tcp_server.TCPServer
     if getattr(server, "_kbfs_guarded", False):
@@ -211,6 +303,19 @@ def _guard_send_eof_race() -> None:
     original = server.protocol_send
 
     async def protocol_send(self: Any, event: Any) -> None:
+        if type(event) is RawData and not self.send_lock.locked():
+            raw = getattr(getattr(self.stream, "socket", None), "_sock", None)
+            if isinstance(raw, socket.socket) and event.data:
+                try:
+                    sent = raw.send(event.data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    sent = -1  # broken: let the usual path find out and close
+                if sent == len(event.data):
+                    return
+                if sent > 0:
+                    event = RawData(data=memoryview(event.data)[sent:])  # type: ignore[arg-type]
         try:
             await original(self, event)
         except trio.BusyResourceError:
@@ -237,10 +342,47 @@ def _close_on_client_eof() -> None:
 
     async def _read_data(self: Any) -> None:
         try:
-            await original(self)
+            raw = getattr(getattr(self.stream, "socket", None), "_sock", None)
+            if isinstance(raw, socket.socket) and not self.config.read_timeout:
+                await _read_plain(self, raw)
+            else:
+                await original(self)
         finally:
             with trio.CancelScope(shield=True):
                 await self.idle_task.stop()
 
     server._read_data = _read_data  # type: ignore[method-assign]
     server._kbfs_close_on_eof = True  # type: ignore[attr-defined]
+
+
+async def _read_plain(server: Any, raw: socket.socket) -> None:
+    """Hypercorn's read loop for a plain (non-TLS) socket, without its per-read overhead.
+
+    The same as TCPServer._read_data without a read timeout: read, hand the bytes to the
+    protocol, stop at EOF or on an error, then report the connection closed. It reads
+    the non-blocking socket directly and waits in the event loop only when nothing is
+    there, where trio's stream adds a cancel scope and two scheduler passes per read.
+    It still yields at least every few reads, so a client that keeps sending cannot
+    keep other connections from running.
+    """
+    eager = 0
+    while True:
+        try:
+            data = raw.recv(RECV_CHUNK)
+        except BlockingIOError:
+            eager = 0
+            try:
+                await trio.lowlevel.wait_readable(raw)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                break
+            continue
+        except OSError:
+            break
+        await server.protocol.handle(RawData(data=data))
+        if not data:
+            break
+        eager += 1
+        if eager >= 4:
+            eager = 0
+            await trio.lowlevel.checkpoint()
+    await server.protocol.handle(Closed())

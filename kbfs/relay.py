@@ -149,7 +149,9 @@ class Pending:
     status: int
     headers: list[tuple[bytes, bytes]]
     started: trio.Event = field(default_factory=trio.Event)  # upload arrived, or refused
-    done: trio.Event = field(default_factory=trio.Event)  # upload over, or client gone
+    # Cancelled by the upload handler when the upload is over; it cancels the client
+    # request's wait for a disconnect (may happen before that wait even starts).
+    over: trio.CancelScope = field(default_factory=trio.CancelScope)
     reject: tuple[int, str] | None = None
     taken: bool = False
     sent: int = 0
@@ -420,7 +422,13 @@ class Relay:
 
     async def _control_reader(self, ws: WebSocket, conn: ShareConn) -> None:
         while True:
-            msg = await self._receive_json(ws, IDLE_TIMEOUT)
+            try:
+                msg = await self._receive_json(ws, IDLE_TIMEOUT)
+            except WebSocketDisconnect:
+                # Gone from the catalogue at once, before the nursery unwinds: the share
+                # already has its close acknowledged, and may ask /api/shares right away.
+                self._disconnected(conn)
+                raise
             kind = msg["type"]
             if kind == "ping":
                 conn.post({"type": "pong", "t": msg.get("t")})
@@ -693,17 +701,12 @@ class Relay:
         The client's ASGI call must stay open meanwhile (returning ends the response);
         a client that goes away is flagged so the upload handler stops at once.
         """
-        async with trio.open_nursery() as nursery:
-
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                p.client_gone = True
-                p.done.set()
-
-            nursery.start_soon(watch_disconnect)
-            await p.done.wait()
-            nursery.cancel_scope.cancel()
+        # Waiting here for the client's disconnect, in this very task (rather than a
+        # watcher task per request), until the upload handler cancels P.over.
+        with p.over:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            p.client_gone = True
         self.stats["bytes_out"] += p.sent
         if p.sent != p.length or not p.complete:
             # Returning without the final body message makes hypercorn close the
@@ -731,7 +734,7 @@ class Relay:
         try:
             outcome = await self._pipe(p, receive)
         finally:
-            p.done.set()
+            p.over.cancel()
         if outcome == "complete":
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})

@@ -3,12 +3,13 @@
 `Share` indexes its folder (`kbfs.index.ShareIndex`, in a worker thread, rescanned
 periodically), keeps one outbound websocket per relay for control only (challenge
 signed with the share's Ed25519 key, catalogue updates, pings, small requests), and
-answers each request by POSTing the body to the relay's `/_upload/{id}` with
-`requests` from a worker thread. Every block it sends is first checked against the
-index's BLAKE3 leaves, and the file's stat against the index (`is_current`): a file
-that changed since it was indexed is never served under its old SHA-1; the upload is
-refused or cut short and a rescan is started. With `--listen` the same verified reads
-are also served directly over HTTP (`/sha1/`, `/tree/`).
+answers each request by POSTing the body to the relay's `/_upload/{id}` from one of its
+upload threads, over that thread's keep-alive `http.client` connection. Every block it
+sends is first checked against the index's BLAKE3 leaves, and the file's stat against
+the index (`is_current`): a file that changed since it was indexed is never served
+under its old SHA-1; the upload is refused or cut short and a rescan is started. With
+`--listen` the same verified reads are also served directly over HTTP (`/sha1/`,
+`/tree/`).
 
 It serves only regular files of its index inside its folder: nothing hidden, nothing
 of its state folder, no path leaving the folder. This module must not import `relay`,
@@ -21,21 +22,26 @@ import base64
 import binascii
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
+import queue
 import random
+import re
 import secrets
+import select
+import socket
 import stat
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import requests
 import trio
 import trio_websocket
 from cryptography.hazmat.primitives import serialization
@@ -64,6 +70,7 @@ PONG_TIMEOUT = 20.0
 HANDSHAKE_TIMEOUT = 10.0
 UPLOAD_TIMEOUT = 60.0  # a relay not taking upload bytes for this long ends the upload
 MAX_UPLOADS = 32  # concurrent uploads (worker threads)
+WORKER_IDLE = 10.0  # an upload thread idle this long ends (and closes its connections)
 CATALOGUE_BATCH = 1000
 SCAN_REFRESH = 2.0  # how often the catalogue is republished during a long scan
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
@@ -308,6 +315,152 @@ class _VerifiedReader:
                 _give_buffer(self.buf)
 
 
+# ---------------------------------------------------------------- upload connections
+
+
+_URLSAFE_RE = re.compile(r"[A-Za-z0-9_-]{1,200}\Z")
+_SMALL_BODY = 64 << 10  # bodies up to this go out in the same write as the request head
+_MAX_ANSWER = 64 << 10  # bytes of the relay's answer to an upload (head, then body)
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, str, bool]:
+    """The relay's answer to an upload: (status, body text, whether the connection may be
+    kept). A small hand parser: the answers are tiny (a 204, or a short JSON error), and
+    http.client's (a file object and the email header parser) costs more than the rest
+    of reading them."""
+    buf = b""
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        if len(buf) > _MAX_ANSWER:
+            raise http.client.HTTPException("relay answer head too long")
+        data = sock.recv(_MAX_ANSWER)
+        if not data:
+            raise http.client.RemoteDisconnected("relay closed the connection without answering")
+        buf += data
+    lines = buf[:end].split(b"\r\n")
+    parts = lines[0].split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise http.client.BadStatusLine(lines[0][:100].decode("latin-1"))
+    status = int(parts[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip().lower()
+    body = buf[end + 4:]
+    length_text = headers.get(b"content-length")
+    keep = parts[0] == b"HTTP/1.1" and headers.get(b"connection") != b"close"
+    if length_text is None:
+        # No length: only an answer without a body (204, 304) leaves the connection usable.
+        keep = keep and status in (204, 304) and not body
+        length = len(body)
+    elif not length_text.isdigit() or int(length_text) > _MAX_ANSWER:
+        raise http.client.HTTPException("relay answer with a bad Content-Length")
+    else:
+        length = int(length_text)
+    while len(body) < length:
+        data = sock.recv(length - len(body))
+        if not data:
+            raise http.client.IncompleteRead(body, length - len(body))
+        body += data
+    keep = keep and len(body) == length
+    return status, body[:length].decode("utf-8", "replace"), keep
+
+
+class _Uploader:
+    """One keep-alive HTTP/1.1 connection to one relay, for the upload POSTs of one
+    worker thread.
+
+    Plain `http.client` underneath, not `requests`: an upload is one fixed-shape POST,
+    and requests' per-request machinery (hooks, adapters, header merging, urllib3's
+    pool) cost about as much CPU as reading and hashing a block. The request head and
+    the first chunk of the body leave in one write (`sendmsg`), so the relay gets the
+    whole request of a small range in one segment and parses it in one pass; Nagle is
+    off, so the last short segment of a body is never held back waiting for an ACK.
+    """
+
+    def __init__(self, relay: str) -> None:
+        parts = urllib.parse.urlsplit(relay)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise Refused(400, f"relay URL {relay!r} is not http(s)")
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port
+        self.host_header = parts.netloc.rpartition("@")[2]
+        self.prefix = parts.path.rstrip("/")
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _connect(self) -> socket.socket:
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=UPLOAD_TIMEOUT)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = conn
+        return conn.sock  # type: ignore[no-any-return]
+
+    def _socket(self) -> socket.socket:
+        """A connected socket: the kept-alive one unless the relay has closed it."""
+        if self.conn is not None and self.conn.sock is not None:
+            sock: socket.socket = self.conn.sock
+            # An idle keep-alive connection with something to read has been closed by the
+            # relay (its idle timeout): do not send into it.
+            poller = select.poll()  # not select(): file descriptors may be above 1023
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
+                return sock
+            self.close()
+        return self._connect()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def post(self, token: str, secret: str, body: bytes | _VerifiedReader) -> tuple[int, str]:
+        """POST BODY to the relay's /_upload/TOKEN; returns (status, answer text).
+
+        Raises OSError / http.client.HTTPException when the connection fails, and
+        whatever the body's reader raises (Refused: a block no longer matches), after
+        closing the connection so the relay sees a short body, never a wrong one.
+        """
+        sock = self._socket()
+        head = (f"POST {self.prefix}{protocol.UPLOAD_PATH.format(token=token)} HTTP/1.1\r\n"
+                f"Host: {self.host_header}\r\n"
+                f"{protocol.UPLOAD_SECRET_HEADER}: {secret}\r\n"
+                "Content-Type: application/octet-stream\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
+        try:
+            if isinstance(body, bytes):
+                self._send(sock, head, body)
+            else:
+                first = body.next_chunk()
+                self._send(sock, head, first if first is not None else b"")
+                while (chunk := body.next_chunk()) is not None:
+                    sock.sendall(chunk)
+            status, text, keep = _read_answer(sock)
+        except BaseException:
+            self.close()
+            raise
+        if not keep:
+            self.close()
+        return status, text
+
+    def _send(self, sock: socket.socket, head: bytes, chunk: bytes | memoryview) -> None:
+        if self.https:  # TLS sockets have no sendmsg
+            if len(chunk) <= _SMALL_BODY:
+                sock.sendall(head + bytes(chunk))
+            else:
+                sock.sendall(head)
+                sock.sendall(chunk)
+            return
+        views = [memoryview(head), memoryview(chunk).cast("B")]
+        while views:
+            sent = sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
+
 # ---------------------------------------------------------------- the share
 
 
@@ -352,7 +505,9 @@ class Share:
         self.snapshot: dict[str, list[Any]] = {}
         self._changed = trio.Event()
         self._rescan = trio.Event()
-        self._limiter = trio.CapacityLimiter(MAX_UPLOADS)
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._pool_lock = threading.Lock()
+        self._workers = self._idle = self._queued = 0  # upload threads; requests waiting
         self._local = threading.local()
         self._leaves: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._leaves_bytes = 0
@@ -377,6 +532,10 @@ class Share:
                     nursery.start_soon(self._relay_loop, relay)
                 task_status.started()
         finally:
+            with self._pool_lock:
+                workers = self._workers
+            for _ in range(workers):
+                self._jobs.put(None)
             self.index.close()
 
     # ------------------------------------------------------------ index and catalogue
@@ -593,7 +752,7 @@ class Share:
                     if kind == "pong":
                         last_pong[0] = trio.current_time()
                     elif kind == "get":
-                        nursery.start_soon(self._handle_get, ws, relay, secret, msg)
+                        self._dispatch(ws, relay, secret, msg)
                     elif kind == "auth":
                         ok = self.authorized(msg.get("auth") if isinstance(msg.get("auth"), str)
                                              else None)
@@ -644,37 +803,87 @@ class Share:
                 sent, reset, sent_scanning = snap, False, scanning
             await changed.wait()
 
-    async def _handle_get(self, ws: trio_websocket.WebSocketConnection, relay: str, secret: str,
-                          msg: dict[str, Any]) -> None:
+    def _dispatch(self, ws: trio_websocket.WebSocketConnection, relay: str, secret: str,
+                  msg: dict[str, Any]) -> None:
+        """Hand one `get` to the upload workers (trio thread; never blocks).
+
+        A plain queue feeding up to MAX_UPLOADS long-lived threads rather than
+        `trio.to_thread` per request: the upload is fire-and-forget (its answer goes to
+        the relay, not back to trio), so the hop back into the event loop when a thread
+        finishes, and the per-call thread-cache bookkeeping, were pure overhead on every
+        request. Only a refusal comes back into trio (to send `reject`).
+        """
         token = msg.get("id")
         if not isinstance(token, str) or not token or len(token) > 200:
             return
+        with self._pool_lock:
+            self._queued += 1
+            spawn = self._queued > self._idle and self._workers < MAX_UPLOADS
+            if spawn:
+                self._workers += 1
+                self._idle += 1
+        self._jobs.put((ws, relay, secret, msg))
+        if spawn:
+            threading.Thread(target=self._worker, name="kbfs-upload", daemon=True).start()
+
+    def _worker(self) -> None:
+        """An upload thread: serves queued requests; retires after WORKER_IDLE s idle."""
         try:
-            await trio.to_thread.run_sync(partial(self._upload, relay, secret, msg),
-                                          limiter=self._limiter, abandon_on_cancel=True)
+            while True:
+                try:
+                    job = self._jobs.get(timeout=WORKER_IDLE)
+                except queue.Empty:
+                    with self._pool_lock:
+                        if self._queued >= self._idle:
+                            continue  # a job is on its way to an idle worker: maybe us
+                        self._idle -= 1
+                        self._workers -= 1
+                    return
+                if job is None:
+                    with self._pool_lock:
+                        self._idle -= 1
+                        self._workers -= 1
+                    return
+                with self._pool_lock:
+                    self._queued -= 1
+                    self._idle -= 1
+                try:
+                    self._serve_job(*job)
+                finally:
+                    with self._pool_lock:
+                        self._idle += 1
+        finally:
+            for uploader in self._uploaders().values():
+                uploader.close()
+
+    def _serve_job(self, ws: trio_websocket.WebSocketConnection, relay: str, secret: str,
+                   msg: dict[str, Any]) -> None:
+        token = msg["id"]
+        if ws.closed is not None:
+            return  # that relay connection is gone: the relay has answered the client
+        try:
+            self._upload(relay, secret, msg)
             return
         except Refused as exc:
             status, message = exc.status, str(exc)
             self.stats["refused"] += 1
-        except Exception as exc:  # never let one request take the connection down
+        except Exception as exc:  # never let one request take the worker down
             status, message = 500, f"{type(exc).__name__}: {exc}"
             self.stats["failed"] += 1
         log.info("request %s refused: %s %s", token[:8], status, message)
-        try:
-            await ws.send_message(json.dumps({"type": "reject", "id": token, "status": status,
-                                              "message": message}))
-        except trio_websocket.ConnectionClosed:
-            pass
+        text = json.dumps({"type": "reject", "id": token, "status": status, "message": message})
 
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            # No proxies or ~/.netrc lookups for every upload (they cost ~0.3 ms each):
-            # uploads go to the relay URL exactly as given.
-            session.trust_env = False
-            self._local.session = session
-        return session
+        async def send_reject() -> None:
+            try:
+                await ws.send_message(text)
+            except trio_websocket.ConnectionClosed:
+                pass
+
+        if self._token is not None:
+            try:
+                trio.from_thread.run(send_reject, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
 
     def _upload(self, relay: str, secret: str, msg: dict[str, Any]) -> None:
         """Serve one relay request: POST the verified body to the relay (worker thread)."""
@@ -687,46 +896,56 @@ class Share:
             raise Refused(400, "malformed sha1")
         if path is not None and not isinstance(path, str):
             raise Refused(400, "malformed path")
+        token = msg["id"]
+        if not _URLSAFE_RE.match(token) or not _URLSAFE_RE.match(secret):
+            # Both go into the request head verbatim: nothing that could break out of it.
+            raise Refused(400, "malformed upload id or secret")
         f, real = self.resolve(sha1, path)
-        url = relay + protocol.UPLOAD_PATH.format(token=msg["id"])
-        headers = {protocol.UPLOAD_SECRET_HEADER: secret,
-                   "Content-Type": "application/octet-stream"}
         if msg.get("kind") == "tree":
             blob = self._leaves_of(f)
-            self._post(url, headers, lambda: blob)
+            self._post(relay, token, secret, lambda: blob)
             return
         start, end = msg.get("start"), msg.get("end")
         if not isinstance(start, int) or not isinstance(end, int):
             raise Refused(400, "malformed range")
-        self._post(url, headers, lambda: self.open_range(f, real, start, end))
+        self._post(relay, token, secret, lambda: self.open_range(f, real, start, end))
 
-    def _post(self, url: str, headers: dict[str, str],
+    def _post(self, relay: str, token: str, secret: str,
               make_body: Callable[[], bytes | _VerifiedReader]) -> None:
+        uploader = self._uploaders().get(relay)
+        if uploader is None:
+            uploader = self._local.uploaders[relay] = _Uploader(relay)
         for attempt in (1, 2):
             body = make_body()
             try:
-                resp = self._session().post(url, data=body, headers=headers,  # type: ignore[arg-type]
-                                            timeout=(UPLOAD_TIMEOUT, UPLOAD_TIMEOUT))
+                status, text = uploader.post(token, secret, body)
             except Refused:
                 self.request_rescan()  # a block changed under an upload already running
                 raise
-            except requests.RequestException as exc:
+            except (OSError, http.client.HTTPException) as exc:
                 # A keep-alive connection the relay had just closed fails before the relay
                 # sees anything: one retry. If the relay had taken the id, it says 404.
                 if attempt == 2:
                     self.stats["failed"] += 1
-                    log.info("upload to %s failed: %s", url.split("/_upload/")[0], exc)
+                    log.info("upload to %s failed: %s: %s", relay, type(exc).__name__, exc)
                     return
                 continue
             finally:
                 if isinstance(body, _VerifiedReader):
                     body.close()
-            if resp.status_code == 204:
+            if status == 204:
                 self.stats["uploads"] += 1
                 self.stats["bytes"] += len(body)
-            elif resp.status_code != 404 or attempt == 1:
-                log.info("relay answered upload with %s: %s", resp.status_code, resp.text[:200])
+            elif status != 404 or attempt == 1:
+                log.info("relay answered upload with %s: %s", status, text[:200])
             return
+
+    def _uploaders(self) -> dict[str, _Uploader]:
+        """This worker thread's upload connections, one per relay."""
+        uploaders: dict[str, _Uploader] | None = getattr(self._local, "uploaders", None)
+        if uploaders is None:
+            uploaders = self._local.uploaders = {}
+        return uploaders
 
     # ------------------------------------------------------------ direct --listen server
 

@@ -393,3 +393,38 @@ def test_clean_stop_and_one_line_errors(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr, args
         errors = [line for line in result.stderr.splitlines() if "rror" in line]
         assert len(errors) == 1, (args, result.stderr)  # one line says what is wrong
+
+
+def _answer_of(raw: bytes) -> tuple[int, str, bool]:
+    """What the share's upload client makes of the relay answer RAW (sent in two pieces)."""
+    a, b = socket.socketpair()
+    try:
+        a.sendall(raw[:7])
+        threading.Timer(0.05, lambda: (a.sendall(raw[7:]), a.shutdown(socket.SHUT_WR))).start()
+        b.settimeout(5)
+        return share._read_answer(b)
+    finally:
+        time.sleep(0.1)
+        a.close()
+        b.close()
+
+
+def test_upload_answer_parser() -> None:
+    """The hand parser of the relay's answers to uploads: status, body, keep-alive."""
+    assert _answer_of(b"HTTP/1.1 204 \r\naccess-control-allow-origin: *\r\n\r\n") == (204, "", True)
+    body = b'{"error":"client went away"}'
+    raw = (b"HTTP/1.1 410 \r\ncontent-type: application/json\r\ncontent-length: "
+           + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert _answer_of(raw) == (410, body.decode(), True)
+    assert _answer_of(b"HTTP/1.1 204 \r\nConnection: close\r\n\r\n")[2] is False
+    assert _answer_of(b"HTTP/1.0 204 \r\n\r\n")[2] is False
+    # no length on an answer with a body: read what is there, never reuse the connection
+    assert _answer_of(b"HTTP/1.1 200 \r\n\r\n")[2] is False
+    with pytest.raises(share.http.client.HTTPException):
+        _answer_of(b"garbage\r\n\r\n")
+    with pytest.raises(share.http.client.HTTPException):
+        _answer_of(b"HTTP/1.1 204 \r\ncontent-length: x\r\n\r\n")
+    with pytest.raises(share.http.client.HTTPException):  # closed before the whole body
+        _answer_of(b"HTTP/1.1 400 \r\ncontent-length: 10\r\n\r\nshort")
+    with pytest.raises(share.http.client.HTTPException):  # closed before any answer
+        _answer_of(b"")
