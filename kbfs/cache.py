@@ -569,14 +569,16 @@ class BlockCache:
             self._index_drop(ref.sha1, index)
 
     def _load_slice(self, ref: FileRef, index: int, lo: int = 0, hi: int | None = None,
-                    nowait: bool = False) -> bytes | bytearray | None:
+                    nowait: bool = False, into: memoryview | None = None
+                    ) -> bytes | bytearray | memoryview | None:
         """Bytes [lo, hi) of the verified block INDEX from disk, or None when not present.
 
         A block this process has verified costs one pread of just the slice asked for (a
         128 KiB FUSE read costs 128 KiB of I/O). The first read of a block file in this
         process reads all of it and checks it against its leaf (see the module docstring).
         NOWAIT: only bytes already in the page cache (RWF_NOWAIT), else None, and never
-        a first read (which must hash the whole block)."""
+        a first read (which must hash the whole block); the bytes land in INTO (hi - lo
+        long) when given, else in a new buffer."""
         start, end = tree.block_span(index, ref.size, ref.block_size)
         blen = end - start
         hi = blen if hi is None else hi
@@ -587,11 +589,11 @@ class BlockCache:
         try:
             with self._lock:
                 good = key in self._good
-            data: bytes | bytearray | None
+            data: bytes | bytearray | memoryview | None
             if nowait:
                 if not good:
                     return None
-                buf = bytearray(hi - lo)
+                buf = into if into is not None else bytearray(hi - lo)
                 try:
                     got = os.preadv(ent.fd, [buf], lo, os.RWF_NOWAIT)
                 except BlockingIOError:
@@ -641,14 +643,17 @@ class BlockCache:
                 self._store_pool = cf.ThreadPoolExecutor(max_workers=STORE_THREADS,
                                                          thread_name_prefix="kbfs-store")
 
-    def read_cached(self, ref: FileRef, offset: int, length: int, nowait: bool = False
-                    ) -> Buffer | None:
+    def read_cached(self, ref: FileRef, offset: int, length: int, nowait: bool = False,
+                    into: memoryview | None = None) -> Buffer | None:
         """Bytes [offset, offset+length) of REF (at most two blocks) when they can be had
         without fetching or hashing, else None: from a read-ahead block still in memory, or
         one pread of a block file this process has verified. Cheap enough for an event
         loop thread. NOWAIT: a block file only when its bytes should be in the page cache
         (read ahead by `_advise_job`, or written or read through it) and only if they are
-        there (RWF_NOWAIT): it never waits for the disk."""
+        there (RWF_NOWAIT): it never waits for the disk. INTO (at least LENGTH bytes): where
+        NOWAIT reads land, so that a caller that copies the result at once (the FUSE reply)
+        reuses one buffer instead of faulting in a fresh megabyte per read; the result may
+        then be a view of INTO, valid until INTO is reused."""
         end = min(ref.size, offset + length)
         if offset >= end or offset < 0:
             return None
@@ -669,7 +674,8 @@ class BlockCache:
                 continue
             if not usable:
                 return None
-            data = self._load_slice(ref, i, lo, hi, nowait)
+            target = into[lo + i * bs - offset:hi + i * bs - offset] if into is not None else None
+            data = self._load_slice(ref, i, lo, hi, nowait, target)
             if data is None:
                 return None
             pieces.append(data)

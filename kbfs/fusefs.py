@@ -210,6 +210,7 @@ class KbfsOperations(pyfuse3.Operations):
         self.on_pointer = on_pointer
         self.read_threads = read_threads
         self._limiter: trio.CapacityLimiter | None = None
+        self._inline_buf = bytearray(0)  # large inline reads land here (see read)
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.nodes: dict[int, Node] = {}
@@ -699,7 +700,16 @@ class KbfsOperations(pyfuse3.Operations):
             # and back, which dominated the latency of random 4 KiB reads. A larger read
             # is served here only from the page cache (RWF_NOWAIT), where the cached-block
             # read-ahead puts a sequential reader's blocks: it never waits for the disk.
-            hit = self.cache.read_cached(ref, off, length, nowait=length > INLINE_READ_MAX)
+            if length > INLINE_READ_MAX:
+                # Into one reused buffer: pyfuse3 copies what read() returns into its reply
+                # before any other task runs, so the next inline read may overwrite it; a
+                # fresh 1 MiB buffer per read cost its page faults and zeroing every time.
+                if len(self._inline_buf) < length:
+                    self._inline_buf = bytearray(length)
+                hit = self.cache.read_cached(ref, off, length, nowait=True,
+                                             into=memoryview(self._inline_buf))
+            else:
+                hit = self.cache.read_cached(ref, off, length)
             if hit is not None:
                 if of.readahead is not None:
                     of.readahead.on_read(off, length)  # keeps the sequential window growing

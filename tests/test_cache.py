@@ -705,6 +705,10 @@ def test_read_cached_nowait_serves_only_page_cached_blocks(src, data, make_cache
         assert cache.wait_idle(10)
         assert wait_until(lambda: in_page_cache(block_path(cache, ref, 2)), 10)
         assert cache.read_cached(ref, BS, 2 * BS, nowait=True) == data[BS:3 * BS]
+        # Into a caller's buffer (the FUSE daemon reuses one), across a block boundary.
+        into = memoryview(bytearray(3 * BS))
+        got = cache.read_cached(ref, BS + 100, BS + 5, nowait=True, into=into)
+        assert got == data[BS + 100:2 * BS + 105]
         assert src.counts()["sha1"] == 1  # nothing was fetched again
 
 
