@@ -192,10 +192,12 @@ def tune_process() -> None:
     page by page and unmapped again: raising the thresholds lets malloc reuse them.
     """
     hypercorn.trio.tcp_server.MAX_RECV = RECV_CHUNK  # type: ignore[attr-defined]
-    _h11_fewer_copies()
-    _cheaper_idle_timer()
-    _guard_send_eof_race()
-    _close_on_client_eof()
+    for patch in (_h11_fewer_copies, _cheaper_idle_timer, _guard_send_eof_race,
+                  _close_on_client_eof):
+        try:
+            patch()
+        except AttributeError as exc:  # other hypercorn/h11 internals (setup.cfg pins them)
+            log.warning("hypercorn/h11 patch %s not applied: %s", patch.__name__, exc)
     try:
         libc = ctypes.CDLL(None)
         m_trim_threshold, m_mmap_threshold = -1, -3
