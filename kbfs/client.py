@@ -652,6 +652,12 @@ class Client:
             self.cache.open_file(ref)
             try:
                 self._fill_part(ref, fd, workers, progress, tally)
+            except KbfsError as exc:
+                if (left or tally.fetched + tally.copied) and exc.args:
+                    # The one line the user sees says where the work so far went.
+                    exc.args = (f"{exc.args[0]} (the verified part is kept in {part}: "
+                                f"the same download again resumes from it)", *exc.args[1:])
+                raise
             finally:
                 self.cache.close_file(ref)
             os.replace(part, target)

@@ -202,6 +202,7 @@ def test_resume_checks_every_block_of_the_part_file(src: HTTPSource, tmp_path: P
     src.mode = "error500"
     line = one_line_error(run(env, "download", ptr, "-r", src.url, "-o", str(out)))
     assert "500" in line or "no source" in line
+    assert part.name in line and "resumes from it" in line  # the one line says where
     assert not out.exists()
     assert good_blocks(part, data) == [0, 1, 4, 5, 10]  # kept for the next run, untouched
     src.mode = "ok"
