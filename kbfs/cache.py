@@ -348,26 +348,44 @@ class BlockCache:
 
     # ---- startup scan
     def _scan(self) -> None:
-        """Index the block files already on disk, oldest first (another process may be
-        adding and removing files meanwhile: a file that vanishes is simply not present)."""
+        """Index the block files already on disk, oldest content first (another process may
+        be adding and removing files meanwhile: a file that vanishes is simply not present).
+
+        Two stats per content, not one per block: every command that opens the cache pays
+        for this (a stat per block cost 0.4 s per 100 GiB of cache). A content's blocks all
+        have the size of its lowest present block except possibly the highest (the file's
+        short last block), so those two are stat'ed; a block file of another size is caught
+        when it is opened (`_fd_acquire` checks every size) and dropped then. The age of a
+        content is its folder's mtime, which each stored or removed block renews."""
         found: list[tuple[float, str, int, int]] = []
         now = time.time()
         root = os.path.join(self.directory, "blocks")
         for prefix in _listdir(root):
             for sha1 in _listdir(os.path.join(root, prefix)):
                 folder = os.path.join(root, prefix, sha1)
+                indices = []
                 for name in _listdir(folder):
-                    path = os.path.join(folder, name)
-                    try:
-                        st = os.stat(path)
-                    except OSError:
-                        continue
-                    if name.startswith("."):
-                        if now - st.st_mtime > STALE_TEMP:
-                            _unlink(path)  # a temporary file left by a killed writer
-                        continue
                     if name.isdigit():
-                        found.append((st.st_mtime, sha1, int(name), st.st_size))
+                        indices.append(int(name))
+                    elif name.startswith("."):
+                        path = os.path.join(folder, name)
+                        try:
+                            if now - os.stat(path).st_mtime > STALE_TEMP:
+                                _unlink(path)  # a temporary file left by a killed writer
+                        except OSError:
+                            pass
+                if not indices:
+                    continue
+                indices.sort()
+                try:
+                    age = os.stat(folder).st_mtime
+                    full = os.stat(os.path.join(folder, str(indices[0]))).st_size
+                    last = (full if len(indices) == 1
+                            else os.stat(os.path.join(folder, str(indices[-1]))).st_size)
+                except OSError:
+                    continue  # being removed meanwhile: not present
+                for i in indices:
+                    found.append((age, sha1, i, last if i == indices[-1] else full))
         found.sort()
         with self._lock:
             for _, sha1, index, size in found:

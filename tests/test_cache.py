@@ -742,3 +742,35 @@ def test_read_ahead_blocks_written_direct_are_exact(src, make_cache, tmp_path):
     with Fetcher([f"http://127.0.0.1:{free_port()}"], deadline=1) as offline:
         again = make_cache(offline)
         assert again.read(ref, 0, len(data)) == data
+
+
+def test_reopened_cache_accounts_every_block(src, make_cache):
+    """Opening a cache folder stats two block files per content, not every block: the
+    bytes it accounts are still exact (short last blocks, partly cached contents), and a
+    block file of the wrong size is caught when it is read, then fetched again."""
+    a = os.urandom(9 * BS + 123)
+    b = os.urandom(3 * BS)
+    ia, ib = src.add(a, block_size=BS), src.add(b, block_size=BS)
+    ra, rb = ref_of(ia), ref_of(ib)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        cache.read(ra, 2 * BS, 8 * BS)  # blocks 2-9: the short last block among them
+        cache.read(rb, 0, BS)
+        assert cache.wait_idle(10)
+        cache.close()
+        again = make_cache(f)
+        assert again.cached_bytes(ra) == 7 * BS + 123
+        assert again.cached_bytes(rb) == BS
+        assert again.statistics()["cached_bytes"] == 8 * BS + 123
+        again.close()
+        # A middle block cut short behind the cache's back (it is never written so).
+        with open(block_path(again, ra, 5), "r+b") as fh:
+            fh.truncate(BS - 1)
+        third = make_cache(f)
+        assert third.cached_bytes(ra) == 7 * BS + 123  # not stat'ed when opening
+        n = src.counts()["sha1"]
+        assert third.read(ra, 5 * BS, BS) == a[5 * BS:6 * BS]
+        assert src.counts()["sha1"] == n + 1  # caught on reading, fetched again
+        assert third.wait_idle(10)
+        assert third.cached_bytes(ra) == 7 * BS + 123
+        assert block_path(third, ra, 5).stat().st_size == BS
