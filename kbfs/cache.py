@@ -43,8 +43,9 @@ Concurrency: one in-flight entry (a Future) per block being fetched, so concurre
 of a block share one fetch; the global lock guards only dictionaries, never I/O.
 Capacity: LRU by last access over block files, evicted to 90% of capacity, never evicting
 files pinned by `open_file`; a floor of free disk space (`min_free`, at most 5% of the file
-system). When a block cannot
-be stored (full disk, folder gone) the verified bytes are still returned, uncached.
+system). Blocks found on disk when the cache opens enter the LRU oldest content first (by
+their folder's mtime). When a block cannot be stored (full disk, folder gone) the verified
+bytes are still returned, uncached.
 
 Legacy pointers (root None) trust the tree on first use; once every block is present the
 whole-file SHA-1 is checked in a background thread: a pass writes `complete/<sha1>`, a
