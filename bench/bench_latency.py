@@ -39,36 +39,13 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 import netutil  # noqa: E402
+from bench_relay import cpu_seconds, make_file  # noqa: E402
 
 from kbfs import tree  # noqa: E402
 from kbfs.config import parse_size  # noqa: E402
 from kbfs.fetch import Fetcher  # noqa: E402
 
 BLOCK = tree.BLOCK_SIZE
-
-
-def make_file(path: Path, size: int) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    rng = random.Random(1)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = rng.randbytes(min(left, 8 << 20))
-            h.update(chunk)
-            f.write(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU time of PID so far (Linux /proc), or 0 when unknown."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def ranged_get(session: requests.Session, url: str, start: int, length: int) -> float:

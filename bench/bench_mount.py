@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,7 +40,10 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+
+from mountutil import force_unmount, stop_pid  # noqa: E402
 
 from kbfs.config import parse_size  # noqa: E402
 
@@ -74,35 +76,6 @@ def peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def stop_pid(pid: int, timeout: float = 10) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not alive(pid):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        end = time.monotonic() + timeout
-        while alive(pid) and time.monotonic() < end:
-            time.sleep(0.05)
-
-
-def unmount(path: str) -> None:
-    for args in (["-u"], ["-uz"]):
-        if not os.path.ismount(path):
-            return
-        subprocess.run(["fusermount3", *args, path], capture_output=True, timeout=30)
 
 
 class Proc:
@@ -254,8 +227,7 @@ class KbfsSide:
         self.pid = int(m.group(1))
 
     def unmount(self) -> None:
-        unmount(self.mnt)
-        stop_pid(self.pid)
+        force_unmount(self.mnt, self.pid)
 
     def close(self) -> None:
         self.unmount()
@@ -339,7 +311,7 @@ http {{
             time.sleep(0.1)
 
     def unmount(self) -> None:
-        unmount(self.mnt)
+        force_unmount(self.mnt, None)
         if self.proc is not None:
             self.proc.stop()
             self.proc = None
@@ -394,7 +366,7 @@ def workdir(parent: str | None) -> Iterator[Path]:
         yield path
     finally:
         for mnt in ("kbfs-mnt", "rclone-mnt"):
-            unmount(str(path / mnt))
+            force_unmount(str(path / mnt), None)
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -1117,17 +1117,7 @@ class BlockCache:
         # Block files written past the page cache (read-ahead stores) are read from disk:
         # asking for all of them first keeps the disk busy instead of one 1 MiB file at a
         # time (measured: 1 GiB copied in 1.5 s without, see bench/bench_download.py).
-        for i in indices:
-            start, end = tree.block_span(i, ref.size, ref.block_size)
-            ent = self._fd_acquire(ref, i, end - start)
-            if ent is None:
-                continue
-            try:
-                os.posix_fadvise(ent.fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                self._fd_release(ent)
+        self._advise(ref, indices)
         missing: list[int] = []
         served = 0
         for i in indices:
@@ -1175,27 +1165,31 @@ class BlockCache:
         except RuntimeError:  # closed meanwhile
             self._job_done()
 
+    def _advise(self, ref: FileRef, indices: Sequence[int]) -> None:
+        """Start the kernel reading the present blocks INDICES into the page cache. Each
+        block is its own small file, so the kernel's own read-ahead never runs past one
+        block: without this, a sequential reader of cached content waits for one 1 MiB
+        disk read at a time (measured: warm reads at half the disk's speed)."""
+        for index in indices:
+            if self._closed:
+                return
+            start, end = tree.block_span(index, ref.size, ref.block_size)
+            ent = self._fd_acquire(ref, index, end - start)
+            if ent is None:
+                continue
+            try:
+                os.posix_fadvise(ent.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                continue  # only a hint
+            finally:
+                self._fd_release(ent)
+            with self._lock:
+                self._paged.add((ref.sha1, index))
+
     def _advise_job(self, ref: FileRef, indices: list[int]) -> None:
-        """Start the kernel reading present blocks into the page cache (read-ahead of a
-        warm file). Each block is its own small file, so the kernel's own read-ahead never
-        runs past one block: without this, a sequential reader of cached content waits for
-        one 1 MiB disk read at a time (measured: warm reads at half the disk's speed)."""
+        """`_advise` for a sequential reader's read-ahead window, in the prefetch pool."""
         try:
-            for index in indices:
-                if self._closed:
-                    return
-                start, end = tree.block_span(index, ref.size, ref.block_size)
-                ent = self._fd_acquire(ref, index, end - start)
-                if ent is None:
-                    continue
-                try:
-                    os.posix_fadvise(ent.fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    continue  # only a hint
-                finally:
-                    self._fd_release(ent)
-                with self._lock:
-                    self._paged.add((ref.sha1, index))
+            self._advise(ref, indices)
         except Exception:  # noqa: BLE001 - a hint must never break a read
             log.exception("read-ahead of cached blocks of %s failed", ref.sha1)
         finally:

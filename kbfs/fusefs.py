@@ -134,6 +134,29 @@ class _Spec:
     mtime_ns: int = 0
     ctime_ns: int = 0
 
+    @classmethod
+    def pointer_file(cls, key: tuple[str, ...], name: str, pointer: prv.Pointer,
+                     stamp: tuple[int, int, int, int], path: str = "", rel: str = "") -> _Spec:
+        """A pointer shown as its original: a read-only file of the original's size.
+        STAMP: the (uid, gid, mtime_ns, ctime_ns) it shows."""
+        uid, gid, mtime_ns, ctime_ns = stamp
+        return cls(key, os.fsencode(name), POINTER, path=path, rel=rel, pointer=pointer,
+                   size=pointer.size, mode=stat.S_IFREG | 0o444, uid=uid, gid=gid,
+                   mtime_ns=mtime_ns, ctime_ns=ctime_ns)
+
+    @classmethod
+    def folder(cls, key: tuple[str, ...], name: str, kind: str, stamp: tuple[int, int, int, int],
+               path: str = "", rel: str = "", prvdir: prv.PrvDir | None = None) -> _Spec:
+        """A read-only folder of pointers (a .prvdir's, or a remote share's); STAMP as above."""
+        uid, gid, mtime_ns, ctime_ns = stamp
+        return cls(key, os.fsencode(name), kind, path=path, rel=rel, prvdir=prvdir,
+                   mode=stat.S_IFDIR | 0o555, uid=uid, gid=gid, mtime_ns=mtime_ns,
+                   ctime_ns=ctime_ns)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns
+
 
 @dataclass
 class _OpenFile:
@@ -429,32 +452,10 @@ class KbfsOperations(pyfuse3.Operations):
         try:
             if name.endswith(".prv"):
                 pointer = prv.load_pointer(full)
-                return _Spec(
-                    ("p", full, pointer.sha1),
-                    os.fsencode(target),
-                    POINTER,
-                    path=full,
-                    pointer=pointer,
-                    size=pointer.size,
-                    mode=stat.S_IFREG | 0o444,
-                    uid=st.st_uid,
-                    gid=st.st_gid,
-                    mtime_ns=st.st_mtime_ns,
-                    ctime_ns=st.st_ctime_ns,
-                )
-            prvdir = prv.load_prvdir(full)
-            return _Spec(
-                ("d", full, ""),
-                os.fsencode(target),
-                PRVDIR_DIR,
-                path=full,
-                prvdir=prvdir,
-                mode=stat.S_IFDIR | 0o555,
-                uid=st.st_uid,
-                gid=st.st_gid,
-                mtime_ns=st.st_mtime_ns,
-                ctime_ns=st.st_ctime_ns,
-            )
+                return _Spec.pointer_file(("p", full, pointer.sha1), target, pointer, _stamp(st),
+                                          path=full)
+            return _Spec.folder(("d", full, ""), target, PRVDIR_DIR, _stamp(st), path=full,
+                                prvdir=prv.load_prvdir(full))
         except KbfsError as exc:
             self._log_once(full, st.st_mtime_ns, f"malformed pointer shown as a plain file: {exc}")
             return None
@@ -466,58 +467,23 @@ class KbfsOperations(pyfuse3.Operations):
         else:
             kind, mode = PLAIN, stat.S_IFREG | (st.st_mode & 0o555)
         size = st.st_size if kind == PLAIN else 0
-        return _Spec(
-            ("l", full),
-            os.fsencode(name),
-            kind,
-            path=full,
-            size=size,
-            mode=mode,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-        )
+        uid, gid, mtime_ns, ctime_ns = _stamp(st)
+        return _Spec(("l", full), os.fsencode(name), kind, path=full, size=size, mode=mode,
+                     uid=uid, gid=gid, mtime_ns=mtime_ns, ctime_ns=ctime_ns)
 
     def _prvdir_specs(self, node: Node) -> list[_Spec]:
         assert node.prvdir is not None
         specs: list[_Spec] = []
         prefix = node.rel + "/" if node.rel else ""
+        stamp = (node.uid, node.gid, node.mtime_ns, node.ctime_ns)  # the .prvdir file's
         for name, sub in node.prvdir.dirs.items():
-            specs.append(
-                _Spec(
-                    ("d", node.path, prefix + name),
-                    os.fsencode(name),
-                    PRVDIR_DIR,
-                    path=node.path,
-                    rel=prefix + name,
-                    prvdir=sub,
-                    mode=stat.S_IFDIR | 0o555,
-                    uid=node.uid,
-                    gid=node.gid,
-                    mtime_ns=node.mtime_ns,
-                    ctime_ns=node.ctime_ns,
-                )
-            )
+            specs.append(_Spec.folder(("d", node.path, prefix + name), name, PRVDIR_DIR, stamp,
+                                      path=node.path, rel=prefix + name, prvdir=sub))
         for name, pointer in node.prvdir.files.items():
             if name in node.prvdir.dirs:
                 continue  # a folder and a file of one name: the folder wins
-            specs.append(
-                _Spec(
-                    ("p", node.path, prefix + name, pointer.sha1),
-                    os.fsencode(name),
-                    POINTER,
-                    path=node.path,
-                    rel=prefix + name,
-                    pointer=pointer,
-                    size=pointer.size,
-                    mode=stat.S_IFREG | 0o444,
-                    uid=node.uid,
-                    gid=node.gid,
-                    mtime_ns=node.mtime_ns,
-                    ctime_ns=node.ctime_ns,
-                )
-            )
+            specs.append(_Spec.pointer_file(("p", node.path, prefix + name, pointer.sha1), name,
+                                            pointer, stamp, path=node.path, rel=prefix + name))
         return specs
 
     def _scan_remote(self, rel: str) -> list[_Spec]:
@@ -532,19 +498,8 @@ class KbfsOperations(pyfuse3.Operations):
             if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
                 continue
             seen.add(name)
-            specs.append(
-                _Spec(
-                    ("r", prefix + name),
-                    os.fsencode(name),
-                    REMOTE_DIR,
-                    rel=prefix + name,
-                    mode=stat.S_IFDIR | 0o555,
-                    uid=self.uid,
-                    gid=self.gid,
-                    mtime_ns=now,
-                    ctime_ns=now,
-                )
-            )
+            specs.append(_Spec.folder(("r", prefix + name), name, REMOTE_DIR,
+                                      (self.uid, self.gid, now, now), rel=prefix + name))
         for item in listing.get("files", []):
             try:
                 name = item["name"]
@@ -558,21 +513,9 @@ class KbfsOperations(pyfuse3.Operations):
                 )
                 continue
             seen.add(name)
-            specs.append(
-                _Spec(
-                    ("rp", prefix + name, pointer.sha1),
-                    os.fsencode(name),
-                    POINTER,
-                    rel=prefix + name,
-                    pointer=pointer,
-                    size=pointer.size,
-                    mode=stat.S_IFREG | 0o444,
-                    uid=self.uid,
-                    gid=self.gid,
-                    mtime_ns=mtime_ns,
-                    ctime_ns=mtime_ns,
-                )
-            )
+            specs.append(_Spec.pointer_file(("rp", prefix + name, pointer.sha1), name, pointer,
+                                            (self.uid, self.gid, mtime_ns, mtime_ns),
+                                            rel=prefix + name))
         return specs
 
     # ------------------------------------------------------------ metadata handlers

@@ -98,6 +98,18 @@ def is_mounted(path: str) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
+def stop_pid(pid: int, wait: float = 5.0) -> None:
+    """SIGTERM PID, then SIGKILL after WAIT seconds; returns once it is gone (or given up)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not alive(pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        end = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < end:
+            time.sleep(0.02)
+
+
 def force_unmount(mountpoint: str, pid: int | None) -> None:
     """Unmount (normal, then lazy) and kill the daemon by pid; never raises, never hangs long."""
     for args in (["-u"], ["-uz"]):
@@ -106,14 +118,7 @@ def force_unmount(mountpoint: str, pid: int | None) -> None:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(["fusermount3", *args, mountpoint], capture_output=True, timeout=10)
     if pid:
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if not alive(pid):
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            end = time.monotonic() + wait
-            while alive(pid) and time.monotonic() < end:
-                time.sleep(0.02)
+        stop_pid(pid)
     if is_mounted(mountpoint):
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True, timeout=10)
