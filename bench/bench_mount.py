@@ -12,6 +12,11 @@ run. Measured per system:
   cache dropped),
 - the daemon's peak RSS (VmHWM) after streaming the file.
 
+Two floors for the warm random reads, measured in the same run: the same 4 KiB reads straight
+from the data file on disk (page cache dropped), and through `bench/minifuse.py`, a pyfuse3 +
+trio file system that does nothing but pread that file on its trio thread: what a FUSE read
+costs in pyfuse3 and trio by themselves, before any work of kbfs's.
+
 Dropping the page cache needs root (`/proc/sys/vm/drop_caches`); when it is not permitted
 the table says so and "warm" includes the page cache. Prints a markdown table with ratios.
 Usage: bench_mount.py [--size 1G] [--dir DIR] [--random N]
@@ -358,6 +363,26 @@ def measure(
     return out
 
 
+def floors(base: Path, data_file: Path, offsets: list[int]) -> dict[str, float]:
+    """Median 4 KiB random-read latency from the disk itself and through minifuse.py."""
+    out: dict[str, float] = {}
+    drop_page_cache()
+    log("floor: random 4 KiB from the disk")
+    out["disk"] = random_reads(str(data_file), offsets)
+    mnt = base / "minifuse-mnt"
+    mnt.mkdir(exist_ok=True)
+    proc = Proc([sys.executable, str(REPO / "bench" / "minifuse.py"), str(data_file), str(mnt)])
+    try:
+        proc.wait_for(r"^ready", timeout=30)
+        drop_page_cache()
+        log("floor: random 4 KiB through a pyfuse3 file system that only preads")
+        out["pyfuse3"] = random_reads(str(mnt / data_file.name), offsets)
+    finally:
+        proc.stop()
+        force_unmount(str(mnt), None)
+    return out
+
+
 @contextlib.contextmanager
 def workdir(parent: str | None) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="kbfs-bench-mount-", dir=parent))
@@ -365,7 +390,7 @@ def workdir(parent: str | None) -> Iterator[Path]:
     try:
         yield path
     finally:
-        for mnt in ("kbfs-mnt", "rclone-mnt"):
+        for mnt in ("kbfs-mnt", "rclone-mnt", "minifuse-mnt"):
             force_unmount(str(path / mnt), None)
         shutil.rmtree(path, ignore_errors=True)
 
@@ -424,6 +449,7 @@ def main() -> int:
             results["kbfs"] = measure(kb, fname, want, offsets, can_drop)
         finally:
             kb.close()
+        floor = floors(base, data / fname, offsets)
     k, r = results["kbfs"], results["rclone"]
     print()
     print(
@@ -432,6 +458,13 @@ def main() -> int:
     )
     print()
     print(report_table(k, r))
+    print()
+    print(
+        f"Floors for the warm random reads (same offsets, page cache dropped): straight from "
+        f"the disk {floor['disk'] * 1e6:.0f} us; through a pyfuse3 file system that only "
+        f"preads (bench/minifuse.py) {floor['pyfuse3'] * 1e6:.0f} us; kbfs "
+        f"{k['rand_warm'] * 1e6:.0f} us."
+    )
     try:
         plot(k, r, REPO / "docs" / "bench-mount.png")
         print(f"\nplot: {REPO / 'docs' / 'bench-mount.png'}")
