@@ -22,8 +22,9 @@ This module wires the pieces together (layer L4); it holds no verification logic
 its own: blocks are verified by the cache or the fetcher, local copies by
 `prv.file_matches`-style digests. `download` writes fetched blocks straight into
 `.NAME.kbfs-part` next to the target (O_DIRECT where it can) and does NOT store them in
-the cache; blocks already cached are copied from it. It never prints; the command line
-(`cli_get`) does.
+the cache; blocks already cached are copied from it (in the kernel, as `cp` does; when the
+cache holds every block the part file's disk blocks are allocated first, see
+`_preallocate`). It never prints; the command line (`cli_get`) does.
 """
 
 from __future__ import annotations
@@ -689,7 +690,11 @@ class Client:
         # One writer of the file at a time: concurrent writers of one file spin on its inode
         # lock in the kernel (measured: twice the CPU of the whole download).
         out_lock = threading.Lock()
-        if todo and self.cache.cached_bytes(ref):
+        cached = self.cache.cached_bytes(ref) if todo else 0
+        if cached:
+            if cached >= ref.size:
+                # Every block is in the cache: this download is cp's work. See _preallocate.
+                _preallocate(fd, ref.size)
             todo = self._copy_cached(ref, fd, todo, out_lock, progress, tally)
         if not todo:
             return
@@ -1054,6 +1059,49 @@ def _check_part(fd: int, ref: FileRef, leaves: Sequence[bytes], candidates: list
         if os.preadv(fd, [view], start) == end - start and tree.block_matches(view, leaves[i]):
             good.add(i)
     return [i for i in range(ref.blocks) if i not in good]
+
+
+_fallocate: Any = None  # fallocate(2) through ctypes once looked up; False: not to be had
+
+
+def _preallocate(fd: int, size: int) -> bool:
+    """Give FD's first SIZE bytes their disk blocks now (fallocate(2), mode 0: what the
+    file holds is unchanged, holes read as zeros, the size grows to at least SIZE); False
+    when the platform or the file system cannot (nothing is changed then).
+
+    For a download of content that is all in the cache, whose copy is the kernel's
+    (`cp`'s) work: ext4 then writes into blocks already allocated instead of reserving
+    each page as it is written (delayed allocation), measured at ~15 ms less kernel time
+    per GiB out of ~270 and steadier runs (bench/bench_download.py, content cached). Called
+    through ctypes, not os.posix_fallocate: where the file system has no fallocate (NFS,
+    most FUSE file systems) glibc's posix_fallocate writes a byte into every 4 KiB of the
+    range instead, which would cost more than the whole copy.
+    """
+    global _fallocate
+    if _fallocate is None:
+        _fallocate = False
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            # fallocate64 takes 64-bit offsets everywhere; plain fallocate (musl) only
+            # where off_t is 64 bits, which a 64-bit process's is.
+            fn = getattr(libc, "fallocate64", None)
+            if fn is None and ctypes.sizeof(ctypes.c_void_p) == 8:
+                fn = getattr(libc, "fallocate", None)
+            if fn is not None:
+                fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+                fn.restype = ctypes.c_int
+                _fallocate = (fn, ctypes.get_errno)
+        except (ImportError, OSError) as exc:
+            log.debug("no fallocate: %s", exc)
+    if not _fallocate or size <= 0:
+        return False
+    fn, get_errno = _fallocate
+    if fn(fd, 0, 0, size) == 0:
+        return True
+    log.debug("fallocate of %d bytes refused: %s", size, os.strerror(get_errno()))
+    return False
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

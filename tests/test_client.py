@@ -302,3 +302,69 @@ def test_realize_of_a_legacy_pointer_checks_sha1(src: HTTPSource, tmp_path: Path
     assert Path(path).read_bytes() == data
     shutil.rmtree(tmp_path / "orig")
     assert client.get_client(**settings(src, tmp_path)).cache.verified(FileRef(p.sha1, p.size, None)) == "sha1"
+
+
+# ---------------------------------------------------------------- downloads of cached content
+
+
+def test_preallocate_keeps_what_the_file_holds(tmp_path: Path) -> None:
+    path = tmp_path / "part"
+    path.write_bytes(b"x" * 5000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if not client._preallocate(fd, 3 * MiB):
+            pytest.skip("no fallocate on the file system of tmp_path")
+        st = os.fstat(fd)
+        assert st.st_size == 3 * MiB and st.st_blocks * 512 >= 3 * MiB  # the blocks are there
+        assert client._preallocate(fd, MiB)  # never shrinks
+        assert os.fstat(fd).st_size == 3 * MiB
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 5000 + bytes(3 * MiB - 5000)
+
+
+def test_preallocate_refused_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "part"
+    path.write_bytes(b"abc")
+    fd = os.open(path, os.O_RDONLY)  # fallocate needs a writable descriptor: EBADF
+    try:
+        assert client._preallocate(fd, MiB) is False
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"abc"
+
+
+@pytest.mark.parametrize("cached_blocks", [range(0, 5), range(1, 5)])
+def test_download_preallocates_only_what_the_cache_holds_whole(
+        src: HTTPSource, tmp_path: Path, make_file: Any, monkeypatch: pytest.MonkeyPatch,
+        cached_blocks: range) -> None:
+    """A download whose every block is cached is cp's work: its part file gets its disk
+    blocks first. With blocks to fetch (O_DIRECT writes) it does not; both are exact."""
+    data = make_file(tmp_path / "x", 4 * MiB + 3, seed=9)
+    ptr, p = make_pointer(tmp_path, data, original_path="/nonexistent/data.bin")
+    src.add(data)
+    s = settings(src, tmp_path)
+    with kbfs.open(ptr, local=False, **s) as f:  # fills the cache with the blocks wanted
+        for k in cached_blocks:
+            f.seek(k * MiB)
+            f.read(1)
+    c = client.get_client(**s)
+    c.cache.wait_idle(10)
+    ref = client.resolve(ptr, **s).ref
+    whole = len(cached_blocks) == ref.blocks
+    assert (c.cache.cached_bytes(ref) == ref.size) is whole
+    calls: list[int] = []
+    real = client._preallocate
+
+    def spy(fd: int, size: int) -> bool:
+        calls.append(size)
+        return real(fd, size)
+
+    monkeypatch.setattr(client, "_preallocate", spy)
+    src.reset_counts()
+    out = tmp_path / "out.bin"
+    result = client.download(ptr, str(out), local=False, **s)
+    assert out.read_bytes() == data and os.path.getsize(out) == len(data)
+    assert calls == ([len(data)] if whole else [])
+    assert result.fetched == (0 if whole else MiB)
+    assert not (tmp_path / ".out.bin.kbfs-part").exists()

@@ -381,3 +381,51 @@ def test_locate(src: HTTPSource, tmp_path: Path, env: dict[str, str], make_file:
     assert run(env, "cat", str(ptr), "--no-local", "-r", src.url).stdout == data
     text = run(env, "locate", str(ptr), "-r", src.url).stdout.decode()
     assert "cache:   2.0 MiB of 2.0 MiB (100%), verified: tree" in text
+
+
+# ---------------------------------------------------------------- start-up
+
+
+@pytest.mark.parametrize("gc_paused", [False, True])
+def test_gc_is_off_for_start_up_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     make_file: Any, gc_paused: bool) -> None:
+    """`kbfs.cli.main` keeps the cyclic GC off while modules load and turns it back on
+    before the command runs (a relay runs for days); after a usage error too. GC_PAUSED:
+    as `python -m kbfs` calls it, the GC already off."""
+    import gc
+
+    from kbfs import cli, client
+
+    data = make_file(tmp_path / "orig.bin", MiB + 1, seed=25)
+    ptr = tmp_path / "orig.bin.prv"
+    ptr.write_text(prv.create_pointer(tmp_path / "orig.bin").to_json())
+    monkeypatch.setenv("KBFS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    seen: dict[str, bool] = {}
+    get_command, download = cli.KbfsGroup.get_command, client.Client.download
+
+    def spy_get_command(self: Any, ctx: Any, name: str) -> Any:
+        seen.setdefault("start-up", gc.isenabled())
+        return get_command(self, ctx, name)
+
+    def spy_download(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["command"] = gc.isenabled()
+        return download(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli.KbfsGroup, "get_command", spy_get_command)
+    monkeypatch.setattr(client.Client, "download", spy_download)
+    try:
+        for argv, code in ((["download", str(ptr), "-o", str(tmp_path / "out.bin")], 0),
+                           (["download", "--bogus-option"], 2)):
+            monkeypatch.setattr(sys, "argv", ["kbfs", *argv])
+            if gc_paused:
+                gc.disable()
+            with pytest.raises(SystemExit) as exc:
+                cli.main(gc_paused=gc_paused)
+            assert exc.value.code == code
+            assert gc.isenabled()
+        assert seen == {"start-up": False, "command": True}
+        assert (tmp_path / "out.bin").read_bytes() == data
+    finally:
+        gc.enable()
+        gc.unfreeze()  # main froze this test process's objects: let them be collected again
