@@ -60,12 +60,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import errno
-import hashlib
 import itertools
 import logging
 import mmap
 import os
-import shutil
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -178,6 +176,19 @@ _direct_ok = hasattr(os, "O_DIRECT")  # cleared on the first file system that re
 _bounce = threading.local()
 DIRECT_ALIGN = 4096
 HUGE_PAGE = 2 << 20
+
+
+def _disk_free(path: str) -> int:
+    """Bytes free to unprivileged users on PATH's file system (shutil.disk_usage's `free`,
+    without importing shutil and its compression modules at every command's start-up)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _disk_total(path: str) -> int:
+    """Size of PATH's file system in bytes (shutil.disk_usage's `total`)."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
 
 
 def _anonymous(n: int) -> mmap.mmap:
@@ -329,7 +340,7 @@ class BlockCache:
         # it is 5% of the file system instead.
         if min_free is None:
             try:
-                self.min_free = min(self.min_free, shutil.disk_usage(self.directory).total // 20)
+                self.min_free = min(self.min_free, _disk_total(self.directory) // 20)
             except OSError:
                 pass
         self._scan()
@@ -773,7 +784,7 @@ class BlockCache:
                 self._free_seen -= n
                 return True
         try:
-            free = shutil.disk_usage(self.directory).free
+            free = _disk_free(self.directory)
         except OSError:
             return True  # the write will tell
         with self._lock:
@@ -781,7 +792,7 @@ class BlockCache:
         if free - n < self.min_free:
             self._evict(self.min_free - (free - n))
             try:
-                free = shutil.disk_usage(self.directory).free
+                free = _disk_free(self.directory)
             except OSError:
                 return True
             if free - n < self.min_free:
@@ -1267,6 +1278,8 @@ class BlockCache:
                 return path
         except FileNotFoundError:
             pass
+        import hashlib  # only root-less content is hashed here: not loaded at start-up
+
         chunk = MAX_RUN * ref.block_size
         hasher = hashlib.sha1() if ref.root is None else None
         folder = os.path.dirname(path)
@@ -1351,6 +1364,8 @@ class BlockCache:
 
     def _check_sha1(self, ref: FileRef) -> None:
         """Hash the cached blocks of a root-less file; keep them only if the SHA-1 matches."""
+        import hashlib  # not loaded at start-up: see local_path
+
         try:
             hasher = hashlib.sha1()
             for i in range(ref.blocks):

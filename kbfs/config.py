@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +85,10 @@ class Settings:
         if self.cache_size is not None:
             return self.cache_size
         os.makedirs(self.cache_dir, exist_ok=True)
-        return max(64 << 20, shutil.disk_usage(self.cache_dir).free // 10)
+        # shutil.disk_usage's `free`, without importing shutil (and its compression
+        # modules: ~1.5 ms of every command's start-up).
+        st = os.statvfs(self.cache_dir)
+        return max(64 << 20, st.f_bavail * st.f_frsize // 10)
 
 
 def _read_file(path: str) -> dict[str, Any]:

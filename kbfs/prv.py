@@ -13,12 +13,10 @@ This module does no networking and knows nothing of caches or shares.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,6 +239,11 @@ def digest_file(
     the same chunk (both release the GIL), so the pass costs about max(SHA-1, BLAKE3)
     rather than their sum. PROGRESS, if given, is called with each chunk's length.
     """
+    # Imported here: loading OpenSSL's hashes costs ~2 ms of start-up that reading a
+    # pointer (`kbfs download`, `kbfs prv info`) never needs.
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
     sha1 = hashlib.sha1()
     leaves: list[bytes] = []
     head = b""

@@ -429,3 +429,25 @@ def test_gc_is_off_for_start_up_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
     finally:
         gc.enable()
         gc.unfreeze()  # main froze this test process's objects: let them be collected again
+
+
+def test_cached_download_loads_no_hashlib_nor_http_stack(src: HTTPSource, tmp_path: Path,
+                                                         env: dict[str, str], make_file: Any) -> None:
+    """A download of cached content imports only what it uses: not hashlib (OpenSSL, ~2 ms
+    of start-up; blocks are verified by BLAKE3) nor the HTTP stack (the Fetcher is made
+    only when a block is missing). Seen in `-X importtime`, which lists every import."""
+    data = make_file(tmp_path / "x", MiB + 5, seed=26)
+    ptr, p = pointer(tmp_path, data, "cached.bin")
+    src.add(data)
+    assert run(env, "cat", ptr, "--relay", src.url, "--no-local").stdout == data
+    out = tmp_path / "out.bin"
+    proc = subprocess.run([sys.executable, "-X", "importtime", *kbfs_cmd(
+        "download", ptr, "--relay", src.url, "--no-local", "-o", str(out))[1:]],
+        env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert out.read_bytes() == data
+    lines = [ln for ln in proc.stderr.decode().splitlines() if ln.startswith("import time:")]
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in lines}
+    assert "kbfs.client" in imported and "kbfs.cache" in imported  # the listing is complete
+    for name in ("hashlib", "_hashlib", "kbfs.fetch", "requests", "http.client", "trio"):
+        assert name not in imported, name
