@@ -1113,13 +1113,14 @@ class BlockCache:
         return self._leaves(ref)
 
     def copy_present(self, ref: FileRef, fd: int, indices: Sequence[int],
-                     lock: threading.Lock | None = None) -> list[int]:
+                     lock: threading.Lock | None = None, advise: bool = True) -> list[int]:
         """Copy those of blocks INDICES of REF that are in the cache into FD, each at its
         offset in the content, verified as `write_to` does; never fetches. Returns the
         indices that were not copied (not present, or failed their leaf: then deleted).
 
         For a downloader that fetches missing blocks itself without storing them. LOCK as
-        for `write_to`. Blocking."""
+        for `write_to`. ADVISE: first ask the kernel to read the blocks in (False when the
+        caller did, with `advise`, while it copied the blocks before). Blocking."""
         self._check_open()
         if ref.size == 0:
             return list(indices)
@@ -1128,7 +1129,8 @@ class BlockCache:
         # Block files written past the page cache (read-ahead stores) are read from disk:
         # asking for all of them first keeps the disk busy instead of one 1 MiB file at a
         # time (measured: 1 GiB copied in 1.5 s without, see bench/bench_download.py).
-        self._advise(ref, indices)
+        if advise:
+            self._advise(ref, indices)
         missing: list[int] = []
         served = 0
         for i in indices:
@@ -1176,6 +1178,12 @@ class BlockCache:
         except RuntimeError:  # closed meanwhile
             self._job_done()
 
+    def advise(self, ref: FileRef, indices: Sequence[int]) -> None:
+        """Start the kernel reading the present blocks INDICES into the page cache, from a
+        pool thread (`_advise`): a copier hints the next span while it copies this one."""
+        if indices and not self._closed:
+            self._submit(self._advise_job, ref, list(indices))
+
     def _advise(self, ref: FileRef, indices: Sequence[int]) -> None:
         """Start the kernel reading the present blocks INDICES into the page cache. Each
         block is its own small file, so the kernel's own read-ahead never runs past one
@@ -1198,7 +1206,7 @@ class BlockCache:
                 self._paged.add((ref.sha1, index))
 
     def _advise_job(self, ref: FileRef, indices: list[int]) -> None:
-        """`_advise` for a sequential reader's read-ahead window, in the prefetch pool."""
+        """`_advise` in the prefetch pool (a read-ahead window, a copier's next span)."""
         try:
             self._advise(ref, indices)
         except Exception:  # noqa: BLE001 - a hint must never break a read

@@ -802,7 +802,10 @@ class Client:
         step = DOWNLOAD_CHUNK_BLOCKS
         for k in range(0, len(todo), step):
             span = todo[k:k + step]
-            left = self.cache.copy_present(ref, fd, span, lock)
+            # The next span's block files are opened and hinted in (WILLNEED) on another
+            # thread while this one is copied: off the copy's path, and a disk read ahead.
+            self.cache.advise(ref, todo[k + step:k + 2 * step])
+            left = self.cache.copy_present(ref, fd, span, lock, advise=k == 0)
             missing.extend(left)
             n = _bytes_of(span, ref) - _bytes_of(left, ref)
             tally.copied += n
