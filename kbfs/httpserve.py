@@ -7,27 +7,42 @@ JSON answers, header lookup, and the hypercorn configuration with the fixes we a
 to hypercorn 0.18 (a close racing a send, sockets left in CLOSE-WAIT) and the changes
 that cut its per-request and per-byte cost (direct socket reads and writes when they
 need no wait, no extra copies in h11, a cheaper idle timer).
+
+It also offers one operation hypercorn has no interface for: `BodySplice` moves the
+rest of one request's body straight into another connection's response body with
+`os.splice` (socket -> pipe -> socket, the bytes never enter Python), when both are
+plain HTTP/1.1 over TCP on Linux; it keeps both connections' h11 state consistent, so
+both stay keep-alive. The relay uses it to pipe a share's upload into a client's
+download. Everything it touches of hypercorn and h11 (pinned in setup.cfg) is here.
 Nothing here knows shares, relays, files or ranges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import h11
+import h11._readers
 import h11._receivebuffer
+import h11._writers
 import hypercorn.trio
+import hypercorn.trio.task_group
 import hypercorn.trio.tcp_server
 import hypercorn.trio.worker_context
 import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.events import Closed, RawData
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import HTTPStream
 
 from kbfs import protocol
 from kbfs.errors import BadRequest, ConfigError, KbfsError, NotFound, RangeError
@@ -41,6 +56,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 RECV_CHUNK = 1 << 20  # hypercorn reads 64 KiB per recv() by default: too small for 1 GB/s
+# The first read of a request (head and the start of its body): what it takes of a big
+# body has to go through Python even when the rest of the body is spliced.
+HEAD_RECV = 128 << 10
 CORS = [(k.lower().encode(), v.encode()) for k, v in protocol.CORS_HEADERS.items()]
 
 
@@ -193,7 +211,7 @@ def tune_process() -> None:
     """
     hypercorn.trio.tcp_server.MAX_RECV = RECV_CHUNK  # type: ignore[attr-defined]
     for patch in (_h11_fewer_copies, _cheaper_idle_timer, _guard_send_eof_race,
-                  _close_on_client_eof):
+                  _close_on_client_eof, _expose_http1_connections):
         try:
             patch()
         except AttributeError as exc:  # other hypercorn/h11 internals (setup.cfg pins them)
@@ -366,25 +384,388 @@ async def _read_plain(server: Any, raw: socket.socket) -> None:
     there, where trio's stream adds a cancel scope and two scheduler passes per read.
     It still yields at least every few reads, so a client that keeps sending cannot
     keep other connections from running.
+
+    When splices are enabled, the read that starts a new request takes at most
+    HEAD_RECV bytes (the head and a small body in one go): whatever it takes of a big
+    body is copied through Python even when a `BodySplice` then moves the rest.
+
+    A `BodySplice` may put a hold on the loop (`server._kbfs_hold`): the loop then stops
+    reading (its wait for the socket is cancelled) until the hold is released, so the
+    splice alone reads the socket meanwhile. A splice that consumed the rest of the
+    body asks the loop to let h11 report the body's end before it reads again.
     """
+    server._kbfs_hold = None
+    server._kbfs_wait = None
+    server._kbfs_read_done = False
+    server._kbfs_plain_reader = True  # a BodySplice may hold this loop
+    wrapper = server.protocol
+    first_read = HEAD_RECV if splice_enabled() else RECV_CHUNK
     eager = 0
-    while True:
-        try:
-            data = raw.recv(RECV_CHUNK)
-        except BlockingIOError:
-            eager = 0
+    try:
+        while True:
+            hold: _ReadHold | None = server._kbfs_hold
+            if hold is not None:
+                hold.parked = True
+                hold.poke()
+                await hold.released.wait()
+                if hold.end_body:
+                    await server.protocol.protocol._handle_events()
+                continue
+            # (`wrapper.protocol`, not kept: an h2c upgrade replaces it)
+            h11_state = getattr(getattr(wrapper.protocol, "connection", None), "their_state", None)
             try:
-                await trio.lowlevel.wait_readable(raw)
-            except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                data = raw.recv(first_read if h11_state is h11.IDLE else RECV_CHUNK)
+            except BlockingIOError:
+                eager = 0
+                with trio.CancelScope() as wait:  # cancelled by a splice that wants the socket
+                    server._kbfs_wait = wait
+                    try:
+                        await trio.lowlevel.wait_readable(raw)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                        break
+                    finally:
+                        server._kbfs_wait = None
+                continue
+            except OSError:
                 break
-            continue
-        except OSError:
-            break
-        await server.protocol.handle(RawData(data=data))
-        if not data:
-            break
-        eager += 1
-        if eager >= 4:
-            eager = 0
-            await trio.lowlevel.checkpoint()
+            await server.protocol.handle(RawData(data=data))
+            if not data:
+                break
+            eager += 1
+            if eager >= 4:
+                eager = 0
+                await trio.lowlevel.checkpoint()
+    finally:
+        server._kbfs_read_done = True
+        hold = server._kbfs_hold
+        if hold is not None:
+            hold.poke()
     await server.protocol.handle(Closed())
+
+
+# ---------------------------------------------------------------- body splice
+
+HTTP1_EXTENSION = "kbfs.http1"  # scope["extensions"] key of a request's Http1Conn
+SPLICE_PIPE_BYTES = 1 << 20  # kernel pipe between the two sockets: bytes in flight per splice
+SPLICE_MIN_BYTES = 256 << 10  # less body than this left unread: not worth taking the socket
+SPLICE_WAKE_BYTES = 256 << 10  # a splice waiting for its source wakes for this much (or the rest)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def splice_enabled() -> bool:
+    """Whether body splices may be used: Linux's os.splice, unless KBFS_SPLICE=0 (the
+    tests use that to keep the ordinary path covered)."""
+    return (hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+            and os.environ.get("KBFS_SPLICE", "1") != "0")
+
+
+class _ReadHold:
+    """A splice's claim on a connection's socket: its read loop stops reading meanwhile."""
+
+    __slots__ = ("parked", "released", "attention", "end_body")
+
+    def __init__(self) -> None:
+        self.parked = False  # the read loop has stopped and waits for `released`
+        self.released = trio.Event()
+        self.attention: trio.Event | None = None  # set when the loop parks, ends or queues
+        self.end_body = False  # the splice read the whole body: let h11 see its end
+
+    def poke(self) -> None:
+        if self.attention is not None:
+            self.attention.set()
+
+
+class Http1Conn:
+    """One request's plain HTTP/1.1-over-TCP connection, as hypercorn 0.18 runs it: its
+    TCPServer (socket, send lock, read loop), H11Protocol (h11 state), HTTPStream and the
+    queue its ASGI `receive` reads. Found in `scope["extensions"][HTTP1_EXTENSION]`."""
+
+    __slots__ = ("server", "protocol", "_stream", "queue")
+
+    def __init__(self, server: Any, protocol: H11Protocol, stream: HTTPStream,
+                 queue: trio.MemoryReceiveChannel[Any]) -> None:
+        self.server = server
+        self.protocol = protocol
+        # Weak: the stream holds the scope, which holds this. A cycle per request would
+        # leave every request's objects to the cyclic garbage collector, whose full
+        # passes stalled requests by ~10 ms (seen as a p90 of 13 ms in bench_latency).
+        self._stream = weakref.ref(stream)
+        self.queue = queue
+
+    def socket(self) -> socket.socket | None:
+        """The connection's socket while this request is still its current one, or None."""
+        stream = self._stream()
+        if stream is None or self.protocol.stream is not stream or stream.closed:
+            return None
+        raw = getattr(getattr(self.server.stream, "socket", None), "_sock", None)
+        return raw if isinstance(raw, socket.socket) and raw.fileno() >= 0 else None
+
+
+def _http1_conn(scope: Scope, send: Any, queue: trio.MemoryReceiveChannel[Any]) -> Http1Conn | None:
+    """The Http1Conn of the request SCOPE that hypercorn is spawning (SEND is its
+    HTTPStream.app_send), or None when it is not plain HTTP/1.1 over TCP."""
+    if scope.get("type") != "http" or scope.get("http_version") != "1.1":
+        return None
+    stream = getattr(send, "__self__", None)
+    protocol = getattr(getattr(stream, "send", None), "__self__", None)
+    server = getattr(getattr(protocol, "send", None), "__self__", None)
+    if (not isinstance(stream, HTTPStream) or not isinstance(protocol, H11Protocol)
+            or not isinstance(protocol.connection, h11.Connection)
+            or not isinstance(server, hypercorn.trio.tcp_server.TCPServer)
+            or not isinstance(server.stream, trio.SocketStream)):  # TLS: an SSLStream
+        return None
+    return Http1Conn(server, protocol, stream, queue)
+
+
+def _expose_http1_connections() -> None:
+    """Give each plain HTTP/1.1 request its Http1Conn as an ASGI scope extension.
+
+    Hypercorn's TaskGroup.spawn_app (below, otherwise as in 0.18) creates a request's
+    ASGI receive queue and starts the application; it is the one place that sees the
+    scope, the queue and (through the bound `send`) the connection before the
+    application runs. The queue's writer also wakes a splice waiting for the read loop.
+    """
+    task_group = hypercorn.trio.task_group.TaskGroup
+    if getattr(task_group, "_kbfs_exposed", False):
+        return
+    handle = hypercorn.trio.task_group._handle
+
+    async def spawn_app(self: Any, app: Any, config: HyperConfig, scope: Scope,
+                        send: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        put_channel, queue = trio.open_memory_channel[Any](config.max_app_queue_size)
+        put: Callable[[Any], Awaitable[None]] = put_channel.send
+        conn = _http1_conn(scope, send, queue) if splice_enabled() else None
+        if conn is not None:
+            scope["extensions"][HTTP1_EXTENSION] = conn
+            server = conn.server
+
+            async def put_and_poke(message: Any) -> None:
+                await put_channel.send(message)
+                hold = getattr(server, "_kbfs_hold", None)
+                if hold is not None:
+                    hold.poke()
+
+            put = put_and_poke
+
+        self._nursery.start_soon(handle, app, config, scope, queue.receive, send,
+                                 trio.to_thread.run_sync, trio.from_thread.run)
+        return put
+
+    # (set per connection by _read_plain; this default: hypercorn's own read loop runs)
+    hypercorn.trio.tcp_server.TCPServer._kbfs_plain_reader = False  # type: ignore[attr-defined]
+    task_group.spawn_app = spawn_app  # type: ignore[method-assign,assignment]
+    task_group._kbfs_exposed = True  # type: ignore[attr-defined]
+
+
+class BodySplice:
+    """Move the rest of one HTTP/1.1 request's body into another connection's response.
+
+    SRC is the request whose body is moved (its ASGI `receive`); DST is a request whose
+    response head, with a Content-Length equal to the body's remaining length, has
+    been sent (its ASGI `send`). `run()` first forwards, through DST's `send`, whatever
+    hypercorn has already read of the body, while it stops SRC's read loop; then it
+    moves the rest socket -> pipe -> socket with `os.splice`, holding DST's send lock,
+    and tells both h11 connections how many bytes went by (SRC's reader, DST's writer),
+    so that afterwards SRC's body is complete and DST's response wants only its end:
+    the caller sends the final empty body message, and both connections stay
+    keep-alive. Back-pressure is the kernel's: the pipe holds at most SPLICE_PIPE_BYTES
+    and nothing is read from SRC while DST cannot take what is in it. `moved` counts
+    the body bytes written to DST so far, also when `run()` is cancelled; `spliced` the
+    part of them that went through the kernel pipe.
+    """
+
+    def __init__(self, src: Http1Conn, dst: Http1Conn, receive: Receive, send: Send) -> None:
+        self.src, self.dst = src, dst
+        self.receive, self.send = receive, send
+        self.moved = 0
+        self.spliced = 0
+        self._lowat = 1  # SO_RCVLOWAT of SRC's socket as this splice last set it
+
+    @classmethod
+    def between(cls, src_scope: Scope, receive: Receive, dst_scope: Scope,
+                send: Send) -> BodySplice | None:
+        """A splice from SRC_SCOPE's request body to DST_SCOPE's response, or None when
+        either is not plain HTTP/1.1 over TCP (TLS, HTTP/2, splice unavailable or off)."""
+        src = src_scope.get("extensions", {}).get(HTTP1_EXTENSION)
+        dst = dst_scope.get("extensions", {}).get(HTTP1_EXTENSION)
+        if (not isinstance(src, Http1Conn) or not isinstance(dst, Http1Conn)
+                or src.server is dst.server or not src.server._kbfs_plain_reader):
+            return None
+        return cls(src, dst, receive, send)
+
+    async def run(self, stall_timeout: float) -> str:
+        """Move the body; how it ended:
+
+        - "complete": all of it is in DST and SRC's request is over;
+        - "unspliced": not worth it or not possible (little left, unexpected h11 state);
+          what was forwarded before finding out is counted in `moved`: go on the
+          ordinary way (RECEIVE, SEND) for the rest;
+        - "source closed" / "source stalled" (no byte for STALL_TIMEOUT seconds);
+        - "destination closed" / "destination stalled".
+
+        After anything but "complete" or "unspliced", DST's response cannot be finished
+        (bytes may be lost in the pipe): end it by closing, as for a short upload.
+        """
+        src = self.src
+        conn = src.protocol.connection
+        reader = getattr(conn, "_reader", None)
+        server = src.server
+        if (not isinstance(reader, h11._readers.ContentLengthReader)
+                or reader._remaining < SPLICE_MIN_BYTES or server._kbfs_hold is not None
+                or server._kbfs_read_done or src.socket() is None):
+            return "unspliced"
+        hold = _ReadHold()
+        server._kbfs_hold = hold
+        if server._kbfs_wait is not None:
+            server._kbfs_wait.cancel()
+        try:
+            ended = await self._forward_read(hold, stall_timeout)
+            if ended:
+                return ended
+            ended = await self._splice(reader, stall_timeout)
+            if ended != "complete":
+                return ended
+            hold.end_body = True
+        finally:
+            if server._kbfs_hold is hold:
+                server._kbfs_hold = None
+            hold.released.set()
+        # The read loop now lets h11 see the end of the body (their state DONE), which
+        # must happen before SRC answers, or hypercorn would not keep it alive.
+        with trio.move_on_after(stall_timeout):
+            message = await self.receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                return "complete"
+            return "source closed"
+        return "source stalled"
+
+    async def _forward_read(self, hold: _ReadHold, stall_timeout: float) -> str | None:
+        """Forward what the read loop queued until it parks; None once it has, else how
+        the body ended meanwhile (it may all have been read already)."""
+        queue = self.src.queue
+        while True:
+            try:
+                message = queue.receive_nowait()
+            except trio.WouldBlock:
+                if hold.parked:
+                    return None
+                if self.src.server._kbfs_read_done:
+                    return "source closed"
+                hold.attention = trio.Event()
+                with trio.move_on_after(stall_timeout) as timer:
+                    await hold.attention.wait()
+                hold.attention = None
+                if timer.cancelled_caught:
+                    return "source stalled"
+                continue
+            if message["type"] != "http.request":
+                return "source closed"
+            body = message.get("body", b"")
+            if body:
+                try:
+                    await self.send({"type": "http.response.body", "body": body,
+                                     "more_body": True})
+                except Exception:  # the destination's connection broke under this write
+                    return "destination closed"
+                self.moved += len(body)
+            if not message.get("more_body", False):
+                return "complete"
+
+    async def _splice(self, reader: Any, stall_timeout: float) -> str:
+        """Splice READER's remaining bytes from SRC's socket into DST's (read loop parked)."""
+        src_conn = self.src.protocol.connection
+        dst_conn = self.dst.protocol.connection
+        writer = getattr(dst_conn, "_writer", None)
+        if (src_conn.their_state is not h11.SEND_BODY or src_conn._receive_buffer
+                or src_conn._receive_buffer_closed or dst_conn.our_state is not h11.SEND_BODY
+                or not isinstance(writer, h11._writers.ContentLengthWriter)
+                or writer._length != reader._remaining):
+            return "unspliced"
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, SPLICE_PIPE_BYTES)
+            except OSError:  # over the per-user pipe limit: the default 64 KiB is slower only
+                pass
+            room = fcntl.fcntl(wfd, fcntl.F_GETPIPE_SZ)
+            async with self.dst.server.send_lock:  # nothing else writes to DST meanwhile
+                return await self._splice_loop(reader, writer, rfd, wfd, room, stall_timeout)
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+            src_sock = self.src.socket()
+            if src_sock is not None and self._lowat != 1:
+                with contextlib.suppress(OSError):  # back to what the read loop expects
+                    src_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    async def _splice_loop(self, reader: Any, writer: Any, rfd: int, wfd: int, room: int,
+                           stall_timeout: float) -> str:
+        # Every byte is accounted to h11 as soon as it moves (READER when it leaves SRC's
+        # socket, WRITER when it enters DST's), so the state is right however this ends.
+        # Sockets are looked up before each call, never kept across a wait: hypercorn
+        # may close one meanwhile, and its descriptor number could be reused.
+        in_pipe = 0
+        busy = 0
+        while reader._remaining or in_pipe:
+            src_sock, dst_sock = self.src.socket(), self.dst.socket()
+            if src_sock is None:
+                return "source closed"
+            if dst_sock is None:
+                return "destination closed"
+            progress = dst_blocked = False
+            if reader._remaining and in_pipe < room:
+                try:
+                    n = os.splice(src_sock.fileno(), wfd, min(reader._remaining, room - in_pipe),
+                                  flags=_SPLICE_FLAGS)
+                except BlockingIOError:  # nothing to read, or the pipe is full
+                    n = -1
+                except OSError:
+                    return "source closed"
+                if n == 0:
+                    return "source closed"
+                if n > 0:
+                    reader._remaining -= n
+                    in_pipe += n
+                    progress = True
+            if in_pipe:
+                try:
+                    n = os.splice(rfd, dst_sock.fileno(), in_pipe, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    n, dst_blocked = 0, True
+                except OSError:  # EPIPE, ECONNRESET: the destination is gone
+                    return "destination closed"
+                if n > 0:
+                    writer._length -= n
+                    in_pipe -= n
+                    self.moved += n
+                    self.spliced += n
+                    progress = True
+            if progress:
+                busy += 1
+                if busy >= 8:  # let other connections run
+                    busy = 0
+                    await trio.lowlevel.checkpoint()
+                continue
+            busy = 0
+            # Stuck. With bytes in the pipe that DST will not take, wait for DST (SRC's
+            # data waits in its socket meanwhile: that is the back-pressure); otherwise
+            # the pipe is empty and SRC has sent nothing yet.
+            with trio.move_on_after(stall_timeout) as timer:
+                try:
+                    if dst_blocked:
+                        await trio.lowlevel.wait_writable(dst_sock)
+                    else:
+                        # Woken for every segment, this loop's scheduler passes would
+                        # cost more than the bytes: wait for a useful amount (the
+                        # kernel caps it at half the receive buffer, and wakes anyway
+                        # under memory pressure, at EOF or on an error).
+                        lowat = min(reader._remaining, SPLICE_WAKE_BYTES)
+                        if lowat != self._lowat:
+                            src_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                            self._lowat = lowat
+                        await trio.lowlevel.wait_readable(src_sock)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                    return "destination closed" if dst_blocked else "source closed"
+            if timer.cancelled_caught:
+                return "destination stalled" if dst_blocked else "source stalled"
+        return "complete"

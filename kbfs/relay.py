@@ -5,8 +5,11 @@ by signing a fresh challenge with its Ed25519 key, and sends its file catalogue.
 relay answers HTTP clients (`/sha1/`, `/tree/`, `/s/{share}/...`, `/api/...`) from that
 catalogue; for content it sends the share a small control message with a one-time
 unguessable id, and the share POSTs the body to `/_upload/{id}`. The relay pipes that
-POST body into the waiting client response through a small bounded channel, so memory
-per transfer is bounded and a slow client slows only its own share upload.
+POST body into the waiting client response, so memory per transfer is bounded and a
+slow client slows only its own share upload: when both connections are plain HTTP/1.1
+over TCP (Linux), in the kernel (`httpserve.BodySplice`: socket -> pipe -> socket, the
+bytes never enter Python); otherwise chunk by chunk through hypercorn's small receive
+queue.
 
 File bytes never travel over the websocket. This module must not import `share`,
 `fetch` or `cache`; it never reads shared files itself. See docs/protocol.md.
@@ -146,12 +149,16 @@ class Pending:
     share: ShareConn
     length: int
     client_send: Send  # the waiting client's ASGI send: the upload writes straight into it
+    client_scope: Scope  # the waiting client's request (its connection, for a splice)
     status: int
     headers: list[tuple[bytes, bytes]]
     started: trio.Event = field(default_factory=trio.Event)  # upload arrived, or refused
     # Cancelled by the upload handler when the upload is over; it cancels the client
     # request's wait for a disconnect (may happen before that wait even starts).
     over: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # Cancelled by the client request when its client goes away: stops a splice that is
+    # waiting for the share (the ordinary path checks `client_gone` between chunks).
+    stop: trio.CancelScope = field(default_factory=trio.CancelScope)
     reject: tuple[int, str] | None = None
     taken: bool = False
     sent: int = 0
@@ -181,7 +188,9 @@ class Relay:
         self.state_dir = state_dir
         self._allow_cache: tuple[float, frozenset[str]] | None = None
         self.started = time.time()
-        self.stats = {"requests": 0, "bytes_out": 0, "aborted": 0, "rejected_uploads": 0}
+        # bytes_spliced: the part of bytes_out moved by the kernel (httpserve.BodySplice)
+        self.stats = {"requests": 0, "bytes_out": 0, "bytes_spliced": 0, "aborted": 0,
+                      "rejected_uploads": 0}
         if allow_shares_file is not None:
             self.allowed_ids()  # fail at start on a bad file
         get = ["GET", "HEAD"]
@@ -663,7 +672,8 @@ class Relay:
         for conn, path in candidates:
             if conn.closed:
                 continue
-            p = Pending(secrets.token_urlsafe(24), conn, end - start, send, status, headers)
+            p = Pending(secrets.token_urlsafe(24), conn, end - start, send, scope, status,
+                        headers)
             self.pending[p.token] = p
             conn.pending.add(p.token)
             try:
@@ -707,6 +717,7 @@ class Relay:
             while (await receive())["type"] != "http.disconnect":
                 pass
             p.client_gone = True
+            p.stop.cancel()
         self.stats["bytes_out"] += p.sent
         if p.sent != p.length or not p.complete:
             # Returning without the final body message makes hypercorn close the
@@ -732,7 +743,7 @@ class Relay:
         self.pending.pop(token, None)
         p.started.set()
         try:
-            outcome = await self._pipe(p, receive)
+            outcome = await self._pipe(p, scope, receive)
         finally:
             p.over.cancel()
         if outcome == "complete":
@@ -741,17 +752,48 @@ class Relay:
         else:
             await send_json(send, 410 if "client" in outcome else 400, {"error": outcome})
 
-    async def _pipe(self, p: Pending, receive: Receive) -> str:
-        """Copy the upload body (RECEIVE) into the client response (P.client_send).
+    async def _pipe(self, p: Pending, scope: Scope, receive: Receive) -> str:
+        """Copy the upload body (SCOPE's, read with RECEIVE) into the client response
+        (P.client_send). Returns how it ended.
 
-        No queue in between: each chunk is written to the client before the next is
-        read from the share, so a slow client slows exactly one upload, and memory per
-        transfer is hypercorn's small receive queue. Returns how it ended.
+        In the kernel when both connections allow it (`httpserve.BodySplice`); else (and
+        for what a splice leaves) no queue in between: each chunk is written to the
+        client before the next is read from the share, so a slow client slows exactly
+        one upload, and memory per transfer is hypercorn's small receive queue.
         """
         client_send = p.client_send
         await client_send({"type": "http.response.start", "status": p.status,
                            "headers": p.headers})
         length = p.length
+        splice = httpserve.BodySplice.between(scope, receive, p.client_scope, client_send)
+        if splice is not None:
+            ended = "client went away"  # unless the splice returns: cancelled by P.stop
+            with p.stop:
+                ended = await splice.run(STALL_TIMEOUT)
+            p.sent = splice.moved
+            self.stats["bytes_spliced"] += splice.spliced
+            if p.client_gone or ended.startswith("destination"):
+                p.client_gone = True
+                return "client went away"
+            if ended == "complete":
+                if p.sent != length:  # cannot be: the upload's Content-Length is the length
+                    return "short upload"
+                # Marked before the last write: see below.
+                p.complete = True
+                try:
+                    await client_send({"type": "http.response.body", "body": b"",
+                                       "more_body": False})
+                except Exception as exc:
+                    log.info("transfer %s: client write failed: %s: %s", p.token[:8],
+                             type(exc).__name__, exc)
+                    p.client_gone = True
+                    p.complete = False
+                    return "client went away"
+                return "complete"
+            if ended == "source stalled":
+                return "share stalled"
+            if ended != "unspliced":
+                return "share went away"
         while True:
             if p.client_gone and not p.complete:
                 return "client went away"
