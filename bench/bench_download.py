@@ -84,7 +84,11 @@ def get_json(url: str) -> dict:
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the process itself) of running CMD."""
+    """(wall seconds, CPU seconds of the process itself) of running CMD.
+
+    Each run starts with no dirty pages waiting to be written (the outputs of earlier
+    runs): otherwise the kernel's writeback of one contender's output runs during the next."""
+    os.sync()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
