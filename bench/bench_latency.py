@@ -30,6 +30,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -39,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 import netutil  # noqa: E402
-from bench_relay import cpu_seconds, make_file  # noqa: E402
+from bench_relay import bench_file, cpu_seconds  # noqa: E402
 
 from kbfs import tree  # noqa: E402
 from kbfs.config import parse_size  # noqa: E402
@@ -78,16 +79,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kbfs-bench-") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
+        sha1 = bench_file(work, size)
         data = work / "data"
-        data.mkdir(parents=True, exist_ok=True)
         target = data / "big.bin"
-        sha_file = work / "big.sha1"
-        if target.exists() and target.stat().st_size == size and sha_file.exists():
-            sha1 = sha_file.read_text().strip()
-        else:
-            print(f"writing a {size} byte test file...", file=sys.stderr)
-            sha1 = make_file(target, size)
-            sha_file.write_text(sha1)
         logs = Path(tmp) / "logs"
         relay = netutil.start_relay(logs)
         share = None
@@ -164,37 +158,39 @@ def main() -> None:
 
             # CPU per GiB streamed through the relay.
             total = int(args.gib * (1 << 30))
-            cpu: dict[str, dict[str, float]] = {}
-            # whole-file downloads
-            r0, s0, c0, t0 = (cpu_seconds(relay.pid), cpu_seconds(share.pid), time.thread_time(),
-                              time.perf_counter())
-            moved = 0
-            while moved < total:
-                with session.get(urls["relay"], stream=True, timeout=60) as resp:
-                    resp.raise_for_status()
-                    for chunk in resp.iter_content(1 << 20):
-                        moved += len(chunk)
-            gib = moved / (1 << 30)
-            cpu["whole-file download"] = {
-                "relay": (cpu_seconds(relay.pid) - r0) / gib,
-                "share": (cpu_seconds(share.pid) - s0) / gib,
-                "reader": (time.thread_time() - c0) / gib,
-                "MB/s": moved / (time.perf_counter() - t0) / 1e6}
-            # one 1 MiB block per request, verified (a cold sequential mount read)
-            r0, s0, c0, t0 = (cpu_seconds(relay.pid), cpu_seconds(share.pid), time.thread_time(),
-                              time.perf_counter())
-            moved = 0
-            i = 0
-            while moved < total:
-                fetch_block("relay", i)
-                moved += min(BLOCK, size - i * BLOCK)
-                i = (i + 1) % nblocks
-            gib = moved / (1 << 30)
-            cpu["1 MiB block fetches"] = {
-                "relay": (cpu_seconds(relay.pid) - r0) / gib,
-                "share": (cpu_seconds(share.pid) - s0) / gib,
-                "reader": (time.thread_time() - c0) / gib,
-                "MB/s": moved / (time.perf_counter() - t0) / 1e6}
+
+            def per_gib(stream: Callable[[], int]) -> dict[str, float]:
+                """CPU-s per GiB of relay, share and this thread, and MB/s, while STREAM
+                moves at least TOTAL bytes (it returns how many it moved)."""
+                r0, s0, c0, t0 = (cpu_seconds(relay.pid), cpu_seconds(share.pid),
+                                  time.thread_time(), time.perf_counter())
+                moved = stream()
+                gib = moved / (1 << 30)
+                return {"relay": (cpu_seconds(relay.pid) - r0) / gib,
+                        "share": (cpu_seconds(share.pid) - s0) / gib,
+                        "reader": (time.thread_time() - c0) / gib,
+                        "MB/s": moved / (time.perf_counter() - t0) / 1e6}
+
+            def whole_files() -> int:
+                moved = 0
+                while moved < total:
+                    with session.get(urls["relay"], stream=True, timeout=60) as resp:
+                        resp.raise_for_status()
+                        for chunk in resp.iter_content(1 << 20):
+                            moved += len(chunk)
+                return moved
+
+            def block_fetches() -> int:  # one verified 1 MiB block per request
+                moved = i = 0
+                while moved < total:
+                    fetch_block("relay", i)
+                    moved += min(BLOCK, size - i * BLOCK)
+                    i = (i + 1) % nblocks
+                return moved
+
+            cpu = {"whole-file download": per_gib(whole_files),
+                   # a cold sequential mount read
+                   "1 MiB block fetches": per_gib(block_fetches)}
             load = os.getloadavg()[0]
             fetcher.close()
         finally:

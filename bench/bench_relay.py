@@ -57,6 +57,21 @@ def make_file(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def bench_file(work: Path, size: int) -> str:
+    """SHA-1 of WORK/data/big.bin, a random file of SIZE bytes, written unless a run with
+    the same WORK (`--workdir`) left it there."""
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    target = data / "big.bin"
+    sha_file = work / "big.sha1"
+    if target.exists() and target.stat().st_size == size and sha_file.exists():
+        return sha_file.read_text().strip()
+    print(f"writing a {size} byte test file...", file=sys.stderr)
+    sha1 = make_file(target, size)
+    sha_file.write_text(sha1)
+    return sha1
+
+
 def cpu_seconds(pid: int) -> float:
     """User+system CPU time of PID so far (Linux /proc), or 0 when unknown."""
     try:
@@ -120,16 +135,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kbfs-bench-") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
+        sha1 = bench_file(work, size)
         data = work / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        target = data / "big.bin"
-        sha_file = work / "big.sha1"
-        if target.exists() and target.stat().st_size == size and sha_file.exists():
-            sha1 = sha_file.read_text().strip()
-        else:
-            print(f"writing a {size} byte test file...", file=sys.stderr)
-            sha1 = make_file(target, size)
-            sha_file.write_text(sha1)
         logs = Path(tmp) / "logs"
         relay = netutil.start_relay(logs)
         share = None

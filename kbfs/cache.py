@@ -191,13 +191,18 @@ def _disk_total(path: str) -> int:
     return st.f_blocks * st.f_frsize
 
 
-def _anonymous(n: int) -> mmap.mmap:
-    """N bytes of private anonymous memory: page-aligned, zero pages until written (not
-    MAP_SHARED, mmap's default, whose pages cost a shmem page fault each)."""
-    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if n >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        # One page fault per 2 MiB instead of per 4 KiB (the faults of a fresh 8 MiB run
-        # buffer cost more than the copy of its bytes off the socket).
+def anonymous_memory(n: int, huge_pages: bool = True) -> mmap.mmap:
+    """N bytes (at least 1) of private anonymous memory: page-aligned, as O_DIRECT writes
+    need, and zero pages until written (not MAP_SHARED, mmap's default, whose pages cost a
+    shmem page fault each: measured at 4% of a download).
+
+    HUGE_PAGES: ask for transparent huge pages when N is at least one (MADV_HUGEPAGE): one
+    page fault per 2 MiB instead of per 4 KiB, which for the mount's fresh 8 MiB read-ahead
+    runs cost more than the copy of their bytes off the socket. A download, which reuses a
+    few run buffers, measured its kernel time up by half with them: it passes False."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    buf = mmap.mmap(-1, max(1, n), flags=flags) if flags else mmap.mmap(-1, max(1, n))
+    if huge_pages and n >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
             buf.madvise(mmap.MADV_HUGEPAGE)
     return buf
@@ -220,7 +225,7 @@ def _write_direct(fd: int, data: Buffer) -> None:
                 raise
     buf: mmap.mmap | None = getattr(_bounce, "buf", None)
     if buf is None or len(buf) < n:
-        buf = _bounce.buf = _anonymous(max(n, BLOCK_SIZE))
+        buf = _bounce.buf = anonymous_memory(max(n, BLOCK_SIZE))
     view = memoryview(buf)
     try:
         view[:n] = data
@@ -692,6 +697,7 @@ class BlockCache:
         if last - first > 1:
             return None
         pieces: list[Buffer] = []
+        in_into = 0  # pieces read into INTO, each at its place there
         for i in range(first, last + 1):
             lo = offset - i * bs if i == first else 0
             hi = end - i * bs if i == last else min(bs, ref.size - i * bs)
@@ -709,9 +715,13 @@ class BlockCache:
             if data is None:
                 return None
             pieces.append(data)
+            in_into += data is target  # (only NOWAIT reads land in INTO)
         with self._lock:
             self._stats["hits"] += len(pieces)
             self._stats["bytes_served"] += end - offset
+        if in_into == len(pieces) > 1:
+            assert into is not None
+            return into[:end - offset].toreadonly()  # already side by side: no join
         if len(pieces) == 1:
             only = pieces[0]
             return only.toreadonly() if isinstance(only, memoryview) else only
@@ -856,7 +866,7 @@ class BlockCache:
                     # Straight into one buffer; blocks are views of it: no copies. mmap
                     # memory is page-aligned, so O_DIRECT stores can write from it as it
                     # is, and is not zeroed byte by byte first as a bytearray is.
-                    view = memoryview(_anonymous(hi - lo)) if hi > lo else memoryview(b"")
+                    view = memoryview(anonymous_memory(hi - lo)) if hi > lo else memoryview(b"")
                     into(ref.sha1, ref.size, first, count, leaves, view, ref.block_size)
                 else:
                     data = self.source.fetch_blocks(ref.sha1, ref.size, first, count, leaves,
@@ -1154,8 +1164,7 @@ class BlockCache:
             present: list[int] = []
             for i in range(max(0, first), last):
                 (present if self._present(ref, i) else wanted).append(i)
-            if present:
-                self._submit(self._advise_job, ref, present)
+            self.advise(ref, present)
             owned, _ = self._claim(ref, wanted, prefetch=True)
             for run_first, run_count in _runs(owned, PREFETCH_RUN):
                 run = list(range(run_first, run_first + run_count))

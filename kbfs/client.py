@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kbfs import protocol, prv, tree
-from kbfs.cache import BlockCache, FileRef
+from kbfs.cache import DIRECT_ALIGN, BlockCache, FileRef, anonymous_memory
 from kbfs.config import Settings, load_settings
 from kbfs.errors import (
     BadRequest,
@@ -100,7 +100,6 @@ DOWNLOAD_WORKERS = 2
 # Root-less (legacy) content goes through the cache in spans of this many blocks, each
 # fetched by the cache in one range request (its MAX_RUN).
 LEGACY_CHUNK_BLOCKS = 16
-DIRECT_ALIGN = 4096       # alignment of O_DIRECT writes (offsets, lengths, buffers)
 LEGACY_CHECK_WAIT = 600.0  # seconds to wait for the cache's whole-file SHA-1 check
 
 
@@ -623,7 +622,7 @@ class Client:
             # whole-file SHA-1 once every block is stored, so these go through the cache.
             with _atomic_output(target) as fd:
                 before = self.cache.statistics().get("bytes_fetched", 0)
-                self._fetch_into(r.ref, fd, workers, progress)
+                self._fetch_legacy(r.ref, fd, workers, progress)
                 tally.fetched = self.cache.statistics().get("bytes_fetched", 0) - before
         else:
             tally = self._download_blocks(r.ref, target, workers, progress)
@@ -713,7 +712,7 @@ class Client:
         # for the disk). Memory: (workers + 1) runs.
         free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for _ in range(n_workers + 1):
-            free.put(_run_buffer(min(run_blocks * bs, ref.size)))
+            free.put(anonymous_memory(min(run_blocks * bs, ref.size), huge_pages=False))
         writes: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
         results: queue.SimpleQueue[tuple[int, BaseException | None]] = queue.SimpleQueue()
         stop = threading.Event()
@@ -813,18 +812,18 @@ class Client:
                 progress(n)
         return missing
 
-    def _fetch_into(self, ref: FileRef, fd: int, workers: int,
-                    progress: Callable[[int], None] | None) -> None:
-        """Fill FD with REF's bytes through the cache, several block runs at a time."""
+    def _fetch_legacy(self, ref: FileRef, fd: int, workers: int,
+                      progress: Callable[[int], None] | None) -> None:
+        """Fill FD with the bytes of root-less REF through the cache, several block runs at
+        a time, then wait for the cache's whole-file SHA-1 verdict."""
+        assert ref.root is None
         self.cache.open_file(ref)
         try:
-            # One path for cached and missing blocks alike: the cache copies present blocks
-            # (verified) and fetches missing ones, writing each run into OUT at its offset
-            # as soon as it is verified; block files are stored behind (what resume relies
-            # on). Content bigger than the whole cache is not stored (it would only evict
-            # itself), except root-less content, whose SHA-1 check reads the cached blocks.
+            # The cache copies present blocks (verified) and fetches missing ones, writing
+            # each run into OUT at its offset as soon as it is verified; block files are
+            # stored behind, whatever the content's size: the SHA-1 check reads them, and a
+            # later run resumes from them.
             self.cache.enable_background_stores()
-            store = ref.size <= self.cache.capacity or ref.root is None
             os.ftruncate(fd, ref.size)
             n_blocks = ref.blocks
             step = LEGACY_CHUNK_BLOCKS
@@ -835,7 +834,7 @@ class Client:
             out_lock = threading.Lock()
 
             def fetch_span(first: int, count: int) -> int:
-                return self.cache.write_to(ref, fd, first, count, store=store, lock=out_lock)
+                return self.cache.write_to(ref, fd, first, count, lock=out_lock)
 
             with ThreadPoolExecutor(max(1, workers), thread_name_prefix="kbfs-dl") as pool:
                 futures: list[Future[int]] = [pool.submit(fetch_span, f, n) for f, n in spans]
@@ -850,8 +849,7 @@ class Client:
                 finally:
                     for fut in pending:
                         fut.cancel()
-            if ref.root is None:
-                self._confirm_sha1(ref)
+            self._confirm_sha1(ref)
         finally:
             self.cache.close_file(ref)
 
@@ -919,7 +917,12 @@ def _target_path(out: str | None, name: str) -> str:
         return os.path.abspath(safe)
     if os.path.isdir(out):
         return os.path.join(os.path.abspath(out), safe)
-    return os.path.abspath(out)
+    target = os.path.abspath(out)
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        # Said here, before any work: else the error names a temporary file in it.
+        raise KbfsError(f"{folder}: no such folder to download into")
+    return target
 
 
 @contextmanager
@@ -992,15 +995,6 @@ class _PartWriter:
             if self.dfd >= 0:
                 os.close(self.dfd)
                 self.dfd = -1
-
-
-def _run_buffer(size: int) -> mmap.mmap:
-    """A buffer for one run of blocks: page-aligned (as O_DIRECT writes need), private
-    anonymous memory (a shared mapping, mmap's default, is shmem: dearer page faults on
-    first use, measured at 4% of a download). Huge pages (MADV_HUGEPAGE) were measured
-    too: they raised the kernel time of a download by half."""
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    return mmap.mmap(-1, max(1, size), flags=flags) if flags else mmap.mmap(-1, max(1, size))
 
 
 def _unlink_quiet(path: str) -> None:

@@ -334,6 +334,20 @@ def test_download_with_no_source_reachable(tmp_path: Path, env: dict[str, str],
     assert not [n for n in os.listdir(tmp_path) if n.startswith("o")]
 
 
+def test_download_into_a_missing_folder_names_the_folder(src: HTTPSource, tmp_path: Path,
+                                                         env: dict[str, str],
+                                                         make_file: Any) -> None:
+    """One line naming the folder that is not there, before any fetching."""
+    data = make_file(tmp_path / "x", MiB, seed=31)
+    ptr, _ = pointer(tmp_path, data)
+    src.add(data)
+    missing = tmp_path / "no" / "such"
+    proc = run(env, "download", ptr, "-r", src.url, "--no-local", "-o", str(missing / "o.bin"))
+    assert f"{missing}: no such folder" in one_line_error(proc)
+    assert src.counts().get("sha1", 0) == 0
+    assert not (tmp_path / "no").exists()
+
+
 # ---------------------------------------------------------------- cat and locate
 
 

@@ -404,6 +404,15 @@ def _inprocess(monkeypatch: pytest.MonkeyPatch, splice: str, test: Any,
     trio.run(main)
 
 
+async def _asked(url: str, fs: Any, rcvbuf: int | None = None) -> tuple[_Conn, dict[str, Any], _Conn]:
+    """A client connection that has asked fake share FS for f.bin, the `get` the share
+    received for it, and a fresh connection for the share's upload."""
+    client = await _Conn.open(url, rcvbuf)
+    await client.get(f"/s/{fs.id}/file/f.bin")
+    msg = await fs.next_get()
+    return client, msg, await _Conn.open(url)
+
+
 def _entry(name: str, size: int) -> list[Any]:
     # The relay never checks content: any sha1 will do for a fake share's catalogue.
     import hashlib
@@ -467,10 +476,7 @@ def test_pipe_client_gone_mid_transfer(monkeypatch: pytest.MonkeyPatch, splice: 
 
     async def test(relay: Any, url: str) -> None:
         async with fake_share(url, [_entry("f.bin", size)]) as fs:
-            client = await _Conn.open(url)
-            await client.get(f"/s/{fs.id}/file/f.bin")
-            msg = await fs.next_get()
-            upload = await _Conn.open(url)
+            client, msg, upload = await _asked(url, fs)
             sent = 0
 
             async def trickle() -> None:  # slowly, so the relay waits on the share
@@ -517,10 +523,7 @@ def test_pipe_short_upload_and_trailing_bytes(monkeypatch: pytest.MonkeyPatch,
     async def test(relay: Any, url: str) -> None:
         async with fake_share(url, [_entry("f.bin", size)]) as fs:
             for short in (True, False):
-                client = await _Conn.open(url)
-                await client.get(f"/s/{fs.id}/file/f.bin")
-                msg = await fs.next_get()
-                upload = await _Conn.open(url)
+                client, msg, upload = await _asked(url, fs)
 
                 async def share(short: bool = short, token: str = msg["id"],
                                 upload: _Conn = upload) -> None:
@@ -570,10 +573,7 @@ def test_pipe_slow_client_holds_back_its_upload(monkeypatch: pytest.MonkeyPatch,
 
     async def test(relay: Any, url: str) -> None:
         async with fake_share(url, [_entry("f.bin", size)]) as fs:
-            client = await _Conn.open(url, rcvbuf=128 << 10)
-            await client.get(f"/s/{fs.id}/file/f.bin")
-            msg = await fs.next_get()
-            upload = await _Conn.open(url)
+            client, msg, upload = await _asked(url, fs, rcvbuf=128 << 10)
             sent = 0
             digest = hashlib.sha1()
 
@@ -617,10 +617,7 @@ def test_pipe_stalled_share_and_stalled_client(monkeypatch: pytest.MonkeyPatch) 
     async def test(relay: Any, url: str) -> None:
         async with fake_share(url, [_entry("f.bin", size)]) as fs:
             # the share stops after 2 MiB, its connection open
-            client = await _Conn.open(url)
-            await client.get(f"/s/{fs.id}/file/f.bin")
-            msg = await fs.next_get()
-            upload = await _Conn.open(url)
+            client, msg, upload = await _asked(url, fs)
             answers: list[tuple[int, bytes]] = []
 
             async def share(token: str, count: int) -> None:
@@ -648,10 +645,7 @@ def test_pipe_stalled_share_and_stalled_client(monkeypatch: pytest.MonkeyPatch) 
             await client.stream.aclose()
             await upload.stream.aclose()
             # the client reads nothing at all
-            client = await _Conn.open(url, rcvbuf=64 << 10)
-            await client.get(f"/s/{fs.id}/file/f.bin")
-            msg = await fs.next_get()
-            upload = await _Conn.open(url)
+            client, msg, upload = await _asked(url, fs, rcvbuf=64 << 10)
             t0 = trio.current_time()
             await share(msg["id"], 64)
             status, answer = answers.pop()
