@@ -1214,6 +1214,35 @@ class BlockCache:
             with self._lock:
                 self._paged.add((ref.sha1, index))
 
+    def release_pages(self, ref: FileRef, indices: Sequence[int]) -> None:
+        """Let the kernel drop the page cache of the block files INDICES, from a pool
+        thread: a reader that keeps the bytes in a page cache of its own (the mount's FUSE
+        file) is past them, and two copies of each block in memory halve what the page
+        cache holds (and cost the allocation of a fresh page for every 4 KiB twice)."""
+        if indices and not self._closed:
+            self._submit(self._release_job, ref, list(indices))
+
+    def _release_job(self, ref: FileRef, indices: list[int]) -> None:
+        try:
+            for index in indices:
+                key = (ref.sha1, index)
+                with self._lock:
+                    self._paged.discard(key)
+                    ent = self._fds.get(key)
+                    if ent is None:
+                        continue  # not opened by this process: not read through it
+                    ent.users += 1
+                try:
+                    os.posix_fadvise(ent.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    pass  # only a hint
+                finally:
+                    self._fd_release(ent)
+        except Exception:  # noqa: BLE001 - a hint must never break a read
+            log.exception("drop-behind of cached blocks of %s failed", ref.sha1)
+        finally:
+            self._job_done()
+
     def _advise_job(self, ref: FileRef, indices: list[int]) -> None:
         """`_advise` in the prefetch pool (a read-ahead window, a copier's next span)."""
         try:
@@ -1469,18 +1498,53 @@ class ReadAhead:
     read-ahead reaches the daemon as several concurrent reads, slightly reordered; a read
     up to REORDER blocks behind is such a late one and changes nothing) and resets on a
     jump. Random reads prefetch nothing.
+
+    DROP_BEHIND (a reader that keeps the bytes in a page cache of its own: the mount's FUSE
+    file) releases the page cache of the block files a sequential stream has passed, more
+    than REORDER blocks back, in batches (`BlockCache.release_pages`). Streaming a cached
+    file then holds one copy of it in memory, not two (measured on 1 GiB: 1.2 GiB of page
+    cache after the read instead of 2.1), and the next blocks' read-ahead reuses the pages
+    just let go instead of fresh ones.
     """
 
-    def __init__(self, cache: BlockCache, ref: FileRef, max_window: int = 32) -> None:
+    def __init__(self, cache: BlockCache, ref: FileRef, max_window: int = 32,
+                 drop_behind: bool = False) -> None:
         self.cache = cache
         self.ref = ref
         self.max_window = max(1, max_window)
+        self.drop_behind = drop_behind
         self.window = 0
         self._lock = threading.Lock()
         self._prev_end: int | None = None
         self._ahead = 0  # blocks before this index were already submitted
+        self._behind = 0  # blocks before this index were released (or are not this stream's)
 
     def on_read(self, offset: int, length: int) -> None:
+        release = self._past(offset) if self.drop_behind else None
+        if release:
+            self.cache.release_pages(self.ref, release)
+        self._ahead_of(offset, length)
+
+    def _past(self, offset: int) -> range | None:
+        """Blocks a sequential stream has left far enough behind to release (DROP_BEHIND:
+        its reader keeps their bytes in a page cache of its own)."""
+        bs = self.ref.block_size
+        with self._lock:
+            prev, here = self._prev_end, offset // bs
+            delta = None if prev is None else here - max(0, prev - 1) // bs
+            if delta is not None and -REORDER <= delta < 0:
+                return None  # a late read (see on_read)
+            if delta is None or not (offset == prev or 0 <= delta <= REORDER):
+                self._behind = here  # a jump: what lies before is not this stream's
+                return None
+            done = here - REORDER - 1  # reads arrive up to REORDER blocks out of order
+            if done - self._behind < PREFETCH_RUN:
+                return None
+            release = range(self._behind, done)
+            self._behind = done
+            return release
+
+    def _ahead_of(self, offset: int, length: int) -> None:
         bs = self.ref.block_size
         end = min(self.ref.size, offset + max(0, length))
         with self._lock:

@@ -613,7 +613,10 @@ class KbfsOperations(pyfuse3.Operations):
         ref = node.ref
         # Pinning is a counter under the cache's dictionary lock (no I/O): done inline.
         self.cache.open_file(ref)
-        self._open[fh] = _OpenFile(node, readahead=kcache.ReadAhead(self.cache, ref))
+        self._open[fh] = _OpenFile(node, readahead=kcache.ReadAhead(
+            # The FUSE file's page cache keeps what the program read: the block files'
+            # own pages behind the stream would be a second copy of the same bytes.
+            self.cache, ref, drop_behind=True))
         self._count("opens")
         self._count("open_files")
         # The content is immutable: pages read once may stay in the page cache.

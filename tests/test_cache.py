@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import random
 import shutil
@@ -17,14 +18,16 @@ from pathlib import Path
 import pytest
 
 from kbfs import fetch, tree
-from kbfs.cache import BlockCache, FileRef, ReadAhead
+from kbfs.cache import PREFETCH_RUN, REORDER, BlockCache, FileRef, ReadAhead
 from kbfs.errors import SourceUnavailable, VerificationError
 from kbfs.fetch import Fetcher
 
 try:
     from tests.httpsource import HTTPSource, free_port, wait_until
+    from tests.pagecache import evict_from_page_cache, resident_pages_of
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
     from httpsource import HTTPSource, free_port, wait_until  # type: ignore[no-redef]
+    from pagecache import evict_from_page_cache, resident_pages_of  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -664,51 +667,6 @@ def block_path(cache: BlockCache, ref: FileRef, index: int) -> Path:
     return cache_dir(cache) / "blocks" / ref.sha1[:2] / ref.sha1 / str(index)
 
 
-def evict_from_page_cache(path: Path) -> bool:
-    """Drop PATH's pages from the page cache; whether they are all gone (checked with
-    mincore, which, unlike a read, brings nothing back in). The kernel may keep a page that
-    is busy at that moment, so this asks again a few times."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        for _ in range(50):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            if resident_pages(fd) == 0:
-                return True
-            time.sleep(0.02)
-        return False
-    finally:
-        os.close(fd)
-
-
-def resident_pages(fd: int) -> int:
-    """How many of FD's pages are in the page cache (mincore(2) on a mapping of it; a
-    read with RWF_NOWAIT cannot tell: it may fail for other reasons than a missing page)."""
-    import ctypes
-    import mmap
-
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long)
-    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
-    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap failed")
-    try:
-        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = ctypes.create_string_buffer(pages)
-        if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        return sum(b & 1 for b in vec.raw[:pages])
-    finally:
-        libc.munmap(ctypes.c_void_p(addr), size)
-
-
 def readable_now(path: Path) -> bool:
     """Whether all of PATH can be read without waiting for the disk (RWF_NOWAIT). Not a
     check that pages are gone: a NOWAIT read that misses starts the kernel's read-ahead."""
@@ -746,6 +704,48 @@ def test_read_cached_nowait_serves_only_page_cached_blocks(src, data, make_cache
         got = cache.read_cached(ref, BS + 100, BS + 5, nowait=True, into=into)
         assert got == data[BS + 100:2 * BS + 105]
         assert src.counts()["sha1"] == 1  # nothing was fetched again
+
+
+def test_drop_behind_releases_block_pages_a_stream_has_passed(src, make_cache):
+    """The mount's reader keeps the bytes in the FUSE file's page cache: behind a sequential
+    stream the block files' own pages go (one copy in memory, not two); blocks the stream
+    jumped over, and those it has just read, stay."""
+    n = 64
+    data = os.urandom(n * BS)
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        assert cache.read(ref, 0, len(data)) == data  # stored through the page cache
+        os.sync()  # clean pages: the kernel drops only those
+        fetches = src.counts()["sha1"]
+
+        def resident(index: int) -> int:
+            return resident_pages_of(block_path(cache, ref, index))
+
+        def stream(ra: ReadAhead, first: int, last: int) -> None:
+            for off in range(first * BS, last * BS, BS // 2):
+                ra.on_read(off, BS // 2)
+                assert cache.read(ref, off, BS // 2) == data[off:off + BS // 2]
+            assert cache.wait_idle(10)
+
+        pages = BS // mmap.PAGESIZE
+        stream(ReadAhead(cache, ref, max_window=8), 0, n)  # without: everything stays
+        assert all(resident(i) == pages for i in range(n))
+
+        ra = ReadAhead(cache, ref, max_window=8, drop_behind=True)
+        stream(ra, 0, 16)
+        stream(ra, 32, n)  # a jump over blocks 16-31
+        # Released in batches of PREFETCH_RUN, once more than REORDER blocks behind.
+        lag = REORDER + 1 + PREFETCH_RUN
+        released = [*range(0, 16 - lag), *range(32, n - lag)]
+        assert wait_until(lambda: all(resident(i) == 0 for i in released), 10), \
+            [(i, resident(i)) for i in released if resident(i)]
+        kept = [*range(16, 32), *range(n - REORDER - 1, n)]
+        assert all(resident(i) == pages for i in kept)
+        # Released blocks still read right (from the disk, through a worker's pread).
+        assert cache.read(ref, 0, 2 * BS) == data[:2 * BS]
+        assert src.counts()["sha1"] == fetches  # nothing was fetched again
 
 
 def test_read_ahead_blocks_in_memory_are_served_without_a_fetch(src, make_cache):

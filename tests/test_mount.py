@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from kbfs import prv, tree
-from tests.httpsource import HTTPSource
+from tests.httpsource import HTTPSource, wait_until
 from tests.mountutil import NEEDS_FUSE, Mount, alive, force_unmount, mounted, run_kbfs, start_mount
+from tests.pagecache import evict_from_page_cache, resident_pages_of
 
 pytestmark = NEEDS_FUSE
 
@@ -510,6 +511,30 @@ def test_offline_reads(tmp_path: Path) -> None:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(1)
+
+
+def test_streaming_a_cached_file_keeps_one_copy_in_memory(tmp_path: Path) -> None:
+    """Read through the mount, a file's bytes stay in the FUSE file's page cache; the block
+    files' own pages behind the stream are let go, not kept as a second copy."""
+    data = _data(32 * MiB, 43)
+    with HTTPSource() as source:
+        write_pointer(source, tmp_path / "src", "big.bin", data)
+        with mounted(str(tmp_path / "src"), tmp_path, relays=[source.url]) as m:
+            assert read_all(m.path("big.bin")) == data  # cold: fetched and stored
+        os.sync()
+        sha1 = hashlib.sha1(data).hexdigest()
+        folder = Path(m.cache_dir) / "blocks" / sha1[:2] / sha1
+        blocks = [folder / str(i) for i in range(32)]
+        assert all(p.exists() for p in blocks)
+        assert all(evict_from_page_cache(p) for p in blocks)
+        with mounted(str(tmp_path / "src"), tmp_path, relays=[source.url]) as m:
+            assert read_all(m.path("big.bin")) == data  # warm: read from the block files
+            # All but the last few (within the read-ahead's reach of the end) are let go.
+            behind = blocks[:16]
+            assert wait_until(lambda: not any(resident_pages_of(p) for p in behind), 10), \
+                [(p.name, resident_pages_of(p)) for p in behind]
+            assert read_all(m.path("big.bin")) == data  # from the FUSE file's page cache
+        assert source.counts()["sha1"] <= 32  # the warm read fetched nothing
 
 
 # ---------------------------------------------------------------- command line
