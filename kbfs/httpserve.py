@@ -312,10 +312,12 @@ def _guard_send_eof_race() -> None:
     Each hypercorn write (a response head, a body chunk, a websocket frame) took a lock
     and a trio socket send: four passes through trio's scheduler, which made the
     scheduler the largest single CPU cost of a relayed request. When nobody holds the
-    send lock, the bytes are first offered to the (non-blocking) socket directly; only
-    what it cannot take at once, and every error, goes the usual way. (Hypercorn
-    acknowledges a websocket close before it tells the application: with writes this
-    quick, an application must act on the disconnect message at once; the relay does.)
+    send lock, the bytes are first offered to the (non-blocking) socket directly; what it
+    cannot take at once is written by `_send_rest`, whose wait, unlike hypercorn's, can
+    be cancelled (a peer that stops reading must not hold a writer for ever). Other
+    sockets (TLS) go the usual way. (Hypercorn acknowledges a websocket close before it
+    tells the application: with writes this quick, an application must act on the
+    disconnect message at once; the relay does.)
     """
     server = hypercorn.trio.tcp_server.TCPServer
     if getattr(server, "_kbfs_guarded", False):
@@ -323,19 +325,26 @@ def _guard_send_eof_race() -> None:
     original = server.protocol_send
 
     async def protocol_send(self: Any, event: Any) -> None:
-        if type(event) is RawData and not self.send_lock.locked():
-            raw = getattr(getattr(self.stream, "socket", None), "_sock", None)
-            if isinstance(raw, socket.socket) and event.data:
+        raw = getattr(getattr(self.stream, "socket", None), "_sock", None)
+        if type(event) is RawData and isinstance(raw, socket.socket) and event.data:
+            data = memoryview(event.data)
+            if not self.send_lock.locked():
                 try:
-                    sent = raw.send(event.data)
+                    sent = raw.send(data)
                 except BlockingIOError:
                     sent = 0
                 except OSError:
                     sent = -1  # broken: let the usual path find out and close
-                if sent == len(event.data):
+                if sent == len(data):
                     return
-                if sent > 0:
-                    event = RawData(data=memoryview(event.data)[sent:])  # type: ignore[arg-type]
+                if sent >= 0:
+                    async with self.send_lock:
+                        await _send_rest(self, raw, data[sent:])
+                    return
+            else:
+                async with self.send_lock:
+                    await _send_rest(self, raw, data)
+                return
         try:
             await original(self, event)
         except trio.BusyResourceError:
@@ -343,6 +352,32 @@ def _guard_send_eof_race() -> None:
 
     server.protocol_send = protocol_send  # type: ignore[method-assign]
     server._kbfs_guarded = True  # type: ignore[attr-defined]
+
+
+async def _send_rest(server: Any, raw: socket.socket, data: memoryview) -> None:
+    """Write DATA to the connection's non-blocking socket RAW (send lock held), waiting in
+    the event loop when it is full.
+
+    Unlike hypercorn's own write (a `send_all` shielded from cancellation), this wait can
+    be cancelled: a peer that stops reading would otherwise hold its writer for ever
+    (the relay's transfer, and with it the share's upload, waited with no end). A write
+    cancelled part way has left half a message on the wire, so the connection is shut
+    down at once (hypercorn closes it on finding out); a broken one is reported closed,
+    as hypercorn does."""
+    try:
+        while data:
+            try:
+                n = raw.send(data)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(raw)
+                continue
+            data = data[n:]
+    except trio.Cancelled:
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
+        raise
+    except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+        await server.protocol.handle(Closed())
 
 
 def _close_on_client_eof() -> None:
@@ -663,10 +698,13 @@ class BodySplice:
             body = message.get("body", b"")
             if body:
                 try:
-                    await self.send({"type": "http.response.body", "body": body,
-                                     "more_body": True})
+                    with trio.move_on_after(stall_timeout) as timer:
+                        await self.send({"type": "http.response.body", "body": body,
+                                         "more_body": True})
                 except Exception:  # the destination's connection broke under this write
                     return "destination closed"
+                if timer.cancelled_caught:  # (it may have taken part: DST is done for)
+                    return "destination stalled"
                 self.moved += len(body)
             if not message.get("more_body", False):
                 return "complete"

@@ -813,9 +813,12 @@ class Relay:
                 p.complete = sent == length
                 p.sent = sent
                 try:
-                    await client_send({"type": "http.response.body", "body": body,
-                                       "more_body": not p.complete})
-                except Exception as exc:  # the client's connection broke under this write
+                    # A client that stops reading would hold the share's upload (and its
+                    # worker) for ever: no byte moving for STALL_TIMEOUT ends it too.
+                    with trio.fail_after(STALL_TIMEOUT):
+                        await client_send({"type": "http.response.body", "body": body,
+                                           "more_body": not p.complete})
+                except Exception as exc:  # broke under this write, or stalled
                     log.info("transfer %s: client write failed: %s: %s", p.token[:8],
                              type(exc).__name__, exc)
                     p.client_gone = True
