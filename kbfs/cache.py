@@ -67,7 +67,7 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -1154,18 +1154,20 @@ class BlockCache:
             self._stats["bytes_served"] += served
         return missing
 
-    def prefetch(self, ref: FileRef, first: int, count: int) -> None:
-        """Fetch missing blocks [first, first+count) in the background; never raises."""
+    def prefetch(self, ref: FileRef, first: int, count: int,
+                 wanted: Callable[[int], bool] | None = None) -> None:
+        """Fetch missing blocks [first, first+count) in the background, and hint the
+        present ones in (`advise`, with WANTED); never raises."""
         try:
             if self._closed:
                 return
             last = min(ref.blocks, first + count)
-            wanted: list[int] = []
+            missing: list[int] = []
             present: list[int] = []
             for i in range(max(0, first), last):
-                (present if self._present(ref, i) else wanted).append(i)
-            self.advise(ref, present)
-            owned, _ = self._claim(ref, wanted, prefetch=True)
+                (present if self._present(ref, i) else missing).append(i)
+            self.advise(ref, present, wanted)
+            owned, _ = self._claim(ref, missing, prefetch=True)
             for run_first, run_count in _runs(owned, PREFETCH_RUN):
                 run = list(range(run_first, run_first + run_count))
                 with self._lock:
@@ -1187,13 +1189,17 @@ class BlockCache:
         except RuntimeError:  # closed meanwhile
             self._job_done()
 
-    def advise(self, ref: FileRef, indices: Sequence[int]) -> None:
+    def advise(self, ref: FileRef, indices: Sequence[int],
+               wanted: Callable[[int], bool] | None = None) -> None:
         """Start the kernel reading the present blocks INDICES into the page cache, from a
-        pool thread (`_advise`): a copier hints the next span while it copies this one."""
+        pool thread (`_advise`): a copier hints the next span while it copies this one.
+        WANTED(index), asked just before each hint: False skips the block (a stream whose
+        reader has moved past it; a pool thread may get to a hint late)."""
         if indices and not self._closed:
-            self._submit(self._advise_job, ref, list(indices))
+            self._submit(self._advise_job, ref, list(indices), wanted)
 
-    def _advise(self, ref: FileRef, indices: Sequence[int]) -> None:
+    def _advise(self, ref: FileRef, indices: Sequence[int],
+                wanted: Callable[[int], bool] | None = None) -> None:
         """Start the kernel reading the present blocks INDICES into the page cache. Each
         block is its own small file, so the kernel's own read-ahead never runs past one
         block: without this, a sequential reader of cached content waits for one 1 MiB
@@ -1201,6 +1207,8 @@ class BlockCache:
         for index in indices:
             if self._closed:
                 return
+            if wanted is not None and not wanted(index):
+                continue
             start, end = tree.block_span(index, ref.size, ref.block_size)
             ent = self._fd_acquire(ref, index, end - start)
             if ent is None:
@@ -1243,10 +1251,11 @@ class BlockCache:
         finally:
             self._job_done()
 
-    def _advise_job(self, ref: FileRef, indices: list[int]) -> None:
+    def _advise_job(self, ref: FileRef, indices: list[int],
+                    wanted: Callable[[int], bool] | None = None) -> None:
         """`_advise` in the prefetch pool (a read-ahead window, a copier's next span)."""
         try:
-            self._advise(ref, indices)
+            self._advise(ref, indices, wanted)
         except Exception:  # noqa: BLE001 - a hint must never break a read
             log.exception("read-ahead of cached blocks of %s failed", ref.sha1)
         finally:
@@ -1504,7 +1513,7 @@ class ReadAhead:
     than REORDER blocks back, in batches (`BlockCache.release_pages`). Streaming a cached
     file then holds one copy of it in memory, not two (measured on 1 GiB: 1.2 GiB of page
     cache after the read instead of 2.1), and the next blocks' read-ahead reuses the pages
-    just let go instead of fresh ones.
+    just let go. The caller decides when that is worth its cost (see `fusefs.drop_behind`).
     """
 
     def __init__(self, cache: BlockCache, ref: FileRef, max_window: int = 32,
@@ -1575,7 +1584,13 @@ class ReadAhead:
                                  and last < self.ref.blocks):
                 return
             self._ahead = last
-        self.cache.prefetch(self.ref, first, last - first)
+        # Hints still queued when the stream has released their blocks are dropped: a
+        # late WILLNEED would read a block back in behind the reader.
+        self.cache.prefetch(self.ref, first, last - first,
+                            self._not_released if self.drop_behind else None)
+
+    def _not_released(self, index: int) -> bool:
+        return index >= self._behind
 
 
 def _runs(indices: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:

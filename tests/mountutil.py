@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +60,8 @@ class Mount:
 def isolated_env(base: Path) -> dict[str, str]:
     """An environment isolated from the user's kbfs settings."""
     env = dict(os.environ)
-    for key in ("KBFS_RELAY", "KBFS_CACHE_DIR", "KBFS_CACHE_SIZE", "KBFS_SEARCH_DIRS"):
+    for key in ("KBFS_RELAY", "KBFS_CACHE_DIR", "KBFS_CACHE_SIZE", "KBFS_SEARCH_DIRS",
+                "KBFS_DROP_BEHIND"):
         env.pop(key, None)
     env["XDG_CONFIG_HOME"] = str(base / "config")
     env["KBFS_RUNTIME_DIR"] = str(base / "run")
@@ -132,12 +133,14 @@ def start_mount(
     cache_dir: str | None = None,
     relays: Sequence[str] = (),
     extra: Sequence[str] = (),
+    env_extra: Mapping[str, str] | None = None,
 ) -> Mount:
-    """Mount SOURCE at BASE/NAME (created); raise AssertionError with the output if it fails."""
+    """Mount SOURCE at BASE/NAME (created); raise AssertionError with the output if it fails.
+    ENV_EXTRA: more environment for the daemon (e.g. KBFS_DROP_BEHIND)."""
     mnt = base / name
     mnt.mkdir(parents=True, exist_ok=True)
     cache = cache_dir or str(base / "cache")
-    env = isolated_env(base)
+    env = {**isolated_env(base), **(env_extra or {})}
     args = ["mount", source, str(mnt), "--cache-dir", cache]
     for relay in relays:
         args += ["--relay", relay]
