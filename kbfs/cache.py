@@ -1244,6 +1244,9 @@ class BlockCache:
                     os.posix_fadvise(ent.fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 except OSError:
                     pass  # only a hint
+                else:
+                    with self._lock:
+                        self._stats["blocks_released"] += 1
                 finally:
                     self._fd_release(ent)
         except Exception:  # noqa: BLE001 - a hint must never break a read
@@ -1366,7 +1369,8 @@ class BlockCache:
 
     def statistics(self) -> dict[str, Any]:
         """Counters: hits, misses (blocks), bytes_served, bytes_fetched, evictions, errors,
-        cached_bytes, capacity, in_flight."""
+        store_skipped, blocks_released (page cache let go behind a stream), cached_bytes,
+        capacity, in_flight."""
         with self._lock:
             return {
                 "hits": self._stats["hits"],
@@ -1376,6 +1380,7 @@ class BlockCache:
                 "evictions": self._stats["evictions"],
                 "errors": self._stats["errors"],
                 "store_skipped": self._stats["store_skipped"],
+                "blocks_released": self._stats["blocks_released"],
                 "cached_bytes": self._total,
                 "capacity": self.capacity,
                 "in_flight": len(self._inflight),
@@ -1527,67 +1532,69 @@ class ReadAhead:
         self._prev_end: int | None = None
         self._ahead = 0  # blocks before this index were already submitted
         self._behind = 0  # blocks before this index were released (or are not this stream's)
+        self._released: range | None = None  # the last batch released (released again next)
 
     def on_read(self, offset: int, length: int) -> None:
-        release = self._past(offset) if self.drop_behind else None
-        if release:
-            self.cache.release_pages(self.ref, release)
-        self._ahead_of(offset, length)
-
-    def _past(self, offset: int) -> range | None:
-        """Blocks a sequential stream has left far enough behind to release (DROP_BEHIND:
-        its reader keeps their bytes in a page cache of its own)."""
         bs = self.ref.block_size
-        with self._lock:
+        end = min(self.ref.size, offset + max(0, length))
+        release: range | None = None
+        fetch: tuple[int, int] | None = None
+        with self._lock:  # one decision per read: reads come from several threads
             prev, here = self._prev_end, offset // bs
             delta = None if prev is None else here - max(0, prev - 1) // bs
             if delta is not None and -REORDER <= delta < 0:
-                return None  # a late read (see on_read)
-            if delta is None or not (offset == prev or 0 <= delta <= REORDER):
-                self._behind = here  # a jump: what lies before is not this stream's
-                return None
-            done = here - REORDER - 1  # reads arrive up to REORDER blocks out of order
-            if done - self._behind < PREFETCH_RUN:
-                return None
-            release = range(self._behind, done)
-            self._behind = done
-            return release
-
-    def _ahead_of(self, offset: int, length: int) -> None:
-        bs = self.ref.block_size
-        end = min(self.ref.size, offset + max(0, length))
-        with self._lock:
-            prev = self._prev_end
-            sequential = False
-            if prev is not None:
-                delta = offset // bs - max(0, prev - 1) // bs
-                if -REORDER <= delta < 0:
-                    # A read the kernel issued with its neighbours and that arrived after
-                    # them (FUSE serves its read-ahead concurrently): not a jump.
-                    return
-                sequential = offset == prev or 0 <= delta <= REORDER
+                # A read the kernel issued with its neighbours and that arrived after
+                # them (FUSE serves its read-ahead concurrently): not a jump.
+                return
+            sequential = delta is not None and (offset == prev or 0 <= delta <= REORDER)
             if sequential:
                 self.window = min(self.max_window, max(1, self.window * 2))
             else:
                 self.window = 0
                 self._ahead = 0
+                self._behind = here  # what lies before a jump is not this stream's
+                self._released = None
             self._prev_end = end
-            if not self.window:
-                return
-            nxt = -(-end // bs)  # the first block after this read
-            first = max(nxt, self._ahead)
-            last = min(self.ref.blocks, nxt + self.window)
-            # Top the window up in batches, not one block per block read: every range
-            # request costs a relay round trip, so few large ones beat many 1-block ones.
-            batch = min(self.window, PREFETCH_RUN)
-            if first >= last or (last - first < batch and first > nxt
-                                 and last < self.ref.blocks):
-                return
-            self._ahead = last
-        # Hints still queued when the stream has released their blocks are dropped: a
-        # late WILLNEED would read a block back in behind the reader.
-        self.cache.prefetch(self.ref, first, last - first,
-                            self._not_released if self.drop_behind else None)
+            if sequential and self.drop_behind:
+                release = self._release_due(here)
+            if self.window:
+                fetch = self._fetch_due(end)
+        if release:
+            self.cache.release_pages(self.ref, release)
+        if fetch:
+            # Hints still queued when the stream has released their blocks are dropped:
+            # a late WILLNEED would read a block back in behind the reader.
+            self.cache.prefetch(self.ref, *fetch,
+                                self._not_released if self.drop_behind else None)
+
+    def _release_due(self, here: int) -> range | None:
+        """Blocks to release now that a sequential read reached block HERE (lock held):
+        a batch of PREFETCH_RUN once more than REORDER blocks back, with the batch before
+        it once more. FUSE runs several reads of a stream at once, not in order, and the
+        kernel keeps the pages of a block whose read is still under way: the second pass
+        lets go of what the first could not."""
+        done = here - REORDER - 1
+        if done - self._behind < PREFETCH_RUN:
+            return None
+        start = self._released.start if self._released is not None else self._behind
+        self._released = range(self._behind, done)
+        self._behind = done
+        return range(start, done)
+
+    def _fetch_due(self, end: int) -> tuple[int, int] | None:
+        """(first, count) of the blocks to fetch or hint in after a sequential read that
+        ended at END, or None (lock held)."""
+        bs = self.ref.block_size
+        nxt = -(-end // bs)  # the first block after this read
+        first = max(nxt, self._ahead)
+        last = min(self.ref.blocks, nxt + self.window)
+        # Top the window up in batches, not one block per block read: every range
+        # request costs a relay round trip, so few large ones beat many 1-block ones.
+        batch = min(self.window, PREFETCH_RUN)
+        if first >= last or (last - first < batch and first > nxt and last < self.ref.blocks):
+            return None
+        self._ahead = last
+        return first, last - first
 
     def _not_released(self, index: int) -> bool:
         return index >= self._behind
