@@ -552,6 +552,27 @@ def _http1_conn(scope: Scope, send: Any, queue: trio.MemoryReceiveChannel[Any]) 
     return Http1Conn(server, protocol, stream, queue)
 
 
+def _put_disconnect(put_channel: trio.MemorySendChannel[Any],
+                    queue: trio.MemoryReceiveChannel[Any], message: Any) -> None:
+    """Queue a request's `http.disconnect` without waiting. Hypercorn queues it when the
+    stream closes, also when the application has already answered without reading the
+    whole body (the relay's answer to an aborted upload): the queue is then full of body
+    chunks nobody will read, and hypercorn's wait for room, in the finishing task, never
+    ended; the connection stayed open, unserved (seen: a share's next upload on it waited
+    for ever). Body chunks that were still queued make room: the request is over."""
+    while True:
+        try:
+            put_channel.send_nowait(message)
+            return
+        except trio.WouldBlock:
+            try:
+                queue.receive_nowait()
+            except trio.WouldBlock:
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
 def _expose_http1_connections() -> None:
     """Give each plain HTTP/1.1 request its Http1Conn as an ASGI scope extension.
 
@@ -568,19 +589,19 @@ def _expose_http1_connections() -> None:
     async def spawn_app(self: Any, app: Any, config: HyperConfig, scope: Scope,
                         send: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
         put_channel, queue = trio.open_memory_channel[Any](config.max_app_queue_size)
-        put: Callable[[Any], Awaitable[None]] = put_channel.send
         conn = _http1_conn(scope, send, queue) if splice_enabled() else None
+        server = conn.server if conn is not None else None
         if conn is not None:
             scope["extensions"][HTTP1_EXTENSION] = conn
-            server = conn.server
 
-            async def put_and_poke(message: Any) -> None:
+        async def put(message: Any) -> None:
+            if message.get("type") == "http.disconnect":
+                _put_disconnect(put_channel, queue, message)
+            else:
                 await put_channel.send(message)
-                hold = getattr(server, "_kbfs_hold", None)
-                if hold is not None:
-                    hold.poke()
-
-            put = put_and_poke
+            hold = getattr(server, "_kbfs_hold", None)
+            if hold is not None:
+                hold.poke()
 
         self._nursery.start_soon(handle, app, config, scope, queue.receive, send,
                                  trio.to_thread.run_sync, trio.from_thread.run)

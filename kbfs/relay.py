@@ -750,7 +750,11 @@ class Relay:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
         else:
-            await send_json(send, 410 if "client" in outcome else 400, {"error": outcome})
+            # The rest of the body stays unread: this connection cannot carry another
+            # upload, and the share must not send one into it (it would wait for an answer
+            # that never comes).
+            await send_json(send, 410 if "client" in outcome else 400, {"error": outcome},
+                            [(b"connection", b"close")])
 
     async def _pipe(self, p: Pending, scope: Scope, receive: Receive) -> str:
         """Copy the upload body (SCOPE's, read with RECEIVE) into the client response
