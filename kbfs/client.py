@@ -45,7 +45,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -195,7 +194,7 @@ class _State:
         files = dict(list(files.items())[-_STATE_MAX_ENTRIES:])
         sizes = dict(list(sizes.items())[-_STATE_MAX_ENTRIES:])
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
-        tmp = f"{self._path}.{uuid.uuid4().hex}.tmp"
+        tmp = f"{self._path}.{os.urandom(16).hex()}.tmp"
         try:
             with builtins.open(tmp, "w", encoding="utf-8") as f:
                 json.dump({"version": 1, "files": files, "sizes": sizes}, f)
@@ -932,7 +931,7 @@ def _atomic_output(target: str) -> Iterator[int]:
     On any failure (including KeyboardInterrupt) the partial file is removed, so TARGET
     never holds anything but a complete, verified copy.
     """
-    part = f"{target}.part-{uuid.uuid4().hex[:8]}"
+    part = f"{target}.part-{os.urandom(4).hex()}"
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     ok = False
     try:

@@ -709,7 +709,10 @@ class Relay:
         """Wait while the upload handler writes P's body into this client's response.
 
         The client's ASGI call must stay open meanwhile (returning ends the response);
-        a client that goes away is flagged so the upload handler stops at once.
+        a client that goes away is flagged so the upload handler stops at once. After an
+        aborted transfer, returning without the final body message makes hypercorn close
+        the connection: the client sees a short body, never a clean end. (The upload
+        handler counts the transfer.)
         """
         # Waiting here for the client's disconnect, in this very task (rather than a
         # watcher task per request), until the upload handler cancels P.over.
@@ -718,13 +721,6 @@ class Relay:
                 pass
             p.client_gone = True
             p.stop.cancel()
-        self.stats["bytes_out"] += p.sent
-        if p.sent != p.length or not p.complete:
-            # Returning without the final body message makes hypercorn close the
-            # connection: the client sees a short body, never a clean end.
-            self.stats["aborted"] += 1
-            log.info("transfer %s from share %s ended after %d of %d bytes", p.token[:8],
-                     p.share.id, p.sent, p.length)
 
     async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = scope["path_params"]["token"]
@@ -745,6 +741,14 @@ class Relay:
         try:
             outcome = await self._pipe(p, scope, receive)
         finally:
+            # Counted here, before the share gets its answer (not by the client's task,
+            # which runs later): whoever reads the counters after an upload's answer
+            # sees that transfer in them.
+            self.stats["bytes_out"] += p.sent
+            if p.sent != p.length or not p.complete:
+                self.stats["aborted"] += 1
+                log.info("transfer %s from share %s ended after %d of %d bytes", p.token[:8],
+                         p.share.id, p.sent, p.length)
             p.over.cancel()
         if outcome == "complete":
             await send({"type": "http.response.start", "status": 204, "headers": []})
