@@ -119,6 +119,12 @@ def force_unmount(mountpoint: str, pid: int | None) -> None:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(["fusermount3", *args, mountpoint], capture_output=True, timeout=10)
     if pid:
+        # Unmounted, a daemon finishes its work and exits by itself (the cache writes its
+        # queued stores): a SIGTERM at once would cut that short, and a later mount of the
+        # same cache would fetch those blocks again. SIGTERM only one that does not.
+        end = time.monotonic() + 5.0
+        while alive(pid) and not is_mounted(mountpoint) and time.monotonic() < end:
+            time.sleep(0.02)
         stop_pid(pid)
     if is_mounted(mountpoint):
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
