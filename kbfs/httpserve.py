@@ -124,6 +124,14 @@ async def guarded(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
         else:
             await send({"type": "websocket.close", "code": 1009})
         return
+    if scope["type"] in ("http", "websocket") and "\n" in scope.get("path", ""):
+        # URL routes end in `$`, which also matches before a final line break: without
+        # this, /s/ID/file/a.bin%0A served a.bin. No route here takes a line break.
+        if scope["type"] == "http":
+            await send_json(send, 400, {"error": "path contains a line break"}, CORS)
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+        return
     if scope["type"] != "http":
         await app(scope, receive, send)
         return

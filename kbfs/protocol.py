@@ -16,8 +16,8 @@ from typing import TypeGuard
 from kbfs.errors import BadRequest, RangeError
 
 # ---- identifiers
-SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
-SHARE_ID_RE = re.compile(r"^[a-z2-7]{16,64}$")  # base32 (lowercase, unpadded) of a key hash
+SHA1_RE = re.compile(r"^[0-9a-f]{40}\Z")  # \Z: `$` would also take a final "\n"
+SHARE_ID_RE = re.compile(r"^[a-z2-7]{16,64}\Z")  # base32 (lowercase, unpadded) of a key hash
 
 # ---- paths of the relay's (and a share's --listen server's) HTTP API
 HEALTH_PATH = "/api/health"

@@ -183,6 +183,8 @@ def test_open_sha1_uri_legacy_rules(src: HTTPSource, tmp_path: Path, make_file: 
 def test_sha1_uri_errors(src: HTTPSource, tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="40 hex digits"):
         client.resolve("sha1://nothex", **settings(src, tmp_path))
+    with pytest.raises(BadRequest, match="40 hex digits"):  # `$` took a final line break
+        client.resolve("sha1://" + "ab" * 20 + "\n", **settings(src, tmp_path))
     with pytest.raises(NotFound, match="no relay knows"):
         client.resolve("sha1://" + "ab" * 20, **settings(src, tmp_path))
     with pytest.raises(ConfigError, match="none is configured"):

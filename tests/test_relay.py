@@ -274,6 +274,22 @@ def test_traversal_refused(world: Any, path: str) -> None:
     assert b"root:" not in body
 
 
+@pytest.mark.parametrize("path", [
+    "/s/{sid}/file/a.bin%0A",  # the route's `$` matched before the final line break: a.bin
+    "/s/{sid}/file/sub/b.txt%0a",
+    "/s/{sid}/file/%0A/",  # found by test_props_net: a 307 redirect
+    "/s/{sid}/list/sub%0A",
+    "/sha1/{sha1}%0A",
+])
+def test_line_break_in_path_refused(world: Any, path: str) -> None:
+    """A path with a line break names no file here: a 400, never the file whose name is
+    the path without it (URL routes end in `$`, which matches before a final newline)."""
+    status, body = _raw(world["relay"].url, path.format(sid=world["share"].id,
+                                                        sha1=world["sha_a"]))
+    assert status == 400, (path, status, body[:200])
+    assert b"line break" in body
+
+
 def test_direct_listen_server(world: Any) -> None:
     base = world["share"].direct_url
     r = requests.get(f"{base}/sha1/{world['sha_a']}", headers={"Range": "bytes=100-199"},
