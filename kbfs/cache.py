@@ -1613,6 +1613,8 @@ class ReadAhead:
         return first, last - first
 
     def _not_released(self, index: int) -> bool:
+        """For the prefetch pool's queued hints (no lock: one int read, and a hint that
+        races a release only reads a block in once more)."""
         return index >= self._behind
 
 

@@ -80,7 +80,6 @@ PLAIN = "plain"  # a real file of a local SOURCE, read with pread
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 
-
 def drop_behind(size: int) -> bool:
     """Whether a sequential stream of a SIZE-byte file releases the page cache of the block
     files it has passed (`kcache.ReadAhead`). The FUSE file's page cache keeps what the
@@ -108,6 +107,7 @@ def _memory_available() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
 
 @dataclass
 class Node:
