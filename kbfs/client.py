@@ -798,14 +798,14 @@ class Client:
         LOCK they spun on that inode lock (more CPU, same time)."""
         missing: list[int] = []
         step = DOWNLOAD_CHUNK_BLOCKS
-        # Block files are opened and hinted in (WILLNEED) a span ahead of the copy, on a
-        # pool thread: off the copy's path (hinting the first span here, before copying,
-        # cost ~3.5 ms per download of page-cached content), and a disk read ahead when
-        # the blocks are not in memory.
-        self.cache.advise(ref, todo[:step])
+        # Block files are opened and read in a span ahead of the copy, on a pool thread:
+        # off the copy's path (hinting the first span here, before copying, cost ~3.5 ms
+        # per download of page-cached content), and a disk read ahead when the blocks are
+        # not in memory. Read through, not hinted: see BlockCache._advise.
+        self.cache.advise(ref, todo[:step], read_through=True)
         for k in range(0, len(todo), step):
             span = todo[k:k + step]
-            self.cache.advise(ref, todo[k + step:k + 2 * step])
+            self.cache.advise(ref, todo[k + step:k + 2 * step], read_through=True)
             left = self.cache.copy_present(ref, fd, span, lock, advise=False)
             missing.extend(left)
             n = _bytes_of(span, ref) - _bytes_of(left, ref)

@@ -733,6 +733,38 @@ def test_read_cached_nowait_serves_only_page_cached_blocks(src, data, make_cache
         assert src.counts()["sha1"] == 1  # nothing was fetched again
 
 
+def test_read_through_brings_blocks_in_by_reading_them(src, make_cache, monkeypatch):
+    """A downloader's read-ahead (`advise(read_through=True)`) reads block files that are
+    out of memory through the read path, not with a WILLNEED hint (which fills the page
+    cache with 4 KiB pages: see BlockCache._advise). With the hint made to fail, the
+    blocks come in all the same; the plain hint then brings nothing (the test can fail)."""
+    n = 6
+    data = os.urandom(n * BS)
+    info = src.add(data, block_size=BS)
+    ref = ref_of(info)
+    with Fetcher([src.url]) as f:
+        cache = make_cache(f)
+        assert cache.read(ref, 0, len(data)) == data
+        os.sync()
+        pages = BS // mmap.PAGESIZE
+
+        def resident(index: int) -> int:
+            return resident_pages_of(block_path(cache, ref, index))
+
+        def no_hints(fd: int, offset: int, length: int, advice: int) -> None:
+            raise OSError(95, "no hints here")
+
+        for i in range(1, n):
+            if not evict_from_page_cache(block_path(cache, ref, i)):
+                pytest.skip("this file system ignores POSIX_FADV_DONTNEED")
+        monkeypatch.setattr(os, "posix_fadvise", no_hints)  # kbfs.cache's os is this os
+        cache.advise(ref, [0, 1, 2], read_through=True)
+        cache.advise(ref, [3, 4, 5])
+        assert cache.wait_idle(10)
+        assert [resident(i) for i in range(n)] == [pages] * 3 + [0] * 3
+        assert cache.read(ref, 0, len(data)) == data
+
+
 def test_drop_behind_releases_block_pages_a_stream_has_passed(src, make_cache):
     """The mount's reader keeps the bytes in the FUSE file's page cache: behind a sequential
     stream the block files' own pages go (one copy in memory, not two); blocks the stream
