@@ -1240,12 +1240,13 @@ class BlockCache:
         # up to READ_THROUGH_THREADS pool threads at once (runs of neighbours), which keeps
         # the disk as busy as WILLNEED's queued reads did (one thread: a from-disk download
         # ~10% slower). Blocks already in memory cost one probe on this thread only.
+        if not cold:
+            return
         share = -(-len(cold) // READ_THROUGH_THREADS)
         runs = [cold[k:k + share] for k in range(0, len(cold), share)]
         for run in runs[1:]:
             self._submit(self._read_through_job, ref, run)
-        if runs:
-            self._read_through(ref, runs[0])
+        self._read_through(ref, runs[0])
 
     def _each_block_fd(self, ref: FileRef, indices: Sequence[int],
                        act: Callable[[int, int, int], bool],

@@ -733,7 +733,7 @@ def test_read_cached_nowait_serves_only_page_cached_blocks(src, data, make_cache
         assert src.counts()["sha1"] == 1  # nothing was fetched again
 
 
-def test_read_through_brings_blocks_in_by_reading_them(src, make_cache, monkeypatch):
+def test_read_through_brings_blocks_in_by_reading_them(src, make_cache, monkeypatch, caplog):
     """A downloader's read-ahead (`advise(read_through=True)`) reads block files that are
     out of memory through the read path, not with a WILLNEED hint (which fills the page
     cache with 4 KiB pages: see BlockCache._advise). With the hint made to fail, the
@@ -762,6 +762,9 @@ def test_read_through_brings_blocks_in_by_reading_them(src, make_cache, monkeypa
         cache.advise(ref, [3, 4, 5])
         assert cache.wait_idle(10)
         assert [resident(i) for i in range(n)] == [pages] * 3 + [0] * 3
+        cache.advise(ref, [0, 1, 2], read_through=True)  # all in memory: nothing to read
+        assert cache.wait_idle(10)
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
         assert cache.read(ref, 0, len(data)) == data
 
 
