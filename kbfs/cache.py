@@ -1125,24 +1125,21 @@ class BlockCache:
         return self._leaves(ref)
 
     def copy_present(self, ref: FileRef, fd: int, indices: Sequence[int],
-                     lock: threading.Lock | None = None, advise: bool = True) -> list[int]:
+                     lock: threading.Lock | None = None) -> list[int]:
         """Copy those of blocks INDICES of REF that are in the cache into FD, each at its
         offset in the content, verified as `write_to` does; never fetches. Returns the
         indices that were not copied (not present, or failed their leaf: then deleted).
 
         For a downloader that fetches missing blocks itself without storing them. LOCK as
-        for `write_to`. ADVISE: first ask the kernel to read the blocks in (False when the
-        caller did, with `advise`, while it copied the blocks before). Blocking."""
+        for `write_to`. Blocking. Block files out of memory are read from disk one at a
+        time here: a caller copying many has them read in ahead, a span at a time, with
+        `advise(read_through=True)` (without that, 1 GiB written past the page cache by
+        read-ahead stores took 1.5 s to copy; see bench/bench_download.py)."""
         self._check_open()
         if ref.size == 0:
             return list(indices)
         buf = memoryview(bytearray(min(ref.block_size, ref.size)))
         held = lock if lock is not None else contextlib.nullcontext()
-        # Block files written past the page cache (read-ahead stores) are read from disk:
-        # asking for all of them first keeps the disk busy instead of one 1 MiB file at a
-        # time (measured: 1 GiB copied in 1.5 s without, see bench/bench_download.py).
-        if advise:
-            self._advise(ref, indices)
         missing: list[int] = []
         served = 0
         for i in indices:

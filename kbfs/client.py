@@ -810,7 +810,7 @@ class Client:
         for k in range(0, len(todo), step):
             span = todo[k:k + step]
             self.cache.advise(ref, todo[k + step:k + 2 * step], read_through=True)
-            left = self.cache.copy_present(ref, fd, span, lock, advise=False)
+            left = self.cache.copy_present(ref, fd, span, lock)
             missing.extend(left)
             n = _bytes_of(span, ref) - _bytes_of(left, ref)
             tally.copied += n
