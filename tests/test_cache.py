@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from kbfs import cache as cache_module
 from kbfs import fetch, tree
 from kbfs.cache import PREFETCH_RUN, REORDER, BlockCache, FileRef, ReadAhead
 from kbfs.errors import SourceUnavailable, VerificationError
@@ -671,8 +672,9 @@ def test_free_space_floor_fits_small_file_systems(tmp_path, src, data):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_block_deleted_by_another_process_is_fetched_again(src, data, make_cache):
-    """A cached descriptor must not keep serving (and holding the space of) a deleted file."""
+def test_block_deleted_by_another_process_is_fetched_again(src, data, make_cache, monkeypatch):
+    """A cached descriptor must not keep serving (and holding the space of) a deleted file
+    for longer than FD_RECHECK_SECONDS; until then its old inode serves the right bytes."""
     info = src.add(data, block_size=BS)
     ref = ref_of(info)
     with Fetcher([src.url]) as f:
@@ -684,6 +686,10 @@ def test_block_deleted_by_another_process_is_fetched_again(src, data, make_cache
         assert block.exists()
         before = src.counts().get("sha1", 0)
         block.unlink()  # as another mount's eviction or `kbfs cache clear` would
+        monkeypatch.setattr(cache_module, "FD_RECHECK_SECONDS", 3600.0)
+        assert cache.read(ref, 0, BS) == data[:BS]  # within the window: the old inode
+        assert src.counts().get("sha1", 0) == before and not block.exists()
+        monkeypatch.setattr(cache_module, "FD_RECHECK_SECONDS", 0.0)  # the window is over
         assert cache.read(ref, 0, BS) == data[:BS]
         cache.wait_idle(10)
         assert src.counts().get("sha1", 0) > before  # fetched again, not read from the old inode
