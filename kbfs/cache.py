@@ -1752,10 +1752,8 @@ def _in_page_cache(fd: int, length: int, probe: bytearray) -> bool:
     file is read whole, so its last page stands for the rest). Never waits for a disk."""
     try:
         return os.preadv(fd, [probe], max(0, length - 1), os.RWF_NOWAIT) == 1
-    except BlockingIOError:
+    except OSError:  # EAGAIN: not in memory; EOPNOTSUPP: no RWF_NOWAIT here. Read it through.
         return False
-    except OSError:
-        return False  # no RWF_NOWAIT on this file system: read it through
 
 
 def _read_through_fd(fd: int, length: int, sink: int) -> bool:

@@ -700,6 +700,11 @@ def block_path(cache: BlockCache, ref: FileRef, index: int) -> Path:
     return cache_dir(cache) / "blocks" / ref.sha1[:2] / ref.sha1 / str(index)
 
 
+def resident(cache: BlockCache, ref: FileRef, index: int) -> int:
+    """Pages of block INDEX's file in the page cache."""
+    return resident_pages_of(block_path(cache, ref, index))
+
+
 def readable_now(path: Path) -> bool:
     """Whether all of PATH can be read without waiting for the disk (RWF_NOWAIT). Not a
     check that pages are gone: a NOWAIT read that misses starts the kernel's read-ahead."""
@@ -754,9 +759,6 @@ def test_read_through_brings_blocks_in_by_reading_them(src, make_cache, monkeypa
         os.sync()
         pages = BS // mmap.PAGESIZE
 
-        def resident(index: int) -> int:
-            return resident_pages_of(block_path(cache, ref, index))
-
         def no_hints(fd: int, offset: int, length: int, advice: int) -> None:
             raise OSError(95, "no hints here")
 
@@ -767,7 +769,7 @@ def test_read_through_brings_blocks_in_by_reading_them(src, make_cache, monkeypa
         cache.advise(ref, [0, 1, 2], read_through=True)
         cache.advise(ref, [3, 4, 5])
         assert cache.wait_idle(10)
-        assert [resident(i) for i in range(n)] == [pages] * 3 + [0] * 3
+        assert [resident(cache, ref, i) for i in range(n)] == [pages] * 3 + [0] * 3
         cache.advise(ref, [0, 1, 2], read_through=True)  # all in memory: nothing to read
         assert cache.wait_idle(10)
         assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
@@ -788,9 +790,6 @@ def test_drop_behind_releases_block_pages_a_stream_has_passed(src, make_cache):
         os.sync()  # clean pages: the kernel drops only those
         fetches = src.counts()["sha1"]
 
-        def resident(index: int) -> int:
-            return resident_pages_of(block_path(cache, ref, index))
-
         def stream(ra: ReadAhead, first: int, last: int) -> None:
             for off in range(first * BS, last * BS, BS // 2):
                 ra.on_read(off, BS // 2)
@@ -799,7 +798,7 @@ def test_drop_behind_releases_block_pages_a_stream_has_passed(src, make_cache):
 
         pages = BS // mmap.PAGESIZE
         stream(ReadAhead(cache, ref, max_window=8), 0, n)  # without: everything stays
-        assert all(resident(i) == pages for i in range(n))
+        assert all(resident(cache, ref, i) == pages for i in range(n))
 
         ra = ReadAhead(cache, ref, max_window=8, drop_behind=True)
         stream(ra, 0, 16)
@@ -807,10 +806,10 @@ def test_drop_behind_releases_block_pages_a_stream_has_passed(src, make_cache):
         # Released in batches of PREFETCH_RUN, once more than REORDER blocks behind.
         lag = REORDER + 1 + PREFETCH_RUN
         released = [*range(0, 16 - lag), *range(32, n - lag)]
-        assert wait_until(lambda: all(resident(i) == 0 for i in released), 10), \
-            [(i, resident(i)) for i in released if resident(i)]
+        assert wait_until(lambda: all(resident(cache, ref, i) == 0 for i in released), 10), \
+            [(i, resident(cache, ref, i)) for i in released if resident(cache, ref, i)]
         kept = [*range(16, 32), *range(n - REORDER - 1, n)]
-        assert all(resident(i) == pages for i in kept)
+        assert all(resident(cache, ref, i) == pages for i in kept)
         # Released blocks still read right (from the disk, through a worker's pread).
         assert cache.read(ref, 0, 2 * BS) == data[:2 * BS]
         assert src.counts()["sha1"] == fetches  # nothing was fetched again
