@@ -1,4 +1,9 @@
-"""Shared pytest fixtures: generic helpers only (paths to the shared fixtures, test files)."""
+"""Shared pytest fixtures: generic helpers only (the format fixtures, test files).
+
+`tests/fixtures/` holds copies of the format facts (pointers written by the original
+`ml-prv-create`, tree vectors): the tests never read anything outside the checkout, so a
+fresh clone passes alone.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = (REPO / ".." / "shared" / "fixtures").resolve()
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 @pytest.fixture
 def fixtures_dir() -> Path:
-    """The folder of shared fixtures (real pointers from the original tools, tree vectors)."""
+    """The folder of format fixtures (real pointers from the original tools, tree vectors)."""
     if not FIXTURES.is_dir():
-        pytest.fail(f"shared fixtures not found at {FIXTURES}")
+        pytest.fail(f"format fixtures not found at {FIXTURES}")
     return FIXTURES
 
 
