@@ -49,6 +49,13 @@ PREFETCH_THREADS = 4
     help="Never read a pointer's original file on this machine; always fetch through relays.",
 )
 @click.option(
+    "--allow-other",
+    is_flag=True,
+    help="Let other local users read the mount, as far as the modes it shows allow "
+    "(a file shows its pointer file's read bits). Off by default, also for root; "
+    "non-root users need user_allow_other in /etc/fuse.conf.",
+)
+@click.option(
     "--timeout",
     type=click.FloatRange(0.1),
     hidden=True,
@@ -65,6 +72,7 @@ def mount_cmd(
     cache_size: str | None,
     foreground: bool,
     no_local: bool,
+    allow_other: bool,
     timeout: float | None,
     ready_fd: int | None,
 ) -> None:
@@ -84,6 +92,15 @@ def mount_cmd(
         src = mount.parse_source(source)
         mnt = mount.check_mountpoint(mountpoint)
         os.makedirs(settings.cache_dir, exist_ok=True)
+        mount.runtime_dir()  # a runtime folder that is not private fails now, not once mounted
+        if allow_other and os.getuid() != 0:
+            from kbfs import fusefs
+
+            if not fusefs.fuse_conf_allows_other():
+                raise ConfigError(
+                    "--allow-other: /etc/fuse.conf has no user_allow_other line, so only "
+                    "root may let other users in"
+                )
     except (KbfsError, OSError) as exc:
         if ready_fd is not None:
             mount._signal_ready(ready_fd, f"error: {exc}")
@@ -94,7 +111,7 @@ def mount_cmd(
         deadline = timeout if timeout is not None else 30.0
         opts = mount.MountOptions(
             src, mnt, settings, timeout=min(10.0, deadline), deadline=deadline, ready_fd=ready_fd,
-            use_local=not no_local,
+            use_local=not no_local, allow_other=allow_other,
         )
         mount.run_mount(opts)
         return
@@ -115,6 +132,8 @@ def mount_cmd(
         argv += ["--timeout", str(timeout)]
     if no_local:
         argv.append("--no-local")
+    if allow_other:
+        argv.append("--allow-other")
     pid, logfile = mount.spawn_mount(argv, mnt, settings.cache_dir)
     click.echo(f"mounted {source} at {mnt} (pid {pid}; log {logfile})")
 
@@ -126,7 +145,9 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
     """Unmount a kbfs mount and stop its daemon."""
     from kbfs import mount
 
-    mount.unmount(mountpoint, lazy=lazy)
+    note = mount.unmount(mountpoint, lazy=lazy)
+    if note:
+        click.echo(note, err=True)
     click.echo(f"unmounted {mountpoint}")
 
 

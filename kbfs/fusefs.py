@@ -14,7 +14,16 @@
 Reads of pointer files go through `cache.BlockCache.read` in worker threads (a
 `trio.CapacityLimiter` bounds them) so one slow fetch never blocks the trio loop; each open
 file has a `cache.ReadAhead`. Every kbfs error becomes EIO with one log line naming the file
-and the source; the handlers never let an exception escape, so the mount never crashes.
+and the source; every handler is guarded (`_guard_handlers`): no exception escapes one, so
+the mount never crashes, and every value packed into a kernel structure is clamped to its
+field's range (a hostile .prvdir may sum to more than 2^64 bytes).
+
+Modes never widen access: a file shown for a pointer gets the pointer file's read bits and
+owner (a 0600 pointer shows as 0400), a .prvdir's folders get its read bits plus the
+matching search bits, a pass-through file or folder keeps its own r and x bits. Nothing is
+writable. Other users reach the mount at all only with `allow_other`, which `kbfs mount
+--allow-other` asks for explicitly (with `default_permissions`, always on, the kernel
+checks these modes).
 
 This module must not import `requests` or `kbfs.fetch` (layer L3: stdlib, pyfuse3, trio, L0
 modules and `kbfs.cache` only). What it needs of the fetcher (the last source used, local
@@ -78,6 +87,26 @@ POINTER = "pointer"  # a file served through the block cache
 PLAIN = "plain"  # a real file of a local SOURCE, read with pread
 
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+# Ranges of the C fields values are packed into (pyfuse3 raises OverflowError beyond them).
+_I64_MAX = (1 << 63) - 1
+_U64_MAX = (1 << 64) - 1
+_ID_MAX = (1 << 32) - 2  # uid_t/gid_t; (uid_t)-1 means "no change" to the kernel
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return low if value < low else high if value > high else value
+
+
+def _read_bits(mode: int) -> int:
+    """The read bits of MODE: what a file shown for a pointer file may grant."""
+    return mode & 0o444
+
+
+def _folder_bits(mode: int) -> int:
+    """The read bits of MODE and the search bit beside each: a folder for a .prvdir file."""
+    r = mode & 0o444
+    return r | (r >> 2)
 
 
 def drop_behind(size: int) -> bool:
@@ -166,21 +195,25 @@ class _Spec:
 
     @classmethod
     def pointer_file(cls, key: tuple[str, ...], name: str, pointer: prv.Pointer,
-                     stamp: tuple[int, int, int, int], path: str = "", rel: str = "") -> _Spec:
+                     stamp: tuple[int, int, int, int], perm: int, path: str = "",
+                     rel: str = "") -> _Spec:
         """A pointer shown as its original: a read-only file of the original's size.
-        STAMP: the (uid, gid, mtime_ns, ctime_ns) it shows."""
+        STAMP: the (uid, gid, mtime_ns, ctime_ns) it shows; PERM: its permission bits (the
+        pointer file's read bits: never more than the pointer file grants)."""
         uid, gid, mtime_ns, ctime_ns = stamp
         return cls(key, os.fsencode(name), POINTER, path=path, rel=rel, pointer=pointer,
-                   size=pointer.size, mode=stat.S_IFREG | 0o444, uid=uid, gid=gid,
+                   size=pointer.size, mode=stat.S_IFREG | _read_bits(perm), uid=uid, gid=gid,
                    mtime_ns=mtime_ns, ctime_ns=ctime_ns)
 
     @classmethod
     def folder(cls, key: tuple[str, ...], name: str, kind: str, stamp: tuple[int, int, int, int],
-               path: str = "", rel: str = "", prvdir: prv.PrvDir | None = None) -> _Spec:
-        """A read-only folder of pointers (a .prvdir's, or a remote share's); STAMP as above."""
+               perm: int, path: str = "", rel: str = "",
+               prvdir: prv.PrvDir | None = None) -> _Spec:
+        """A read-only folder of pointers (a .prvdir's, or a remote share's); STAMP as above,
+        PERM its permission bits (r and x only)."""
         uid, gid, mtime_ns, ctime_ns = stamp
         return cls(key, os.fsencode(name), kind, path=path, rel=rel, prvdir=prvdir,
-                   mode=stat.S_IFDIR | 0o555, uid=uid, gid=gid, mtime_ns=mtime_ns,
+                   mode=stat.S_IFDIR | (perm & 0o555), uid=uid, gid=gid, mtime_ns=mtime_ns,
                    ctime_ns=ctime_ns)
 
 
@@ -195,27 +228,62 @@ class _OpenFile:
     readahead: kcache.ReadAhead | None = None
 
 
+# Handlers whose failure the kernel is never told of: pyfuse3 ends its main loop when one
+# raises anything, FUSEError included, so their guard swallows every exception.
+_NO_REPLY = frozenset({"forget"})
+
+
 def _guard(fn: _F) -> _F:
-    """Turn every failure of a handler into a FUSEError: the mount must never crash."""
+    """Turn every failure of a handler into a FUSEError (EIO for anything unexpected): an
+    exception that escapes a handler ends pyfuse3's main loop, and with it the mount. An
+    unexpected exception is logged with its traceback once per handler and type, then only
+    counted (`errors`), so a program that retries does not flood the log."""
+    if getattr(fn, "_kbfs_guarded", False):
+        return fn
+    name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self: KbfsOperations, *args: Any) -> Any:
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
+            if name in _NO_REPLY:
+                return None
             raise
         except KbfsError as exc:
             self._count("errors")
-            log.error("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            log.error("%s: %s", name, exc)
+            failure = errno.EIO
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
+            failure = exc.errno or errno.EIO
+        except Exception as exc:
             self._count("errors")
-            log.exception("internal error in %s%r", fn.__name__, args[:2])
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            key = (name, type(exc).__name__)
+            if key not in self._internal_errors:
+                self._internal_errors.add(key)
+                log.exception("internal error in %s%r (answered EIO; logged once)",
+                              name, args[:2])
+            failure = errno.EIO
+        if name in _NO_REPLY:
+            return None
+        raise pyfuse3.FUSEError(failure)
 
+    wrapper._kbfs_guarded = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def _guard_handlers(cls: type[pyfuse3.Operations]) -> type[pyfuse3.Operations]:
+    """Guard every request handler of CLS, the ones it defines and the ones it inherits,
+    so that a handler added later without `@_guard` cannot take the mount down."""
+    import inspect
+
+    for name in dir(pyfuse3.Operations):
+        if name.startswith("_"):
+            continue
+        method = getattr(cls, name)
+        if inspect.iscoroutinefunction(method):
+            setattr(cls, name, _guard(method))
+    return cls
 
 
 def file_ref(pointer: prv.Pointer) -> kcache.FileRef:
@@ -225,14 +293,16 @@ def file_ref(pointer: prv.Pointer) -> kcache.FileRef:
     return kcache.FileRef(pointer.sha1, pointer.size, pointer.tree.root, pointer.tree.block_size)
 
 
+@_guard_handlers
 class KbfsOperations(pyfuse3.Operations):
     """Read-only pyfuse3 operations over a local folder of pointers or a remote share.
 
     Exactly one of SOURCE_DIR (a local folder) or LIST_DIR (a remote share's listing
     callable, `list_dir("sub/dir") -> {"dirs": [...], "files": [...]}`) is given.
     SOURCE_OF(sha1) names the last source that served the content (for the xattr);
-    ON_POINTER(pointer) is told of every pointer met, e.g. to register its original path
-    as a local candidate.
+    ON_POINTER(pointer, uid, gid) is told of every pointer met and the owner of the file it
+    came from (the pointer's author), e.g. to register its original path as a local
+    candidate when that owner may read it.
     """
 
     supports_dot_lookup = True
@@ -246,7 +316,7 @@ class KbfsOperations(pyfuse3.Operations):
         source_dir: str | None = None,
         list_dir: Callable[[str], dict[str, Any]] | None = None,
         source_of: Callable[[str], str | None] | None = None,
-        on_pointer: Callable[[prv.Pointer], None] | None = None,
+        on_pointer: Callable[[prv.Pointer, int, int], None] | None = None,
         read_threads: int = READ_THREADS,
         uid: int | None = None,
         gid: int | None = None,
@@ -273,6 +343,7 @@ class KbfsOperations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self._logged: set[tuple[str, int]] = set()
+        self._internal_errors: set[tuple[str, str]] = set()
         self._last_error_log: dict[int, float] = {}
         self._stats_lock = threading.Lock()
         self._stats: dict[str, int] = {
@@ -359,7 +430,7 @@ class KbfsOperations(pyfuse3.Operations):
                 node.ref = file_ref(spec.pointer)
                 if self.on_pointer is not None:
                     try:
-                        self.on_pointer(spec.pointer)
+                        self.on_pointer(spec.pointer, spec.uid, spec.gid)
                     except Exception:  # a hook's failure must not hide the file
                         log.exception("on_pointer hook failed for %s", spec.path or spec.rel)
         if spec.kind == PRVDIR_DIR and node.prvdir is not spec.prvdir:
@@ -369,23 +440,26 @@ class KbfsOperations(pyfuse3.Operations):
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         """The kernel's view of NODE."""
+        # Every value is clamped to its C field: sizes and times come from pointers and
+        # listings, and one out of range would make pyfuse3 raise instead of answering.
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = node.inode
+        attr.st_ino = _clamp(node.inode, 1, _U64_MAX)
         attr.generation = 0
         live = node.kind in (PLAIN, LOCAL_DIR)
         attr.entry_timeout = LIVE_TIMEOUT if live else ENTRY_TIMEOUT
         attr.attr_timeout = LIVE_TIMEOUT if live else ATTR_TIMEOUT
-        attr.st_mode = node.mode
+        attr.st_mode = node.mode & 0o170555  # the type, r and x bits: never w, setuid or sticky
         attr.st_nlink = 2 if node.is_dir else 1
-        attr.st_uid = node.uid
-        attr.st_gid = node.gid
+        attr.st_uid = _clamp(node.uid, 0, _ID_MAX)
+        attr.st_gid = _clamp(node.gid, 0, _ID_MAX)
         attr.st_rdev = 0
-        attr.st_size = node.size
+        size = _clamp(node.size, 0, _I64_MAX)
+        attr.st_size = size
         attr.st_blksize = 1 << 20 if node.kind == POINTER else 4096
-        attr.st_blocks = (node.size + 511) // 512
-        attr.st_atime_ns = node.mtime_ns
-        attr.st_mtime_ns = node.mtime_ns
-        attr.st_ctime_ns = node.ctime_ns
+        attr.st_blocks = (size + 511) // 512
+        attr.st_atime_ns = _clamp(node.mtime_ns, -_I64_MAX, _I64_MAX)
+        attr.st_mtime_ns = _clamp(node.mtime_ns, -_I64_MAX, _I64_MAX)
+        attr.st_ctime_ns = _clamp(node.ctime_ns, -_I64_MAX, _I64_MAX)
         return attr
 
     # ------------------------------------------------------------ scanning
@@ -483,9 +557,14 @@ class KbfsOperations(pyfuse3.Operations):
             if name.endswith(".prv"):
                 pointer = prv.load_pointer(full)
                 return _Spec.pointer_file(("p", full, pointer.sha1), target, pointer, _stamp(st),
-                                          path=full)
-            return _Spec.folder(("d", full, ""), target, PRVDIR_DIR, _stamp(st), path=full,
-                                prvdir=prv.load_prvdir(full))
+                                          st.st_mode, path=full)
+
+            def bad_name(message: str) -> None:
+                self._log_once(message, st.st_mtime_ns, message)
+
+            return _Spec.folder(("d", full, ""), target, PRVDIR_DIR, _stamp(st),
+                                _folder_bits(st.st_mode), path=full,
+                                prvdir=prv.load_prvdir(full, on_bad_name=bad_name))
         except KbfsError as exc:
             self._log_once(full, st.st_mtime_ns, f"malformed pointer shown as a plain file: {exc}")
             return None
@@ -506,14 +585,16 @@ class KbfsOperations(pyfuse3.Operations):
         specs: list[_Spec] = []
         prefix = node.rel + "/" if node.rel else ""
         stamp = (node.uid, node.gid, node.mtime_ns, node.ctime_ns)  # the .prvdir file's
+        # The .prvdir file's bits, passed down: its folders r+x, its files r.
         for name, sub in node.prvdir.dirs.items():
             specs.append(_Spec.folder(("d", node.path, prefix + name), name, PRVDIR_DIR, stamp,
-                                      path=node.path, rel=prefix + name, prvdir=sub))
+                                      node.mode, path=node.path, rel=prefix + name, prvdir=sub))
         for name, pointer in node.prvdir.files.items():
             if name in node.prvdir.dirs:
                 continue  # a folder and a file of one name: the folder wins
             specs.append(_Spec.pointer_file(("p", node.path, prefix + name, pointer.sha1), name,
-                                            pointer, stamp, path=node.path, rel=prefix + name))
+                                            pointer, stamp, node.mode, path=node.path,
+                                            rel=prefix + name))
         return specs
 
     def _scan_remote(self, rel: str) -> list[_Spec]:
@@ -524,27 +605,33 @@ class KbfsOperations(pyfuse3.Operations):
         specs: list[_Spec] = []
         seen: set[str] = set()
         now = time.time_ns()
+        # A share's files show as the mounting user's, readable by whoever reaches the mount
+        # (only the mounting user, unless it was mounted with --allow-other).
         for name in listing.get("dirs", []):
-            if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            problem = prv.entry_name_problem(name)
+            if problem is not None or name in seen:
+                self._log_once(f"/{prefix}{name!r:.80}", 0,
+                               f"skipping a folder of /{rel}: {problem or 'duplicate name'}")
                 continue
             seen.add(name)
             specs.append(_Spec.folder(("r", prefix + name), name, REMOTE_DIR,
-                                      (self.uid, self.gid, now, now), rel=prefix + name))
+                                      (self.uid, self.gid, now, now), 0o555, rel=prefix + name))
         for item in listing.get("files", []):
             try:
                 name = item["name"]
-                if not isinstance(name, str) or not name or "/" in name or name in seen:
-                    raise ValueError(f"bad or duplicate name {name!r}")
+                problem = prv.entry_name_problem(name)
+                if problem is not None or name in seen:
+                    raise ValueError(problem or f"duplicate name {name!r}")
                 pointer = prv.pointer_from_dict(item.get("prv"), f"/{prefix}{name}")
                 mtime_ns = int(float(item.get("mtime", 0)) * 1e9)
-            except (KbfsError, KeyError, TypeError, ValueError) as exc:
+            except (KbfsError, KeyError, TypeError, ValueError, OverflowError) as exc:
                 self._log_once(
                     f"/{prefix}{item!r:.80}", 0, f"skipping a listing entry of /{rel}: {exc}"
                 )
                 continue
             seen.add(name)
             specs.append(_Spec.pointer_file(("rp", prefix + name, pointer.sha1), name, pointer,
-                                            (self.uid, self.gid, mtime_ns, mtime_ns),
+                                            (self.uid, self.gid, mtime_ns, mtime_ns), 0o444,
                                             rel=prefix + name))
         return specs
 
@@ -604,13 +691,16 @@ class KbfsOperations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
+    @_guard
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = 1 << 20
         data.f_frsize = 4096
-        data.f_blocks = sum(n.size for n in self.nodes.values() if not n.is_dir) // 4096
+        # Sizes of up to 2^62 each: a large enough .prvdir sums past fsblkcnt_t.
+        total = sum(n.size for n in self.nodes.values() if not n.is_dir)
+        data.f_blocks = _clamp(total // 4096, 0, _U64_MAX)
         data.f_bfree = data.f_bavail = 0
-        data.f_files = len(self.nodes)
+        data.f_files = _clamp(len(self.nodes), 0, _U64_MAX)
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
@@ -816,11 +906,12 @@ class KbfsOperations(pyfuse3.Operations):
 # ---------------------------------------------------------------- kernel-side helpers
 
 
-def mount_options(fsname: str = "kbfs", allow_other: bool | None = None) -> set[str]:
+def mount_options(fsname: str = "kbfs", allow_other: bool = False) -> set[str]:
     """pyfuse3 options for a read-only kbfs mount.
 
-    `allow_other` (other users may read; permissions are still checked by the kernel through
-    `default_permissions`) is used when root mounts, or when /etc/fuse.conf permits it.
+    ALLOW_OTHER lets other users in (only when asked for: `kbfs mount --allow-other`; never
+    because the caller is root or /etc/fuse.conf would permit it). `default_permissions`,
+    always on, makes the kernel check the modes the mount shows, for them and for the owner.
     """
     opts = {
         "fsname=" + fsname.replace(",", "_"),
@@ -829,14 +920,13 @@ def mount_options(fsname: str = "kbfs", allow_other: bool | None = None) -> set[
         "default_permissions",
         "noatime",
     }
-    if allow_other is None:
-        allow_other = os.getuid() == 0 or _fuse_conf_allows_other()
     if allow_other:
         opts.add("allow_other")
     return opts
 
 
-def _fuse_conf_allows_other() -> bool:
+def fuse_conf_allows_other() -> bool:
+    """Whether /etc/fuse.conf lets a user other than root mount with allow_other."""
     try:
         with open("/etc/fuse.conf", encoding="utf-8") as f:
             return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)

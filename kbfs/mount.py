@@ -3,9 +3,19 @@
 `run_mount` serves a mount in the foreground (SIGINT/SIGTERM unmount cleanly);
 `spawn_mount` re-executes `python -m kbfs mount ... -f` as a detached daemon whose output
 goes to a log file, and returns only once the child reports the mount ready (through a
-pipe) or failed. Each live mount writes a status file (pid, source, mountpoint and the
-counters of the cache, the fetcher and the file system) under the runtime folder, which
-`kbfs status` and `kbfs umount` read.
+pipe) or failed. Each live mount writes a status file (pid and the process's start time,
+source, mountpoint and the counters of the cache, the fetcher and the file system) under
+the runtime folder, which `kbfs status` and `kbfs umount` read.
+
+The runtime folder is private: XDG_RUNTIME_DIR or /run/user/UID when it is ours and 0700,
+else TMPDIR/kbfs-UID, which must be a real folder of ours, mode 0700 (one that another
+user created first is refused, never used). A status file is only a claim: before
+`kbfs umount` signals the pid it names, it checks that the process is ours, started when
+the status file says, and runs `kbfs mount` of that mountpoint (`daemon_pid`).
+
+A pointer's original_path is offered to the fetcher as a local copy only when the owner of
+the pointer file may read it (`user_may_read`): a root mount must not read files for a
+pointer whose author could not.
 
 All user-facing failures are raised as `KbfsError` with one clear message; this module
 never prints (the CLI does) except into the daemon's log.
@@ -19,15 +29,18 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from kbfs import config, fusefs, protocol, prv
@@ -114,19 +127,59 @@ def check_mountpoint(mountpoint: str) -> str:
 # ---------------------------------------------------------------- runtime folder and status
 
 
-def runtime_dir() -> str:
-    """Where mount status files live: KBFS_RUNTIME_DIR, XDG_RUNTIME_DIR or a private tmp folder."""
-    base = os.environ.get("KBFS_RUNTIME_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-        base = (
-            os.path.join(xdg, "kbfs")
-            if os.path.isdir(xdg)
-            else os.path.join(tempfile.gettempdir(), f"kbfs-{os.getuid()}")
+def private_dir_problem(path: str) -> str | None:
+    """What makes PATH unfit to hold our private files, or None: it must be a folder (not a
+    symbolic link to one), owned by us, that nobody else may enter or write (mode 0700)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if st.st_uid != os.getuid():
+        return f"is owned by uid {st.st_uid}, not by us (uid {os.getuid()})"
+    if st.st_mode & 0o077:
+        return f"has mode {stat.S_IMODE(st.st_mode):04o}, not 0700"
+    return None
+
+
+def _private_dir(path: str) -> str:
+    """Create PATH (mode 0700) unless it exists, then check it is private; else ConfigError.
+
+    mkdir never follows a symbolic link, and the check looks at the name itself (lstat):
+    a folder or link another user planted first is refused, not used. Once it is ours,
+    nobody else can replace it (a sticky /tmp lets only the owner rename or delete)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    problem = private_dir_problem(path)
+    if problem is not None:
+        raise ConfigError(
+            f"{path} {problem}: refusing to keep mount status there "
+            "(remove it, or set KBFS_RUNTIME_DIR to a private folder)"
         )
-    path = os.path.join(base, "mounts")
-    os.makedirs(path, mode=0o700, exist_ok=True)
     return path
+
+
+def runtime_dir() -> str:
+    """Where mount status files live (a private folder; see the module docstring).
+
+    KBFS_RUNTIME_DIR if set; else XDG_RUNTIME_DIR/kbfs or /run/user/UID/kbfs when that
+    runtime folder is ours and 0700; else TMPDIR/kbfs-UID (tempfile.gettempdir()). The
+    folder and its `mounts` must be ours, mode 0700, or ConfigError says why."""
+    uid = os.getuid()
+    base = os.environ.get("KBFS_RUNTIME_DIR")
+    if base:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+    else:
+        for xdg in (os.environ.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}"):
+            if xdg and os.path.isabs(xdg) and private_dir_problem(xdg) is None:
+                base = _private_dir(os.path.join(xdg, "kbfs"))
+                break
+        else:
+            base = _private_dir(os.path.join(tempfile.gettempdir(), f"kbfs-{uid}"))
+    return _private_dir(os.path.join(base, "mounts"))
 
 
 def status_path(mountpoint: str) -> str:
@@ -146,6 +199,56 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, default=str)
     os.replace(tmp, path)
+
+
+def process_start_time(pid: int) -> int | None:
+    """When PID started (clock ticks after boot, /proc/PID/stat field 22), or None.
+
+    With the pid it names one process for good: a pid is reused, a start time with it not."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19])  # fields[0] is field 3 (state)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _runs_mount_of(pid: int, mountpoint: str) -> bool:
+    """Whether PID's command line is a `kbfs ... mount ... MOUNTPOINT` (as spawn_mount runs
+    it: python -m kbfs mount SRC MNT -f ..., or the kbfs script)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    is_kbfs = any(a == "kbfs" or os.path.basename(a) == "kbfs" for a in args[:3])
+    target = os.path.normpath(mountpoint)
+    names_it = any(os.path.normpath(os.path.join(cwd, a)) == target for a in args)
+    return is_kbfs and "mount" in args and names_it
+
+
+def daemon_pid(status: dict[str, Any]) -> int:
+    """The pid of the daemon STATUS describes if that process is alive and really is it:
+    ours, started when the status file says (when it says), running `kbfs mount` of its
+    mountpoint. Else 0: the file is stale (or forged), and its pid belongs to someone else."""
+    try:
+        pid = int(status.get("pid", 0) or 0)
+    except (TypeError, ValueError):
+        return 0
+    if pid <= 0 or pid == os.getpid() or not pid_alive(pid):
+        return 0
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return 0
+    except OSError:
+        return 0
+    recorded = status.get("pid_start")
+    if recorded is not None and process_start_time(pid) != recorded:
+        return 0
+    if not _runs_mount_of(pid, str(status.get("mountpoint", ""))):
+        return 0
+    return pid
 
 
 def pid_alive(pid: int) -> bool:
@@ -183,7 +286,7 @@ def read_statuses(mountpoint: str | None = None) -> list[dict[str, Any]]:
             continue
         if not isinstance(data, dict):
             continue
-        data["alive"] = pid_alive(int(data.get("pid", 0) or 0))
+        data["alive"] = daemon_pid(data) != 0
         data["mounted"] = os.path.ismount(str(data.get("mountpoint", "")))
         data["status_file"] = path
         out.append(data)
@@ -202,6 +305,45 @@ class MountOptions:
     deadline: float = 30.0
     ready_fd: int | None = None
     use_local: bool = True  # read a pointer's original_path when it is on this machine
+    allow_other: bool = False  # let other users in (only when asked: kbfs mount --allow-other)
+
+
+@lru_cache(maxsize=256)
+def _groups_of(uid: int, gid: int) -> frozenset[int]:
+    try:
+        return frozenset(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)) | {gid}
+    except (KeyError, OSError):
+        return frozenset({gid})
+
+
+def user_may_read(path: str, uid: int, gid: int) -> bool:
+    """Whether user UID (primary group GID) may read PATH by the mode bits of the file and
+    of every folder above it (search). ACLs are not consulted: a file shared only through
+    an ACL is not used, which costs a fetch, never a leak."""
+    if uid == 0:
+        return True
+    groups = _groups_of(uid, gid)
+
+    def allows(st: os.stat_result, bit: int) -> bool:  # bit: 4 read, 1 search
+        if st.st_uid == uid:
+            return bool(st.st_mode & (bit << 6))
+        if st.st_gid in groups:
+            return bool(st.st_mode & (bit << 3))
+        return bool(st.st_mode & bit)
+
+    try:
+        real = os.path.realpath(path)
+        folder = os.path.dirname(real)
+        while True:
+            if not allows(os.stat(folder), 1):
+                return False
+            if folder == "/":
+                break
+            folder = os.path.dirname(folder)
+        st = os.stat(real)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and allows(st, 4)
 
 
 def _build(opts: MountOptions) -> tuple[Any, Any, fusefs.KbfsOperations]:
@@ -223,12 +365,19 @@ def _build(opts: MountOptions) -> tuple[Any, Any, fusefs.KbfsOperations]:
     capacity = opts.settings.resolved_cache_size()
     block_cache = kcache.BlockCache(opts.settings.cache_dir, fetcher, capacity)
 
-    def on_pointer(pointer: prv.Pointer) -> None:
+    def on_pointer(pointer: prv.Pointer, uid: int, gid: int) -> None:
         # A local pointer's original_path may name a copy on this machine (checked block by
-        # block, like any source); a remote share's paths are of the share's machine.
-        if (opts.use_local and src.local_dir and pointer.original_path
-                and os.path.isabs(pointer.original_path)):
-            fetcher.add_local_candidate(pointer.sha1, pointer.original_path)
+        # block, like any source); a remote share's paths are of the share's machine. The
+        # daemon may read more than the pointer's author (UID, GID: the pointer file's
+        # owner) could: a copy that author may not read is never offered.
+        path = pointer.original_path
+        if not (opts.use_local and src.local_dir and path and os.path.isabs(path)):
+            return
+        if user_may_read(path, uid, gid):
+            fetcher.add_local_candidate(pointer.sha1, path)
+        else:
+            log.info("not reading %s for a pointer owned by uid %d: that user may not read it",
+                     path, uid)
 
     list_dir: Callable[[str], dict[str, Any]] | None = None
     if src.share is not None:
@@ -287,7 +436,7 @@ def run_mount(opts: MountOptions) -> None:
                 ops.list_dir("")
             except KbfsError as exc:
                 raise KbfsError(f"{opts.source.text}: cannot list the share: {exc}") from None
-        options = fusefs.mount_options("kbfs")
+        options = fusefs.mount_options("kbfs", allow_other=opts.allow_other)
         try:
             pyfuse3.init(ops, opts.mountpoint, options)
         except RuntimeError as exc:
@@ -300,10 +449,12 @@ def run_mount(opts: MountOptions) -> None:
 
     status_file = status_path(opts.mountpoint)
     started = time.time()
+    pid_start = process_start_time(os.getpid())
 
     def write_status() -> None:
         data = {
             "pid": os.getpid(),
+            "pid_start": pid_start,  # with the pid: which process (see daemon_pid)
             "source": opts.source.text,
             "mountpoint": opts.mountpoint,
             "cache_dir": opts.settings.cache_dir,
@@ -449,11 +600,19 @@ def _fusermount(path: str, lazy: bool = False) -> tuple[bool, str]:
     return res.returncode == 0, (res.stderr or res.stdout).strip()
 
 
-def unmount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
-    """Unmount MOUNTPOINT and stop its daemon. Raises KbfsError when it is busy or not a mount."""
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> str | None:
+    """Unmount MOUNTPOINT and stop its daemon. Raises KbfsError when it is busy or not a mount.
+
+    Only a process `daemon_pid` confirms is signalled; returns a note for the user when the
+    status file named another process (left alone), else None."""
     path = os.path.abspath(os.path.expanduser(mountpoint))
     statuses = read_statuses(path)
-    pid = int(statuses[0].get("pid", 0)) if statuses else 0
+    claimed = int(statuses[0].get("pid", 0) or 0) if statuses else 0
+    pid = daemon_pid(statuses[0]) if statuses else 0
+    note = None
+    if claimed and not pid and pid_alive(claimed):
+        note = (f"{mountpoint}: the status file names pid {claimed}, which is not this mount's "
+                "daemon; it was not signalled")
     dead = _is_dead_mount(path)
     if os.path.ismount(path) or dead:
         ok, why = _fusermount(path, lazy=lazy or dead)
@@ -463,22 +622,32 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 15.0) -> None:
                     f"{mountpoint}: busy (a program has a file open there); close it, or use --lazy"
                 )
             raise KbfsError(f"{mountpoint}: cannot unmount: {why}")
-    elif not (pid and pid_alive(pid)):
-        raise KbfsError(f"{mountpoint}: not a kbfs mount")
-    if pid and pid_alive(pid):
+    elif not pid:
+        for st in statuses:  # stale: nothing of it is running
+            with contextlib.suppress(OSError):
+                os.unlink(st["status_file"])
+        raise KbfsError(f"{mountpoint}: not a kbfs mount" + (f" ({note})" if note else ""))
+    if pid:
         # Unmounting ends the daemon's loop by itself; the signal covers a daemon that hangs.
+        # Each signal re-checks the process: its pid could be reused once it exits.
+        start = statuses[0].get("pid_start")
         end = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < end:
+
+        def still_it() -> bool:
+            return pid_alive(pid) and (start is None or process_start_time(pid) == start)
+
+        while still_it() and time.monotonic() < end:
             time.sleep(0.05)
-            if time.monotonic() > end - timeout + 2:
+            if time.monotonic() > end - timeout + 2 and still_it():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-        if pid_alive(pid):
+        if still_it():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     for st in statuses:
         with contextlib.suppress(OSError):
             os.unlink(st["status_file"])
+    return note
 
 
 def find_mount_of(path: str) -> dict[str, Any] | None:

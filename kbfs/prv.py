@@ -125,9 +125,33 @@ def _fail(name: str, what: str) -> PointerError:
     return PointerError(f"{name}: {what}")
 
 
+MAX_NAME_BYTES = 255  # NAME_MAX: the longest name a Linux folder entry can have
+
+
+def entry_name_problem(entry: object) -> str | None:
+    """What is wrong with ENTRY as one folder entry's name (of a .prvdir or a share's
+    listing), or None when it is fine: it must be a non-empty string that is valid UTF-8
+    (JSON can carry lone surrogates such as "\\ud800", which no file name can be), at
+    most 255 bytes, without '/' or NUL, and not '.' or '..'."""
+    if not isinstance(entry, str):
+        return "not a string"
+    if not entry or entry in (".", ".."):
+        return f"invalid entry name {entry!r}"
+    if "/" in entry or "\0" in entry:
+        return f"invalid entry name {entry!r} (contains '/' or NUL)"
+    try:
+        size = len(entry.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"invalid entry name {entry!r} (not valid UTF-8)"
+    if size > MAX_NAME_BYTES:
+        return f"invalid entry name {entry[:40]!r}... ({size} bytes; at most {MAX_NAME_BYTES})"
+    return None
+
+
 def _check_name(name: str, entry: str) -> None:
-    if not entry or entry in (".", "..") or "/" in entry or "\0" in entry:
-        raise _fail(name, f"invalid entry name {entry!r}")
+    problem = entry_name_problem(entry)
+    if problem is not None:
+        raise _fail(name, problem)
 
 
 def pointer_from_dict(obj: Any, name: str = "<pointer>") -> Pointer:
@@ -182,8 +206,13 @@ def parse_pointer(data: bytes | str, name: str = "<pointer>") -> Pointer:
     return pointer_from_dict(_decode(data, name, MAX_POINTER_BYTES), name)
 
 
-def prvdir_from_dict(obj: Any, name: str = "<prvdir>", depth: int = 0) -> PrvDir:
-    """Validate a decoded JSON object as a directory pointer."""
+def prvdir_from_dict(obj: Any, name: str = "<prvdir>", depth: int = 0,
+                     on_bad_name: Callable[[str], None] | None = None) -> PrvDir:
+    """Validate a decoded JSON object as a directory pointer.
+
+    An entry with a bad name (see `entry_name_problem`) raises PointerError, unless
+    ON_BAD_NAME is given: then that entry alone is left out and ON_BAD_NAME is called with
+    one line naming it (the mount lists the rest of the folder rather than none of it)."""
     if depth > MAX_PRVDIR_DEPTH:
         raise _fail(name, f"nested deeper than {MAX_PRVDIR_DEPTH} folders")
     if not isinstance(obj, dict):
@@ -192,18 +221,29 @@ def prvdir_from_dict(obj: Any, name: str = "<prvdir>", depth: int = 0) -> PrvDir
     if not isinstance(files, dict) or not isinstance(dirs, dict):
         raise _fail(name, "'files' and 'dirs' must be objects")
     out = PrvDir()
+
+    def good(entry: str) -> bool:
+        problem = entry_name_problem(entry)
+        if problem is None:
+            return True
+        if on_bad_name is None:
+            raise _fail(name, problem)
+        on_bad_name(f"{name}: skipping an entry: {problem}")
+        return False
+
     for entry, value in files.items():
-        _check_name(name, entry)
-        out.files[entry] = pointer_from_dict(value, f"{name}: {entry}")
+        if good(entry):
+            out.files[entry] = pointer_from_dict(value, f"{name}: {entry}")
     for entry, value in dirs.items():
-        _check_name(name, entry)
-        out.dirs[entry] = prvdir_from_dict(value, f"{name}: {entry}/", depth + 1)
+        if good(entry):
+            out.dirs[entry] = prvdir_from_dict(value, f"{name}: {entry}/", depth + 1, on_bad_name)
     return out
 
 
-def parse_prvdir(data: bytes | str, name: str = "<prvdir>") -> PrvDir:
-    """Parse the bytes of a `.prvdir` file."""
-    return prvdir_from_dict(_decode(data, name, MAX_PRVDIR_BYTES), name)
+def parse_prvdir(data: bytes | str, name: str = "<prvdir>",
+                 on_bad_name: Callable[[str], None] | None = None) -> PrvDir:
+    """Parse the bytes of a `.prvdir` file (ON_BAD_NAME: see `prvdir_from_dict`)."""
+    return prvdir_from_dict(_decode(data, name, MAX_PRVDIR_BYTES), name, 0, on_bad_name)
 
 
 def _read_capped(path: str | os.PathLike[str], limit: int) -> bytes:
@@ -222,9 +262,10 @@ def load_pointer(path: str | os.PathLike[str]) -> Pointer:
     return parse_pointer(_read_capped(path, MAX_POINTER_BYTES), os.fspath(path))
 
 
-def load_prvdir(path: str | os.PathLike[str]) -> PrvDir:
-    """Read and validate a `.prvdir` file."""
-    return parse_prvdir(_read_capped(path, MAX_PRVDIR_BYTES), os.fspath(path))
+def load_prvdir(path: str | os.PathLike[str],
+                on_bad_name: Callable[[str], None] | None = None) -> PrvDir:
+    """Read and validate a `.prvdir` file (ON_BAD_NAME: see `prvdir_from_dict`)."""
+    return parse_prvdir(_read_capped(path, MAX_PRVDIR_BYTES), os.fspath(path), on_bad_name)
 
 
 # ---------------------------------------------------------------- hashing
