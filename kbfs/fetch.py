@@ -2,25 +2,54 @@
 
 A `Fetcher` knows where content can be had and gets byte ranges of it:
 
-1. local candidates (`add_local_candidate`: a file believed to hold the content, e.g. a
-   pointer's `original_path`), checked once by size and then trusted only block by block;
-2. relays, in the order given: each is asked once (the answer is kept for a while)
-   `GET /api/find/{sha1}` for its URL list (direct share URLs first, then its own
-   `/sha1/{sha1}`); when that fails, `{relay}/sha1/{sha1}` is used directly.
+- local candidates (`add_local_candidate`: a file believed to hold the content, e.g. a
+  pointer's `original_path`), checked once by size and then trusted only block by block;
+- each relay's own `{relay}/sha1/{sha1}`, in the order given;
+- direct share URLs (a share's `--listen` URL) that a relay's `GET /api/find/{sha1}`
+  lists (asked once per relay, the answer kept for a while). Each is validated first
+  (`direct_base`: http or https, a host and port, no userinfo, no query, no fragment, a
+  path ending in `/sha1/{sha1}`, at most `MAX_URL` characters); the /sha1/ and /tree/ URLs
+  used are built from the validated base, never taken as given. A bad one is skipped with
+  one log line. `direct=False` (config `direct`, env `KBFS_DIRECT=0`) ignores them all:
+  only the relays' own URLs are contacted.
+
+That is the order for a source nothing is known of. What the Fetcher has seen moves
+sources (per origin, `scheme://host:port`): an origin that has delivered verified data
+(blocks that matched their leaves, or a tree that matched a known root) goes before
+every unproven one; an origin that failed goes behind every healthy one for `PENALTY`
+seconds, and one that sent bytes failing verification loses its proof and goes last of
+all for `LIE_PENALTY` seconds. So a direct URL never gets first place on a share's say-so:
+it has to deliver verified bytes first (as the fallback when the relay fails or is slow to
+start). Any order is safe for the bytes of a pointer with a root (every block is checked
+against leaves that hash up to it); for a root-less pointer the first tree taken is trusted
+until the whole-file SHA-1 is checked (`kbfs.cache`), which is why relays the user
+configured rank before URLs a share advertised.
 
 `fetch_blocks` makes one HTTP range request per attempt, streams the body into one
 preallocated buffer (no per-chunk copies), checks 206 + Content-Range, and verifies every
 block against its leaf while streaming. A source that fails or lies gets one warning
-naming the sha1 and the source, goes to the back of the order for a short while (it comes
+naming the sha1 and the source, goes to the back of the order for a while (it comes
 back by itself), and the next source continues from the first block not yet verified. The
-whole call is bounded by `deadline`: a stalled or trickling source is abandoned by a read
-timeout and a minimum-throughput check.
+whole call is bounded by `deadline`. A source must start its answer (status line and
+headers) within `first_byte_timeout` seconds (a silent share behind a relay would
+otherwise hold each read for the relay's 20 s start timeout); when a round over the
+sources ended with some abandoned that way, one more round gives each the full `timeout`,
+so a source that is merely slow still serves. A stalled or trickling body is abandoned by
+a read timeout and a minimum-throughput check.
+
+Answers that are not content are read with a bound and streamed, never taken whole: a
+tree at most its expected `leaves * 32` bytes, an /api/find answer at most `FIND_LIMIT`, a
+listing at most `LIST_LIMIT`; a larger answer (or a Content-Length announcing one) is
+refused with one error naming the source, before its body is read.
 
 What it does not do: it never stores anything (that is `kbfs.cache`), never imports
 `kbfs.cache` (it satisfies `cache.BlockSource` structurally), verifies a tree against a root
 only when the caller passes one (to skip a source serving a wrong tree), and does not search
 `local_dirs` by content (they are accepted for the interface; nothing maps a sha1 to a
 file name there without an index).
+
+Does not hedge (run two sources at once for one range): a slow start costs at most
+`first_byte_timeout` per source; the relay hedges between the shares behind it.
 
 Blocking; meant to be called from worker threads. Range requests and other GETs to a
 plain-http origin without a proxy go over one keep-alive `http.client` connection per
@@ -36,6 +65,7 @@ import json
 import logging
 import os
 import random
+import re
 import select
 import socket
 import threading
@@ -62,6 +92,13 @@ RETRY_WINDOW = 5.0       # seconds (at most half the deadline) of retry rounds a
 FIND_TTL = 300.0          # seconds an /api/find answer is reused
 FIND_FAIL_TTL = 15.0      # seconds a failed /api/find is not asked again
 PENALTY = 10.0            # seconds a failed source stays at the back of the order
+LIE_PENALTY = 300.0       # seconds a source that failed verification stays last of all
+FIRST_BYTE_TIMEOUT = 3.0  # seconds a source may take to start answering (first round)
+FIND_LIMIT = 4 << 20      # bytes of an /api/find answer: a few hundred bytes per share holding
+                          # the content; as big as the largest control message a relay takes
+LIST_LIMIT = 64 << 20     # bytes of a folder listing: ~0.5 KB per file (its pointer with root),
+                          # so about 100,000 files in one folder
+MAX_URL = 2048            # characters of a direct URL taken from /api/find
 MIN_THROUGHPUT = 256 << 10  # bytes/s below which a transfer is abandoned...
 THROUGHPUT_GRACE = 2.0    # ...once it has run this long (slow start, small ranges)
 READ_CHUNK = 1 << 20      # bytes per socket read while streaming
@@ -97,11 +134,20 @@ class _Failed(Exception):
     """A source failed to deliver (network, status, short body, too slow)."""
 
 
+class _SlowStart(_Failed):
+    """A source did not start its answer within the time it was given."""
+
+
+class AnswerTooLarge(requests.RequestException):
+    """An answer (tree, /api/find, listing) is larger than what it may be."""
+
+
 @dataclass(frozen=True)
 class _Source:
     url: str          # full URL of the content, or a local file path
     key: str          # what health and statistics are kept under
     local: bool = False
+    direct: bool = False  # a URL a share advertised (through /api/find), not a relay's own
 
 
 def _origin(url: str) -> str:
@@ -113,10 +159,13 @@ class Fetcher:
     """Ordered sources with failover; implements `kbfs.cache.BlockSource`."""
 
     def __init__(self, relays: Sequence[str], *, timeout: float = 10.0, deadline: float = 30.0,
-                 local_dirs: Sequence[str] = ()) -> None:
+                 local_dirs: Sequence[str] = (), direct: bool = True,
+                 first_byte_timeout: float = FIRST_BYTE_TIMEOUT) -> None:
         self.relays = [r.rstrip("/") for r in relays]
         self.timeout = timeout
         self.deadline = deadline
+        self.direct = direct  # use direct share URLs from /api/find at all
+        self.first_byte_timeout = min(first_byte_timeout, timeout)
         self.local_dirs = list(local_dirs)
         self.min_throughput = MIN_THROUGHPUT
         self._lock = threading.Lock()
@@ -124,6 +173,9 @@ class Fetcher:
         self._local_checked: dict[tuple[str, str], tuple[int, int] | None] = {}
         self._find_cache: dict[tuple[str, str], tuple[float, FindResult | None]] = {}
         self._failed_at: dict[str, float] = {}
+        self._lied_at: dict[str, float] = {}
+        self._proven: set[str] = set()  # origins that delivered verified data
+        self._bad_urls: set[str] = set()  # direct URLs refused (logged once each)
         self._stats: dict[str, _Stats] = {}
         self._last: dict[str, str] = {}
         self._tls = threading.local()
@@ -179,7 +231,8 @@ class Fetcher:
         ttl = FIND_FAIL_TTL
         try:
             t = max(0.1, min(self.timeout, until - now))
-            status, raw = self._get_small(relay + protocol.FIND_PATH.format(sha1=sha1), t)
+            status, raw = self._get_small(relay + protocol.FIND_PATH.format(sha1=sha1), t,
+                                          FIND_LIMIT)
             if status == 200:
                 body = json.loads(raw)
                 if body.get("found"):
@@ -189,6 +242,8 @@ class Fetcher:
                     ttl = FIND_TTL
             elif status == 404:
                 ttl = FIND_TTL / 10
+        except AnswerTooLarge as exc:
+            log.warning("find %s at %s refused: %s", sha1, relay, exc)
         except (requests.RequestException, ValueError, TypeError) as exc:
             log.debug("find %s at %s failed: %s", sha1, relay, exc)
         with self._lock:
@@ -196,30 +251,63 @@ class Fetcher:
         return result
 
     def _sources(self, sha1: str, size: int, until: float) -> list[_Source]:
-        """Every source in preference order; recently failed ones moved to the back."""
+        """Every source in preference order (see the module docstring and `_rank`)."""
         sources = self._local_sources(sha1, size)
         seen = {s.url for s in sources}
+        suffix = protocol.SHA1_PATH.format(sha1=sha1)
+        own = [_Source(relay + suffix, _origin(relay)) for relay in self.relays]
+        seen.update(s.url for s in own)
+        advertised: list[_Source] = []
         for relay in self.relays:
-            found = None
-            if time.monotonic() < until and not self._penalised(_origin(relay)):
-                found = self._find_at(relay, sha1, until)
-            urls = found.urls if found else []
-            urls = urls + [relay + protocol.SHA1_PATH.format(sha1=sha1)]
-            for url in urls:
-                if url not in seen and url.startswith(("http://", "https://")):
-                    seen.add(url)
-                    sources.append(_Source(url, _origin(url)))
-        good = [s for s in sources if not self._penalised(s.key)]
-        bad = [s for s in sources if self._penalised(s.key)]
-        return good + bad
+            if not self.direct or time.monotonic() >= until or self._penalised(_origin(relay)):
+                continue
+            found = self._find_at(relay, sha1, until)
+            for url in found.urls if found else []:
+                base, why = direct_base(url, sha1)
+                if base is None:
+                    with self._lock:
+                        new = url not in self._bad_urls and len(self._bad_urls) < 1024
+                        if new:
+                            self._bad_urls.add(url)
+                    if new:
+                        log.warning("%s: not using the URL %.200r listed by %s: %s",
+                                    sha1, url, relay, why)
+                    continue
+                if base + suffix not in seen:
+                    seen.add(base + suffix)
+                    advertised.append(_Source(base + suffix, _origin(base), direct=True))
+        # sorted() is stable: within one rank the order above holds.
+        return sorted(sources + own + advertised, key=self._rank)
+
+    def _rank(self, src: _Source) -> int:
+        """0 local, 1 proven, 2 a relay's own URL, 3 an advertised URL; 4 failed a moment
+        ago, 5 failed verification (last, for LIE_PENALTY seconds)."""
+        now = time.monotonic()
+        with self._lock:
+            lied = self._lied_at.get(src.key)
+            failed = self._failed_at.get(src.key)
+            proven = src.key in self._proven
+        if lied is not None and now - lied < LIE_PENALTY:
+            return 5
+        if failed is not None and now - failed < PENALTY:
+            return 4
+        if src.local:
+            return 0
+        if proven:
+            return 1
+        return 3 if src.direct else 2
 
     def _penalised(self, key: str) -> bool:
+        now = time.monotonic()
         with self._lock:
             at = self._failed_at.get(key)
-        return at is not None and time.monotonic() - at < PENALTY
+            lied = self._lied_at.get(key)
+        return ((at is not None and now - at < PENALTY)
+                or (lied is not None and now - lied < LIE_PENALTY))
 
     def _record(self, key: str, ok: bool, nbytes: int = 0, seconds: float = 0.0,
-                lie: bool = False) -> None:
+                lie: bool = False, proven: bool = False) -> None:
+        """Count one request of KEY; PROVEN: it delivered data that was verified."""
         with self._lock:
             st = self._stats.setdefault(key, _Stats())
             st.requests += 1
@@ -231,6 +319,11 @@ class Fetcher:
                 st.errors += 1
                 st.lies += lie
                 self._failed_at[key] = time.monotonic()
+            if lie:
+                self._lied_at[key] = time.monotonic()
+                self._proven.discard(key)
+            elif proven:
+                self._proven.add(key)
 
     # ---- HTTP plumbing
     def _session(self) -> requests.Session:
@@ -272,7 +365,7 @@ class Fetcher:
         reasons = []
         lied = 0
         seen_trees: set[str] = set()
-        for src in order:
+        for n, src in enumerate(order):
             if time.monotonic() >= until:
                 break
             if src.local:
@@ -289,11 +382,15 @@ class Fetcher:
             t0 = time.monotonic()
             try:
                 t = max(0.1, min(self.timeout, until - t0))
-                status, body = self._get_small(base, t)
+                # A source that does not start answering soon is passed over while another
+                # is left to ask; the last one gets the whole timeout.
+                head = t if n == len(order) - 1 else min(t, self.first_byte_timeout)
+                status, body = self._get_small(base, t, want, head)
             except requests.RequestException as exc:
                 self._record(src.key, False, seconds=time.monotonic() - t0)
-                log.warning("tree of %s from %s failed: %s", sha1, base, exc)
-                reasons.append(f"{base}: {exc.__class__.__name__}")
+                log.warning("tree of %s from %s failed: %s", sha1, base, _short(exc))
+                reasons.append(f"{base}: " + (str(exc) if isinstance(exc, AnswerTooLarge)
+                                              else exc.__class__.__name__))
                 continue
             if status == 200 and len(body) == want:
                 if root is not None and not _tree_matches(body, size, block_size, root):
@@ -302,7 +399,9 @@ class Fetcher:
                     reasons.append(f"{base}: tree does not match the root")
                     lied += 1
                     continue
-                self._record(src.key, True, len(body), time.monotonic() - t0)
+                # Proof only when checked against a root: a root-less tree is taken on trust.
+                self._record(src.key, True, len(body), time.monotonic() - t0,
+                             proven=root is not None)
                 return body
             self._record(src.key, False, seconds=time.monotonic() - t0)
             why = (f"HTTP {status}" if status != 200
@@ -376,6 +475,10 @@ class Fetcher:
         pause = 0.25
         attempt = 0
         while True:
+            slow = False  # a source of this round was passed over for starting too slowly
+            # The first round gives each source first_byte_timeout to start its answer;
+            # later rounds the whole timeout (a slow source is better than none).
+            head = self.first_byte_timeout if attempt == 0 else self.timeout
             for src in self._sources(sha1, size, until):
                 if done == count:
                     break
@@ -387,7 +490,7 @@ class Fetcher:
                 got = 0
                 try:
                     got = self._attempt(src, sha1, size, first + done, count - done, leaves,
-                                        block_size, view[done * block_size:], until)
+                                        block_size, view[done * block_size:], until, head)
                 except _Lie as exc:
                     lied += 1
                     answered += 1
@@ -396,6 +499,7 @@ class Fetcher:
                     log.warning("%s: source %s lied: %s", sha1, src.url, exc.args[0])
                 except _Failed as exc:
                     got = exc.args[1]
+                    slow = slow or isinstance(exc, _SlowStart)
                     if exc.args[2]:
                         answered += 1
                     reasons.append(f"{src.url}: {exc.args[0]}")
@@ -406,6 +510,9 @@ class Fetcher:
                 done += got
             if done == count or (answered and lied == answered):
                 break
+            if slow and attempt == 0 and time.monotonic() < until:
+                attempt, tried = 1, set()  # at once: the patient round
+                continue
             nap = pause * random.uniform(0.8, 1.2)
             if time.monotonic() + nap >= retry_until:
                 break
@@ -423,8 +530,10 @@ class Fetcher:
             f"{self.deadline:g} s: " + "; ".join(reasons[-6:] or ["no sources"]))
 
     def _attempt(self, src: _Source, sha1: str, size: int, first: int, count: int,
-                 leaves: Sequence[bytes], block_size: int, out: memoryview, until: float) -> int:
+                 leaves: Sequence[bytes], block_size: int, out: memoryview, until: float,
+                 head: float) -> int:
         """Fill OUT with blocks [first, first+count) from SRC; return how many were verified.
+        The answer must start within HEAD seconds.
 
         Raises _Lie(reason, verified) or _Failed(reason, verified, answered).
         """
@@ -437,30 +546,32 @@ class Fetcher:
         nbytes = 0
         try:
             verified, nbytes = self._stream(src.url, start, end, size, first, leaves, block_size,
-                                            out, until)
+                                            out, until, head)
         except _Lie:
             self._record(src.key, False, nbytes, time.monotonic() - t0, lie=True)
             raise
-        except _Failed:
-            self._record(src.key, False, nbytes, time.monotonic() - t0)
+        except _Failed as exc:
+            self._record(src.key, False, nbytes, time.monotonic() - t0, proven=exc.args[1] > 0)
             raise
-        self._record(src.key, True, end - start, time.monotonic() - t0)
+        self._record(src.key, True, end - start, time.monotonic() - t0, proven=True)
         return verified
 
     def _stream(self, url: str, start: int, end: int, size: int, first: int,
                 leaves: Sequence[bytes], block_size: int, out: memoryview,
-                until: float) -> tuple[int, int]:
+                until: float, head: float) -> tuple[int, int]:
         want = end - start
         remaining = until - time.monotonic()
         if remaining <= 0:
             raise _Failed("deadline passed", 0, False)
-        t = min(self.timeout, remaining)
+        t = min(self.timeout, remaining, head)  # until the answer's head; _read_body after
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         if self._plain_ok(url):
             return self._stream_plain(url, headers, t, start, end, size, first, leaves,
                                       block_size, out, until)
         try:
             r = self._get(url, headers=headers, stream=True, timeout=(t, t))
+        except (requests.ConnectTimeout, requests.ReadTimeout):
+            raise _SlowStart(f"no answer within {t:g} s", 0, False) from None
         except requests.RequestException as exc:
             raise _Failed(f"{exc.__class__.__name__}: {_short(exc)}", 0, False) from None
         with r:
@@ -520,24 +631,41 @@ class Fetcher:
         """May URL go over a plain http.client connection (http, no proxy, no userinfo)?"""
         return url.startswith("http://") and "@" not in _origin(url) and not self._proxies_of(url)
 
-    def _get_small(self, url: str, t: float) -> tuple[int, bytes]:
-        """(status, body) of a small GET (find, tree, listing); requests' exceptions."""
+    def _get_small(self, url: str, t: float, limit: int,
+                   head: float | None = None) -> tuple[int, bytes]:
+        """(status, body) of a small GET (find, tree, listing): the body is streamed and
+        refused (AnswerTooLarge) past LIMIT bytes, or at once when its Content-Length says
+        so. The answer must start within HEAD seconds (default T). requests' exceptions."""
+        head = t if head is None else min(head, t)
+        headers = {"Accept-Encoding": "identity"}
         if not self._plain_ok(url):
-            r = self._get(url, timeout=(t, t))
-            return r.status_code, r.content
+            try:
+                r = self._get(url, headers=headers, timeout=(head, head), stream=True)
+            except (requests.ConnectTimeout, requests.ReadTimeout):
+                raise requests.ConnectionError(f"no answer within {head:g} s") from None
+            with r:
+                sock = _socket_of(r)
+                if sock is not None:
+                    sock.settimeout(t)
+                return r.status_code, _read_bounded(
+                    url, r.headers.get("Content-Length"),
+                    lambda n: r.raw.read(n, decode_content=True), limit)
         netloc, _, path = url.partition("://")[2].partition("/")
         try:
-            conn, resp = _plain_request(self._plain_conns(), netloc, "/" + path,
-                                        {"Accept-Encoding": "identity"}, t)
+            conn, resp = _plain_request(self._plain_conns(), netloc, "/" + path, headers, head)
         except _Failed as exc:
             raise requests.ConnectionError(exc.args[0]) from None
+        done = False
         try:
-            body = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise requests.ConnectionError(f"{exc.__class__.__name__}: {_short(exc)}") from None
+            if conn.sock is not None:
+                conn.sock.settimeout(t)
+            body = _read_bounded(url, resp.getheader("Content-Length"), resp.read, limit)
+            resp.read(0)
+            done = resp.isclosed()
         finally:
             resp.close()
+            if not done:
+                conn.close()  # never reuse a connection with a body left unread
         return resp.status, body
 
     def _proxies_of(self, url: str) -> dict[str, str]:
@@ -639,7 +767,9 @@ class Fetcher:
         url = relay.rstrip("/") + protocol.share_url_path(protocol.SHARE_LIST_PATH, share=share,
                                                           path=path.strip("/"))
         try:
-            status, raw = self._get_small(url, self.timeout)
+            status, raw = self._get_small(url, self.timeout, LIST_LIMIT)
+        except AnswerTooLarge as exc:
+            raise SourceError(f"listing of {path or '/'} of share {share}: {exc}") from None
         except requests.RequestException as exc:
             raise SourceUnavailable(f"{relay}: {exc.__class__.__name__}: {_short(exc)}") from None
         if status == 404:
@@ -687,6 +817,73 @@ class Fetcher:
         self.close()
 
 
+def _read_bounded(url: str, length: str | None, read: Any, limit: int) -> bytes:
+    """The body READ(n) gives, at most LIMIT bytes; AnswerTooLarge (naming URL) past it or
+    when the Content-Length LENGTH announces more; requests.ConnectionError on I/O errors."""
+    if length is not None:
+        try:
+            announced = int(length)
+        except ValueError:
+            raise requests.ConnectionError(f"{url}: bad Content-Length {length[:40]!r}") from None
+        if announced > limit:
+            raise AnswerTooLarge(f"{url}: answer of {announced} bytes (Content-Length), "
+                                 f"more than the {limit} expected")
+    pieces: list[bytes] = []
+    got = 0
+    while True:
+        try:
+            piece = read(min(READ_CHUNK, limit + 1 - got))
+        except Exception as exc:  # noqa: BLE001 - OSError, IncompleteRead, urllib3 errors
+            raise requests.ConnectionError(f"{url}: {exc.__class__.__name__}: {_short(exc)}"
+                                           ) from None
+        if not piece:
+            return b"".join(pieces)
+        pieces.append(piece)
+        got += len(piece)
+        if got > limit:
+            raise AnswerTooLarge(f"{url}: answer larger than the {limit} bytes expected")
+
+
+# A direct URL's host: a DNS name or IPv4 address, or an IPv6 literal; an optional port.
+_NETLOC_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])"
+                        r"(?::(?P<port>[0-9]{1,5}))?$")
+# A path prefix before /sha1/{sha1} (a --public-url behind a proxy): plain segments only.
+_PREFIX_RE = re.compile(r"^(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*$")
+
+
+def direct_base(url: str, sha1: str) -> tuple[str | None, str]:
+    """(base, '') when URL is a usable content URL of SHA1 as /api/find lists it:
+    `http(s)://HOST[:PORT][/PREFIX]/sha1/{sha1}`, nothing else (no userinfo, query,
+    fragment, dot segments, escapes or control characters; at most MAX_URL characters).
+    BASE is `scheme://host[:port][/prefix]`: the caller builds /sha1/ and /tree/ URLs
+    from it. (None, why) otherwise."""
+    if not isinstance(url, str) or len(url) > MAX_URL:
+        return None, "too long"
+    if not url.isascii() or not url.isprintable() or " " in url:
+        return None, "characters outside printable ASCII"
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        return None, "not an http:// or https:// URL"
+    if "?" in rest or "#" in rest:
+        return None, "has a query or fragment"
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        return None, "has userinfo"
+    m = _NETLOC_RE.match(netloc)
+    if m is None:
+        return None, "not a host[:port]"
+    if m.group("port") is not None and not 0 < int(m.group("port")) < 65536:
+        return None, "bad port"
+    suffix = protocol.SHA1_PATH.format(sha1=sha1)
+    path = slash + path
+    if not path.endswith(suffix):
+        return None, f"path does not end in {protocol.SHA1_PATH}"
+    prefix = path[: -len(suffix)]
+    if not _PREFIX_RE.match(prefix):
+        return None, "path prefix is not plain segments"
+    return f"{scheme}://{netloc}{prefix}", ""
+
+
 def _tree_url(url: str, sha1: str) -> str | None:
     """The /tree/ URL next to a /sha1/ content URL (share and relay serve both)."""
     suffix = protocol.SHA1_PATH.format(sha1=sha1)
@@ -731,6 +928,9 @@ def _plain_request(conns: dict[str, http.client.HTTPConnection], netloc: str, pa
         try:
             conn.request("GET", path, headers=headers)
             return conn, conn.getresponse()
+        except TimeoutError:
+            conn.close()  # the server accepted (or the network ate the SYN) and is silent
+            raise _SlowStart(f"no answer within {t:g} s", 0, False) from None
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             if not (reused and attempt == 1):  # else: a keep-alive the server had just closed

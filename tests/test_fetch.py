@@ -157,22 +157,54 @@ def test_partial_progress_continues_at_next_source(src, src2, data):
     assert src2.ranges() == [(f"/sha1/{info.sha1}", f"bytes={4 * BS}-{8 * BS - 1}")]
 
 
-def test_find_lists_direct_urls_first(src, src2, data):
+def test_direct_urls_rank_after_the_relay_until_proven(src, src2, data):
+    """A URL a share advertised through /api/find is not put first on its say-so: the
+    relay's own URL is used while it works; the direct one once it delivered verified
+    bytes (here: while the relay failed), and then it stays preferred."""
     info = src.add(data, block_size=BS)
     src2.add(data, block_size=BS)
     src.extra_urls.append(src2.url + "/sha1/{sha1}")  # src2 plays the direct share
     with Fetcher([src.url]) as f:
         assert f.fetch_blocks(info.sha1, info.size, 0, 2, info.leaves, BS) == blocks_of(data, 0, 2)
-        assert f.last_source(info.sha1) == src2.sha1_url(info.sha1)
+        assert f.last_source(info.sha1) == src.sha1_url(info.sha1)
         found = f.find(info.sha1)
         assert found is not None and found.urls[0] == src2.sha1_url(info.sha1)
         f.fetch_blocks(info.sha1, info.size, 2, 2, info.leaves, BS)
-    assert src.counts()["find"] == 1  # the answer is kept
-    assert src.counts().get("sha1", 0) == 0
-    # The direct share goes down: the relay's own URL takes over.
-    src2.mode = "refuse"
+        assert src.counts()["find"] == 1  # the answer is kept
+        assert src2.counts().get("sha1", 0) == 0
+    # A relay whose /sha1/ fails from the start: the direct share takes over and has now
+    # proven itself, so it stays in front of the (unproven) relay once that recovers.
+    src.mode = "error500"
     with Fetcher([src.url]) as f:
-        assert f.fetch_blocks(info.sha1, info.size, 0, 2, info.leaves, BS) == blocks_of(data, 0, 2)
+        assert f.fetch_blocks(info.sha1, info.size, 4, 2, info.leaves, BS) == blocks_of(data, 4, 2)
+        assert f.last_source(info.sha1) == src2.sha1_url(info.sha1)
+        src.mode = "ok"
+        time.sleep(fetch.PENALTY + 0.1)
+        n = src.counts()["sha1"]
+        assert f.fetch_blocks(info.sha1, info.size, 6, 2, info.leaves, BS) == blocks_of(data, 6, 2)
+        assert f.last_source(info.sha1) == src2.sha1_url(info.sha1)
+        assert src.counts()["sha1"] == n
+
+
+def test_liar_goes_last_for_long(src, src2, data, monkeypatch):
+    """A source that sent bytes failing verification loses its proof and goes behind even
+    a source that merely failed, for LIE_PENALTY seconds (not the short PENALTY)."""
+    monkeypatch.setattr(fetch, "LIE_PENALTY", 3.0)
+    info = src.add(data, block_size=BS)
+    src2.add(data, block_size=BS)
+    with Fetcher([src.url, src2.url]) as f:
+        f.fetch_blocks(info.sha1, info.size, 0, 1, info.leaves, BS)  # src proven
+        assert f.last_source(info.sha1) == src.sha1_url(info.sha1)
+        src.mode = "lie"
+        f.fetch_blocks(info.sha1, info.size, 1, 1, info.leaves, BS)
+        assert f.last_source(info.sha1) == src2.sha1_url(info.sha1)
+        src.mode = "ok"
+        time.sleep(fetch.PENALTY + 0.1)  # past the short penalty, inside the lie's
+        n = src.counts()["sha1"]
+        f.fetch_blocks(info.sha1, info.size, 2, 1, info.leaves, BS)
+        assert src.counts()["sha1"] == n and f.last_source(info.sha1) == src2.sha1_url(info.sha1)
+        src2.mode = "error500"  # only now, with the other failing, is the liar asked again
+        f.fetch_blocks(info.sha1, info.size, 3, 1, info.leaves, BS)
         assert f.last_source(info.sha1) == src.sha1_url(info.sha1)
 
 
@@ -196,7 +228,14 @@ def test_failed_source_goes_to_back_and_recovers(src, src2, data):
         src.mode = "ok"
         time.sleep(fetch.PENALTY + 0.1)
         f.fetch_blocks(info.sha1, info.size, 2, 1, info.leaves, BS)
-        assert f.last_source(info.sha1) == src.sha1_url(info.sha1)  # back in front by itself
+        # src2 has delivered verified bytes and src has not: src2 keeps first place...
+        assert f.last_source(info.sha1) == src2.sha1_url(info.sha1)
+        # ...and src, no longer penalised, is asked at once when src2 fails.
+        src2.mode = "error500"
+        t0 = time.monotonic()
+        f.fetch_blocks(info.sha1, info.size, 3, 1, info.leaves, BS)
+        assert f.last_source(info.sha1) == src.sha1_url(info.sha1)
+        assert time.monotonic() - t0 < 1
 
 
 def test_local_candidate_with_relay_down(tmp_path, data):
