@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,12 @@ def _info_logging(*names: str) -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False), help="Folder for the relay's state.")
 @click.option("--allow-shares", type=click.Path(dir_okay=False, exists=True),
               help="File of share ids (one a line) allowed to connect; re-read when it changes.")
-def relay_command(host: str, port: int, state_dir: str | None, allow_shares: str | None) -> None:
+@click.option("--public-url", "public_urls", multiple=True, metavar="URL",
+              help="The URL shares connect to, e.g. http://relay.example.org:8080 "
+                   "(repeatable). Shares are admitted only when they connected to one of "
+                   "these. Needed with a wildcard --host; default: http://HOST:PORT.")
+def relay_command(host: str, port: int, state_dir: str | None, allow_shares: str | None,
+                  public_urls: tuple[str, ...]) -> None:
     """Run a relay: shares connect out to it, anyone reads their files through it.
 
     \b
@@ -81,9 +87,14 @@ def relay_command(host: str, port: int, state_dir: str | None, allow_shares: str
     HTTP API: /api/health /api/shares /api/find/SHA1 /sha1/SHA1 /tree/SHA1
               /s/SHARE/list/PATH /s/SHARE/file/PATH   (see docs/protocol.md)
     """
+    relay = relay_mod.Relay(allow_shares_file=allow_shares, state_dir=state_dir,
+                            public_urls=public_urls)
+    if relay_mod.needs_public_url(relay, host):
+        raise ConfigError(f"--host {host} listens on every address: give --public-url URL, "
+                          "the URL shares connect to (e.g. http://relay.example.org:8080), "
+                          "or a specific --host")
     if state_dir:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    relay = relay_mod.Relay(allow_shares_file=allow_shares, state_dir=state_dir)
     _info_logging("kbfs.relay")
 
     async def main() -> None:
@@ -152,20 +163,40 @@ class _ShareCommand(click.Command):
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="The share's state folder, if not the default.")
-@click.option("--expires", "expires_days", type=float, default=None,
-              help="Days until the token expires (default: never).")
+@click.option("--expires", "expires_days", type=float, default=share_mod.DEFAULT_TOKEN_DAYS,
+              show_default=True, help="Days until the token expires (0: never).")
 @click.option("--label", default="", help="A note kept inside the token (who it is for).")
-def token_command(directory: str, state_dir: str | None, expires_days: float | None,
-                  label: str) -> None:
-    """Print a bearer token for the private share of DIRECTORY.
+@click.option("--revoke", metavar="TOKEN|ID", default=None,
+              help="Revoke this token (or token id from --list) instead of making one; "
+                   "a running share refuses it at once.")
+@click.option("--list", "list_tokens", is_flag=True,
+              help="List the tokens made for this share (id, label, expiry, revoked).")
+def token_command(directory: str, state_dir: str | None, expires_days: float, label: str,
+                  revoke: str | None, list_tokens: bool) -> None:
+    """Print a bearer token for the private share of DIRECTORY (or --list, --revoke).
 
-    Readers send it as `Authorization: Bearer TOKEN`; the relay passes it to the
-    share, which checks it with a secret kept in its state folder.
+    Readers send it as `Authorization: Bearer TOKEN`; the relay passes it to this
+    share only (the token names it), which checks it with a secret kept in its state
+    folder. Tokens expire after 30 days unless --expires says otherwise.
     """
     sd = _state_dir(directory, state_dir)
+    if revoke is not None or list_tokens:
+        key = share_mod.load_key(sd, create=False)
+        if revoke is not None:
+            tid = share_mod.revoke_token(sd, share_mod.share_id_of(key), revoke)
+            _say(f"kbfs share token {tid} revoked")
+            return
+        for t in share_mod.issued_tokens(sd):
+            expires = t.get("expires") or 0
+            state = ("revoked" if t["revoked"] else
+                     "expired" if expires and expires < time.time() else "valid")
+            when = (time.strftime("%Y-%m-%d %H:%M", time.localtime(expires)) if expires
+                    else "never")
+            _say(f"{t['id']}  {state:7}  expires {when}  {str(t.get('label', ''))!r}")
+        return
+    if expires_days < 0 or expires_days != expires_days:
+        raise ConfigError("--expires must be a number of days, 0 for never")
     key = share_mod.load_key(sd)
-    if expires_days is not None and expires_days <= 0:
-        raise ConfigError("--expires must be a positive number of days")
     expires = expires_days * 86400 if expires_days else None
     _say(share_mod.issue_token(sd, share_mod.share_id_of(key), expires, label))
 

@@ -10,7 +10,7 @@ that does not parse is ignored (-> 200 with the whole body), as the RFC requires
 from __future__ import annotations
 
 import re
-from typing import TypeGuard
+from typing import NamedTuple, TypeGuard
 
 from kbfs.errors import BadRequest, RangeError
 
@@ -280,3 +280,105 @@ def head_bytes(raw_path: bytes, query_string: bytes, headers: list[tuple[bytes, 
     read in one large recv() is parsed whole), so servers check this on every request.
     """
     return len(raw_path) + len(query_string) + sum(len(k) + len(v) + 4 for k, v in headers)
+
+
+# ---- who a bearer token is for, share names, advertised URLs (checked at admission)
+
+MAX_SHARE_NAME = 100
+MAX_LISTEN_URL = 500
+# Characters a share name may not hold besides control and other non-printable ones: the
+# name is shown in logs, JSON and (some day) HTML pages, so nothing that could end a quoted
+# attribute or open a tag.
+_NAME_FORBIDDEN = frozenset("<>&\"'`\\")
+
+
+class TokenClaim(NamedTuple):
+    """What a `kbfs1.` bearer token says about itself (not checked: only its share can)."""
+
+    share: str  # the id of the share that issued it
+    expires: float  # Unix time, 0: never
+
+
+def token_claim(authorization: str | None) -> TokenClaim | None:
+    """The share id and expiry an `Authorization: Bearer kbfs1.<payload>.<mac>` header
+    names, or None when it is not such a header.
+
+    The relay uses it to send a token to the share it names and to no other: the
+    payload is readable by anyone, and only the named share can tell whether the MAC is
+    right, so a claim decides where the token may go, never whether it is valid.
+    """
+    import base64
+    import binascii
+    import json
+
+    if not authorization or len(authorization) > 4096:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith(SHARE_TOKEN_PREFIX):
+        return None
+    parts = token[len(SHARE_TOKEN_PREFIX):].split(".")
+    if len(parts) != 2:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4))
+        payload = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    share, expires = payload.get("s"), payload.get("e", 0)
+    if not isinstance(share, str) or not SHARE_ID_RE.match(share):
+        return None
+    if isinstance(expires, bool) or not isinstance(expires, int | float) or expires < 0:
+        return None
+    return TokenClaim(share, float(expires))
+
+
+def check_share_name(name: str) -> str:
+    """Return NAME if it may name a share: 1..100 printable characters, none of
+    `< > & " ' \\` ` (see _NAME_FORBIDDEN); else raise BadRequest."""
+    if not 0 < len(name) <= MAX_SHARE_NAME:
+        raise BadRequest(f"share name must have 1 to {MAX_SHARE_NAME} characters")
+    bad = [c for c in name if not c.isprintable() or c in _NAME_FORBIDDEN]
+    if bad or name != name.strip():
+        what = repr(bad[0]) if bad else "leading or trailing space"
+        raise BadRequest(f"share name {name[:40]!r} has {what}: use printable characters, "
+                         "not < > & \" ' ` \\")
+    return name
+
+
+def clean_share_name(name: str) -> str:
+    """NAME made acceptable to `check_share_name` (bad characters become '_'); for
+    default names taken from folder names."""
+    out = "".join(c if c.isprintable() and c not in _NAME_FORBIDDEN else "_" for c in name)
+    return out.strip()[:MAX_SHARE_NAME].strip()
+
+
+def check_listen_url(url: str) -> str:
+    """Return URL without a final '/' if a share may advertise it for direct reads:
+    http(s), a host, no userinfo, query or fragment, printable ASCII, at most 500
+    characters. Else raise BadRequest."""
+    from urllib.parse import urlsplit  # see share_url_path
+
+    if len(url) > MAX_LISTEN_URL or not url.isascii() or not url.isprintable() or " " in url:
+        raise BadRequest(f"listen_url must be printable ASCII of at most {MAX_LISTEN_URL} "
+                         "characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise BadRequest(f"listen_url {url[:80]!r} does not parse") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"listen_url {url[:80]!r} must be an http(s) URL with a host")
+    if "@" in parts.netloc:
+        raise BadRequest("listen_url must not carry a user name or password")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise BadRequest("listen_url must not have a query or fragment")
+    return url.rstrip("/")
+
+
+def url_host(url: str) -> str:
+    """The host (and port, when not the scheme's default) a share signs when it connects
+    to the relay at URL: `websocket_host_header`, lowercased."""
+    return websocket_host_header(url).lower()

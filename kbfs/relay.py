@@ -43,11 +43,14 @@ log = logging.getLogger(__name__)
 
 
 HANDSHAKE_TIMEOUT = 10.0  # a share must answer the challenge within this
-START_TIMEOUT = 20.0  # a share must start its upload POST (or refuse) within this
+START_TIMEOUT = 10.0  # a share must start its upload POST (or refuse) within this
+# A share that has not started its upload (nor refused) this long after it was asked: the
+# next share holding the content is asked too; the first to start wins.
+HEDGE_DELAY = 1.5
 STALL_TIMEOUT = 60.0  # no byte moving in a transfer for this long ends it
 IDLE_TIMEOUT = 45.0  # a share silent for this long (it pings every 10 s) is dropped
 AUTH_TIMEOUT = 10.0
-AUTH_CACHE_SECONDS = 60.0
+AUTH_CACHE_SECONDS = 60.0  # at most; never past the token's own expiry
 OUTBOX_SLOTS = 1024  # control messages queued for one share
 MAX_CONTROL_MESSAGE = 4 << 20
 MAX_AUTH_HEADER = 4096
@@ -83,6 +86,12 @@ def parse_entry(item: Any) -> FileEntry:
     return FileEntry(path, sha1, size, float(mtime), fcs, root.lower())
 
 
+def _loggable(value: object) -> str:
+    """VALUE as one log line: anything a share or client sent may hold line breaks
+    (a forged log line) or other control characters; they are escaped."""
+    return str(value)[:1000].encode("unicode_escape").decode("ascii")
+
+
 def _b64decode(value: Any, what: str) -> bytes:
     if not isinstance(value, str) or len(value) > 200:
         raise BadRequest(f"{what} must be base64 text")
@@ -95,14 +104,17 @@ def _b64decode(value: Any, what: str) -> bytes:
 class ShareConn:
     """An admitted share: its identity, catalogue, outbox and in-flight request ids."""
 
-    def __init__(self, share_id: str, name: str, private: bool, listen_url: str, root_dir: str,
+    def __init__(self, share_id: str, name: str, private: bool, listen_url: str,
                  peer: str) -> None:
         self.id = share_id
         self.name = name
         self.private = private
         self.listen_url = listen_url
-        self.root_dir = root_dir
         self.peer = peer
+        # Times this share was asked for content and had not started (nor refused) when
+        # another share did, or when its time ran out; 0 again once it wins a request.
+        # Shares with fewer are asked first.
+        self.strikes = 0
         self.connected_since = time.time()
         self.upload_secret = secrets.token_urlsafe(32)
         self.scanning = True
@@ -113,7 +125,8 @@ class ShareConn:
         self.dir_count: dict[str, int] = {}
         self.total_bytes = 0
         self.pending: set[str] = set()
-        self.auth_ok: dict[str, float] = {}
+        self.auth_ok: dict[str, float] = {}  # sha256(Authorization) -> cached yes until
+        self.auth_generation = 0  # bumped by each auth_reset: older answers are not cached
         self.auth_waiters: dict[str, list[Any]] = {}
         self.outbox_send, self.outbox_recv = trio.open_memory_channel[str](OUTBOX_SLOTS)
         self.cancel_scope = trio.CancelScope()
@@ -141,12 +154,23 @@ class ShareConn:
         }
 
 
+class Race:
+    """The shares asked for one client request: the first whose upload arrives wins
+    (`winner`); `changed` is set whenever one of them starts, refuses or goes away."""
+
+    def __init__(self) -> None:
+        self.changed = trio.Event()
+        self.winner: Pending | None = None
+
+
 @dataclass
 class Pending:
-    """One client request waiting for (or receiving) its share's upload POST."""
+    """One share asked for one client request, waiting for (or sending) its upload POST."""
 
     token: str
     share: ShareConn
+    race: Race
+    deadline: float  # trio time by which the share must start its upload (or refuse)
     length: int
     client_send: Send  # the waiting client's ASGI send: the upload writes straight into it
     client_scope: Scope  # the waiting client's request (its connection, for a splice)
@@ -160,10 +184,15 @@ class Pending:
     # waiting for the share (the ordinary path checks `client_gone` between chunks).
     stop: trio.CancelScope = field(default_factory=trio.CancelScope)
     reject: tuple[int, str] | None = None
-    taken: bool = False
+    taken: bool = False  # its upload arrived: this one is the race's winner
     sent: int = 0
     complete: bool = False
     client_gone: bool = False
+
+    def settle(self) -> None:
+        """The share started, refused or went away: wake the request waiting for it."""
+        self.started.set()
+        self.race.changed.set()
 
 
 _CONNECTION_ENDED = (WebSocketDisconnect, trio.TooSlowError, trio.BrokenResourceError,
@@ -180,8 +209,16 @@ def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
 class Relay:
     """The relay's state and its ASGI application (`Relay.app`)."""
 
-    def __init__(self, allow_shares_file: str | None = None, state_dir: str | None = None) -> None:
+    def __init__(self, allow_shares_file: str | None = None, state_dir: str | None = None,
+                 public_urls: list[str] | tuple[str, ...] = ()) -> None:
         self.shares: dict[str, ShareConn] = {}
+        # The hosts (`host[:port]`, as a share signs them) this relay is reached by: a
+        # share is admitted only with a signature for one of them, so a signature a rogue
+        # relay obtained for its own host gets nobody in here. From --public-url, else the
+        # address `serve` binds (see `add_identity`).
+        self.identities: set[str] = set()
+        for url in public_urls:
+            self.add_identity(url)
         self.sha1_shares: dict[str, set[str]] = {}
         self.pending: dict[str, Pending] = {}
         self.allow_shares_file = allow_shares_file
@@ -206,6 +243,18 @@ class Relay:
             Route("/_upload/{token}", Endpoint(self._upload), methods=["POST"]),
             WebSocketRoute(protocol.CONTROL_PATH, self._control),
         ])
+
+    def add_identity(self, url: str) -> None:
+        """Admit shares that connect to this relay as URL (`http(s)://host[:port]`)."""
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--public-url {url[:100]!r}: expected http(s)://HOST[:PORT]")
+        try:
+            host = protocol.url_host(url)
+        except ValueError:
+            host = ""
+        if not host:
+            raise ConfigError(f"--public-url {url[:100]!r}: expected http(s)://HOST[:PORT]")
+        self.identities.add(host)
 
     # ------------------------------------------------------------ ASGI entry
 
@@ -322,10 +371,10 @@ class Relay:
             for leaf in _leaf_exceptions(exc):
                 if isinstance(leaf, BadRequest):
                     log.warning("share %s from %s: protocol error: %s",
-                                conn.id if conn else "?", peer, leaf)
+                                conn.id if conn else "?", peer, _loggable(leaf))
                 elif not isinstance(leaf, _CONNECTION_ENDED):
                     log.warning("share %s from %s: %s: %s", conn.id if conn else "?", peer,
-                                type(leaf).__name__, leaf)
+                                type(leaf).__name__, _loggable(leaf))
         finally:
             if conn is not None:
                 self._disconnected(conn)
@@ -361,10 +410,9 @@ class Relay:
             "challenge": base64.b64encode(challenge).decode(),
         }))
         hello = await self._receive_json(ws, HANDSHAKE_TIMEOUT)
-        host = header(ws.scope, b"host") or ""
 
         async def refuse(why: str) -> None:
-            log.warning("share refused from %s: %s", peer, why)
+            log.warning("share refused from %s: %s", peer, _loggable(why))
             await ws.send_text(json.dumps({"type": "refused", "message": why}))
             await ws.close(4003)
 
@@ -380,11 +428,15 @@ class Relay:
             await refuse(f"bad identity: {exc}")
             return None
         signed_host = hello.get("host")
-        if not isinstance(signed_host, str) or signed_host.lower() != host.lower():
-            await refuse(f"the signature is for host {str(signed_host)[:100]!r}, not {host!r}")
+        if not isinstance(signed_host, str) or signed_host.lower() not in self.identities:
+            # Not the Host header of this request: a rogue relay chooses the header it
+            # sends here, and would pass on a challenge it got signed for its own host.
+            await refuse(f"the share signed for relay host {str(signed_host)[:100]!r}, which is "
+                         f"not this relay ({', '.join(sorted(self.identities))}): connect to "
+                         "the relay's public URL (its --public-url)")
             return None
         try:
-            key.verify(signature, protocol.handshake_payload(challenge, host, public_key))
+            key.verify(signature, protocol.handshake_payload(challenge, signed_host, public_key))
         except InvalidSignature:
             await refuse(f"bad signature for share {share_id}")
             return None
@@ -395,15 +447,22 @@ class Relay:
         if allowed is not None and share_id not in allowed:
             await refuse(f"share {share_id} is not in this relay's --allow-shares list")
             return None
+        # `root` (the share's absolute folder, sent by older shares) is checked for its
+        # type only and never kept: listings name files relative to the share.
         name, listen_url, root_dir = (hello.get(k) or "" for k in ("name", "listen_url", "root"))
         if not all(isinstance(v, str) for v in (name, listen_url, root_dir)):
             await refuse("name, listen_url and root must be strings")
             return None
-        if listen_url and not listen_url.startswith(("http://", "https://")):
-            await refuse("listen_url must be an http(s) URL")
+        try:
+            if name:
+                protocol.check_share_name(name)
+            if listen_url:
+                listen_url = protocol.check_listen_url(listen_url)
+        except BadRequest as exc:
+            await refuse(str(exc))
             return None
-        conn = ShareConn(share_id, str(name)[:200] or share_id, bool(hello.get("private")),
-                         str(listen_url).rstrip("/")[:500], str(root_dir)[:4096], peer)
+        conn = ShareConn(share_id, name or share_id, bool(hello.get("private")), listen_url,
+                         peer)
         old = self.shares.get(share_id)
         if old is not None:
             log.info("share %s reconnected from %s; dropping its old connection", share_id, peer)
@@ -414,7 +473,7 @@ class Relay:
             "type": "welcome", "id": share_id, "upload_secret": conn.upload_secret,
             "upload_path": protocol.UPLOAD_PATH,
         }))
-        log.info("share %s (%s) connected from %s%s", share_id, conn.name, peer,
+        log.info("share %s (%r) connected from %s%s", share_id, conn.name, peer,
                  " [private]" if conn.private else "")
         return conn
 
@@ -453,7 +512,8 @@ class Relay:
                     try:
                         self._add_file(conn, parse_entry(item))
                     except BadRequest as exc:
-                        log.warning("share %s: skipped a catalogue entry: %s", conn.id, exc)
+                        log.warning("share %s: skipped a catalogue entry: %s", conn.id,
+                                    _loggable(exc))
                 if "scanning" in msg:
                     conn.scanning = bool(msg["scanning"])
             elif kind == "reject":
@@ -463,7 +523,11 @@ class Relay:
                     status = msg.get("status")
                     status = status if isinstance(status, int) and 400 <= status < 600 else 502
                     p.reject = (status, str(msg.get("message", ""))[:300])
-                    p.started.set()
+                    p.settle()
+            elif kind == "auth_reset":
+                # The share's tokens changed (one was revoked): no cached yes survives.
+                conn.auth_ok.clear()
+                conn.auth_generation += 1
             elif kind == "auth_result":
                 waiter = conn.auth_waiters.get(str(msg.get("id")))
                 if waiter is not None:
@@ -484,19 +548,29 @@ class Relay:
             p = self.pending.get(token)
             if p is not None and not p.taken:
                 p.reject = (503, f"share {conn.id} disconnected")
-                p.started.set()
+                p.settle()
         for waiter in conn.auth_waiters.values():
             waiter[0].set()
-        log.info("share %s (%s) disconnected", conn.id, conn.name)
+        log.info("share %s (%r) disconnected", conn.id, conn.name)
 
     # ------------------------------------------------------------ private shares
 
     async def _authorized(self, conn: ShareConn, scope: Scope) -> bool:
-        """May this request see the private share CONN? (the share itself decides)."""
+        """May this request see the private share CONN? (the share itself decides)
+
+        Only a `kbfs1.` token that names CONN's id is ever shown to CONN: a token goes to
+        the share that issued it and to no other (a share listing the same content, or
+        any other, never sees it). A yes is cached for AUTH_CACHE_SECONDS at most, never
+        past the token's own expiry, and forgotten when the share says its tokens changed
+        (`auth_reset`: a token was revoked).
+        """
         if not conn.private:
             return True
         auth = header(scope, b"authorization")
         if not auth or len(auth) > MAX_AUTH_HEADER:
+            return False
+        claim = protocol.token_claim(auth)
+        if claim is None or claim.share != conn.id:
             return False
         key = hashlib.sha256(auth.encode("latin-1")).hexdigest()
         now = time.monotonic()
@@ -505,6 +579,7 @@ class Relay:
         token = secrets.token_urlsafe(16)
         waiter: list[Any] = [trio.Event(), False]
         conn.auth_waiters[token] = waiter
+        generation = conn.auth_generation
         try:
             if not conn.post({"type": "auth", "id": token, "auth": auth}):
                 return False
@@ -512,22 +587,35 @@ class Relay:
                 await waiter[0].wait()
         finally:
             conn.auth_waiters.pop(token, None)
-        if waiter[1]:
-            if len(conn.auth_ok) > 1000:
-                conn.auth_ok.clear()
-            conn.auth_ok[key] = now + AUTH_CACHE_SECONDS
+        # A yes given before an auth_reset that has arrived since is not kept.
+        if waiter[1] and conn.auth_generation == generation:
+            lifetime = AUTH_CACHE_SECONDS
+            if claim.expires:
+                lifetime = min(lifetime, claim.expires - time.time())
+            if lifetime > 0:
+                if len(conn.auth_ok) > 1000:
+                    conn.auth_ok.clear()
+                conn.auth_ok[key] = now + lifetime
         return bool(waiter[1])
+
+    async def _visible(self, conns: list[ShareConn], scope: Scope) -> list[ShareConn]:
+        """The shares of CONNS this request may know of: public ones, and private ones
+        that accept its token (asked one by one: only the share a token names is asked)."""
+        return [c for c in conns if not c.private or await self._authorized(c, scope)]
 
     # ------------------------------------------------------------ JSON API
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        public = sum(1 for c in self.shares.values() if not c.private)
         await send_json(send, 200, {
-            "ok": True, "shares": len(self.shares), "uptime": round(time.time() - self.started, 3),
+            "ok": True, "shares": public, "uptime": round(time.time() - self.started, 3),
             "pending": len(self.pending), **self.stats,
         })
 
     async def _shares(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, 200, [c.summary() for c in self.shares.values()])
+        # Private shares only for a request whose token they accept.
+        visible = await self._visible(list(self.shares.values()), scope)
+        await send_json(send, 200, [c.summary() for c in visible])
 
     def _base_url(self, scope: Scope) -> str:
         host = header(scope, b"host")
@@ -539,9 +627,7 @@ class Relay:
     async def _find(self, scope: Scope, receive: Receive, send: Send) -> None:
         sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
         shares, direct, size = [], [], 0
-        for conn in self._holders(sha1):
-            if not await self._authorized(conn, scope):
-                continue
+        for conn in await self._visible(self._holders(sha1), scope):
             path = conn.first_path(sha1)
             if path is None:
                 continue
@@ -555,30 +641,34 @@ class Relay:
                                      "urls": direct})
 
     def _holders(self, sha1: str) -> list[ShareConn]:
-        """Connected shares that list SHA1, public ones first, least busy first."""
+        """Connected shares that list SHA1: those that have answered first (fewest
+        strikes), then public before private, then least busy."""
         conns = [self.shares[i] for i in self.sha1_shares.get(sha1, ()) if i in self.shares]
-        return sorted(conns, key=lambda c: (c.private, len(c.pending)))
+        return sorted(conns, key=lambda c: (c.strikes, c.private, len(c.pending)))
 
-    def _share(self, scope: Scope) -> ShareConn:
+    async def _share(self, scope: Scope) -> ShareConn:
+        """The connected share of the request's path, once the request may see it
+        (401 for a private share without a token it accepts, before anything else)."""
         share_id = protocol.check_share_id(scope["path_params"]["share"])
         conn = self.shares.get(share_id)
         if conn is None:
             raise NotFound(f"share {share_id} is not connected")
-        return conn
-
-    async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
-        conn = self._share(scope)
-        path = protocol.safe_relpath(scope["path_params"].get("path", ""))
         if not await self._authorized(conn, scope):
             raise HttpError(401, f"share {conn.id} is private: send Authorization: Bearer TOKEN",
                             [(b"www-authenticate", b'Bearer realm="kbfs"')])
+        return conn
+
+    async def _list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = protocol.safe_relpath(scope["path_params"].get("path", ""))
+        conn = await self._share(scope)
         if path and path not in conn.dir_count:
             raise NotFound(f"no folder {path!r} in share {conn.id}")
         files = []
         for name in sorted(conn.dir_files.get(path, ())):
             e = conn.files[f"{path}/{name}" if path else name]
-            pointer = prv.Pointer(e.sha1, e.size, e.fcs, os.path.join(conn.root_dir, e.path),
-                                  tree=prv.TreeRef(e.root))
+            # original_path: the file's path inside the share, never the share's folder
+            # on its machine (which the relay does not know).
+            pointer = prv.Pointer(e.sha1, e.size, e.fcs, e.path, tree=prv.TreeRef(e.root))
             files.append({"name": name, "size": e.size, "mtime": e.mtime, "prv": pointer.to_dict()})
         await send_json(send, 200, {
             "share": conn.id, "path": path, "dirs": sorted(conn.dir_subdirs.get(path, ())),
@@ -587,23 +677,26 @@ class Relay:
 
     # ------------------------------------------------------------ content
 
-    def _content_candidates(self, scope: Scope) -> tuple[str, list[tuple[ShareConn, str]], int]:
-        """(sha1, [(share, path)] of every connected share holding it, size) or NotFound."""
+    async def _content_candidates(self, scope: Scope
+                                  ) -> tuple[str, list[tuple[ShareConn, str]], int]:
+        """(sha1, [(share, path)] of every connected share holding it that this request
+        may read, size) or NotFound: content only private shares hold is answered for a
+        request without their token exactly as content nobody holds."""
         sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
-        holders = self._holders(sha1)
-        if not holders:
+        holders = await self._visible(self._holders(sha1), scope)
+        candidates = [(c, path) for c in holders if (path := c.first_path(sha1)) is not None]
+        if not candidates:
             raise NotFound(f"no connected share has {sha1}")
-        candidates = [(c, c.first_path(sha1) or "") for c in holders]
-        return sha1, candidates, holders[0].files[candidates[0][1]].size
+        return sha1, candidates, candidates[0][0].files[candidates[0][1]].size
 
     async def _sha1(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sha1, candidates, size = self._content_candidates(scope)
+        sha1, candidates, size = await self._content_candidates(scope)
         await self._serve_content(scope, receive, send, candidates, sha1, size,
                                   protocol.CACHE_CONTROL_IMMUTABLE)
 
     async def _file(self, scope: Scope, receive: Receive, send: Send) -> None:
-        conn = self._share(scope)
         path = protocol.safe_relpath(scope["path_params"]["path"])
+        conn = await self._share(scope)
         entry = conn.files.get(path)
         if entry is None:
             raise NotFound(f"no file {path!r} in share {conn.id}")
@@ -611,7 +704,7 @@ class Relay:
                                   "no-cache")
 
     async def _tree(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sha1, candidates, size = self._content_candidates(scope)
+        sha1, candidates, size = await self._content_candidates(scope)
         length = tree.LEAF_BYTES * tree.block_count(size)
         headers = [
             (b"content-type", b"application/octet-stream"),
@@ -663,38 +756,82 @@ class Relay:
                           candidates: list[tuple[ShareConn, str]], sha1: str, kind: str,
                           start: int, end: int, status: int,
                           headers: list[tuple[bytes, bytes]]) -> None:
-        """Ask the candidate shares in turn; the first accepted upload is piped to the client."""
+        """Ask the candidate shares; the first upload to arrive is piped to the client.
+
+        The first candidate is asked; a refusal moves on to the next at once, and a share
+        that has neither started nor refused within HEDGE_DELAY gets company: the next
+        candidate is asked too, and so on. The first upload to arrive wins; the shares
+        still waiting are told to `cancel` (an upload of theirs that comes anyway gets
+        404) and get a strike, so shares that answer are asked first next time. A share
+        gets START_TIMEOUT to start. The client's Authorization goes only to the share
+        its token names (`protocol.token_claim`); every other share is asked without it.
+        """
         self.stats["requests"] += 1
         auth = header(scope, b"authorization")
         if auth is not None and len(auth) > MAX_AUTH_HEADER:
             raise BadRequest("Authorization header too long")
+        claim = protocol.token_claim(auth)
+        race = Race()
+        waiting = list(candidates)
+        asked: list[Pending] = []
         refusals: list[tuple[int, str]] = []
-        for conn, path in candidates:
-            if conn.closed:
-                continue
-            p = Pending(secrets.token_urlsafe(24), conn, end - start, send, scope, status,
-                        headers)
-            self.pending[p.token] = p
-            conn.pending.add(p.token)
-            try:
-                message = {"type": "get", "id": p.token, "kind": kind, "sha1": sha1, "path": path,
-                           "start": start, "end": end, "auth": auth}
-                if not conn.post(message):
-                    refusals.append((503, f"share {conn.id} is not reachable"))
+        next_hedge = 0.0
+        try:
+            while True:
+                # No checkpoint between looking at the asked shares and waiting on this
+                # event: whatever happens after the look sets it.
+                race.changed = trio.Event()
+                now = trio.current_time()
+                for p in list(asked):
+                    if p.taken:
+                        p.share.strikes = 0
+                        for other in asked:
+                            if other is not p:
+                                if other.reject is None:
+                                    other.share.strikes += 1
+                                    other.share.post({"type": "cancel", "id": other.token})
+                                self._forget(other)
+                        asked = [p]
+                        await self._wait_piped(p, receive)
+                        return
+                    if p.reject is not None or now >= p.deadline:
+                        if p.reject is None:
+                            p.share.strikes += 1
+                        refusals.append(p.reject or (504, f"share {p.share.id} did not answer "
+                                                          f"within {START_TIMEOUT:g} s"))
+                        asked.remove(p)
+                        self._forget(p)
+                if waiting and (not asked or now >= next_hedge):
+                    conn, path = waiting.pop(0)
+                    if conn.closed:
+                        continue
+                    p = Pending(secrets.token_urlsafe(24), conn, race, now + START_TIMEOUT,
+                                end - start, send, scope, status, headers)
+                    self.pending[p.token] = p
+                    conn.pending.add(p.token)
+                    message = {"type": "get", "id": p.token, "kind": kind, "sha1": sha1,
+                               "path": path, "start": start, "end": end,
+                               "auth": auth if claim is not None and claim.share == conn.id
+                               else None}
+                    if not conn.post(message):
+                        refusals.append((503, f"share {conn.id} is not reachable"))
+                        self._forget(p)
+                        continue
+                    asked.append(p)
+                    next_hedge = now + HEDGE_DELAY
                     continue
-                with trio.move_on_after(START_TIMEOUT):
-                    await p.started.wait()
-                if p.reject is not None:
-                    refusals.append(p.reject)
-                    continue
+                if not asked:
+                    break
+                wake = min(p.deadline for p in asked)
+                if waiting:
+                    wake = min(wake, next_hedge)
+                with trio.move_on_at(wake):
+                    await race.changed.wait()
+        finally:
+            for p in asked:
                 if not p.taken:
-                    refusals.append((504, f"share {conn.id} did not answer in time"))
-                    continue
-                await self._wait_piped(p, receive)
-                return
-            finally:
-                self.pending.pop(p.token, None)
-                conn.pending.discard(p.token)
+                    p.share.post({"type": "cancel", "id": p.token})
+                self._forget(p)
         statuses = {code for code, _ in refusals}
         why = "; ".join(text for _, text in refusals) or "no share could serve it"
         if 401 in statuses:
@@ -704,6 +841,12 @@ class Relay:
         if statuses and statuses <= {404, 409, 410}:
             raise NotFound(why)
         raise HttpError(503 if 504 not in statuses else 504, why, [(b"retry-after", b"5")])
+
+    def _forget(self, p: Pending) -> None:
+        """P is no longer waited for: its token is unknown from now on."""
+        if not p.taken:
+            self.pending.pop(p.token, None)
+        p.share.pending.discard(p.token)
 
     async def _wait_piped(self, p: Pending, receive: Receive) -> None:
         """Wait while the upload handler writes P's body into this client's response.
@@ -726,7 +869,8 @@ class Relay:
         token = scope["path_params"]["token"]
         p = self.pending.get(token)
         secret = header(scope, protocol.UPLOAD_SECRET_HEADER.lower().encode()) or ""
-        if p is None or p.taken:
+        if p is None or p.taken or p.race.winner is not None:
+            # (another share asked for the same request started first: this one lost)
             self.stats["rejected_uploads"] += 1
             raise NotFound("unknown or already used upload id")
         if not hmac.compare_digest(secret.encode(), p.share.upload_secret.encode()):
@@ -736,8 +880,9 @@ class Relay:
         if length is None or not (length.isascii() and length.isdigit()) or int(length) != p.length:
             raise BadRequest(f"upload must have Content-Length {p.length}")
         p.taken = True
+        p.race.winner = p
         self.pending.pop(token, None)
-        p.started.set()
+        p.settle()
         try:
             outcome = await self._pipe(p, scope, receive)
         finally:
@@ -836,8 +981,34 @@ class Relay:
                 return "complete" if p.complete else "short upload"
 
 
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+
+
+def needs_public_url(relay: Relay, host: str) -> bool:
+    """True when RELAY, listening on HOST, would not know which host shares sign for:
+    a wildcard address and no --public-url."""
+    return not relay.identities and host in WILDCARD_HOSTS
+
+
 async def serve(relay: Relay, host: str, port: int,
                 task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve RELAY on HOST:PORT until cancelled; reports the bound base URL when ready."""
+    """Serve RELAY on HOST:PORT until cancelled; reports the bound base URL when ready.
+
+    A relay without a public URL admits shares that connect to the address it is bound
+    to (`http://HOST:PORT`, and `localhost:PORT` on a loopback address); on a wildcard
+    address it needs one (ConfigError)."""
+    if needs_public_url(relay, host):
+        raise ConfigError(f"listening on {host or 'every address'} needs --public-url URL "
+                          "(the URL shares connect to, e.g. http://relay.example.org:8080)")
     config = httpserve.hypercorn_config(host, port, max_ws_message=MAX_CONTROL_MESSAGE)
-    await httpserve.serve(relay.app, config, host, port, task_status=task_status)
+
+    async def serving(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        await httpserve.serve(relay.app, config, host, port, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(serving)
+        if not relay.identities:
+            relay.add_identity(url)
+            if host in ("127.0.0.1", "::1", "localhost"):
+                relay.add_identity(f"http://localhost:{protocol.url_host(url).rpartition(':')[2]}")
+        task_status.started(url)

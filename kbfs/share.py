@@ -76,6 +76,7 @@ SCAN_REFRESH = 2.0  # how often the catalogue is republished during a long scan
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 LEAVES_CACHE_BYTES = 64 << 20
 MAX_CONTROL_MESSAGE = 4 << 20
+REVOCATION_POLL = 0.5  # how often a private share looks for revoked tokens (to tell relays)
 
 _CONNECTION_FAILED = (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, OSError,
                       trio.TooSlowError, trio.BrokenResourceError, KbfsError)
@@ -179,39 +180,137 @@ def _unb64u(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+DEFAULT_TOKEN_DAYS = 30.0  # `kbfs share token` without --expires
+TOKENS_FILE = "tokens.jsonl"  # one JSON line per token issued: id, label, expiry, issued
+REVOKED_FILE = "revoked"  # ids of revoked tokens, one a line
+
+
+def token_id(token: str) -> str:
+    """The id of a token (`kbfs1.<payload>.<mac>`, or its payload part): 24 hex digits of
+    SHA-256 of `kbfs1.<payload>`. Listed by `kbfs share token --list`, given to --revoke."""
+    body = token.strip()
+    if body.count(".") >= 2:
+        body = body.rpartition(".")[0]
+    return hashlib.sha256(body.encode("utf-8", "replace")).hexdigest()[:24]
+
+
 def issue_token(state_dir: str, share_id: str, expires_in: float | None = None,
                 label: str = "") -> str:
     """A bearer token for the private share SHARE_ID: `kbfs1.<payload>.<hmac>`.
 
-    The HMAC key lives only in STATE_DIR, so only this share can check its tokens.
+    The HMAC key lives only in STATE_DIR, so only this share can check its tokens. The
+    payload names the share (`s`), so the relay sends the token to this share only; `e`
+    is the expiry (Unix time, 0 for never; EXPIRES_IN None means never). The token's id
+    and label are appended to STATE_DIR/tokens.jsonl (for --list and --revoke).
     """
-    payload = {"s": share_id, "e": int(time.time() + expires_in) if expires_in else 0,
-               "n": label[:100], "r": secrets.token_hex(4)}
+    now = time.time()
+    payload = {"s": share_id, "e": int(now + expires_in) if expires_in else 0,
+               "n": label[:100], "r": secrets.token_hex(8)}
     body = protocol.SHARE_TOKEN_PREFIX + _b64u(json.dumps(payload, separators=(",", ":")).encode())
     mac = hmac.new(_token_secret(state_dir), body.encode(), hashlib.sha256).digest()
+    record = {"id": token_id(body), "label": payload["n"], "expires": payload["e"],
+              "issued": int(now)}
+    fd = os.open(os.path.join(state_dir, TOKENS_FILE),
+                 os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
     return body + "." + _b64u(mac)
 
 
-def check_token(secret: bytes, share_id: str, authorization: str | None) -> bool:
-    """True when AUTHORIZATION is `Bearer <a valid, unexpired token of SHARE_ID>`."""
+def _token_payload(secret: bytes, authorization: str | None) -> tuple[str, dict[str, Any]] | None:
+    """(token id, payload) of `Bearer <token>` when the token's MAC is right, else None."""
     if not authorization or len(authorization) > 4096:
-        return False
+        return None
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer":
-        return False
+        return None
     body, _, mac = token.strip().rpartition(".")
     if not body.startswith(protocol.SHARE_TOKEN_PREFIX):
-        return False
+        return None
     try:
         given = _unb64u(mac)
         payload = json.loads(_unb64u(body[len(protocol.SHARE_TOKEN_PREFIX):]))
     except (binascii.Error, ValueError):
-        return False
+        return None
     expected = hmac.new(secret, body.encode(), hashlib.sha256).digest()
     if not hmac.compare_digest(given, expected) or not isinstance(payload, dict):
+        return None
+    return token_id(body), payload
+
+
+def check_token(secret: bytes, share_id: str, authorization: str | None,
+                revoked: frozenset[str] | set[str] = frozenset()) -> bool:
+    """True when AUTHORIZATION is `Bearer <a valid, unexpired token of SHARE_ID>` whose
+    id is not in REVOKED."""
+    checked = _token_payload(secret, authorization)
+    if checked is None:
         return False
+    tid, payload = checked
     expiry = payload.get("e", 0)
-    return payload.get("s") == share_id and (not expiry or time.time() < expiry)
+    if isinstance(expiry, bool) or not isinstance(expiry, int | float):
+        return False
+    return (payload.get("s") == share_id and (not expiry or time.time() < expiry)
+            and tid not in revoked)
+
+
+def issued_tokens(state_dir: str) -> list[dict[str, Any]]:
+    """The tokens issued for STATE_DIR's share (tokens.jsonl), oldest first, each with
+    `revoked` set."""
+    revoked = read_revoked(state_dir)
+    out: list[dict[str, Any]] = []
+    try:
+        with open(os.path.join(state_dir, TOKENS_FILE), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("id"), str):
+                    out.append({**record, "revoked": record["id"] in revoked})
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def read_revoked(state_dir: str) -> frozenset[str]:
+    """The ids of the revoked tokens of STATE_DIR's share."""
+    try:
+        with open(os.path.join(state_dir, REVOKED_FILE), encoding="utf-8") as f:
+            return frozenset(line.strip() for line in f if line.strip())
+    except FileNotFoundError:
+        return frozenset()
+
+
+_TOKEN_ID_RE = re.compile(r"[0-9a-f]{24}\Z")
+
+
+def revoke_token(state_dir: str, share_id: str, token_or_id: str) -> str:
+    """Revoke a token of this share, given whole or by its id; returns its id.
+
+    A whole token must be one of this share's (its MAC checks out); an id must be one
+    `issued_tokens` lists. A running share refuses the token at once (it reads the file
+    on every check) and tells its relays to forget cached answers (`auth_reset`).
+    """
+    text = token_or_id.strip()
+    if text.lower().startswith("bearer "):
+        text = text[7:].strip()
+    if _TOKEN_ID_RE.match(text):
+        if not any(t["id"] == text for t in issued_tokens(state_dir)):
+            raise ConfigError(f"no token with id {text} was issued for this share")
+        tid = text
+    else:
+        checked = _token_payload(_token_secret(state_dir, create=False), f"Bearer {text}")
+        if checked is None or checked[1].get("s") != share_id:
+            raise ConfigError("not a token of this share (nor a token id from --list)")
+        tid = checked[0]
+    if tid not in read_revoked(state_dir):
+        fd = os.open(os.path.join(state_dir, REVOKED_FILE),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(tid + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return tid
 
 
 # ---------------------------------------------------------------- verified reads
@@ -493,9 +592,28 @@ class Share:
         self.key = load_key(self.state_dir)
         self.public_key = public_key_bytes(self.key)
         self.id = protocol.share_id_from_public_key(self.public_key)
-        self.name = options.name or os.path.basename(self.root_dir) or self.id
+        if options.name:
+            try:
+                self.name = protocol.check_share_name(options.name)
+            except BadRequest as exc:
+                raise ConfigError(f"--name: {exc}") from None
+        else:
+            self.name = protocol.clean_share_name(os.path.basename(self.root_dir)) or self.id
+        if options.public_url:
+            try:
+                protocol.check_listen_url(options.public_url)
+            except BadRequest as exc:
+                raise ConfigError(f"--public-url: {exc}") from None
         self.relays = [normalize_relay(r) for r in options.relays]
         self.token_secret = _token_secret(self.state_dir)
+        self._revoked_key: tuple[int, int, int] | None = None  # (inode, size, mtime_ns)
+        self._revoked: frozenset[str] = frozenset()
+        self._revoked_lock = threading.Lock()
+        self._relay_sockets: set[trio_websocket.WebSocketConnection] = set()
+        self._refusals: dict[str, str] = {}  # relay -> the refusal last reported
+        # `get`s the relay no longer waits for (another share answered first): skipped
+        # by a worker that has not started them yet. Bounded; order of arrival.
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
         self.index = ShareIndex(self.root_dir, self.state_dir)
         self.report = report or (lambda line: log.info("%s", line))
         self.scan_progress = scan_progress
@@ -528,6 +646,8 @@ class Share:
                     self.listen_url = (self.options.public_url or bound).rstrip("/")
                     self.report(f"kbfs share listening on {self.listen_url}")
                 nursery.start_soon(self._scanner)
+                if self.options.private:
+                    nursery.start_soon(self._watch_revocations)
                 for relay in self.relays:
                     nursery.start_soon(self._relay_loop, relay)
                 task_status.started()
@@ -686,7 +806,39 @@ class Share:
 
     def authorized(self, authorization: str | None) -> bool:
         """May a request carrying this Authorization header read this share?"""
-        return not self.options.private or check_token(self.token_secret, self.id, authorization)
+        if not self.options.private:
+            return True
+        return check_token(self.token_secret, self.id, authorization, self.revoked())
+
+    def revoked(self) -> frozenset[str]:
+        """The ids of revoked tokens, re-read whenever the file changed (one stat per
+        check: `kbfs share token --revoke` takes effect on the next request)."""
+        path = os.path.join(self.state_dir, REVOKED_FILE)
+        try:
+            st = os.stat(path)
+            key: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            key = None
+        with self._revoked_lock:
+            if key != self._revoked_key:
+                self._revoked = read_revoked(self.state_dir)
+                self._revoked_key = key
+            return self._revoked
+
+    async def _watch_revocations(self) -> None:
+        """Tell every relay to forget its cached answers when a token is revoked."""
+        known = self.revoked()
+        while True:
+            await trio.sleep(REVOCATION_POLL)
+            now = self.revoked()
+            if now == known:
+                continue
+            known = now
+            for ws in list(self._relay_sockets):
+                try:
+                    await ws.send_message(json.dumps({"type": "auth_reset"}))
+                except trio_websocket.ConnectionClosed:
+                    pass
 
     # ------------------------------------------------------------ relay connection
 
@@ -731,34 +883,51 @@ class Share:
                 "public_key": base64.b64encode(self.public_key).decode(),
                 "signature": base64.b64encode(signature).decode(), "host": host,
                 "name": self.name, "private": self.options.private,
-                "listen_url": self.listen_url, "root": self.root_dir,
+                "listen_url": self.listen_url,
             }))
             welcome = await self._receive(ws, HANDSHAKE_TIMEOUT)
             if welcome.get("type") == "refused":
-                self.report(f"kbfs share refused by {relay}: {welcome.get('message')}")
+                why = str(welcome.get("message"))[:500].encode("unicode_escape").decode("ascii")
+                if self._refusals.get(relay) != why:  # once, not on every retry
+                    self._refusals[relay] = why
+                    self.report(f"kbfs share refused by {relay}: {why}")
                 return False
             if welcome.get("type") != "welcome" or welcome.get("id") != self.id:
                 raise BadRequest("relay did not welcome this share")
             secret = str(welcome.get("upload_secret", ""))
+            self._refusals.pop(relay, None)
             listing = protocol.share_url_path(protocol.SHARE_LIST_PATH, share=self.id, path="")
             self.report(f"kbfs share connected to {relay}; browse {relay}{listing}")
             last_pong = [trio.current_time()]
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._sync_catalogue, ws)
-                nursery.start_soon(self._heartbeat, ws, last_pong)
-                while True:
-                    msg = await self._receive(ws, None)
-                    kind = msg.get("type")
-                    if kind == "pong":
-                        last_pong[0] = trio.current_time()
-                    elif kind == "get":
-                        self._dispatch(ws, relay, secret, msg)
-                    elif kind == "auth":
-                        ok = self.authorized(msg.get("auth") if isinstance(msg.get("auth"), str)
-                                             else None)
-                        await ws.send_message(json.dumps(
-                            {"type": "auth_result", "id": msg.get("id"), "ok": ok}))
+            self._relay_sockets.add(ws)
+            try:
+                await self._serve_relay(ws, relay, secret, last_pong)
+            finally:
+                self._relay_sockets.discard(ws)
         return True
+
+    async def _serve_relay(self, ws: trio_websocket.WebSocketConnection, relay: str,
+                           secret: str, last_pong: list[float]) -> None:
+        """Answer one admitted relay connection's messages until it ends."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sync_catalogue, ws)
+            nursery.start_soon(self._heartbeat, ws, last_pong)
+            while True:
+                msg = await self._receive(ws, None)
+                kind = msg.get("type")
+                if kind == "pong":
+                    last_pong[0] = trio.current_time()
+                elif kind == "get":
+                    self._dispatch(ws, relay, secret, msg)
+                elif kind == "cancel" and isinstance(msg.get("id"), str):
+                    self._cancelled[msg["id"][:200]] = None
+                    while len(self._cancelled) > 4096:
+                        self._cancelled.popitem(last=False)
+                elif kind == "auth":
+                    ok = self.authorized(msg.get("auth") if isinstance(msg.get("auth"), str)
+                                         else None)
+                    await ws.send_message(json.dumps(
+                        {"type": "auth_result", "id": msg.get("id"), "ok": ok}))
 
     async def _receive(self, ws: trio_websocket.WebSocketConnection,
                        timeout: float | None) -> dict[str, Any]:
@@ -861,6 +1030,8 @@ class Share:
         token = msg["id"]
         if ws.closed is not None:
             return  # that relay connection is gone: the relay has answered the client
+        if token in self._cancelled:
+            return  # another share answered first: the relay would refuse the upload
         try:
             self._upload(relay, secret, msg)
             return

@@ -184,6 +184,7 @@ class ShareProc(_Running):
     direct_url: str
     proc: _Proc
     state_dir: Path
+    token: str = ""  # a reader token, for a --private share
 
 
 def start_relay(tmp_path: Path | str, *extra: str, port: int = 0) -> RelayProc:
@@ -199,14 +200,16 @@ def start_relay(tmp_path: Path | str, *extra: str, port: int = 0) -> RelayProc:
 
 
 def wait_share_ready(relay_url: str, share_id: str, timeout: float = READY_TIMEOUT,
-                     files: int | None = None) -> dict[str, Any]:
+                     files: int | None = None, token: str = "") -> dict[str, Any]:
     """Poll RELAY_URL/api/shares until SHARE_ID is listed with its scan done (and, if
-    given, FILES files); return its entry."""
+    given, FILES files); return its entry. A private share is listed only to a request
+    with its TOKEN."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = get_json(relay_url + "/api/shares", timeout=2)
+            last = get_json(relay_url + "/api/shares", timeout=2, headers=headers)
             for entry in last:
                 if entry["id"] == share_id and not entry.get("scanning") and (
                         files is None or entry["files"] == files):
@@ -223,7 +226,8 @@ def start_share(directory: Path | str, relay_url: str | None, tmp_path: Path | s
     """Start `kbfs share DIRECTORY --relay RELAY_URL` (state in TMP unless STATE_DIR).
 
     With LISTEN it also serves directly on 127.0.0.1:0 (`direct_url`). With WAIT (the
-    default) it returns once the relay lists the share with its first scan done.
+    default) it returns once the relay lists the share with its first scan done. A
+    --private share gets a reader token first (`token`).
     """
     tmp = Path(tmp_path)
     state = Path(state_dir) if state_dir else tmp / f"share-state-{next(_counter)}"
@@ -232,18 +236,24 @@ def start_share(directory: Path | str, relay_url: str | None, tmp_path: Path | s
         args += ["--relay", relay_url]
     if listen:
         args += ["--listen", "127.0.0.1:0"]
+    token = ""
+    if "--private" in extra:
+        made = run_kbfs("share", "token", str(directory), "--state-dir", str(state))
+        if made.returncode != 0:
+            raise ProcessFailed(f"kbfs share token failed: {made.stderr[-2000:]}")
+        token = made.stdout.strip()
     proc = _spawn([*args, *extra], tmp, "share")
     try:
         share_id = proc.wait_line(r"kbfs share id ([a-z2-7]+)").group(1)
         direct = proc.wait_line(r"kbfs share listening on (http://\S+)").group(1) if listen else ""
         if wait and relay_url:
-            wait_share_ready(relay_url, share_id)
+            wait_share_ready(relay_url, share_id, token=token)
         elif wait:
             proc.wait_line(r"kbfs share indexed")
     except BaseException:
         proc.kill()
         raise
-    return ShareProc(share_id, direct, proc, state)
+    return ShareProc(share_id, direct, proc, state, token)
 
 
 def run_kbfs(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

@@ -227,11 +227,14 @@ def test_list_root_and_sub(world: Any) -> None:
     pointer = prv.pointer_from_dict(a["prv"])
     assert pointer.sha1 == world["sha_a"] and pointer.size == SIZE_A
     assert pointer.tree is not None and pointer.tree.root == world["digest"].root
-    assert pointer.original_path.endswith("a.bin")
+    # the path inside the share, never the share's folder on its machine
+    assert pointer.original_path == "a.bin"
+    assert str(world["data"]) not in str(top)
     assert _get(world, f"/s/{sid}/list").json() == top
     sub = _get(world, f"/s/{sid}/list/sub").json()
     assert sub["path"] == "sub" and sub["dirs"] == ["deeper"]
     assert [f["name"] for f in sub["files"]] == ["b.txt"]
+    assert sub["files"][0]["prv"]["original_path"] == "sub/b.txt"
     assert _get(world, f"/s/{sid}/list/sub/deeper/").json()["files"][0]["name"] == "c.bin"
     assert _get(world, f"/s/{sid}/list/nope").status_code == 404
     assert _get(world, f"/s/{sid}/list/a.bin").status_code == 404

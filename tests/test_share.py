@@ -241,13 +241,17 @@ def test_private_share_needs_a_token(relay: Any, tmp_path: Path) -> None:
         bad = {"Authorization": "Bearer kbfs1.e30.AAAA"}
         sha = _sha1(body)
         url = f"{relay.url}/sha1/{sha}"
-        assert requests.get(url, timeout=10).status_code == 401
-        assert requests.get(url, headers=bad, timeout=10).status_code == 403
+        # Content only a private share holds is, without its token, content nobody holds.
+        forged = {"Authorization": "Bearer " + token.rpartition(".")[0] + ".AAAA"}
+        assert requests.get(url, timeout=10).status_code == 404
+        assert requests.get(url, headers=bad, timeout=10).status_code == 404
+        assert requests.get(url, headers=forged, timeout=10).status_code == 404
         r = requests.get(url, headers={**good, "Range": "bytes=5-9"}, timeout=10)
         assert r.status_code == 206 and r.content == body[5:10]
         lst = f"{relay.url}/s/{sh.id}/list/"
         assert requests.get(lst, timeout=10).status_code == 401
         assert requests.get(lst, headers=bad, timeout=10).status_code == 401
+        assert requests.get(lst, headers=forged, timeout=10).status_code == 401
         assert requests.get(lst, headers=good, timeout=10).json()["files"][0]["name"] == "f.bin"
         assert requests.get(f"{relay.url}/s/{sh.id}/file/f.bin", timeout=10).status_code == 401
         assert not requests.get(f"{relay.url}/api/find/{sha}", timeout=10).json()["found"]
