@@ -5,12 +5,27 @@ fetches missing blocks from a `BlockSource` (normally `kbfs.fetch.Fetcher`, whic
 module never imports: the source comes in through the constructor). It is synchronous and
 thread-safe so the FUSE daemon (through `trio.to_thread`) and plain Python readers share it.
 
-On disk, under DIR (safe to share between processes):
+Content identity. Everything is kept under `FileRef.key`, what the pointer commits to: its
+block tree root when it has one (the root binds the size and the block size, see
+`kbfs.tree`), else `s1-<sha1>-<size>`. Two pointers that share a SHA-1 but not a size or a
+root never share a block, a tree, a marker or a copy: a pointer with a real file's SHA-1
+and its own root, read once from a fake source, cannot poison what the real pointer reads.
+Sources are still asked by SHA-1 (that is how they are found); what they send is checked
+against the leaves of the pointer being read.
 
-    DIR/blocks/<sha1[:2]>/<sha1>/<index>   one verified block per file
-    DIR/trees/<sha1[:2]>/<sha1>            the leaves (32 bytes each)
-    DIR/complete/<sha1>                    a legacy (root-less) file passed its SHA-1 check
-    DIR/files/<sha1>                       whole-file copies made by `local_path`
+On disk, under DIR (safe to share between processes of one user; 0700, files 0600):
+
+    DIR/layout                             "kbfs-cache 2": this layout (an older one is discarded)
+    DIR/mark.key                           32 random bytes keying the block marks (0600)
+    DIR/blocks/<shard>/<key>/<index>       one verified block per file
+    DIR/trees/<shard>/<key>                the leaves (32 bytes each)
+    DIR/complete/<key>                     a root-less content matched its SHA-1 once
+    DIR/files/<key>                        whole-file copies made by `local_path` (0600)
+
+(<shard> is the first two hex digits of the root or the SHA-1.) A cache folder owned by
+another user is refused (CacheError); ours is narrowed to 0700 when it is wider. A cache
+of the old layout (keyed by SHA-1 alone) is deleted, with one log line: nothing in it is
+trusted.
 
 Every file is written under a unique temporary name (starting with '.') in its final
 folder, then renamed: a block file that exists was fully written, whatever moment the
@@ -19,16 +34,29 @@ never recorded before that rename.
 
 Durability: block files are NOT fsynced (an fsync per 1 MiB block cost more than the
 network). What a power loss or a failing disk could leave behind (a renamed file whose data
-never reached the disk, a flipped bit) is caught instead by verifying each block file
-against its leaf the first time this process reads it (BLAKE3, ~5 GB/s: a fraction of a
-millisecond per block); the blocks verified so far are remembered in memory. A block file
-that fails is deleted and fetched again. One shortcut: a block file carries the id of the
-boot it was written (or last verified) in, as the xattr `user.kbfs.boot`; a file marked
-with the current boot id cannot have lost data to a power cut (that would have meant a new
-boot), so it counts as verified without hashing, in any process. Files of earlier boots,
-and file systems without user xattrs, are hashed on their first read in each process.
-Trees of content with a root are re-verified against the root on every load, so they are
-not fsynced either; trees trusted on first use (no root) and `complete/` markers still are.
+never reached the disk, a flipped bit), or a block file changed by hand, is caught instead
+by verifying each block file against its leaf the first time this process reads it (BLAKE3,
+~5 GB/s: a fraction of a millisecond per block); the blocks verified so far are remembered
+in memory. A block file that fails is deleted and fetched again. One shortcut: a block
+file written or verified in this boot carries the xattr `user.kbfs.mark`, a keyed BLAKE3
+MAC (under `DIR/mark.key`, which only the cache's owner can read) of (content key, block
+index, st_dev, st_ino, st_size, boot id). A file whose mark checks out was verified in
+this boot against this content's leaves and cannot have lost data to a power cut (that
+would have meant a new boot), so it counts as verified without hashing, in any process. A
+mark copied to another file, or written by anyone without the key, fails and the block is
+hashed. Files of earlier boots, and file systems without user xattrs, are hashed on their
+first read in each process. Trees of content with a root are re-verified against the root
+on every load, so they are not fsynced; the leaves of root-less content and `complete/`
+markers are.
+
+Root-less content (pointers of the original tools: SHA-1 and size only). No root vouches
+for any tree, so no byte of it is returned until the whole content has matched its SHA-1
+once: the first read fetches every block (the leaves a source offers only check the
+transfer), hashes the whole file with SHA-1 and, on a match only, records the leaves it
+computed from the data (fsynced) and `complete/<key>`; the blocks fetched meanwhile are
+staged under temporary names and put in place only then. A mismatch deletes everything
+under the key and raises VerificationError naming the SHA-1. From then on blocks of that
+content are checked against the recorded leaves, from any source, like content with a root.
 
 Stores can run off the critical path (`background_stores=True`, or
 `enable_background_stores()`, as the mount and the downloader do): the verified bytes go
@@ -47,12 +75,9 @@ system). Blocks found on disk when the cache opens enter the LRU oldest content 
 their folder's mtime). When a block cannot be stored (full disk, folder gone) the verified
 bytes are still returned, uncached.
 
-Legacy pointers (root None) trust the tree on first use; once every block is present the
-whole-file SHA-1 is checked in a background thread: a pass writes `complete/<sha1>`, a
-failure deletes the blocks and the tree.
-
 What it does not do: no network (only through the source), no FUSE, no pointer parsing,
-no tree trust beyond the rule above; `files/` copies are not counted against capacity.
+no trust in any tree beyond the rules above; `files/` copies are not counted against
+capacity.
 """
 
 from __future__ import annotations
@@ -64,13 +89,17 @@ import itertools
 import logging
 import mmap
 import os
+import re
+import stat
 import sys
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from blake3 import blake3
 
 from kbfs import tree
 from kbfs.errors import CacheError, KbfsError, VerificationError
@@ -97,14 +126,38 @@ FREE_RECHECK_SECONDS = 1.0      # free disk space is re-read at least this often
 FREE_RECHECK_MARGIN = 256 << 20  # every store once it is this close to the floor
 
 
+_ROOT_RE = re.compile(r"[0-9a-f]{64}")
+_SHA1_RE = re.compile(r"[0-9a-f]{40}")
+
+
 @dataclass(frozen=True)
 class FileRef:
-    """Content to read: identified by SHA-1, checked by its tree root when there is one."""
+    """Content to read, as one pointer commits to it; `key` names it in the cache (see the
+    module docstring), `sha1` is what sources are asked for."""
 
     sha1: str
     size: int
-    root: str | None          # None: a pointer from the original tools (trust the tree on
-    block_size: int = BLOCK_SIZE  # first use, then check the whole-file SHA-1)
+    root: str | None          # None: a pointer from the original tools (the whole-file
+    block_size: int = BLOCK_SIZE  # SHA-1 is checked once before any byte is served)
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The key names folders and files: only hex digits and a size ever get there.
+        sha1 = self.sha1.lower()
+        if not _SHA1_RE.fullmatch(sha1) or self.size < 0 or self.block_size <= 0:
+            raise ValueError(f"not a content reference: {self.sha1!r}, {self.size}")
+        object.__setattr__(self, "sha1", sha1)
+        if self.root is not None:
+            root = self.root.lower()
+            if not _ROOT_RE.fullmatch(root):
+                raise ValueError(f"not a block tree root: {self.root!r}")
+            object.__setattr__(self, "root", root)
+            key = root
+        elif self.block_size == BLOCK_SIZE:
+            key = f"s1-{sha1}-{self.size}"
+        else:
+            key = f"s1-{sha1}-{self.size}-{self.block_size}"
+        object.__setattr__(self, "key", key)
 
     @property
     def blocks(self) -> int:
@@ -145,7 +198,12 @@ class _Flight:
 Buffer = bytes | bytearray | memoryview  # a verified block: bytes, or a view into a fetched run
 
 _tmp_counter = itertools.count()
-XATTR_BOOT = "user.kbfs.boot"
+XATTR_MARK = "user.kbfs.mark"
+MARK_KEY_FILE = "mark.key"
+MARK_BYTES = 16
+LAYOUT_FILE = "layout"
+LAYOUT = b"kbfs-cache 2\n"
+_SUBFOLDERS = ("blocks", "trees", "complete", "files")
 
 
 def _read_boot_id() -> bytes | None:
@@ -159,22 +217,69 @@ def _read_boot_id() -> bytes | None:
 _BOOT_ID = _read_boot_id()
 
 
-def _mark_boot(fd: int) -> None:
-    """Tag the block file open at FD as written or verified during this boot."""
-    if _BOOT_ID is not None:
-        try:
-            os.setxattr(fd, XATTR_BOOT, _BOOT_ID)
-        except OSError:
-            pass  # no user xattrs here: the block is hashed on its first read instead
+def _shard(key: str) -> str:
+    """The two-character folder a content key's files go in (hex digits of its hash)."""
+    return key[3:5] if key.startswith("s1-") else key[:2]
 
 
-def _marked_this_boot(fd: int) -> bool:
+def _mark_value(secret: bytes, key: str, index: int, st: os.stat_result) -> bytes:
+    """The mark of block INDEX of content KEY in the file whose fstat is ST (this boot).
+
+    A keyed BLAKE3 hash (a MAC, like HMAC-SHA-256, but BLAKE3 is loaded already and a
+    download of cached content never loads hashlib's OpenSSL: see test_download)."""
+    msg = f"{key}\0{index}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0".encode() + (_BOOT_ID or b"")
+    return blake3(msg, key=secret).digest(MARK_BYTES)
+
+
+def _load_secret(directory: str) -> bytes | None:
+    """The cache's mark key (made on first use), or None when marks cannot be trusted
+    here (then every block file is hashed on its first read in each process)."""
     if _BOOT_ID is None:
-        return False
+        return None
+    path = os.path.join(directory, MARK_KEY_FILE)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            _make_secret(path)
+            continue
+        except OSError as exc:
+            log.warning("%s: cannot read the block mark key (%s): marks not used", path, exc)
+            return None
+        try:
+            st = os.fstat(fd)
+            data = os.read(fd, 64)
+        finally:
+            os.close(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and len(data) == 32:
+            if stat.S_IMODE(st.st_mode) == 0o600:
+                return data
+            if st.st_mode & 0o077:
+                # Others could have read it: a new key (every mark made with the old
+                # one fails from now on, and those blocks are hashed once).
+                log.warning("%s was readable by others: replaced", path)
+                _unlink(path)
+                continue
+        log.warning("%s is not a 32-byte 0600 file of ours: block marks not used", path)
+        return None
+    return None
+
+
+def _make_secret(path: str) -> None:
+    """Create PATH holding 32 random bytes, atomically (a reader never sees it short)."""
+    tmp = f"{path}.{os.getpid()}.{next(_tmp_counter)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        return os.getxattr(fd, XATTR_BOOT) == _BOOT_ID
-    except OSError:
-        return False
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process made one meanwhile: that one is used
+    except FileExistsError:
+        pass
+    finally:
+        _unlink(tmp)
 
 
 _direct_ok = hasattr(os, "O_DIRECT")  # cleared on the first file system that refuses it
@@ -242,37 +347,38 @@ def _write_direct(fd: int, data: Buffer) -> None:
 
 
 def _write_atomic(path: str, data: Buffer, durable: bool = True,
-                  mark: bool = False, direct: bool = False) -> None:
+                  mark: Callable[[int], None] | None = None, direct: bool = False,
+                  final: bool = True) -> str:
     """Write DATA to PATH so PATH either does not exist or holds all of DATA (fsynced
-    before the rename when DURABLE; tagged with the boot id when MARK; with DIRECT, past
-    the page cache when the length and the file system allow)."""
+    before the rename when DURABLE; MARK(fd) is called on the written file before the
+    rename; with DIRECT, past the page cache when the length and the file system allow).
+    FINAL False: leave it under its temporary name, which is returned (a staged block)."""
     global _direct_ok
     if direct and _direct_ok and len(data) and len(data) % DIRECT_ALIGN == 0:
         try:
-            _write_atomic_to(path, data, durable, mark, os.O_DIRECT)
-            return
+            return _write_atomic_to(path, data, durable, mark, os.O_DIRECT, final)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             _direct_ok = False  # e.g. tmpfs: buffered from now on
             log.debug("no O_DIRECT writes under %s: %s", path, exc)
-    _write_atomic_to(path, data, durable, mark, 0)
+    return _write_atomic_to(path, data, durable, mark, 0, final)
 
 
-def _write_atomic_to(path: str, data: Buffer, durable: bool, mark: bool,
-                     flags: int) -> None:
+def _write_atomic_to(path: str, data: Buffer, durable: bool,
+                     mark: Callable[[int], None] | None, flags: int, final: bool = True) -> str:
     folder, name = os.path.split(path)
     # Unique per process, thread and call; the leading dot keeps it from ever being
     # taken for a block (names of blocks are digits only).
     tmp = os.path.join(folder,
                        f".{name}.{os.getpid()}.{threading.get_ident()}.{next(_tmp_counter)}.tmp")
-    mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags
+    mode = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | flags
     try:
-        fd = os.open(tmp, mode, 0o644)
+        fd = os.open(tmp, mode, 0o600)
     except FileNotFoundError:
         # The folder vanished (cleared by hand, or never made): recreate it once.
-        os.makedirs(folder, exist_ok=True)
-        fd = os.open(tmp, mode, 0o644)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, mode, 0o600)
     try:
         try:
             if flags:
@@ -284,19 +390,16 @@ def _write_atomic_to(path: str, data: Buffer, durable: bool, mark: bool,
                     view = view[n:]
             if durable:
                 os.fsync(fd)
-            if mark:
-                _mark_boot(fd)
+            if mark is not None:
+                mark(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
+        if final:
+            os.rename(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink(tmp)
         raise
-
-
+    return path if final else tmp
 DEFAULT_MIN_FREE = 1 << 30  # bytes of free disk the cache leaves (at most 5% of the file system)
 
 class BlockCache:
@@ -311,16 +414,18 @@ class BlockCache:
         self.min_free = DEFAULT_MIN_FREE if min_free is None else min_free
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], _Flight] = {}
-        self._tree_flights: dict[str, cf.Future[list[bytes]]] = {}
-        self._trees: OrderedDict[str, tuple[list[bytes], set[str]]] = OrderedDict()
-        # (sha1, index) -> size, least recently used first.
+        self._tree_flights: dict[tuple[str, int, int], cf.Future[list[bytes]]] = {}
+        # Content key -> (size, block size, leaves): checked against the root, or recorded
+        # once root-less content matched its SHA-1; most recently used last. The size and
+        # block size are kept because a hostile pointer can pair a real root with others.
+        self._trees: OrderedDict[str, tuple[int, int, list[bytes]]] = OrderedDict()
+        # (content key, index) -> size, least recently used first.
         self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._file_bytes: Counter[str] = Counter()
         self._file_blocks: Counter[str] = Counter()
         self._total = 0
         self._reserved = 0  # bytes of stores under way (counted against the cap before they land)
         self._pins: Counter[str] = Counter()
-        self._checking: set[str] = set()
         self._pending = 0
         self._idle = threading.Condition(self._lock)
         self._closed = False
@@ -344,8 +449,11 @@ class BlockCache:
         if background_stores:
             self._store_pool = cf.ThreadPoolExecutor(max_workers=STORE_THREADS,
                                                      thread_name_prefix="kbfs-store")
-        for sub in ("blocks", "trees", "complete", "files"):
-            os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
+        _private_folder(self.directory)
+        for sub in _SUBFOLDERS:
+            _private_folder(os.path.join(self.directory, sub))
+        self._discard_old_layout()
+        self._secret = _load_secret(self.directory)
         # On a small file system the default floor (1 GiB) would leave no room at all: there
         # it is 5% of the file system instead.
         if min_free is None:
@@ -356,17 +464,78 @@ class BlockCache:
         self._scan()
 
     # ---- paths
-    def _block_path(self, sha1: str, index: int) -> str:
-        return os.path.join(self.directory, "blocks", sha1[:2], sha1, str(index))
+    def _block_path(self, key: str, index: int) -> str:
+        return os.path.join(self.directory, "blocks", _shard(key), key, str(index))
 
-    def _tree_path(self, sha1: str) -> str:
-        return os.path.join(self.directory, "trees", sha1[:2], sha1)
+    def _tree_path(self, key: str) -> str:
+        return os.path.join(self.directory, "trees", _shard(key), key)
 
-    def _complete_path(self, sha1: str) -> str:
-        return os.path.join(self.directory, "complete", sha1)
+    def _complete_path(self, key: str) -> str:
+        return os.path.join(self.directory, "complete", key)
 
-    def _file_path(self, sha1: str) -> str:
-        return os.path.join(self.directory, "files", sha1)
+    def _file_path(self, key: str) -> str:
+        return os.path.join(self.directory, "files", key)
+
+    def _discard_old_layout(self) -> None:
+        """Delete what a cache of the old layout (everything keyed by SHA-1 alone) holds:
+        it cannot tell two pointers with one SHA-1 apart, so none of it is trusted."""
+        marker = os.path.join(self.directory, LAYOUT_FILE)
+        try:
+            with open(marker, "rb") as f:
+                if f.read(64) == LAYOUT:
+                    return
+        except OSError:
+            pass
+        old = 0
+        for sub in _SUBFOLDERS:
+            top = os.path.join(self.directory, sub)
+            for name in _listdir(top):
+                path = os.path.join(top, name)
+                if sub in ("blocks", "trees") and len(name) == 2 and os.path.isdir(path):
+                    for entry in _listdir(path):
+                        if _SHA1_RE.fullmatch(entry) or entry.startswith("."):
+                            old += 1
+                            _remove_tree(os.path.join(path, entry))
+                elif _SHA1_RE.fullmatch(name) or name.startswith("."):
+                    old += 1
+                    _remove_tree(path)
+        if old:
+            log.warning("cache %s: deleted %d entries of the old cache layout (keyed by SHA-1 "
+                        "alone, not trusted); they are fetched again when needed",
+                        self.directory, old)
+        try:
+            _write_atomic(marker, LAYOUT)
+        except OSError as exc:
+            self._note_error(f"cannot write {marker}: {exc}")
+
+    def _mark_fn(self, key: str, index: int) -> Callable[[int], None] | None:
+        """What `_write_atomic` calls to mark block INDEX of KEY (None: no marks here)."""
+        secret = self._secret
+        if secret is None:
+            return None
+
+        def mark(fd: int) -> None:
+            self._mark(fd, key, index)
+
+        return mark
+
+    def _mark(self, fd: int, key: str, index: int) -> None:
+        """Mark the block file open at FD as verified, in this boot, as block INDEX of KEY."""
+        if self._secret is None:
+            return
+        try:
+            os.setxattr(fd, XATTR_MARK, _mark_value(self._secret, key, index, os.fstat(fd)))
+        except OSError:
+            pass  # no user xattrs here: the block is hashed on its first read instead
+
+    def _marked(self, fd: int, key: str, index: int, st: os.stat_result) -> bool:
+        """Whether the block file open at FD (fstat ST) carries a valid mark of this boot."""
+        if self._secret is None:
+            return False
+        try:
+            return os.getxattr(fd, XATTR_MARK) == _mark_value(self._secret, key, index, st)
+        except OSError:
+            return False
 
     # ---- startup scan
     def _scan(self) -> None:
@@ -443,24 +612,29 @@ class BlockCache:
             del self._file_bytes[sha1]
 
     # ---- trees
-    def _leaves(self, ref: FileRef) -> list[bytes]:
-        """The leaves of REF, checked against its root (or trusted on first use if it has none)."""
+    def _leaves(self, ref: FileRef,
+                sink: Callable[[int, Buffer], None] | None = None) -> list[bytes]:
+        """The leaves of REF: checked against its root, or for root-less content the ones
+        recorded once the whole content matched its SHA-1 (running that first pass if it
+        never did: see `_prove_sha1`, which hands SINK every byte it reads)."""
+        fkey = (ref.key, ref.size, ref.block_size)
         with self._lock:
-            hit = self._trees.get(ref.sha1)
-            if hit is not None and (ref.root is None or ref.root.lower() in hit[1]):
-                self._trees.move_to_end(ref.sha1)
-                return hit[0]
-            flight = self._tree_flights.get(ref.sha1)
+            hit = self._trees.get(ref.key)
+            if hit is not None:
+                if hit[:2] != fkey[1:]:
+                    raise VerificationError(
+                        f"{ref.sha1}: the pointer's block tree root {ref.root} is that of "
+                        f"{hit[0]} bytes in blocks of {hit[1]}, not {ref.size} in {ref.block_size}")
+                self._trees.move_to_end(ref.key)
+                return hit[2]
+            flight = self._tree_flights.get(fkey)
             owner = flight is None
             if flight is None:
-                flight = self._tree_flights[ref.sha1] = cf.Future()
+                flight = self._tree_flights[fkey] = cf.Future()
         if not owner:
-            leaves = flight.result()
-            if ref.root is not None:
-                tree.verify_leaves(leaves, ref.size, ref.root, ref.block_size)
-            return leaves
+            return flight.result()
         try:
-            leaves = self._load_tree(ref)
+            leaves = self._load_tree(ref, sink)
             flight.set_result(leaves)
             return leaves
         except BaseException as exc:
@@ -468,54 +642,171 @@ class BlockCache:
             raise
         finally:
             with self._lock:
-                self._tree_flights.pop(ref.sha1, None)
+                self._tree_flights.pop(fkey, None)
 
-    def _load_tree(self, ref: FileRef) -> list[bytes]:
+    def _read_tree_file(self, ref: FileRef) -> list[bytes] | None:
         want = ref.blocks * tree.LEAF_BYTES
-        path = self._tree_path(ref.sha1)
-        leaves: list[bytes] | None = None
         try:
-            with open(path, "rb") as f:
-                blob = f.read(want + 1)
-            if len(blob) == want:
-                leaves = tree.split_leaves(blob)
+            fd = os.open(self._tree_path(ref.key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            pass
-        if leaves is not None and ref.root is not None:
+            return None
+        try:
+            blob = os.read(fd, want + 1)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return tree.split_leaves(blob) if len(blob) == want else None
+
+    def _remember_tree(self, ref: FileRef, leaves: list[bytes]) -> None:
+        with self._lock:
+            self._trees[ref.key] = (ref.size, ref.block_size, leaves)
+            self._trees.move_to_end(ref.key)
+            while len(self._trees) > TREE_MEMORY:
+                self._trees.popitem(last=False)
+
+    def _load_tree(self, ref: FileRef,
+                   sink: Callable[[int, Buffer], None] | None = None) -> list[bytes]:
+        if ref.root is None:
+            leaves = None
+            if os.path.exists(self._complete_path(ref.key)):
+                leaves = self._read_tree_file(ref)
+            if leaves is None:
+                leaves = self._prove_sha1(ref, sink)
+            self._remember_tree(ref, leaves)
+            return leaves
+        want = ref.blocks * tree.LEAF_BYTES
+        leaves = self._read_tree_file(ref)
+        if leaves is not None:
             try:
                 tree.verify_leaves(leaves, ref.size, ref.root, ref.block_size)
             except VerificationError:
-                # The tree on disk was trusted on first use for a root-less pointer and is
-                # now contradicted: neither it nor the blocks checked against it are trusted.
-                log.warning("cached tree of %s does not match root %s: dropping its blocks",
+                # Damaged, or this pointer pairs the root with another size: fetched (and
+                # checked) again. The blocks stay: each was stored after its check against
+                # the leaves of this root and is checked again (or by its mark) when read.
+                log.warning("cached tree of %s does not match root %s: not used",
                             ref.sha1, ref.root)
-                self._drop_content(ref.sha1)
                 leaves = None
         if leaves is None:
             # The root goes along so the source can pass over a source serving a wrong tree.
-            blob = self.source.fetch_tree(ref.sha1, ref.size, block_size=ref.block_size, root=ref.root)
+            blob = self.source.fetch_tree(ref.sha1, ref.size, block_size=ref.block_size,
+                                          root=ref.root)
             if len(blob) != want:
                 raise VerificationError(
                     f"tree of {ref.sha1} has {len(blob)} bytes, expected {want}")
             leaves = tree.split_leaves(blob)
-            if ref.root is not None:
-                tree.verify_leaves(leaves, ref.size, ref.root, ref.block_size)
+            tree.verify_leaves(leaves, ref.size, ref.root, ref.block_size)
             try:
-                # A tree with a root is checked against it on every load: no fsync needed.
-                _write_atomic(path, blob, durable=ref.root is None)
+                # Checked against the root on every load: no fsync needed.
+                _write_atomic(self._tree_path(ref.key), blob, durable=False)
             except OSError as exc:
                 self._note_error(f"cannot store the tree of {ref.sha1}: {exc}")
-        with self._lock:
-            entry = self._trees.get(ref.sha1)
-            if entry is None or entry[0] != leaves:
-                entry = (leaves, set())
-                self._trees[ref.sha1] = entry
-            if ref.root is not None:
-                entry[1].add(ref.root.lower())
-            self._trees.move_to_end(ref.sha1)
-            while len(self._trees) > TREE_MEMORY:
-                self._trees.popitem(last=False)
+        self._remember_tree(ref, leaves)
         return leaves
+
+    def _prove_sha1(self, ref: FileRef,
+                    sink: Callable[[int, Buffer], None] | None = None) -> list[bytes]:
+        """The first read of root-less REF: fetch all of it, hash it whole with SHA-1 and
+        return the leaves computed from its bytes, recorded (fsynced, with `complete/KEY`)
+        only on a match; raise VerificationError, keeping nothing, on a mismatch.
+
+        The leaves a source offers only check the transfer (a source that lies
+        consistently about tree and bytes passes them, not the SHA-1). The blocks are
+        written under temporary names as they come and renamed into place only after
+        the match. SINK(offset, bytes), when given, receives every byte in order (a
+        download writes them to its part file: one fetch, whatever the cache's size)."""
+        import hashlib  # root-less content only: not loaded at start-up
+
+        log.info("%s has no block tree: reading the whole file once to check its SHA-1",
+                 ref.sha1)
+        # Whatever lies under this key without its marker was never proven: not reused.
+        self._drop_content(ref.key, marker=True)
+        want = ref.blocks * tree.LEAF_BYTES
+        offered = self.source.fetch_tree(ref.sha1, ref.size, block_size=ref.block_size)
+        if len(offered) != want:
+            raise VerificationError(f"tree of {ref.sha1} has {len(offered)} bytes, expected {want}")
+        transport = tree.split_leaves(offered)
+        into = getattr(self.source, "fetch_blocks_into", None)
+        hasher = hashlib.sha1()
+        mine: list[bytes] = []
+        staged: list[tuple[int, str, int]] = []  # (index, temporary path, bytes reserved)
+        bs = ref.block_size
+        done = False
+        try:
+            for first in range(0, ref.blocks, MAX_RUN):
+                count = min(MAX_RUN, ref.blocks - first)
+                lo, hi = first * bs, min((first + count) * bs, ref.size)
+                if into is not None:
+                    view = memoryview(anonymous_memory(hi - lo)) if hi > lo else memoryview(b"")
+                    into(ref.sha1, ref.size, first, count, transport, view, bs)
+                else:
+                    data = self.source.fetch_blocks(ref.sha1, ref.size, first, count,
+                                                    transport, bs)
+                    if len(data) != hi - lo:
+                        raise VerificationError(
+                            f"source returned {len(data)} bytes for blocks "
+                            f"{first}-{first + count - 1} of {ref.sha1}")
+                    view = memoryview(data)
+                hasher.update(view)
+                if sink is not None and hi > lo:
+                    sink(lo, view)
+                with self._lock:
+                    self._stats["bytes_fetched"] += hi - lo
+                for k in range(count):
+                    a, b = tree.block_span(k, len(view), bs)
+                    block = view[a:b]
+                    mine.append(tree.leaf_hash(block))
+                    n = len(block)
+                    if not self._make_room(n):
+                        continue
+                    try:
+                        tmp = _write_atomic(self._block_path(ref.key, first + k), block,
+                                            durable=False, final=False,
+                                            mark=self._mark_fn(ref.key, first + k))
+                    except OSError as exc:
+                        with self._lock:
+                            self._reserved -= n
+                        self._note_error(f"cannot stage block {first + k} of {ref.sha1}: {exc}")
+                        continue
+                    staged.append((first + k, tmp, n))
+            actual = hasher.hexdigest()
+            if actual != ref.sha1:
+                log.error("%s: the content served has SHA-1 %s; nothing of it is kept or served",
+                          ref.sha1, actual)
+                self._note_error(None)
+                raise VerificationError(
+                    f"{ref.sha1}: the content the sources served has SHA-1 {actual}, not the "
+                    "pointer's (a source served self-consistent but wrong data)")
+            try:
+                _write_atomic(self._tree_path(ref.key), b"".join(mine), durable=True)
+                _write_atomic(self._complete_path(ref.key), b"", durable=True)
+            except OSError as exc:
+                # Proven in this process all the same; others prove it again.
+                self._note_error(f"cannot record that {ref.sha1} matched its SHA-1: {exc}")
+                return mine
+            for index, tmp, n in staged:
+                try:
+                    os.rename(tmp, self._block_path(ref.key, index))
+                except OSError:
+                    _unlink(tmp)
+                    with self._lock:
+                        self._reserved -= n
+                    continue
+                with self._lock:
+                    self._reserved -= n
+                    self._index_add(ref.key, index, n)
+                    self._good.add((ref.key, index))  # bytes this process just hashed
+                    self._paged.add((ref.key, index))
+            done = True
+            log.info("%s: SHA-1 matches; its blocks are checked against the leaves from now on",
+                     ref.sha1)
+            return mine
+        finally:
+            if not done:  # a mismatch, a failed fetch, an interrupt: nothing is kept
+                for _, tmp, n in staged:
+                    _unlink(tmp)
+                    with self._lock:
+                        self._reserved -= n
 
     # ---- blocks on disk
     def _fd_drop(self, ent: _Fd) -> None:
@@ -534,7 +825,7 @@ class BlockCache:
     def _fd_acquire(self, ref: FileRef, index: int, blen: int) -> _Fd | None:
         """An open descriptor of block INDEX (its size checked when opened), or None when
         the block file is not there (or not usable: then it is deleted)."""
-        key = (ref.sha1, index)
+        key = (ref.key, index)
         with self._lock:
             ent = self._fds.get(key)
             if ent is not None:
@@ -565,7 +856,7 @@ class BlockCache:
             # Fall through to the name: a store may have renamed a new copy over the old
             # inode (then that copy is used), or the block is really gone (then it leaves
             # the index below and None says so).
-        path = self._block_path(ref.sha1, index)
+        path = self._block_path(ref.key, index)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -577,23 +868,28 @@ class BlockCache:
                 # again (test_background_stores_serve_at_once_and_store_behind, ~1 run in
                 # 10 under load).
                 if key not in self._inflight and key not in self._fds:
-                    self._index_drop(ref.sha1, index)
+                    self._index_drop(ref.key, index)
             return None
         except OSError as exc:
             self._note_error(f"cannot open cached block {index} of {ref.sha1}: {exc}")
             return None
         try:
-            fsize = os.fstat(fd).st_size
+            st = os.fstat(fd)
         except OSError as exc:
             os.close(fd)
             self._note_error(f"cannot stat cached block {index} of {ref.sha1}: {exc}")
             return None
+        fsize = st.st_size
         if fsize != blen:
-            # Not possible for a file we renamed into place; never serve it.
+            # Not possible for a file we renamed into place; never serve it. Deleted only
+            # once REF is known to be this content's size: a hostile pointer pairing the
+            # root with another size must not delete the real content's blocks (its
+            # `_leaves` raises VerificationError instead).
             os.close(fd)
+            self._leaves(ref)
             self._bad_block(ref, index, f"has {fsize} bytes, not {blen}")
             return None
-        trusted = _marked_this_boot(fd)
+        trusted = self._marked(fd, ref.key, index, st)
         with self._lock:
             if trusted:
                 self._good.add(key)
@@ -617,9 +913,9 @@ class BlockCache:
 
     def _bad_block(self, ref: FileRef, index: int, why: str) -> None:
         self._note_error(f"cached block {index} of {ref.sha1} {why}: deleted, fetched again")
-        _unlink(self._block_path(ref.sha1, index))
+        _unlink(self._block_path(ref.key, index))
         with self._lock:
-            self._index_drop(ref.sha1, index)
+            self._index_drop(ref.key, index)
 
     def _load_slice(self, ref: FileRef, index: int, lo: int = 0, hi: int | None = None,
                     nowait: bool = False, into: memoryview | None = None
@@ -635,7 +931,7 @@ class BlockCache:
         start, end = tree.block_span(index, ref.size, ref.block_size)
         blen = end - start
         hi = blen if hi is None else hi
-        key = (ref.sha1, index)
+        key = (ref.key, index)
         ent = self._fd_acquire(ref, index, blen)
         if ent is None:
             return None
@@ -666,7 +962,7 @@ class BlockCache:
                 if len(whole) != blen or not tree.block_matches(whole, leaves[index]):
                     data = None
                 else:
-                    _mark_boot(ent.fd)
+                    self._mark(ent.fd, ref.key, index)
                     with self._lock:
                         self._good.add(key)
                         self._paged.add(key)  # all of it was just read
@@ -686,7 +982,7 @@ class BlockCache:
             if key in self._lru:
                 self._lru.move_to_end(key)
             else:
-                self._index_add(ref.sha1, index, blen)  # stored by another process
+                self._index_add(ref.key, index, blen)  # stored by another process
         return data
 
     def enable_background_stores(self) -> None:
@@ -710,6 +1006,8 @@ class BlockCache:
         end = min(ref.size, offset + length)
         if offset >= end or offset < 0:
             return None
+        if ref.root is None and ref.key not in self._trees:
+            return None  # root-less and not proven in this process: `read_buffer` proves it
         bs = ref.block_size
         first, last = offset // bs, (end - 1) // bs
         if last - first > 1:
@@ -719,7 +1017,7 @@ class BlockCache:
         for i in range(first, last + 1):
             lo = offset - i * bs if i == first else 0
             hi = end - i * bs if i == last else min(bs, ref.size - i * bs)
-            key = (ref.sha1, i)
+            key = (ref.key, i)
             with self._lock:
                 ahead = self._recent.get(key)
                 usable = key in self._good and (not nowait or key in self._paged)
@@ -747,9 +1045,9 @@ class BlockCache:
 
     def _present(self, ref: FileRef, index: int) -> bool:
         with self._lock:
-            if (ref.sha1, index) in self._lru:
+            if (ref.key, index) in self._lru:
                 return True
-        return os.path.exists(self._block_path(ref.sha1, index))
+        return os.path.exists(self._block_path(ref.key, index))
 
     def _store(self, ref: FileRef, index: int, data: Buffer, direct: bool = False) -> bool:
         """Store a verified block; False (logged) when it could not be stored. DIRECT
@@ -760,8 +1058,8 @@ class BlockCache:
                 self._stats["store_skipped"] += 1
             return False
         try:
-            _write_atomic(self._block_path(ref.sha1, index), data, durable=False, mark=True,
-                          direct=direct)
+            _write_atomic(self._block_path(ref.key, index), data, durable=False,
+                          mark=self._mark_fn(ref.key, index), direct=direct)
         except OSError as exc:
             with self._lock:
                 self._reserved -= n
@@ -773,21 +1071,17 @@ class BlockCache:
             # Opened now, while its name is hot in the dentry cache, and kept for reads:
             # a later read then costs no path lookup (after a drop of the caches, three
             # directory reads from disk before the data itself).
-            rfd = os.open(self._block_path(ref.sha1, index), os.O_RDONLY | os.O_CLOEXEC)
+            rfd = os.open(self._block_path(ref.key, index), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             rfd = -1
         with self._lock:
             self._reserved -= n
-            self._index_add(ref.sha1, index, n)
-            self._good.add((ref.sha1, index))  # written from bytes verified in this process
+            self._index_add(ref.key, index, n)
+            self._good.add((ref.key, index))  # written from bytes verified in this process
             if not direct:
-                self._paged.add((ref.sha1, index))
+                self._paged.add((ref.key, index))
             if rfd >= 0:
-                self._fd_insert((ref.sha1, index), rfd)
-            complete = (ref.root is None and self._file_blocks[ref.sha1] >= ref.blocks
-                        and ref.sha1 not in self._checking)
-        if complete and not os.path.exists(self._complete_path(ref.sha1)):
-            self._start_check(ref)
+                self._fd_insert((ref.key, index), rfd)
         return True
 
     # ---- capacity
@@ -856,13 +1150,13 @@ class BlockCache:
         waits: dict[int, _Flight] = {}
         with self._lock:
             for i in indices:
-                if prefetch and (ref.sha1, i) in self._lru:
+                if prefetch and (ref.key, i) in self._lru:
                     continue  # stored since the caller looked
-                flight = self._inflight.get((ref.sha1, i))
+                flight = self._inflight.get((ref.key, i))
                 if flight is not None:
                     waits[i] = flight
                 else:
-                    self._inflight[(ref.sha1, i)] = _Flight(prefetch)
+                    self._inflight[(ref.key, i)] = _Flight(prefetch)
                     owned.append(i)
         return owned, waits
 
@@ -870,7 +1164,7 @@ class BlockCache:
                      out: dict[int, Buffer] | None, store: bool = True) -> None:
         """Fetch, publish and store the blocks this thread claimed, in runs of consecutive ones."""
         with self._lock:
-            flights = {i: self._inflight[(ref.sha1, i)] for i in owned}
+            flights = {i: self._inflight[(ref.key, i)] for i in owned}
         error: BaseException | None = None
         handed: set[int] = set()  # blocks a background store now owns (and unregisters)
         into = getattr(self.source, "fetch_blocks_into", None)
@@ -902,7 +1196,7 @@ class BlockCache:
                     if out is not None:
                         out[first + k] = block
                     elif store:
-                        self._keep_recent((ref.sha1, first + k), block)
+                        self._keep_recent((ref.key, first + k), block)
                 with self._lock:
                     self._stats["bytes_fetched"] += len(view)
                 # Whoever waits for these blocks has them now; a store thread writes them
@@ -921,7 +1215,7 @@ class BlockCache:
                         self._store(ref, first + k, stored, direct=direct)
                 with self._lock:
                     for k in range(count):
-                        self._inflight.pop((ref.sha1, first + k), None)
+                        self._inflight.pop((ref.key, first + k), None)
         except BaseException as exc:
             error = exc
             raise
@@ -933,8 +1227,8 @@ class BlockCache:
                     fl = flights[i]
                     if not fl.future.done():
                         fl.future.set_exception(error or CacheError("fetch abandoned"))
-                    if self._inflight.get((ref.sha1, i)) is fl:
-                        del self._inflight[(ref.sha1, i)]
+                    if self._inflight.get((ref.key, i)) is fl:
+                        del self._inflight[(ref.key, i)]
 
     def _keep_recent(self, key: tuple[str, int], block: Buffer) -> None:
         with self._lock:
@@ -975,8 +1269,8 @@ class BlockCache:
                 finally:
                     # Only now (the file renamed, or the store given up) may it be fetched again.
                     with self._lock:
-                        if self._inflight.get((ref.sha1, first + k)) is flights[first + k]:
-                            del self._inflight[(ref.sha1, first + k)]
+                        if self._inflight.get((ref.key, first + k)) is flights[first + k]:
+                            del self._inflight[(ref.key, first + k)]
                     self._store_slots.release()
         finally:
             self._job_done()
@@ -985,8 +1279,8 @@ class BlockCache:
                 store: bool = True) -> None:
         with self._lock:
             # Stored (and no longer in flight) since the caller looked: read, not fetched.
-            stored = [i for i in indices if (ref.sha1, i) in self._lru
-                      and (ref.sha1, i) not in self._inflight]
+            stored = [i for i in indices if (ref.key, i) in self._lru
+                      and (ref.key, i) not in self._inflight]
         if stored:
             for i in stored:
                 data = self._load_slice(ref, i)
@@ -1026,6 +1320,8 @@ class BlockCache:
         end = min(ref.size, offset + length)
         if offset >= end:
             return b""
+        if ref.root is None:
+            self._leaves(ref)  # no byte of root-less content before its SHA-1 matched
         bs = ref.block_size
         first, last = offset // bs, (end - 1) // bs
         pieces: dict[int, Buffer] = {}   # block index -> just the part this read needs
@@ -1034,7 +1330,7 @@ class BlockCache:
             lo = offset - i * bs if i == first else 0
             hi = end - i * bs if i == last else tree.block_span(i, ref.size, bs)[1] - i * bs
             with self._lock:
-                ahead = self._recent.get((ref.sha1, i))
+                ahead = self._recent.get((ref.key, i))
             if ahead is not None:
                 pieces[i] = memoryview(ahead)[lo:hi]  # read ahead, still in memory
                 continue
@@ -1075,6 +1371,8 @@ class BlockCache:
         last = min(ref.blocks, first + count)
         if ref.size == 0 or first >= last:
             return 0
+        if ref.root is None:
+            self._leaves(ref)  # no byte of root-less content before its SHA-1 matched
         buf = memoryview(bytearray(min(bs, ref.size)))  # reused for blocks to verify
         held = lock if lock is not None else contextlib.nullcontext()
         missing: list[int] = []
@@ -1100,7 +1398,7 @@ class BlockCache:
         process has not yet; False when it is not present (or failed verification)."""
         start, end = tree.block_span(index, ref.size, ref.block_size)
         blen = end - start
-        key = (ref.sha1, index)
+        key = (ref.key, index)
         ent = self._fd_acquire(ref, index, blen)
         if ent is None:
             return False
@@ -1117,7 +1415,7 @@ class BlockCache:
                 if got != blen or not tree.block_matches(view, self._leaves(ref)[index]):
                     ok = False
                 else:
-                    _mark_boot(ent.fd)
+                    self._mark(ent.fd, ref.key, index)
                     with self._lock:
                         self._good.add(key)
                     with held:
@@ -1131,7 +1429,7 @@ class BlockCache:
             if key in self._lru:
                 self._lru.move_to_end(key)
             else:
-                self._index_add(ref.sha1, index, blen)
+                self._index_add(ref.key, index, blen)
         return True
 
     def leaves(self, ref: FileRef) -> list[bytes]:
@@ -1154,6 +1452,8 @@ class BlockCache:
         self._check_open()
         if ref.size == 0:
             return list(indices)
+        if ref.root is None:
+            self._leaves(ref)  # no byte of root-less content before its SHA-1 matched
         buf = memoryview(bytearray(min(ref.block_size, ref.size)))
         held = lock if lock is not None else contextlib.nullcontext()
         missing: list[int] = []
@@ -1174,8 +1474,8 @@ class BlockCache:
         """Fetch missing blocks [first, first+count) in the background, and hint the
         present ones in (`advise`, with WANTED); never raises."""
         try:
-            if self._closed:
-                return
+            if self._closed or (ref.root is None and ref.key not in self._trees):
+                return  # root-less content is read whole once, by its first reader
             last = min(ref.blocks, first + count)
             missing: list[int] = []
             present: list[int] = []
@@ -1284,7 +1584,7 @@ class BlockCache:
                 self._fd_release(ent)
             if paged:
                 with self._lock:
-                    self._paged.add((ref.sha1, index))
+                    self._paged.add((ref.key, index))
 
     def _read_through(self, ref: FileRef, indices: Sequence[int]) -> None:
         """Read blocks INDICES through the page cache into /dev/null (`_read_through_fd`)."""
@@ -1315,7 +1615,7 @@ class BlockCache:
     def _release_job(self, ref: FileRef, indices: list[int]) -> None:
         try:
             for index in indices:
-                key = (ref.sha1, index)
+                key = (ref.key, index)
                 with self._lock:
                     self._paged.discard(key)
                     ent = self._fds.get(key)
@@ -1364,7 +1664,7 @@ class BlockCache:
     def _abandon(self, ref: FileRef, run: list[int]) -> None:
         with self._lock:
             for i in run:
-                fl = self._inflight.pop((ref.sha1, i), None)
+                fl = self._inflight.pop((ref.key, i), None)
                 if fl is not None and not fl.future.done():
                     fl.future.set_exception(CacheError("cache closed"))
 
@@ -1374,11 +1674,10 @@ class BlockCache:
             self._idle.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no prefetch, background store or SHA-1 check is pending; False on
-        timeout."""
+        """Wait until no prefetch or background store is pending; False on timeout."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._pending or self._checking:
+            while self._pending:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -1388,13 +1687,13 @@ class BlockCache:
     def open_file(self, ref: FileRef) -> None:
         """Pin REF's blocks against eviction until the matching `close_file`."""
         with self._lock:
-            self._pins[ref.sha1] += 1
+            self._pins[ref.key] += 1
 
     def close_file(self, ref: FileRef) -> None:
         with self._lock:
-            self._pins[ref.sha1] -= 1
-            if self._pins[ref.sha1] <= 0:
-                del self._pins[ref.sha1]
+            self._pins[ref.key] -= 1
+            if self._pins[ref.key] <= 0:
+                del self._pins[ref.key]
 
     def note_jump(self) -> None:
         """Count a read-ahead stream restarted by a jump (`ReadAhead`; statistics)."""
@@ -1404,50 +1703,60 @@ class BlockCache:
     def cached_bytes(self, ref: FileRef) -> int:
         """Bytes of REF present in the cache (as known to this process)."""
         with self._lock:
-            return self._file_bytes.get(ref.sha1, 0)
+            return self._file_bytes.get(ref.key, 0)
 
     def verified(self, ref: FileRef) -> str:
-        """'tree' when REF has a root, 'sha1' once a legacy file passed its check,
-        else 'pending'."""
+        """'tree' when REF has a root, 'sha1' once root-less content matched its SHA-1,
+        else 'pending' (none of it has been served)."""
         if ref.root is not None:
             return "tree"
-        return "sha1" if os.path.exists(self._complete_path(ref.sha1)) else "pending"
+        return "sha1" if os.path.exists(self._complete_path(ref.key)) else "pending"
+
+    def check_whole(self, ref: FileRef, sink: Callable[[int, Buffer], None] | None = None) -> bool:
+        """Make sure root-less REF has matched its SHA-1 once (the first pass of the module
+        docstring, if it never did; VerificationError on a mismatch). True when this call
+        ran that pass, and then SINK(offset, bytes) received all of the content in order;
+        False when it was proven already (or by another thread meanwhile). Content with a
+        root: its leaves are loaded and False is returned."""
+        self._check_open()
+        ran = False
+
+        def counted(offset: int, data: Buffer) -> None:
+            nonlocal ran
+            ran = True
+            if sink is not None:
+                sink(offset, data)
+
+        self._leaves(ref, counted if ref.root is None else None)
+        return ran
 
     def local_path(self, ref: FileRef) -> str:
-        """Path of a complete, verified copy of REF (`DIR/files/<sha1>`), made if needed."""
+        """Path of a complete, verified copy of REF (`DIR/files/<key>`, mode 0600 in the
+        0700 cache folder: for this user only), made if needed."""
         self._check_open()
-        path = self._file_path(ref.sha1)
+        self._leaves(ref)  # root-less content: proven first
+        path = self._file_path(ref.key)
         try:
-            if os.stat(path).st_size == ref.size and (
-                    ref.root is not None or self.verified(ref) == "sha1"):
+            if os.stat(path).st_size == ref.size:
                 return path
         except FileNotFoundError:
             pass
-        import hashlib  # only root-less content is hashed here: not loaded at start-up
-
         chunk = MAX_RUN * ref.block_size
-        hasher = hashlib.sha1() if ref.root is None else None
         folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{ref.sha1}.{os.getpid()}.{next(_tmp_counter)}.tmp")
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        tmp = os.path.join(folder, f".{ref.key}.{os.getpid()}.{next(_tmp_counter)}.tmp")
         self.open_file(ref)
         try:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            with open(fd, "wb") as f:
                 for offset in range(0, ref.size, chunk):
                     # Keep the next chunks coming while this one is written out.
                     nxt = (offset + chunk) // ref.block_size
                     self.prefetch(ref, nxt, 2 * MAX_RUN)
-                    data = self.read(ref, offset, chunk)
-                    if hasher is not None:
-                        hasher.update(data)
-                    f.write(data)
+                    f.write(self.read_buffer(ref, offset, chunk))
                 f.flush()
                 os.fsync(f.fileno())
-            if hasher is not None and hasher.hexdigest() != ref.sha1:
-                self._legacy_failed(ref.sha1, hasher.hexdigest())
-                raise VerificationError(f"content of {ref.sha1} has SHA-1 {hasher.hexdigest()}")
-            if hasher is not None:
-                self._mark_complete(ref.sha1)
             os.rename(tmp, path)
         finally:
             self.close_file(ref)
@@ -1480,9 +1789,9 @@ class BlockCache:
         so content stored by other processes sharing the folder goes as well)."""
         with self._lock:
             pinned = set(self._pins)
-        for sha1 in self._sha1s_on_disk():
-            if sha1 not in pinned:
-                self._drop_content(sha1, marker=True)
+        for key in self._keys_on_disk():
+            if key not in pinned:
+                self._drop_content(key, marker=True)
 
     def close(self) -> None:
         """Stop background work (queued prefetches are abandoned, running ones finish;
@@ -1502,73 +1811,34 @@ class BlockCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- legacy (root-less) files
-    def _start_check(self, ref: FileRef) -> None:
+    # ---- content on disk
+    def _drop_content(self, key: str, marker: bool = False) -> None:
+        """Delete every block and the tree of content KEY (with MARKER, its complete
+        marker and its copy too), and forget whatever this process knew of them."""
         with self._lock:
-            if ref.sha1 in self._checking or self._closed:
-                return
-            self._checking.add(ref.sha1)
-        threading.Thread(target=self._check_sha1, args=(ref,), daemon=True,
-                         name=f"kbfs-sha1-{ref.sha1[:8]}").start()
-
-    def _check_sha1(self, ref: FileRef) -> None:
-        """Hash the cached blocks of a root-less file; keep them only if the SHA-1 matches."""
-        import hashlib  # not loaded at start-up: see local_path
-
-        try:
-            hasher = hashlib.sha1()
-            for i in range(ref.blocks):
-                data = self._load_slice(ref, i)
-                if data is None:
-                    return  # evicted meanwhile: checked again when complete again
-                hasher.update(data)
-            actual = hasher.hexdigest()
-            if actual == ref.sha1:
-                self._mark_complete(ref.sha1)
-                log.info("%s: SHA-1 of the cached blocks matches", ref.sha1)
-            else:
-                self._legacy_failed(ref.sha1, actual)
-        except Exception:  # noqa: BLE001 - a background thread: log, never raise
-            log.exception("SHA-1 check of %s failed", ref.sha1)
-        finally:
-            with self._lock:
-                self._checking.discard(ref.sha1)
-                self._idle.notify_all()
-
-    def _mark_complete(self, sha1: str) -> None:
-        try:
-            _write_atomic(self._complete_path(sha1), b"")
-        except OSError as exc:
-            self._note_error(f"cannot mark {sha1} complete: {exc}")
-
-    def _legacy_failed(self, sha1: str, actual: str) -> None:
-        log.error("%s: the blocks (checked against a tree trusted on first use) hash to SHA-1 %s;"
-                  " dropping the tree and every cached block of it", sha1, actual)
-        self._note_error(None)
-        self._drop_content(sha1)
-
-    def _drop_content(self, sha1: str, marker: bool = False) -> None:
-        """Delete every block, the tree (and with MARKER the complete marker and copy) of SHA1."""
-        with self._lock:
-            keys = [k for k in self._lru if k[0] == sha1]
-            for _, index in keys:
-                self._index_drop(sha1, index)
-            self._trees.pop(sha1, None)
-            for key in [k for k in self._recent if k[0] == sha1]:
-                del self._recent[key]
-        folder = os.path.dirname(self._block_path(sha1, 0))
+            for k in [k for k in self._lru if k[0] == key]:
+                self._index_drop(*k)
+            for k in [k for k in self._fds if k[0] == key]:
+                self._fd_drop(self._fds.pop(k))
+            self._good = {k for k in self._good if k[0] != key}
+            self._paged = {k for k in self._paged if k[0] != key}
+            self._trees.pop(key, None)
+            for k in [k for k in self._recent if k[0] == key]:
+                del self._recent[k]
+        if marker:
+            _unlink(self._complete_path(key))  # first: what remains is never taken as proven
+            _unlink(self._file_path(key))
+        folder = os.path.dirname(self._block_path(key, 0))
         for name in _listdir(folder):
-            _unlink(os.path.join(folder, name))
+            if name.isdigit():  # temporaries belong to their writers (stale ones are swept)
+                _unlink(os.path.join(folder, name))
         try:
             os.rmdir(folder)
         except OSError:
             pass
-        _unlink(self._tree_path(sha1))
-        if marker:
-            _unlink(self._complete_path(sha1))
-            _unlink(self._file_path(sha1))
+        _unlink(self._tree_path(key))
 
-    def _sha1s_on_disk(self) -> set[str]:
+    def _keys_on_disk(self) -> set[str]:
         out: set[str] = set()
         for top in ("blocks", "trees"):
             root = os.path.join(self.directory, top)
@@ -1793,3 +2063,34 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _private_folder(path: str) -> None:
+    """Make PATH a folder that only we can enter (0700; an existing one of ours is narrowed
+    to that), or raise CacheError when it is not ours or not a folder."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        raise CacheError(f"{path}: cannot use as a cache folder: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"{path}: not a folder; cannot use it as a cache folder")
+    if st.st_uid != os.geteuid():
+        raise CacheError(f"{path}: the cache folder belongs to another user (uid {st.st_uid}); "
+                         "use one of your own (--cache-dir)")
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise CacheError(f"{path}: cannot make the cache folder private: "
+                             f"{exc.strerror or exc}") from None
+
+
+def _remove_tree(path: str) -> None:
+    """Delete PATH (a file, or a folder and everything in it); errors are ignored."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        import shutil  # only for a cache of the old layout: not loaded at start-up
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink(path)

@@ -135,7 +135,7 @@ def test_offline_after_caching_and_restart(src, data, make_cache, tmp_path):
         again = make_cache(f)  # a restart: everything comes from disk
         assert again.cached_bytes(ref) == len(data)
         assert again.read(ref, 0, len(data)) == data
-        other = FileRef("1" * 40, 10, None, BS)
+        other = FileRef("1" * 40, 10, tree.tree_of_bytes(b"0123456789", BS)[1], BS)
         t0 = time.monotonic()
         with pytest.raises(SourceUnavailable):
             again.read(other, 0, 10)
@@ -155,7 +155,7 @@ def test_wrong_tree_rejected(src, data, make_cache):
         cache = make_cache(f)
         with pytest.raises(VerificationError):
             cache.read(ref, 0, 10)
-        assert not (cache_dir(cache) / "trees" / info.sha1[:2] / info.sha1).exists()
+        assert not list((cache_dir(cache) / "trees").rglob("*"))
         assert src.counts().get("sha1", 0) == 0
         src.mode = "ok"  # tried again later, and now it is right
         assert cache.read(ref, 0, 10) == data[:10]
@@ -184,17 +184,24 @@ def test_lying_source_skipped(src, data, make_cache):
         assert f.last_source(info.sha1) == src2.sha1_url(info.sha1)
 
 
-def test_legacy_tofu_then_sha1(src, data, make_cache):
+def test_rootless_content_is_read_whole_once_then_checked(src, data, make_cache):
     info = src.add(data, block_size=BS)
     ref = ref_of(info, root=False)
     with Fetcher([src.url]) as f:
         cache = make_cache(f)
-        assert cache.read(ref, 0, 3 * BS) == data[:3 * BS]
         assert cache.verified(ref) == "pending"
-        assert cache.read(ref, 3 * BS, len(data)) == data[3 * BS:]
-        assert cache.wait_idle(10)
+        # The first read of 3 blocks reads all of it and checks its SHA-1 before answering.
+        assert cache.read(ref, 0, 3 * BS) == data[:3 * BS]
         assert cache.verified(ref) == "sha1"
-        assert (cache_dir(cache) / "complete" / info.sha1).exists()
+        assert (cache_dir(cache) / "complete" / ref.key).exists()
+        assert cache.cached_bytes(ref) == len(data)
+        n = src.counts()["sha1"]
+        assert cache.read(ref, 3 * BS, len(data)) == data[3 * BS:]
+        assert src.counts()["sha1"] == n  # nothing fetched twice
+        cache.close()
+        again = make_cache(f)  # recorded leaves (fsynced) serve the next process
+        assert again.verified(ref) == "sha1"
+        assert again.read(ref, 0, len(data)) == data
 
 
 def test_legacy_consistent_liar_dropped(src, data, make_cache):
@@ -204,11 +211,13 @@ def test_legacy_consistent_liar_dropped(src, data, make_cache):
     ref = FileRef(real_sha1, len(data), None, BS)
     with Fetcher([src.url]) as f:
         cache = make_cache(f)
-        cache.read(ref, 0, len(data))
-        assert cache.wait_idle(10)
+        with pytest.raises(VerificationError, match=real_sha1):
+            cache.read(ref, 0, 10)  # not one byte of it
+        assert cache.read_cached(ref, 0, 10) is None
         assert cache.verified(ref) == "pending"
         assert block_files(cache_dir(cache)) == []
-        assert not (cache_dir(cache) / "trees" / real_sha1[:2] / real_sha1).exists()
+        assert not [p for p in (cache_dir(cache) / "blocks").rglob("*") if p.is_file()]
+        assert not list((cache_dir(cache) / "trees").rglob("*" + real_sha1 + "*"))
         assert cache.cached_bytes(ref) == 0
         assert cache.statistics()["errors"] >= 1
         with pytest.raises(VerificationError):
@@ -262,8 +271,8 @@ def test_capacity_eviction_and_pins(src, make_cache):
         on_disk = sum(p.stat().st_size for p in block_files(cache_dir(cache)))
         assert on_disk == st["cached_bytes"]
         # Most recent blocks of A survive; the oldest went first.
-        assert (cache_dir(cache) / "blocks" / a.sha1[:2] / a.sha1 / "19").exists()
-        assert not (cache_dir(cache) / "blocks" / a.sha1[:2] / a.sha1 / "0").exists()
+        assert (cache_dir(cache) / "blocks" / a.root[:2] / a.root / "19").exists()
+        assert not (cache_dir(cache) / "blocks" / a.root[:2] / a.root / "0").exists()
         cache.close_file(rb)
         # Unpinned now: filling the cache again evicts B down to the low-water mark.
         c = src.add(os.urandom(9 * BS), block_size=BS)
@@ -283,7 +292,7 @@ def test_clear_keeps_pinned(src, make_cache):
         cache.clear()
         assert cache.cached_bytes(ref_of(a)) == 0
         assert cache.cached_bytes(ref_of(b)) == 3 * BS
-        assert {p.parent.name for p in block_files(cache_dir(cache))} == {b.sha1}
+        assert {p.parent.name for p in block_files(cache_dir(cache))} == {b.root}
 
 
 def test_store_failure_still_answers(src, data, make_cache):
@@ -347,7 +356,7 @@ def test_prefetch_and_read_ahead(src, make_cache):
 def test_prefetch_never_raises(make_cache):
     with Fetcher([f"http://127.0.0.1:{free_port()}"], deadline=1) as f:
         cache = make_cache(f)
-        ref = FileRef("2" * 40, 5 * BS, None, BS)
+        ref = FileRef("2" * 40, 5 * BS, "3" * 64, BS)
         cache.prefetch(ref, 0, 5)
         assert cache.wait_idle(10)
         assert cache.statistics()["errors"] >= 1
@@ -456,7 +465,7 @@ def _xattrs_work(directory: Path) -> bool:
 
 
 def _block_path(cache: BlockCache, sha1: str, index: int) -> Path:
-    return cache_dir(cache) / "blocks" / sha1[:2] / sha1 / str(index)
+    return cache_dir(cache) / "blocks" / sha1[:2] / sha1 / str(index)  # (a root: the key)
 
 
 def test_block_of_an_earlier_boot_is_verified_and_refetched_when_bad(src, data, make_cache):
@@ -468,13 +477,13 @@ def test_block_of_an_earlier_boot_is_verified_and_refetched_when_bad(src, data, 
         cache.close()
         # As after a power cut: the file is there at full size, its bytes are not, and it
         # carries no mark of the current boot.
-        bad = _block_path(cache, info.sha1, 3)
+        bad = _block_path(cache, info.root, 3)
         raw = bytearray(bad.read_bytes())
         raw[100] ^= 0xFF
         bad.write_bytes(bytes(raw))
         for p in block_files(cache_dir(cache)):
             try:
-                os.removexattr(p, "user.kbfs.boot")
+                os.removexattr(p, "user.kbfs.mark")
             except OSError:
                 pass
         n = src.counts()["sha1"]
@@ -494,10 +503,10 @@ def test_bad_block_copied_by_write_to_is_refetched(src, data, make_cache, tmp_pa
         cache = make_cache(f)
         cache.read(ref, 0, len(data))
         cache.close()
-        bad = _block_path(cache, info.sha1, 1)
+        bad = _block_path(cache, info.root, 1)
         bad.write_bytes(b"\0" * BS)  # right size, wrong bytes...
         try:
-            os.removexattr(bad, "user.kbfs.boot")  # ...and no mark of this boot
+            os.removexattr(bad, "user.kbfs.mark")  # ...and no mark of this boot
         except OSError:
             pass
         again = make_cache(f)
@@ -533,7 +542,7 @@ def test_blocks_written_this_boot_are_not_hashed_again(src, data, make_cache, mo
         assert calls == []
         # Unmarked (an earlier boot): hashed once in this process, then trusted.
         for p in block_files(cache_dir(cache)):
-            os.removexattr(p, "user.kbfs.boot")
+            os.removexattr(p, "user.kbfs.mark")
         third = make_cache(f)
         assert third.read(ref, 0, len(data)) == data
         assert third.read(ref, 0, len(data)) == data
@@ -682,7 +691,7 @@ def test_block_deleted_by_another_process_is_fetched_again(src, data, make_cache
         assert cache.read(ref, 0, BS) == data[:BS]
         cache.wait_idle(10)
         assert cache.read(ref, 0, 100) == data[:100]  # served through the cached descriptor
-        block = cache_dir(cache) / "blocks" / info.sha1[:2] / info.sha1 / "0"
+        block = cache_dir(cache) / "blocks" / info.root[:2] / info.root / "0"
         assert block.exists()
         before = src.counts().get("sha1", 0)
         block.unlink()  # as another mount's eviction or `kbfs cache clear` would
@@ -697,7 +706,7 @@ def test_block_deleted_by_another_process_is_fetched_again(src, data, make_cache
 
 
 def block_path(cache: BlockCache, ref: FileRef, index: int) -> Path:
-    return cache_dir(cache) / "blocks" / ref.sha1[:2] / ref.sha1 / str(index)
+    return cache_dir(cache) / "blocks" / ref.key[:2] / ref.key / str(index)
 
 
 def resident(cache: BlockCache, ref: FileRef, index: int) -> int:
