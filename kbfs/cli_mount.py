@@ -223,7 +223,8 @@ def _open_cache(cache_dir: str | None, relays: tuple[str, ...] = (), timeout: fl
     from kbfs.fetch import Fetcher
 
     settings = config.load_settings(relays=list(relays), cache_dir=cache_dir)
-    fetcher = Fetcher(settings.relays, timeout=timeout, local_dirs=settings.search_dirs)
+    fetcher = Fetcher(settings.relays, timeout=timeout, local_dirs=settings.search_dirs,
+                      direct=settings.direct)
     return (
         settings,
         fetcher,

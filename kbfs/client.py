@@ -255,8 +255,9 @@ class _Router:
     which list each sha1 was resolved with.
     """
 
-    def __init__(self, local_dirs: Sequence[str]) -> None:
+    def __init__(self, local_dirs: Sequence[str], direct: bool = True) -> None:
         self._local_dirs = tuple(local_dirs)
+        self._direct = direct  # Settings.direct: use share URLs from /api/find
         self._lock = threading.Lock()
         self._fetchers: dict[tuple[str, ...], Fetcher] = {}
         self._routes: dict[str, tuple[str, ...]] = {}
@@ -272,7 +273,8 @@ class _Router:
                 # `kbfs download` or `kbfs cat` of content already cached never needs.
                 from kbfs.fetch import Fetcher
 
-                f = self._fetchers[key] = Fetcher(list(key), local_dirs=self._local_dirs)
+                f = self._fetchers[key] = Fetcher(list(key), local_dirs=self._local_dirs,
+                                                       direct=self._direct)
             return f
 
     def route(self, sha1: str, relays: Sequence[str]) -> None:
@@ -334,7 +336,7 @@ def _shared_for(settings: Settings) -> _Shared:
         sh = _shared.get(settings.cache_dir)
         if sh is None:
             os.makedirs(settings.cache_dir, exist_ok=True)
-            router = _Router(settings.search_dirs)
+            router = _Router(settings.search_dirs, settings.direct)
             cache = BlockCache(settings.cache_dir, router, settings.resolved_cache_size())
             sh = _Shared(cache, router, _State(os.path.join(settings.cache_dir, STATE_FILE)))
             _shared[settings.cache_dir] = sh

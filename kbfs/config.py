@@ -2,11 +2,14 @@
 
 Precedence, highest first: command-line options (passed in by the caller), the
 environment (`KBFS_RELAY` comma-separated, `KBFS_CACHE_DIR`, `KBFS_CACHE_SIZE`,
-`KBFS_SEARCH_DIRS` colon-separated), then the JSON config file
+`KBFS_SEARCH_DIRS` colon-separated, `KBFS_DIRECT` 0/1), then the JSON config file
 `$XDG_CONFIG_HOME/kbfs/config.json` (default `~/.config/kbfs/config.json`), e.g.
 
     {"relays": ["http://relay.example.org:8080"], "cache_dir": "/scratch/kbfs-cache",
-     "cache_size": "50G", "search_dirs": ["/data"]}
+     "cache_size": "50G", "search_dirs": ["/data"], "direct": false}
+
+`direct` (default true): whether readers also fetch from the direct URLs (a share's
+`--listen` server) that a relay's /api/find lists; false contacts only the relays.
 
 This module only reads settings; it never touches the network or the cache.
 """
@@ -74,12 +77,29 @@ def normalize_relay(url: str) -> str:
     return url
 
 
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(value: object, what: str) -> bool:
+    """True/False from a JSON bool or one of 1/0, true/false, yes/no, on/off."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{what}: expected 1 or 0 (true/false, yes/no), got {str(value)[:40]!r}")
+
+
 @dataclass
 class Settings:
     relays: list[str] = field(default_factory=list)
     cache_dir: str = field(default_factory=default_cache_dir)
     cache_size: int | None = None  # None: 10% of the free space where the cache lives
     search_dirs: list[str] = field(default_factory=list)
+    direct: bool = True  # fetch from direct share URLs that /api/find lists
 
     def resolved_cache_size(self) -> int:
         if self.cache_size is not None:
@@ -109,6 +129,7 @@ def load_settings(
     cache_dir: str | None = None,
     cache_size: str | int | None = None,
     search_dirs: list[str] | None = None,
+    direct: bool | None = None,
 ) -> Settings:
     """Merge command-line values over the environment over the config file."""
     path = os.path.join(config_dir(), "config.json")
@@ -130,4 +151,10 @@ def load_settings(
     if dirs is None:
         dirs = env["KBFS_SEARCH_DIRS"].split(":") if env.get("KBFS_SEARCH_DIRS") else file.get("search_dirs", [])
     s.search_dirs = [os.path.abspath(os.path.expanduser(d)) for d in dirs or [] if d]
+    if direct is not None:
+        s.direct = direct
+    elif env.get("KBFS_DIRECT", "").strip():
+        s.direct = parse_bool(env["KBFS_DIRECT"], "KBFS_DIRECT")
+    elif "direct" in file:
+        s.direct = parse_bool(file["direct"], f"{path}: direct")
     return s

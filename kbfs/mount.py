@@ -360,7 +360,8 @@ def _build(opts: MountOptions) -> tuple[Any, Any, fusefs.KbfsOperations]:
             "no relay configured (--relay or KBFS_RELAY): only cached or local content reads"
         )
     fetcher = Fetcher(
-        relays, timeout=opts.timeout, deadline=opts.deadline, local_dirs=opts.settings.search_dirs
+        relays, timeout=opts.timeout, deadline=opts.deadline, local_dirs=opts.settings.search_dirs,
+        direct=opts.settings.direct,
     )
     capacity = opts.settings.resolved_cache_size()
     block_cache = kcache.BlockCache(opts.settings.cache_dir, fetcher, capacity)
