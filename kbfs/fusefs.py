@@ -696,11 +696,12 @@ class KbfsOperations(pyfuse3.Operations):
         data = pyfuse3.StatvfsData()
         data.f_bsize = 1 << 20
         data.f_frsize = 4096
-        # Sizes of up to 2^62 each: a large enough .prvdir sums past fsblkcnt_t.
+        # Sizes of up to 2^62 each: a large enough .prvdir sums past fsblkcnt_t. Clamped to
+        # 2^63-1, not 2^64-1, which tools that read the field as signed show as -1.
         total = sum(n.size for n in self.nodes.values() if not n.is_dir)
-        data.f_blocks = _clamp(total // 4096, 0, _U64_MAX)
+        data.f_blocks = _clamp(total // 4096, 0, _I64_MAX)
         data.f_bfree = data.f_bavail = 0
-        data.f_files = _clamp(len(self.nodes), 0, _U64_MAX)
+        data.f_files = _clamp(len(self.nodes), 0, _I64_MAX)
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
