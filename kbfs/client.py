@@ -7,10 +7,12 @@ Sources a user can name:
     kbfs://HOST:PORT/SHARE_ID/a/b.h5    a file in a share, as listed by that relay
 
 Where the bytes come from, in order: the pointer's `original_path` when that file
-still exists with the right size and SHA-1 (hashed once, then remembered by
-(path, size, mtime_ns, inode) in `CACHE_DIR/client-state.json`), a file of the same
-name and size in a configured search folder (checked the same way), the block
-cache, then the relays (the `Fetcher` tries direct share URLs first and fails over).
+still exists with the right size, SHA-1 and (when the pointer has one) block tree root at
+the pointer's block size (hashed once, then remembered by (path, size, mtime, ctime,
+inode, device) in `CACHE_DIR/client-state.json`, 0600), a file of the same name and size
+in a configured search folder (checked the same way), the block cache, then the relays
+(the `Fetcher` tries direct share URLs first and fails over). A local copy is used only
+once it matched everything the pointer says.
 
 Public functions: `resolve`, `open`, `realize`, `locate`, `download`; and the fsspec
 file systems `Sha1FileSystem` ("sha1") and `KbfsFileSystem` ("kbfs"), made and registered
@@ -21,7 +23,8 @@ module is imported after fsspec. One `BlockCache` per cache folder and one
 This module wires the pieces together (layer L4); it holds no verification logic of
 its own: blocks are verified by the cache or the fetcher, local copies by
 `prv.file_matches`-style digests. `download` writes fetched blocks straight into
-`.NAME.kbfs-part` next to the target (O_DIRECT where it can) and does NOT store them in
+`.NAME.kbfs-part` next to the target (opened with O_NOFOLLOW and resumed only when it is a
+regular file of ours; O_DIRECT where it can) and does NOT store them in
 the cache; blocks already cached are copied from it (in the kernel, as `cp` does; when the
 cache holds every block the part file's disk blocks are allocated first, see
 `_preallocate`). It never prints; the command line (`cli_get`) does.
@@ -41,6 +44,7 @@ import os
 import posixpath
 import queue
 import re
+import stat
 import sys
 import threading
 import time
@@ -98,7 +102,6 @@ DOWNLOAD_WORKERS = 2
 # Root-less (legacy) content goes through the cache in spans of this many blocks, each
 # fetched by the cache in one range request (its MAX_RUN).
 LEGACY_CHUNK_BLOCKS = 16
-LEGACY_CHECK_WAIT = 600.0  # seconds to wait for the cache's whole-file SHA-1 check
 
 
 # ---------------------------------------------------------------- results
@@ -158,8 +161,10 @@ class _Tally:
 class _State:
     """Small persistent memory in the cache folder, so expensive checks happen once.
 
-    `files`: stat key -> (sha1, root) of a local file we hashed; `sizes`: sha1 -> size,
-    so a `sha1://` source whose content is cached still opens with every relay down.
+    `files`: path (and block size when not the default) -> its stat stamp (size, mtime,
+    ctime, inode, device) and the (sha1, root at that block size) we hashed it to; `sizes`:
+    sha1 -> size, so a `sha1://` source whose content is cached still opens with every
+    relay down. The file is 0600 in the 0700 cache folder: only this user can forge it.
     Several processes may share the file: each save merges with what is on disk.
     """
 
@@ -179,7 +184,7 @@ class _State:
         if isinstance(data, dict):
             if isinstance(data.get("files"), dict):
                 files.update({k: v for k, v in data["files"].items()
-                              if isinstance(v, list) and len(v) == 5})
+                              if isinstance(v, list) and len(v) == 7})
             if isinstance(data.get("sizes"), dict):
                 sizes.update({k: v for k, v in data["sizes"].items() if isinstance(v, int)})
 
@@ -195,7 +200,9 @@ class _State:
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
         tmp = f"{self._path}.{os.urandom(16).hex()}.tmp"
         try:
-            with builtins.open(tmp, "w", encoding="utf-8") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            with builtins.open(fd, "w", encoding="utf-8") as f:
                 json.dump({"version": 1, "files": files, "sizes": sizes}, f)
             os.replace(tmp, self._path)
         except OSError as exc:
@@ -205,25 +212,30 @@ class _State:
             except OSError:
                 pass
 
-    def digest(self, path: str, st: os.stat_result) -> tuple[str, str]:
-        """(sha1, root) of the file at PATH, hashed only if its stat changed since last time."""
+    def digest(self, path: str, st: os.stat_result,
+               block_size: int = tree.BLOCK_SIZE) -> tuple[str, str]:
+        """(sha1, root at BLOCK_SIZE) of the file at PATH, hashed only if its stat changed
+        since last time (the ctime too: a changed file cannot keep it, whatever its mtime)."""
         key = os.path.realpath(path)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        if block_size != tree.BLOCK_SIZE:
+            key += f"\0{block_size}"
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
         with self._lock:
             known = self._files.get(key)
-        if known is not None and known[:3] == stamp:
-            return str(known[3]), str(known[4])
+        if known is not None and known[:5] == stamp:
+            return str(known[5]), str(known[6])
         log.info("checking local copy %s (%d bytes) once", path, st.st_size)
-        d = prv.digest_file(path)
+        sha1, root = _digest_at(path, block_size)
         after = os.stat(path)
-        if [after.st_size, after.st_mtime_ns, after.st_ino] != stamp:
+        if [after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino,
+                after.st_dev] != stamp:
             # Changed while we read it: do not remember a digest of moving bytes.
-            return d.sha1, d.root
+            return sha1, root
         with self._lock:
             self._files.pop(key, None)
-            self._files[key] = stamp + [d.sha1, d.root]
+            self._files[key] = [*stamp, sha1, root]
             self._save()
-        return d.sha1, d.root
+        return sha1, root
 
     def remember_size(self, sha1: str, size: int) -> None:
         with self._lock:
@@ -242,6 +254,36 @@ class _State:
             self._load_into(files, sizes)
             size = sizes.get(sha1)
         return size
+
+
+def _digest_at(path: str, block_size: int) -> tuple[str, str]:
+    """(sha1, block tree root at BLOCK_SIZE) of the file at PATH, in one read."""
+    if block_size == tree.BLOCK_SIZE:
+        d = prv.digest_file(path)
+        return d.sha1, d.root
+    import hashlib  # a local copy of a pointer with another block size: rare
+
+    sha1 = hashlib.sha1()
+    leaves: list[bytes] = []
+    size = 0
+    step = max(1, (16 << 20) // block_size) * block_size
+    with builtins.open(path, "rb", buffering=0) as f:
+        while True:
+            chunk = f.read(step)
+            if not chunk:
+                break
+            sha1.update(chunk)
+            view = memoryview(chunk)
+            leaves.extend(tree.leaf_hash(view[i:i + block_size])
+                          for i in range(0, len(chunk), block_size))
+            size += len(chunk)
+            if len(chunk) % block_size:
+                if f.read(1):
+                    raise VerificationError(f"{path}: a short read before its end")
+                break
+    if not leaves:
+        leaves.append(tree.leaf_hash(b""))
+    return sha1.hexdigest(), tree.root_from_leaves(leaves, size, block_size)
 
 
 # ---------------------------------------------------------------- sources for the cache
@@ -335,7 +377,6 @@ def _shared_for(settings: Settings) -> _Shared:
     with _shared_lock:
         sh = _shared.get(settings.cache_dir)
         if sh is None:
-            os.makedirs(settings.cache_dir, exist_ok=True)
             router = _Router(settings.search_dirs, settings.direct)
             cache = BlockCache(settings.cache_dir, router, settings.resolved_cache_size())
             sh = _Shared(cache, router, _State(os.path.join(settings.cache_dir, STATE_FILE)))
@@ -517,18 +558,18 @@ class Client:
             st = os.stat(path)
         except OSError:
             return False
-        if not os.path.isfile(path) or st.st_size != ref.size:
+        if not stat.S_ISREG(st.st_mode) or st.st_size != ref.size:
             return False
         try:
-            sha1, root = self._state.digest(path, st)
+            sha1, root = self._state.digest(path, st, ref.block_size)
         except (OSError, KbfsError) as exc:
             log.info("local copy %s unreadable: %s", path, exc)
             return False
         if sha1 != ref.sha1:
             log.info("local copy %s has SHA-1 %s, not %s; not used", path, sha1, ref.sha1)
             return False
-        # The digest's root is for the default block size; other sizes rest on SHA-1 + size.
-        if ref.root is not None and ref.block_size == tree.BLOCK_SIZE and root != ref.root:
+        # Everything the pointer commits to: its root too, at the pointer's block size.
+        if ref.root is not None and root != ref.root:
             log.info("local copy %s has the SHA-1 but not the block tree root; not used", path)
             return False
         return True
@@ -623,8 +664,8 @@ class Client:
             with _atomic_output(target) as fd, builtins.open(copies[0], "rb") as src:
                 _copy_range(src.fileno(), fd, 0, r.ref.size, progress)
         elif r.ref.root is None:
-            # No root vouches for the tree: the cache trusts it on first use and checks the
-            # whole-file SHA-1 once every block is stored, so these go through the cache.
+            # No root vouches for any tree: the cache checks the whole-file SHA-1 before
+            # any byte counts, so these go through the cache (see _fetch_legacy).
             with _atomic_output(target) as fd:
                 before = self.cache.statistics().get("bytes_fetched", 0)
                 self._fetch_legacy(r.ref, fd, workers, progress)
@@ -648,7 +689,7 @@ class Client:
         """
         folder, name = os.path.split(target)
         part = os.path.join(folder, f".{name}.kbfs-part")
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = _open_part(part)
         tally = _Tally()
         ok = False
         left = True  # a part file of an earlier run is never removed, even when this run fails
@@ -822,17 +863,28 @@ class Client:
 
     def _fetch_legacy(self, ref: FileRef, fd: int, workers: int,
                       progress: Callable[[int], None] | None) -> None:
-        """Fill FD with the bytes of root-less REF through the cache, several block runs at
-        a time, then wait for the cache's whole-file SHA-1 verdict."""
+        """Fill FD (a temporary file renamed into place only on success) with the bytes of
+        root-less REF through the cache.
+
+        No root vouches for any tree of such content: the cache reads it whole once and
+        checks its SHA-1 before any byte counts (`BlockCache.check_whole`). When this run
+        is that first read, its bytes go straight into FD as they come (one fetch whatever
+        the cache's size; a mismatch raises and FD is deleted). Otherwise the content has
+        matched before and its blocks are copied or fetched, each checked against the
+        leaves recorded then, several block runs at a time."""
         assert ref.root is None
         self.cache.open_file(ref)
         try:
-            # The cache copies present blocks (verified) and fetches missing ones, writing
-            # each run into OUT at its offset as soon as it is verified; block files are
-            # stored behind, whatever the content's size: the SHA-1 check reads them, and a
-            # later run resumes from them.
             self.cache.enable_background_stores()
             os.ftruncate(fd, ref.size)
+
+            def sink(offset: int, data: bytes | bytearray | memoryview) -> None:
+                _pwrite_all(fd, data, offset)
+                if progress is not None:
+                    progress(len(data))
+
+            if self.cache.check_whole(ref, sink):
+                return
             n_blocks = ref.blocks
             step = LEGACY_CHUNK_BLOCKS
             spans = [(first, min(step, n_blocks - first)) for first in range(0, n_blocks, step)]
@@ -857,28 +909,8 @@ class Client:
                 finally:
                     for fut in pending:
                         fut.cancel()
-            self._confirm_sha1(ref)
         finally:
             self.cache.close_file(ref)
-
-    def _confirm_sha1(self, ref: FileRef) -> None:
-        """For a root-less (legacy) ref: wait for the cache's whole-file SHA-1 verdict.
-
-        No root vouches for the tree such a ref was fetched with, so only the whole-file
-        SHA-1 proves the copy. The cache checks it in the background once every block is
-        present, and drops the blocks when it fails.
-        """
-        self.cache.wait_idle(timeout=LEGACY_CHECK_WAIT)
-        if self.cache.verified(ref) == "sha1":
-            return
-        if self.cache.cached_bytes(ref) >= ref.size:
-            # Complete but never checked (e.g. a run killed during the check): hash it now.
-            self.cache.local_path(ref)
-        if self.cache.verified(ref) != "sha1":
-            raise VerificationError(
-                f"{ref.sha1}: the content fetched does not have this SHA-1 "
-                "(a source served self-consistent but wrong data); nothing was kept"
-            )
 
     def cat(self, source: str | os.PathLike[str] | Resolved, offset: int = 0,
             length: int | None = None, *, local: bool = True,
@@ -933,6 +965,33 @@ def _target_path(out: str | None, name: str) -> str:
     return target
 
 
+def _open_part(part: str) -> int:
+    """Open (or create) the part file PART of a download, refusing anything but a
+    regular file of ours: a symlink or a file planted by another user in a shared folder
+    must not make the download write through it (O_NOFOLLOW; fstat after the open)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(part, flags, 0o644)  # the mode the download ends with (umask applies)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KbfsError(f"{part}: is a symbolic link; not writing through it "
+                            "(remove it to download here)") from None
+        raise KbfsError(f"{part}: cannot open the part file: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise KbfsError(f"{part}: not a regular file with one name; not resuming from it "
+                            "(remove it to download here)")
+        if st.st_uid != os.geteuid():
+            raise KbfsError(f"{part}: belongs to another user (uid {st.st_uid}); not resuming "
+                            "from it (remove it to download here)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @contextmanager
 def _atomic_output(target: str) -> Iterator[int]:
     """Yield a descriptor on TARGET.part-XXXX; rename it to TARGET only if the body succeeds.
@@ -941,7 +1000,9 @@ def _atomic_output(target: str) -> Iterator[int]:
     never holds anything but a complete, verified copy.
     """
     part = f"{target}.part-{os.urandom(4).hex()}"
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    # O_EXCL already refuses a planted name; O_NOFOLLOW says so for symlinks too. The
+    # mode is narrowed by the umask as for any new file (0644 by default).
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     ok = False
     try:
         yield fd

@@ -125,10 +125,10 @@ def test_read_readinto_readall(raw_file: Any) -> None:
 
 def test_close_unpins_and_forbids_io(raw_file: Any) -> None:
     f, _, cache = raw_file
-    assert cache._pins[f.ref.sha1] == 1
+    assert cache._pins[f.ref.key] == 1
     f.close()
     f.close()  # idempotent
-    assert cache._pins[f.ref.sha1] == 0
+    assert cache._pins[f.ref.key] == 0
     assert f.closed
     for op in (f.read, f.tell, lambda: f.seek(0), lambda: f.readinto(bytearray(1))):
         with pytest.raises(ValueError):

@@ -61,8 +61,14 @@ def pointer(tmp_path: Path, data: bytes, name: str = "data.bin", tree: bool = Tr
     return str(path), p
 
 
-def cached_block_files(cache: Path, sha1: str) -> list[str]:
-    folder = cache / "blocks" / sha1[:2] / sha1
+def content_key(p: prv.Pointer) -> str:
+    """The cache's name of a pointer's content (its root, else s1-SHA1-SIZE)."""
+    return p.tree.root if p.tree is not None else f"s1-{p.sha1}-{p.size}"
+
+
+def cached_block_files(cache: Path, p: prv.Pointer) -> list[str]:
+    key = content_key(p)
+    folder = cache / "blocks" / (key[3:5] if key.startswith("s1-") else key[:2]) / key
     return sorted(n for n in os.listdir(folder) if n.isdigit()) if folder.is_dir() else []
 
 
@@ -119,10 +125,10 @@ def test_download_prv_default_name_and_stats(src: HTTPSource, tmp_path: Path, en
     # Several range requests were in flight, not one stream.
     assert src.counts()["sha1"] >= 3
     # A download keeps no second copy of what it fetched in the cache.
-    assert cached_block_files(tmp_path / "cache", p.sha1) == []
+    assert cached_block_files(tmp_path / "cache", p) == []
     # Already cached (here by `kbfs cat`): a download fetches nothing.
     assert run(env, "cat", ptr, "--relay", src.url).stdout == data
-    assert len(cached_block_files(tmp_path / "cache", p.sha1)) == 34
+    assert len(cached_block_files(tmp_path / "cache", p)) == 34
     src.reset_counts()
     proc = run(env, "download", ptr, "--relay", src.url, "-o", str(tmp_path / "again.bin"))
     assert proc.returncode == 0, proc.stderr.decode()
@@ -139,7 +145,7 @@ def test_download_sha1_uri_into_folder(src: HTTPSource, tmp_path: Path, env: dic
     proc = run(env, "download", f"sha1://{info.sha1}/firings.mda", "-r", src.url, "-o", str(outdir))
     assert proc.returncode == 0, proc.stderr.decode()
     assert (outdir / "firings.mda").read_bytes() == data
-    assert (tmp_path / "cache" / "complete" / info.sha1).exists()  # whole-file SHA-1 checked
+    assert (tmp_path / "cache" / "complete" / f"s1-{info.sha1}-{info.size}").exists()  # SHA-1 checked
 
 
 def test_resume_after_kill(src: HTTPSource, tmp_path: Path, env: dict[str, str],
@@ -228,7 +234,7 @@ def test_download_copies_cached_blocks_and_fetches_the_rest(
     cache = tmp_path / "cache"
     proc = run(env, "cat", ptr, "-r", src.url, "--offset", str(2 * MiB), "--length", str(3 * MiB))
     assert proc.stdout == data[2 * MiB:5 * MiB]
-    assert cached_block_files(cache, p.sha1) == ["2", "3", "4"]
+    assert cached_block_files(cache, p) == ["2", "3", "4"]
     src.reset_counts()
     out = tmp_path / "out.bin"
     proc = run(env, "download", ptr, "-r", src.url, "-o", str(out))
@@ -238,7 +244,7 @@ def test_download_copies_cached_blocks_and_fetches_the_rest(
     for a, b in fetched_ranges(src):
         got.update(range(a // MiB, -(-b // MiB)))
     assert got == {0, 1, 5, 6, 7}
-    assert cached_block_files(cache, p.sha1) == ["2", "3", "4"]  # nothing stored by the download
+    assert cached_block_files(cache, p) == ["2", "3", "4"]  # nothing stored by the download
 
 
 def test_two_downloads_to_one_file(src: HTTPSource, tmp_path: Path, env: dict[str, str],
@@ -270,7 +276,7 @@ def test_lying_source_fails_cleanly(src: HTTPSource, tmp_path: Path, env: dict[s
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith("out.bin")]
     assert not part_of(out).exists()  # nothing verified: nothing worth keeping
-    assert cached_block_files(tmp_path / "cache", p.sha1) == []
+    assert cached_block_files(tmp_path / "cache", p) == []
 
 
 def test_self_consistent_wrong_content_fails_on_sha1(src: HTTPSource, tmp_path: Path,
@@ -285,9 +291,9 @@ def test_self_consistent_wrong_content_fails_on_sha1(src: HTTPSource, tmp_path: 
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith("out.bin")]
     cache = tmp_path / "cache"
-    assert cached_block_files(cache, p.sha1) == []
-    assert not (cache / "complete" / p.sha1).exists()
-    assert not (cache / "trees" / p.sha1[:2] / p.sha1).exists()
+    assert cached_block_files(cache, p) == []
+    assert not (cache / "complete" / content_key(p)).exists()
+    assert not (cache / "trees" / p.sha1[:2] / content_key(p)).exists()
 
 
 def test_failover_to_the_next_source(tmp_path: Path, env: dict[str, str], make_file: Any) -> None:
