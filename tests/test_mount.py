@@ -428,16 +428,23 @@ def test_cache_cap_respected(tmp_path: Path) -> None:
 
 
 def _check_cache_blocks(cache_dir: Path, data: bytes) -> int:
-    """Every block file of DATA in the cache holds exactly the right bytes; returns how many."""
-    sha1 = hashlib.sha1(data).hexdigest()
-    folder = cache_dir / "blocks" / sha1[:2] / sha1
+    """Every block file of DATA in the cache holds exactly the right bytes; returns how many.
+
+    Independent of how the cache names a content's folder (blocks/SHARD/KEY/INDEX): a
+    folder is DATA's when one of its blocks is a block of DATA (random test data: no other
+    content shares one), and then every block in it must be."""
+    def want(i: int) -> bytes:
+        return data[i * tree.BLOCK_SIZE : (i + 1) * tree.BLOCK_SIZE]
+
     n = 0
-    for f in folder.glob("*") if folder.is_dir() else []:
-        if f.name.startswith("."):
-            continue  # an unfinished temporary file is never a present block
-        i = int(f.name)
-        assert f.read_bytes() == data[i * tree.BLOCK_SIZE : (i + 1) * tree.BLOCK_SIZE], f
-        n += 1
+    for folder in (cache_dir / "blocks").glob("*/*"):
+        # An unfinished temporary file (a leading dot) is never a present block.
+        files = [f for f in folder.glob("*") if not f.name.startswith(".") and f.name.isdigit()]
+        if not any(f.read_bytes() == want(int(f.name)) for f in files):
+            continue
+        for f in files:
+            assert f.read_bytes() == want(int(f.name)), f
+        n += len(files)
     return n
 
 
