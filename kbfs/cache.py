@@ -227,7 +227,9 @@ def _mark_value(secret: bytes, key: str, index: int, st: os.stat_result) -> byte
 
     A keyed BLAKE3 hash (a MAC, like HMAC-SHA-256, but BLAKE3 is loaded already and a
     download of cached content never loads hashlib's OpenSSL: see test_download)."""
-    msg = f"{key}\0{index}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0".encode() + (_BOOT_ID or b"")
+    # The mtime too: a file made later at a reused inode number has another one.
+    msg = (f"{key}\0{index}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0".encode()
+           + (_BOOT_ID or b""))
     return blake3(msg, key=secret).digest(MARK_BYTES)
 
 
@@ -377,7 +379,7 @@ def _write_atomic_to(path: str, data: Buffer, durable: bool,
         fd = os.open(tmp, mode, 0o600)
     except FileNotFoundError:
         # The folder vanished (cleared by hand, or never made): recreate it once.
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+        _make_folder(folder)
         fd = os.open(tmp, mode, 0o600)
     try:
         try:
@@ -643,6 +645,14 @@ class BlockCache:
         finally:
             with self._lock:
                 self._tree_flights.pop(fkey, None)
+
+    def _check_ref(self, ref: FileRef) -> None:
+        """Before any block of REF is read: its leaves are loaded for its size and block
+        size (VerificationError for a pointer pairing a root with another size), and
+        root-less content has matched its SHA-1. A dictionary look-up once loaded."""
+        hit = self._trees.get(ref.key)
+        if hit is None or hit[0] != ref.size or hit[1] != ref.block_size:
+            self._leaves(ref)
 
     def _read_tree_file(self, ref: FileRef) -> list[bytes] | None:
         want = ref.blocks * tree.LEAF_BYTES
@@ -1006,8 +1016,11 @@ class BlockCache:
         end = min(ref.size, offset + length)
         if offset >= end or offset < 0:
             return None
-        if ref.root is None and ref.key not in self._trees:
-            return None  # root-less and not proven in this process: `read_buffer` proves it
+        hit = self._trees.get(ref.key)
+        if hit is None or hit[0] != ref.size or hit[1] != ref.block_size:
+            # The leaves not loaded for this size (or root-less content not yet proven in
+            # this process): `read_buffer` loads (proves) them, or refuses the pointer.
+            return None
         bs = ref.block_size
         first, last = offset // bs, (end - 1) // bs
         if last - first > 1:
@@ -1320,8 +1333,7 @@ class BlockCache:
         end = min(ref.size, offset + length)
         if offset >= end:
             return b""
-        if ref.root is None:
-            self._leaves(ref)  # no byte of root-less content before its SHA-1 matched
+        self._check_ref(ref)
         bs = ref.block_size
         first, last = offset // bs, (end - 1) // bs
         pieces: dict[int, Buffer] = {}   # block index -> just the part this read needs
@@ -1371,8 +1383,7 @@ class BlockCache:
         last = min(ref.blocks, first + count)
         if ref.size == 0 or first >= last:
             return 0
-        if ref.root is None:
-            self._leaves(ref)  # no byte of root-less content before its SHA-1 matched
+        self._check_ref(ref)
         buf = memoryview(bytearray(min(bs, ref.size)))  # reused for blocks to verify
         held = lock if lock is not None else contextlib.nullcontext()
         missing: list[int] = []
@@ -1452,8 +1463,7 @@ class BlockCache:
         self._check_open()
         if ref.size == 0:
             return list(indices)
-        if ref.root is None:
-            self._leaves(ref)  # no byte of root-less content before its SHA-1 matched
+        self._check_ref(ref)
         buf = memoryview(bytearray(min(ref.block_size, ref.size)))
         held = lock if lock is not None else contextlib.nullcontext()
         missing: list[int] = []
@@ -1743,7 +1753,7 @@ class BlockCache:
             pass
         chunk = MAX_RUN * ref.block_size
         folder = os.path.dirname(path)
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+        _make_folder(folder)
         tmp = os.path.join(folder, f".{ref.key}.{os.getpid()}.{next(_tmp_counter)}.tmp")
         self.open_file(ref)
         try:
@@ -2084,6 +2094,18 @@ def _private_folder(path: str) -> None:
         except OSError as exc:
             raise CacheError(f"{path}: cannot make the cache folder private: "
                              f"{exc.strerror or exc}") from None
+
+
+def _make_folder(folder: str) -> None:
+    """Make FOLDER and any missing parents, each 0700 (os.makedirs gives the mode to the
+    last one only)."""
+    parent = os.path.dirname(folder)
+    if parent != folder and not os.path.isdir(parent):
+        _make_folder(parent)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
 
 
 def _remove_tree(path: str) -> None:
