@@ -3,6 +3,7 @@ that speaks the control protocol with its own key, log checks and process figure
 
     status, head, body = raw_http(url, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
     async with fake_share(relay_url) as fs: ...      # admitted, fs.secret, fs.ws
+    async with rogue_relay(real_url) as rogue: ...   # a relay that relays admissions
     assert_logs_clean(proc)                          # no traceback, no 500, no ASGI error
     rss_kib(pid), open_fds(pid)
 """
@@ -17,7 +18,7 @@ import socket
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -137,6 +138,21 @@ class FakeShare:
                 if msg.get("type") == "get":
                     return msg
 
+    async def record(self, into: list[str], answer: str = "silent") -> None:
+        """Keep every message the relay sends (raw text) in INTO until the connection
+        ends. ANSWER says what to do with a `get`: "silent" ignores it (a share that
+        lists content and never serves it), "reject" refuses it with 404 at once."""
+        try:
+            while True:
+                text = await self.ws.get_message()
+                into.append(text if isinstance(text, str) else text.decode("latin-1"))
+                msg = json.loads(text)
+                if msg.get("type") == "get" and answer == "reject":
+                    await self.send({"type": "reject", "id": msg["id"], "status": 404,
+                                     "message": "not here"})
+        except trio_websocket.ConnectionClosed:
+            pass
+
 
 def raw_public_key(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw,
@@ -169,12 +185,14 @@ async def control_socket(relay_url: str) -> AsyncIterator[trio_websocket.WebSock
 
 @asynccontextmanager
 async def fake_share(relay_url: str, files: list[list[Any]] | None = None,
-                     key: Ed25519PrivateKey | None = None) -> AsyncIterator[FakeShare]:
-    """A share admitted with its own fresh key, publishing FILES (catalogue entries)."""
+                     key: Ed25519PrivateKey | None = None,
+                     **hello_fields: Any) -> AsyncIterator[FakeShare]:
+    """A share admitted with its own fresh key, publishing FILES (catalogue entries);
+    HELLO_FIELDS override those of its hello (e.g. private=True, name=...)."""
     key = key or Ed25519PrivateKey.generate()
     async with control_socket(relay_url) as ws:
         challenge = json.loads(await ws.get_message())
-        await ws.send_message(json.dumps(hello(relay_url, challenge, key)))
+        await ws.send_message(json.dumps(hello(relay_url, challenge, key, **hello_fields)))
         welcome = json.loads(await ws.get_message())
         assert welcome["type"] == "welcome", welcome
         await ws.send_message(json.dumps({"type": "files", "reset": True, "add": files or [],
@@ -191,3 +209,66 @@ async def closed_within(ws: trio_websocket.WebSocketConnection, seconds: float) 
         except trio_websocket.ConnectionClosed:
             return True
     return False
+
+
+# ---------------------------------------------------------------- a rogue relay
+
+
+@dataclass
+class RogueRelay:
+    """A relay that a share connects to, and that passes the share's admission on to the
+    real relay: see `rogue_relay`."""
+
+    url: str  # what to give the share as --relay
+    real_url: str
+    answers: list[dict[str, Any]] = field(default_factory=list)  # the real relay's to hellos
+    admitted: trio.Event = field(default_factory=trio.Event)  # the real relay said welcome
+
+
+@asynccontextmanager
+async def rogue_relay(real_url: str) -> AsyncIterator[RogueRelay]:
+    """A websocket server on 127.0.0.1:0 that, for each share connecting to it, opens a
+    control connection to REAL_URL carrying the same Host header as the share's (which
+    the rogue chooses freely) and forwards every message both ways: the real relay's
+    challenge to the share, the share's signed hello to the real relay, the welcome back,
+    and the catalogue and everything after. Before admissions were bound to the relay's
+    own identity, this got the share admitted at the real relay through the rogue."""
+    rogue = RogueRelay("", real_url)
+    real_host, real_port = host_port(real_url)
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        share_ws = await request.accept()
+        host = protocol.websocket_host_header(rogue.url)  # the Host the share signed
+        async with trio.open_nursery() as nursery:
+            stream = await trio.open_tcp_stream(real_host, real_port)
+            real_ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, host, protocol.CONTROL_PATH, max_message_size=64 << 20)
+
+            async def pump(src: trio_websocket.WebSocketConnection,
+                           dst: trio_websocket.WebSocketConnection, from_real: bool) -> None:
+                try:
+                    while True:
+                        text = await src.get_message()
+                        if from_real:
+                            msg = json.loads(text)
+                            if msg.get("type") in ("welcome", "refused"):
+                                rogue.answers.append(msg)
+                                if msg["type"] == "welcome":
+                                    rogue.admitted.set()
+                        await dst.send_message(text)
+                except trio_websocket.ConnectionClosed:
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump, share_ws, real_ws, False)
+            nursery.start_soon(pump, real_ws, share_ws, True)
+        for ws in (share_ws, real_ws):
+            with trio.move_on_after(1):
+                await ws.aclose()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0,
+                                     None)
+        rogue.url = f"http://127.0.0.1:{server.port}"
+        yield rogue
+        nursery.cancel_scope.cancel()
