@@ -153,6 +153,13 @@ def _private_dir(path: str) -> str:
     nobody else can replace it (a sticky /tmp lets only the owner rename or delete)."""
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        # Ours, and nobody else could ever write in it (e.g. 0755, as older kbfs versions
+        # left it): nothing in it can be planted, so making it private is safe.
+        if (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                and st.st_mode & 0o077 and not st.st_mode & 0o022):
+            os.chmod(path, 0o700, follow_symlinks=False)
     problem = private_dir_problem(path)
     if problem is not None:
         raise ConfigError(
@@ -190,7 +197,7 @@ def status_path(mountpoint: str) -> str:
 def log_path(cache_dir: str, mountpoint: str) -> str:
     key = hashlib.sha1(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir, "logs")
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(folder, mode=0o700, exist_ok=True)  # logs name the files read: private
     return os.path.join(folder, f"mount-{key}.log")
 
 
@@ -533,7 +540,10 @@ def spawn_mount(
     logfile = log_path(cache_dir, mountpoint)
     r, w = os.pipe()
     env = dict(os.environ, KBFS_MOUNT_LOG=logfile)
-    with open(logfile, "ab") as out:
+    # 0600, and never through a link planted in a folder another user could write.
+    fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with open(fd, "ab") as out:
         child = subprocess.Popen(
             [sys.executable, "-m", "kbfs", *argv, "--ready-fd", str(w)],
             stdin=subprocess.DEVNULL,

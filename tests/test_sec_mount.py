@@ -350,6 +350,9 @@ def test_default_runtime_dir_is_private(tmp_path: Path) -> None:
     (folder / "a.txt").write_text("a\n")
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
+    # As an older kbfs left it: ours, 0755 (nobody else could write in it): made private.
+    (tmpdir / f"kbfs-{os.getuid()}").mkdir(mode=0o755)
+    (tmpdir / f"kbfs-{os.getuid()}").chmod(0o755)
     env = _runtime_env(tmp_path, tmpdir)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -363,6 +366,8 @@ def test_default_runtime_dir_is_private(tmp_path: Path) -> None:
             st = os.lstat(d)
             assert (st.st_mode & 0o7777, st.st_uid) == (0o700, os.getuid()), d
         assert len(list((run / "mounts").glob("*.json"))) == 1
+        log = Path(res.stdout.split("log ", 1)[1].rstrip(")\n"))
+        assert os.stat(log).st_mode & 0o777 == 0o600 and os.stat(log.parent).st_mode & 0o777 == 0o700
         assert not any((tmp_path / "xdg-open").iterdir())
         assert run_kbfs(["umount", str(mnt)], env=env).returncode == 0
     finally:
