@@ -138,6 +138,10 @@ class _SlowStart(_Failed):
     """A source did not start its answer within the time it was given."""
 
 
+class _SlowAnswer(requests.ConnectionError):
+    """A small GET whose answer did not start within the time it was given."""
+
+
 class AnswerTooLarge(requests.RequestException):
     """An answer (tree, /api/find, listing) is larger than what it may be."""
 
@@ -221,12 +225,15 @@ class Fetcher:
                 return res
         return None
 
-    def _find_at(self, relay: str, sha1: str, until: float) -> FindResult | None:
+    def _find_at(self, relay: str, sha1: str, until: float,
+                 cached_only: bool = False) -> FindResult | None:
         now = time.monotonic()
         with self._lock:
             hit = self._find_cache.get((relay, sha1))
         if hit is not None and hit[0] > now:
             return hit[1]
+        if cached_only:
+            return None
         result: FindResult | None = None
         ttl = FIND_FAIL_TTL
         try:
@@ -259,9 +266,12 @@ class Fetcher:
         seen.update(s.url for s in own)
         advertised: list[_Source] = []
         for relay in self.relays:
-            if not self.direct or time.monotonic() >= until or self._penalised(_origin(relay)):
-                continue
-            found = self._find_at(relay, sha1, until)
+            if not self.direct:
+                break
+            # A relay that failed a moment ago is not asked again, but what it said stands:
+            # the direct URLs it listed are the fallback while it is down.
+            found = self._find_at(relay, sha1, until, cached_only=(
+                time.monotonic() >= until or self._penalised(_origin(relay))))
             for url in found.urls if found else []:
                 base, why = direct_base(url, sha1)
                 if base is None:
@@ -365,7 +375,13 @@ class Fetcher:
         reasons = []
         lied = 0
         seen_trees: set[str] = set()
-        for n, src in enumerate(order):
+        # (source, patient): a source that did not start answering within
+        # first_byte_timeout is asked once more, after the others, with the whole timeout.
+        work = [(src, False) for src in order]
+        i = 0
+        while i < len(work):
+            src, patient = work[i]
+            i += 1
             if time.monotonic() >= until:
                 break
             if src.local:
@@ -376,21 +392,21 @@ class Fetcher:
                     continue
                 return blob
             base = _tree_url(src.url, sha1)
-            if base is None or base in seen_trees:
+            if base is None or (base in seen_trees and not patient):
                 continue
             seen_trees.add(base)
             t0 = time.monotonic()
             try:
                 t = max(0.1, min(self.timeout, until - t0))
-                # A source that does not start answering soon is passed over while another
-                # is left to ask; the last one gets the whole timeout.
-                head = t if n == len(order) - 1 else min(t, self.first_byte_timeout)
+                head = t if patient else min(t, self.first_byte_timeout)
                 status, body = self._get_small(base, t, want, head)
             except requests.RequestException as exc:
+                if isinstance(exc, _SlowAnswer) and not patient:
+                    work.append((src, True))
                 self._record(src.key, False, seconds=time.monotonic() - t0)
                 log.warning("tree of %s from %s failed: %s", sha1, base, _short(exc))
-                reasons.append(f"{base}: " + (str(exc) if isinstance(exc, AnswerTooLarge)
-                                              else exc.__class__.__name__))
+                reasons.append(str(exc) if isinstance(exc, (AnswerTooLarge, _SlowAnswer))
+                               else f"{base}: {exc.__class__.__name__}")
                 continue
             if status == 200 and len(body) == want:
                 if root is not None and not _tree_matches(body, size, block_size, root):
@@ -642,7 +658,7 @@ class Fetcher:
             try:
                 r = self._get(url, headers=headers, timeout=(head, head), stream=True)
             except (requests.ConnectTimeout, requests.ReadTimeout):
-                raise requests.ConnectionError(f"no answer within {head:g} s") from None
+                raise _SlowAnswer(f"{url}: no answer within {head:g} s") from None
             with r:
                 sock = _socket_of(r)
                 if sock is not None:
@@ -653,6 +669,8 @@ class Fetcher:
         netloc, _, path = url.partition("://")[2].partition("/")
         try:
             conn, resp = _plain_request(self._plain_conns(), netloc, "/" + path, headers, head)
+        except _SlowStart as exc:
+            raise _SlowAnswer(f"{url}: {exc.args[0]}") from None
         except _Failed as exc:
             raise requests.ConnectionError(exc.args[0]) from None
         done = False

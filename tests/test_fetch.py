@@ -189,7 +189,7 @@ def test_direct_urls_rank_after_the_relay_until_proven(src, src2, data):
 def test_liar_goes_last_for_long(src, src2, data, monkeypatch):
     """A source that sent bytes failing verification loses its proof and goes behind even
     a source that merely failed, for LIE_PENALTY seconds (not the short PENALTY)."""
-    monkeypatch.setattr(fetch, "LIE_PENALTY", 3.0)
+    monkeypatch.setattr(fetch, "LIE_PENALTY", 3.0, raising=False)
     info = src.add(data, block_size=BS)
     src2.add(data, block_size=BS)
     with Fetcher([src.url, src2.url]) as f:
