@@ -70,14 +70,17 @@ def check_cache(cache_dir: str | Path, truths: dict[str, bytes],
     TRUTHS and holds exactly its block's bytes (so it matches its leaf); return the count.
     Temporary files (leading '.') are skipped: they are never taken for blocks."""
     root = Path(cache_dir) / "blocks"
+    # Block folders are named by content key (the root, or s1-SHA1-SIZE): see kbfs.cache.
+    keyed = {k: (sha1, d) for sha1, d in truths.items()
+             for k in (tree.tree_of_bytes(d, block_size)[1], f"s1-{sha1}-{len(d)}")}
     n = 0
     for f in root.glob("*/*/*") if root.is_dir() else []:
         if f.name.startswith(".") or not f.is_file():
             continue
-        sha1 = f.parent.name
-        assert sha1 in truths, f"block of unknown content in the cache: {f}"
+        assert f.parent.name in keyed, f"block of unknown content in the cache: {f}"
+        sha1, data = keyed[f.parent.name]
         i = int(f.name)
-        want = truths[sha1][i * block_size:(i + 1) * block_size]
+        want = data[i * block_size:(i + 1) * block_size]
         got = f.read_bytes()
         assert got == want, f"{f}: {len(got)} bytes that do not match block {i} of {sha1}"
         assert tree.leaf_hash(got) == tree.leaf_hash(want)
