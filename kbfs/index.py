@@ -10,8 +10,14 @@ What a scan does:
 
 - walks ROOT_DIR with `os.scandir`, skipping hidden names (leading '.'), anything that
   is not a regular file or a folder, the state folder when it lies inside ROOT_DIR,
-  and symlinks whose real path leaves ROOT_DIR (a symlink that stays inside is
-  followed; a link back to one of its own ancestor folders is not);
+  and symlinks whose real path leaves ROOT_DIR or is hidden (has a part with a leading
+  '.' below ROOT_DIR: `public.txt -> .ssh/id_rsa` is not shared). A symlink that stays
+  inside to a visible path is followed; a link back to one of its own ancestor folders
+  is not;
+- skips regular files with more than one hard link (`st_nlink > 1`) unless
+  `hard_links=True` (env `KBFS_SHARE_HARD_LINKS=1`): a hard link is the same file as its
+  other names, which may lie outside the folder or be hidden, and nothing tells where
+  they are. Each skipped link is logged once (per index) at warning level;
 - re-hashes (one pass, `prv.digest_file`) only files whose stat tuple changed since
   the last scan, drops rows of files that are gone, and commits in batches so files
   hashed early in a long first scan are served before the scan ends;
@@ -44,6 +50,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.sqlite"
 HASH_ATTEMPTS = 3  # a file still changing after this many reads waits for the next scan
+HARD_LINKS_ENV = "KBFS_SHARE_HARD_LINKS"  # "1": share files with several hard links
+_LOGGED_MAX = 10000  # paths whose skipping was logged (each once)
 
 _COLUMNS = "path, size, mtime_ns, ctime_ns, inode, sha1, fcs, root"
 _SCHEMA = """
@@ -131,6 +139,12 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _hidden_below(path: str, folder: str) -> bool:
+    """True when PATH (inside FOLDER) has a part below FOLDER that starts with '.'."""
+    rest = path[len(folder.rstrip(os.sep)):].strip(os.sep)
+    return any(part.startswith(".") for part in rest.split(os.sep) if part)
+
+
 @dataclass(frozen=True)
 class _Candidate:
     relpath: str
@@ -148,8 +162,13 @@ class ShareIndex:
         *,
         commit_seconds: float = 0.5,
         commit_files: int = 500,
+        hard_links: bool | None = None,
     ) -> None:
         self.root_dir = os.path.realpath(root_dir)
+        # Files with several hard links: refused unless asked for (module docstring).
+        self.hard_links = (os.environ.get(HARD_LINKS_ENV, "").strip() == "1"
+                           if hard_links is None else hard_links)
+        self._logged: set[str] = set()
         if not os.path.isdir(self.root_dir):
             raise NotFound(f"{root_dir}: not a folder")
         self.state_dir = os.path.realpath(state_dir)
@@ -329,9 +348,12 @@ class ShareIndex:
                     if entry.is_symlink():
                         target = os.path.realpath(entry.path)
                         if not _inside(target, self.root_dir):
-                            log.debug("skipping %s: symlink leaves the shared folder", entry.path)
+                            self._skip(entry.path, "symlink leaves the shared folder")
                             continue
                         if _inside(target, self.state_dir):
+                            continue
+                        if _hidden_below(target, self.root_dir):
+                            self._skip(entry.path, "symlink to a hidden path")
                             continue
                         st = os.stat(target)
                     else:
@@ -349,9 +371,21 @@ class ShareIndex:
                         continue
                     subdirs.append((entry.path, relpath + "/", ancestors | {dir_id}))
                 elif stat.S_ISREG(st.st_mode):
+                    if st.st_nlink > 1 and not self.hard_links:
+                        self._skip(entry.path, f"{st.st_nlink} hard links (its other names may "
+                                   f"be outside the folder; {HARD_LINKS_ENV}=1 shares them)")
+                        continue
                     yield _Candidate(relpath, entry.path, _stat_key(st))
             # Reversed so the stack pops folders in name order (deterministic scans).
             stack.extend(reversed(subdirs))
+
+    def _skip(self, path: str, why: str) -> None:
+        """Log once per path (per index) that PATH is not shared, and why."""
+        if path in self._logged:
+            return
+        if len(self._logged) < _LOGGED_MAX:
+            self._logged.add(path)
+        log.warning("not sharing %s: %s", path, why)
 
     def scan(
         self,

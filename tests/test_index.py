@@ -337,3 +337,76 @@ def test_close_during_a_scan_stops_it(tmp_path: Path, share: Path, make_file: Ma
     with ShareIndex(str(share), str(tmp_path / "state")) as again:
         assert again.totals()[0] == 2  # what was committed stays
         assert again.scan().added == 3
+
+
+def test_symlinks_to_hidden_paths_and_hard_links_are_not_indexed(
+    tmp_path: Path, share: Path, make_file: MakeFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`public.txt -> .ssh/id_rsa` would publish a hidden file under a visible name, and a
+    hard link may be another name of a file outside the folder: neither is indexed (one
+    log line each, not one per scan). Hard links are shared when asked for."""
+    make_file(share / ".ssh" / "id_rsa", 10, seed=11)
+    make_file(share / ".env", 10, seed=12)
+    make_file(share / "ok.bin", 10, seed=13)
+    make_file(tmp_path / "outside" / "passwd", 10, seed=14)
+    os.symlink(".ssh/id_rsa", share / "public.txt")
+    os.symlink(share / ".env", share / "env.txt")
+    os.symlink(".ssh", share / "keys")  # a folder link into a hidden folder
+    os.link(tmp_path / "outside" / "passwd", share / "hard.txt")
+    ix = ShareIndex(str(share), str(tmp_path / "state"))
+    try:
+        with caplog.at_level("WARNING", "kbfs.index"):
+            ix.scan()
+            ix.scan()
+        assert [f.path for f in ix.list_dir("")[1]] == ["ok.bin"]
+        assert ix.list_dir("")[0] == []
+        lines = [r.getMessage() for r in caplog.records if "not sharing" in r.getMessage()]
+        assert len(lines) == 4, lines
+        assert any("hard.txt" in m and "hard links" in m for m in lines), lines
+        assert any("public.txt" in m and "hidden" in m for m in lines), lines
+    finally:
+        ix.close()
+    # A file that gains a second name after it was indexed is dropped at the next scan
+    # (and is not current meanwhile: the link changed its ctime).
+    ix = ShareIndex(str(share), str(tmp_path / "state"))
+    try:
+        f = ix.lookup_path("ok.bin")
+        assert f is not None and ix.is_current(f)
+        os.link(share / "ok.bin", tmp_path / "ok-elsewhere")
+        assert not ix.is_current(f)
+        ix.scan()
+        assert ix.lookup_path("ok.bin") is None
+    finally:
+        ix.close()
+    with ShareIndex(str(share), str(tmp_path / "state2"), hard_links=True) as ix2:
+        ix2.scan()
+        assert sorted(f.path for f in ix2.list_dir("")[1]) == ["hard.txt", "ok.bin"]
+
+
+def test_share_does_not_serve_hidden_symlink_targets_or_hard_links(tmp_path: Path) -> None:
+    """A real `kbfs share` on a real relay: neither the hidden file behind a visible
+    symlink nor the hard link to a file outside the folder can be read, by path or by
+    sha1; an ordinary file can."""
+    import netutil  # tests/ is on sys.path; only this test needs processes
+    import requests
+
+    data = tmp_path / "data"
+    (data / ".secret").mkdir(parents=True)
+    (data / ".secret" / "key").write_bytes(b"HIDDEN-KEY-5d1e\n")
+    (tmp_path / "outside.txt").write_bytes(b"OUTSIDE-FILE-8a2c\n")
+    (data / "ok.txt").write_bytes(b"fine\n")
+    os.symlink(".secret/key", data / "public.txt")
+    os.link(tmp_path / "outside.txt", data / "hard.txt")
+    sha = {n: hashlib.sha1(b).hexdigest()
+           for n, b in (("key", b"HIDDEN-KEY-5d1e\n"), ("out", b"OUTSIDE-FILE-8a2c\n"))}
+    with netutil.start_relay(tmp_path / "logs") as relay, \
+            netutil.start_share(data, relay.url, tmp_path / "logs") as sh:
+        base = f"{relay.url}/s/{sh.id}"
+        assert requests.get(f"{base}/file/ok.txt", timeout=10).content == b"fine\n"
+        for url in (f"{base}/file/public.txt", f"{base}/file/hard.txt",
+                    f"{relay.url}/sha1/{sha['key']}", f"{relay.url}/sha1/{sha['out']}"):
+            r = requests.get(url, timeout=10)
+            assert r.status_code == 404, (url, r.status_code, r.content[:100])
+        names = [f["name"] for f in requests.get(f"{base}/list/", timeout=10).json()["files"]]
+        assert names == ["ok.txt"]
+        assert "not sharing" in sh.proc.stderr()
