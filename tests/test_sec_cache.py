@@ -391,3 +391,27 @@ def test_existing_wide_cache_is_narrowed_and_another_users_is_refused(tmp_path: 
     ptr = hp.write(tmp_path / "x.prv", hp.rootless_of("a" * 40, 10))
     got = kb(tmp_path, "cat", ptr, "--cache-dir", str(theirs))
     assert "another user" in one_line(got)
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                    reason="needs /dev/fuse and fusermount3")
+def test_mount_serves_no_byte_of_rootless_content_from_a_consistent_liar(tmp_path: Path) -> None:
+    """The mount reads through the same cache: before the fix its first read of a
+    root-less file handed out the liar's bytes."""
+    from mountutil import mounted
+
+    real = os.urandom(2 * MiB + 9)
+    sha1 = hashlib.sha1(real).hexdigest()
+    pointers = tmp_path / "pointers"
+    pointers.mkdir()
+    hp.write(pointers / "old.bin.prv", hp.rootless_of(sha1, len(real)))
+    with HTTPSource() as src:
+        src.add(os.urandom(len(real)), sha1=sha1)
+        with mounted(str(pointers), tmp_path, relays=[src.url]) as m:
+            with pytest.raises(OSError) as err, open(m.path("old.bin"), "rb") as f:
+                f.read(10)
+            assert err.value.errno == 5  # EIO
+            src.add(real)
+            with open(m.path("old.bin"), "rb") as f:
+                assert f.read() == real
