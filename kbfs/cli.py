@@ -109,7 +109,7 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
     \b
     Publish:   kbfs share DIR --relay URL
-    Serve:     kbfs relay --port 8080
+    Serve:     kbfs relay --port 8080 --public-url http://HOST:8080
     Point:     kbfs prv create FILE_OR_DIR
     Read:      kbfs mount POINTERS MNT | kbfs download SRC | kbfs cat SRC
     """
