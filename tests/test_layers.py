@@ -2,7 +2,7 @@
 
 An ast walk over kbfs/*.py (imports inside functions count too). Layers:
 
-    L0  errors, prv, tree, protocol, config     may import L0
+    L0  errors, prv, tree, proof, protocol, config     may import L0
     L1  index, httpserve                        L0
     L2  share, relay, fetch, cache              L0, L1; never each other
     L3  fusefs, reader                          L0 and cache only
@@ -23,7 +23,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kbfs"
 
-L0 = {"errors", "prv", "tree", "protocol", "config"}
+L0 = {"errors", "prv", "tree", "proof", "protocol", "config"}
 L1 = {"index", "httpserve"}
 L2 = {"share", "relay", "fetch", "cache"}
 L3 = {"fusefs", "reader"}
