@@ -370,6 +370,11 @@ class Fetcher:
         sources = self._sources(sha1, size, until)
         local = [s for s in sources if s.local]
         remote = [s for s in sources if not s.local]
+        if root is None:
+            # A root-less tree is taken on trust (until the whole-file SHA-1 is checked):
+            # the relays the user chose are asked before any URL a share advertised, even
+            # one that proved itself on other content. Penalised sources stay behind.
+            remote.sort(key=lambda s: (self._rank(s) >= 4, s.direct))
         # Hashing a local copy reads all of it: worth it first only for modest files.
         order = local + remote if size <= LOCAL_TREE_LIMIT else remote + local
         reasons = []

@@ -186,6 +186,25 @@ def test_direct_urls_rank_after_the_relay_until_proven(src, src2, data):
         assert src.counts()["sha1"] == n
 
 
+def test_rootless_tree_asks_the_relay_before_a_proven_direct_url(src, src2, data):
+    """Proof on one content does not buy trust for a root-less tree of another: the
+    relay's own /tree/ is asked first."""
+    info = src.add(data, block_size=BS)
+    other = os.urandom(3 * BS)
+    info2 = src.add(other, block_size=BS)
+    src2.add(data, block_size=BS)
+    src2.add(other, block_size=BS)
+    src.extra_urls.append(src2.url + "/sha1/{sha1}")
+    src.mode = "error500"
+    with Fetcher([src.url]) as f:
+        f.fetch_blocks(info.sha1, info.size, 0, 2, info.leaves, BS)  # src2 proven
+        assert f.last_source(info.sha1) == src2.sha1_url(info.sha1)
+        src.mode = "ok"
+        time.sleep(fetch.PENALTY + 0.1)
+        assert f.fetch_tree(info2.sha1, info2.size, BS) == info2.leaves_blob
+        assert src2.counts().get("tree", 0) == 0 and src.counts()["tree"] == 1
+
+
 def test_liar_goes_last_for_long(src, src2, data, monkeypatch):
     """A source that sent bytes failing verification loses its proof and goes behind even
     a source that merely failed, for LIE_PENALTY seconds (not the short PENALTY)."""
