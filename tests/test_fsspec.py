@@ -8,6 +8,7 @@ must go over the network pass `local=False` (or `--no-local`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -95,7 +96,10 @@ def test_kbfs_uri_through_the_relay(net: Net, tmp_path: Path) -> None:
     loc = client.locate(url, cache_dir=cache_dir)
     assert loc.urls[0].endswith(f"/s/{net.share.id}/file/sub/deep.bin")
     assert f"{net.relay.url}/sha1/{r.ref.sha1}" in loc.urls
-    assert loc.local == [str(net.data_dir / "sub" / "deep.bin")]
+    # A listing names the file by its path inside the share, never the share's folder on
+    # its machine (issue 14, item 12): nothing local is found from it here.
+    assert r.pointer is not None and r.pointer.original_path == "sub/deep.bin"
+    assert loc.local == []
 
 
 def test_prv_and_sha1_through_the_relay(net: Net, tmp_path: Path) -> None:
@@ -143,9 +147,11 @@ def test_relay_down_local_original_still_serves(tmp_path: Path, make_file: Any) 
             share.stop()
     finally:
         relay.stop()
-    assert r.pointer is not None
+    assert r.pointer is not None and r.pointer.original_path == "rec.bin"  # share-relative
+    # The pointer as the share's own machine writes it (its absolute original_path).
     ptr = tmp_path / "rec.bin.prv"
-    ptr.write_text(r.pointer.to_json())
+    ptr.write_text(dataclasses.replace(r.pointer, original_path=str(data_dir / "rec.bin"))
+                   .to_json())
     s = {"relays": [relay.url], "cache_dir": str(tmp_path / "cache")}
     with kbfs.open(str(ptr), **s) as f:
         assert f.read() == data
