@@ -11,6 +11,14 @@ over TCP (Linux), in the kernel (`httpserve.BodySplice`: socket -> pipe -> socke
 bytes never enter Python); otherwise chunk by chunk through hypercorn's small receive
 queue.
 
+Trust: a share is admitted only with a signature for one of this relay's own hosts
+(`--public-url`, else its listening address), so admissions cannot be relayed by a rogue
+relay. A reader's bearer token is sent to the one share it names and to no other; a
+private share's content, files, listing and very presence are answered only to requests
+it accepted (the same 404 as for absent content on /sha1/ and /tree/). A request is sent
+to the shares holding the content in turn, hedged after HEDGE_DELAY, first to start wins.
+Everything shares send that is logged is escaped.
+
 File bytes never travel over the websocket. This module must not import `share`,
 `fetch` or `cache`; it never reads shared files itself. See docs/protocol.md.
 """

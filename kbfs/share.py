@@ -11,6 +11,10 @@ under its old SHA-1; the upload is refused or cut short and a rescan is started.
 `--listen` the same verified reads are also served directly over HTTP (`/sha1/`,
 `/tree/`).
 
+A private share checks bearer tokens it issued (`issue_token`: HMAC with a secret of its
+state folder, 30-day expiry by default, recorded in tokens.jsonl; `revoke_token` appends
+to `revoked`, re-read on every check, and relays are told `auth_reset`).
+
 It serves only regular files of its index inside its folder: nothing hidden, nothing
 of its state folder, no path leaving the folder. This module must not import `relay`,
 `fetch` or `cache`. See docs/protocol.md.
