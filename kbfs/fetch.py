@@ -23,7 +23,8 @@ it has to deliver verified bytes first (as the fallback when the relay fails or 
 start). Any order is safe for the bytes of a pointer with a root (every block is checked
 against leaves that hash up to it); for a root-less pointer the first tree taken is trusted
 until the whole-file SHA-1 is checked (`kbfs.cache`), which is why relays the user
-configured rank before URLs a share advertised.
+configured rank before URLs a share advertised, and a root-less tree is asked of the
+relays before any direct URL, even a proven one.
 
 `fetch_blocks` makes one HTTP range request per attempt, streams the body into one
 preallocated buffer (no per-chunk copies), checks 206 + Content-Range, and verifies every
