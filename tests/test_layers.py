@@ -23,8 +23,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kbfs"
 
-L0 = {"errors", "prv", "tree", "proof", "protocol", "config"}
-L1 = {"index", "httpserve"}
+L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "piecefile", "catalog"}
+L1 = {"index", "httpserve", "piecestore"}
 L2 = {"share", "relay", "fetch", "cache"}
 L3 = {"fusefs", "reader"}
 L4 = {"mount", "client", "cli", "cliutil", "__main__", "demo"}
