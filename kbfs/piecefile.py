@@ -24,11 +24,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import re
 import secrets
+import shutil
 import stat
 import sys
+import time
+
+log = logging.getLogger(__name__)
 
 # The seam: every Linux-only call below checks this flag first.
 LINUX_CALLS: bool = sys.platform.startswith("linux") and os.environ.get("KBFS_PORTABLE", "") != "1"
@@ -255,3 +260,57 @@ def _unlink(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def sweep(directory: str, known: set[str], min_age: float) -> int:
+    """Unlink files under DIRECTORY/data whose name is not in KNOWN (data files without a
+    catalogue row: a crash between an eviction's commit and its unlink; temporary files)
+    and older than MIN_AGE seconds; how many."""
+    top = os.path.join(directory, "data")
+    now = time.time()
+    gone = 0
+    for shard in _listdir(top):
+        folder = os.path.join(top, shard)
+        for name in _listdir(folder):
+            path = os.path.join(folder, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if name not in known and now - st.st_mtime >= min_age and not stat.S_ISDIR(st.st_mode):
+                gone += _unlink(path)
+    return gone
+
+
+LEGACY = ("blocks", "trees", "complete", "files")   # today's cache (kbfs/cache.py) layout
+LEGACY_FILES = ("layout", "mark.key")
+
+
+def discard_legacy(directory: str) -> list[str]:
+    """Remove today's cache layout (`blocks/`, `trees/`, `complete/`, `files/`, and its
+    `layout` and `mark.key`) from DIRECTORY, with one log line; the names removed. Nothing
+    is migrated: caches are re-fetchable. Symlinks are removed, never followed."""
+    if not any(os.path.lexists(os.path.join(directory, n)) for n in LEGACY):
+        return []
+    removed: list[str] = []
+    for name in (*LEGACY, *LEGACY_FILES):
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _unlink(path)
+        removed.append(name)
+    log.warning("cache %s: removed the old block cache (%s); its contents are fetched again when needed",
+                directory, ", ".join(removed))
+    return removed

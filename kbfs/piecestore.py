@@ -1,36 +1,30 @@
-"""The piece store: verified 64 KiB pieces of contents on disk, with LRU over whole contents.
+"""The piece store: verified pieces of contents on disk, with LRU over whole contents.
 
-`PieceStore(directory, capacity, min_free)` keeps, per content key (a tree root, or
-`s1-<sha1>-<size>`), one sparse data file (`kbfs.piecefile`) and a row in the catalogue
-(`kbfs.catalog`) with a bitmap of the pieces it durably holds. It is the disk layer of the
-next cache and is not wired into readers yet.
+`PieceStore(directory, capacity, min_free)` keeps per content key (a tree root, or
+`s1-<sha1>-<size>`) one sparse data file (`kbfs.piecefile`) and a catalogue row with a bitmap
+of the pieces it durably holds (`kbfs.catalog`). The disk layer of the next cache; no reader
+uses it yet.
 
-Trust rule. Every piece handed to `put` was verified by the caller. The store never claims
-a piece it does not durably hold: `put` writes the bytes (pwrite) and only then sets the
-piece's bit in memory; the bit reaches the catalogue in a batch (about once a second, or on
-`flush()`/`close()`) after every data file of the batch was fdatasynced. A kill -9 or a
-power cut may lose bits, never add one. Another process sees a piece once it is committed.
-`read` answers only when every piece covering the range is present (committed, or written
-by this process: its bytes are in the page cache of the very file the bit is about).
+Trust rule. The caller verified every piece given to `put`; the store never claims a piece
+it does not durably hold. `put` writes the bytes, then sets the bit in memory; bits reach
+the catalogue in batches (about once a second, on `flush()`, `close()`) only after each data
+file of the batch was fdatasynced: a kill -9 or a power cut may lose bits, never add one.
+Other processes see a piece once committed; `read` answers only when every covering piece
+is present (committed, or written by this process into the very file its bit is about).
 
-Capacity. LRU over whole contents by an access counter in the catalogue (touches are
-committed with the bits). After each flush, and when a put finds the disk below the floor,
-the least recently used contents are removed (rows committed first, then files unlinked)
-until the used bytes fit `capacity` and the file system has `min_free` bytes free (the
-floor is at most 5% of the file system). Pinned contents (`pin`, a count kept in the
-catalogue across restarts) and contents this process is writing or reading are skipped;
-a content being written by another process may be evicted: that process's bits are then
-dropped at its next commit. The store can exceed `capacity` by what one flush interval
-writes (at most `MAX_UNSYNCED` bytes, a put past that flushes first).
+Capacity. LRU over whole contents (an access counter, touches committed with the bits).
+After each flush, and when a put finds the disk below the floor, the least recently used
+contents go (rows committed, then files unlinked) until `capacity` holds and `min_free`
+(at most 5% of the file system) is free. Skipped: pinned contents (a count kept in the
+catalogue) and contents this process is using. A content another process is writing may be
+evicted: that process's bits are dropped at its next commit. The store may exceed
+`capacity` by one flush interval's writes (a put flushes first past `MAX_UNSYNCED`).
 
-Threads. One lock guards the metadata (open files, in-memory bits, pending batch) and is
-never held during I/O; the catalogue has its own lock around its connection and flushes are
-serialized by a third (so `flush()` returns only when everything put before it is
-committed). Several processes may share one folder (SQLite busy timeouts; bits are OR-ed
-into the committed bitmap, never overwritten).
+Threads: one lock guards the metadata and is never held during I/O; the catalogue has its
+own around its connection; flushes are serialized (so `flush()` returns once everything put
+before it is committed). Processes may share a folder (busy timeouts; bits are OR-ed in).
 
-What it does NOT do: verify anything (stored tree nodes are opaque hints for the caller),
-fetch anything, or coordinate concurrent fetches of one piece.
+Not here: verification (stored tree nodes are opaque hints), fetching, fetch coordination.
 """
 
 from __future__ import annotations
@@ -38,10 +32,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
-import stat
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -49,14 +40,14 @@ from typing import Any
 
 from kbfs import catalog, piecefile
 from kbfs.catalog import Catalog
+from kbfs.piecefile import discard_legacy
 
 log = logging.getLogger(__name__)
 
 PIECE_SIZE = 64 * 1024
 MAX_UNSYNCED = 64 << 20      # bytes written since the last flush before a put flushes itself
 MAX_OPEN = 256               # idle data files kept open
-LEGACY = ("blocks", "trees", "complete", "files")   # today's cache (kbfs/cache.py) layout
-LEGACY_FILES = ("layout", "mark.key")
+__all__ = ["PieceStore", "discard_legacy", "disk_space"]
 
 
 def disk_space(path: str) -> tuple[int, int]:
@@ -134,43 +125,37 @@ class PieceStore:
             return h
 
     def _open(self, key: str, size: int | None, piece_size: int | None) -> _Handle | None:
+        """KEY's data file and its bits. A row's bits count only for the inode it names, and a
+        new file resets the row before it is published (see catalog). Without SIZE (a read)
+        nothing is created or reset, and the row is read after the file is opened."""
         path = piecefile.data_path(self.directory, key)
         for _ in range(5):
+            tmp = None
             fd = piecefile.open_existing(path)
             try:
-                if fd is not None:
-                    ino = piecefile.identity(fd)[1]
-                    if size is None:  # read: trust the row only if it names this file
-                        row = self.catalog.row(key)  # (read after the open: see catalog)
-                        if row is None or row.ino != ino or piecefile.file_size(fd) != row.size:
-                            os.close(fd)
-                            return None
-                        return _Handle(key, row.size, row.piece_size, fd, ino, bytearray(row.bitmap))
-                    assert piece_size is not None
-                    wrong = piecefile.file_size(fd) != size
-                    if wrong:
-                        os.ftruncate(fd, size)
-                    bits = self.catalog.register(key, size, piece_size, ino, reset=wrong)
-                    return _Handle(key, size, piece_size, fd, ino, bytearray(bits))
-                if size is None:
-                    return None
-                assert piece_size is not None
-                fd, tmp = piecefile.create_unpublished(self.directory, key, size)
+                if fd is None:
+                    if size is None:
+                        return None
+                    fd, tmp = piecefile.create_unpublished(self.directory, key, size)
                 ino = piecefile.identity(fd)[1]
-                try:
-                    bits = self.catalog.register(key, size, piece_size, ino, reset=True)
-                except BaseException:
-                    piecefile._unlink(tmp)
-                    raise
-                if piecefile.publish(tmp, path):
+                if size is None or piece_size is None:
+                    row = self.catalog.row(key)
+                    if row is None or row.ino != ino or piecefile.file_size(fd) != row.size:
+                        os.close(fd)
+                        return None
+                    return _Handle(key, row.size, row.piece_size, fd, ino, bytearray(row.bitmap))
+                reset = tmp is not None or piecefile.file_size(fd) != size
+                if reset and tmp is None:
+                    os.ftruncate(fd, size)  # not the file its row describes: start over
+                bits = self.catalog.register(key, size, piece_size, ino, reset=reset)
+                if tmp is None or piecefile.publish(tmp, path):
                     return _Handle(key, size, piece_size, fd, ino, bytearray(bits))
                 os.close(fd)  # another process published first: open theirs
             except BaseException:
                 if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+                    os.close(fd)
+                if tmp is not None:
+                    piecefile._unlink(tmp)
                 raise
         raise OSError(errno.EAGAIN, f"content {key}: data file keeps changing")
 
@@ -260,7 +245,8 @@ class PieceStore:
                 self._stats["misses" if gap else "hits"] += 1
                 if not gap:
                     self._touches.add(key)
-            return None if gap else piecefile.read_at(h.fd, offset, end - offset)
+            data = None if gap else piecefile.read_at(h.fd, offset, end - offset)
+            return data if data is not None and len(data) == end - offset else None
         finally:
             self._release(h)
 
@@ -271,26 +257,26 @@ class PieceStore:
                 catalog.merge(h.bits, row.bitmap)
 
     def present(self, key: str) -> bytes | None:
-        """KEY's bitmap of readable pieces (catalogue's, refreshed, plus this process's
+        """KEY's bitmap of readable pieces (the catalogue's, refreshed, plus this process's
         uncommitted ones), or None for an unknown content."""
+        got = self._present(key)
+        return None if got is None else got[0]
+
+    def _present(self, key: str) -> tuple[bytes, int] | None:
         h = self._get(key)
         if h is None:
             return None
         try:
             self._refresh(h)
             with self._lock:
-                return bytes(h.bits)
+                return bytes(h.bits), catalog.piece_count(h.size, h.piece_size)
         finally:
             self._release(h)
 
     def ranges(self, key: str) -> list[tuple[int, int]]:
         """KEY's present pieces as inclusive (first, last) runs."""
-        bits = self.present(key)
-        if bits is None:
-            return []
-        row = self.catalog.row(key)
-        count = catalog.piece_count(row.size, row.piece_size) if row else len(bits) * 8
-        return catalog.ranges(bits, count)
+        got = self._present(key)
+        return [] if got is None else catalog.ranges(*got)
 
     def missing(self, key: str, first: int, last: int) -> list[int]:
         """Pieces in [FIRST, LAST] of KEY that are not present."""
@@ -324,35 +310,31 @@ class PieceStore:
                 self._unsynced = 0
             bits: dict[str, tuple[int, Iterable[int]]] = {}
             failed: set[str] = set()
-            dropped: set[str] = set()
-            committed = False
+            dropped: set[str] | None = None
             try:
                 for h, indices in batch:
                     try:
-                        piecefile.sync(h.fd)
+                        piecefile.sync(h.fd)   # first the bytes, durable ...
                         bits[h.key] = (h.ino, indices)
-                    except OSError as exc:  # the bytes may be lost: never commit their bits
+                    except OSError as exc:     # ... or their bits are never committed
                         log.warning("piece store %s: fdatasync of %s failed: %s", self.directory, h.key, exc)
                         failed.add(h.key)
-                if bits or touches:
-                    dropped = self.catalog.commit(bits, touches)
-                committed = True
+                dropped = self.catalog.commit(bits, touches) if bits or touches else set()  # ... then bits
             finally:
-                if not committed:  # the catalogue failed: the next flush tries these again
-                    with self._lock:
+                with self._lock:
+                    if dropped is None:  # the catalogue failed: the next flush tries again
                         for h, indices in batch:
                             if not h.retired and h.key not in failed:
                                 h.pending |= indices
                         self._touches |= touches
+                    lost = failed | (dropped or set())
+                    self._stats["flushes"] += 1
+                    if dropped is not None:
+                        self._stats["bits_committed"] += sum(len(i) for h, i in batch if h.key not in lost)
+                    self._stats["bits_dropped"] += sum(len(i) for h, i in batch if h.key in lost)
                 for h, _ in batch:
                     self._release(h)
-                self._retire(failed)
-            self._retire(dropped)
-            with self._lock:
-                self._stats["flushes"] += 1
-                self._stats["bits_committed"] += sum(len(i) for h, i in batch if h.key in bits
-                                                     and h.key not in dropped)
-                self._stats["bits_dropped"] += sum(len(i) for h, i in batch if h.key in dropped | failed)
+                self._retire(lost)
             self._trim_handles()
         self.evict_to(self.capacity)
 
@@ -420,23 +402,7 @@ class PieceStore:
         self._sweep(min_age=0.0)
 
     def _sweep(self, min_age: float = 600.0) -> None:
-        """Remove data files without a row (a crash between an eviction's commit and its
-        unlink) and temporary files older than MIN_AGE seconds."""
-        known = set(self.catalog.keys())
-        top = os.path.join(self.directory, "data")
-        now = time.time()
-        for shard in _listdir(top):
-            folder = os.path.join(top, shard)
-            for name in _listdir(folder):
-                path = os.path.join(folder, name)
-                try:
-                    st = os.lstat(path)
-                except OSError:
-                    continue
-                if name in known or now - st.st_mtime < min_age:
-                    continue
-                if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                    piecefile._unlink(path)
+        piecefile.sweep(self.directory, set(self.catalog.keys()), min_age)
 
     def close(self) -> None:
         """Commit what is pending, close every file and the catalogue."""
@@ -460,34 +426,3 @@ class PieceStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
-
-
-def discard_legacy(directory: str) -> list[str]:
-    """Remove today's cache layout (`blocks/`, `trees/`, `complete/`, `files/`, and its
-    `layout` and `mark.key`) from DIRECTORY, with one log line; the names removed. Nothing
-    is migrated: caches are re-fetchable. Symlinks are removed, never followed."""
-    removed: list[str] = []
-    present = [n for n in LEGACY if os.path.lexists(os.path.join(directory, n))]
-    if not present:
-        return removed
-    for name in (*LEGACY, *LEGACY_FILES):
-        path = os.path.join(directory, name)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            piecefile._unlink(path)
-        removed.append(name)
-    log.warning("cache %s: removed the old block cache (%s); its contents are fetched again when needed",
-                directory, ", ".join(removed))
-    return removed
