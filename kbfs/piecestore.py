@@ -89,7 +89,7 @@ class PieceStore:
             ("puts", "pieces_written", "reads", "hits", "misses", "flushes", "bits_committed",
              "bits_dropped", "evicted_contents", "evicted_bytes", "refused"), 0)
         self._closed = False
-        self._sweep()
+        piecefile.sweep(self.directory, set(self.catalog.keys()), min_age=600.0)  # crash leftovers
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval,),
                                          name="kbfs-piece-flush", daemon=True)
@@ -283,15 +283,13 @@ class PieceStore:
         bits = self.present(key)
         return list(range(first, last + 1)) if bits is None else catalog.missing(bits, first, last)
 
-    def pin(self, key: str) -> int:
-        """Keep KEY from eviction (a count, kept across restarts); the new count."""
+    def pin(self, key: str) -> int:  # keep KEY from eviction (a count kept across restarts)
         return self.catalog.pin(piecefile.check_key(key), +1)
 
     def unpin(self, key: str) -> int:
         return self.catalog.pin(piecefile.check_key(key), -1)
 
-    def put_nodes(self, key: str, name: str, blob: bytes) -> None:
-        """Keep tree nodes for KEY (opaque; the caller re-checks them against the root)."""
+    def put_nodes(self, key: str, name: str, blob: bytes) -> None:  # opaque hints for the caller
         self.catalog.put_nodes(piecefile.check_key(key), name, blob)
 
     def get_nodes(self, key: str, name: str) -> bytes | None:
@@ -335,7 +333,9 @@ class PieceStore:
                 for h, _ in batch:
                     self._release(h)
                 self._retire(lost)
-            self._trim_handles()
+            with self._lock:  # close idle files past MAX_OPEN, least recently used first
+                idle = [k for k, h in self._handles.items() if h.users == 0 and not h.pending]
+            self._retire(idle[: max(0, len(self._handles) - MAX_OPEN)])
         self.evict_to(self.capacity)
 
     def _flush_loop(self, interval: float) -> None:
@@ -344,12 +344,6 @@ class PieceStore:
                 self.flush()
             except Exception:  # noqa: BLE001 - keep flushing; the next round retries
                 log.exception("piece store %s: background flush failed", self.directory)
-
-    def _trim_handles(self) -> None:
-        with self._lock:
-            idle = [k for k, h in self._handles.items() if h.users == 0 and not h.pending]
-            extra = idle[: max(0, len(self._handles) - MAX_OPEN)]
-        self._retire(extra)
 
     # ---- capacity
     def _room(self, n: int) -> bool:
@@ -399,10 +393,7 @@ class PieceStore:
         self._retire(everything)
         for key in keys:
             piecefile.remove(self.directory, key)
-        self._sweep(min_age=0.0)
-
-    def _sweep(self, min_age: float = 600.0) -> None:
-        piecefile.sweep(self.directory, set(self.catalog.keys()), min_age)
+        piecefile.sweep(self.directory, set(self.catalog.keys()), min_age=0.0)
 
     def close(self) -> None:
         """Commit what is pending, close every file and the catalogue."""
