@@ -71,7 +71,9 @@ MAX_CHUNK = 256 << 10  # largest read from a socket
 MIN_CHUNK = 16 << 10  # smallest read target when throttled
 CHUNK_TIME = 0.001  # a throttled read is about this much link time
 HORIZON = 0.003  # read more only while the link has at most this much queued
-LATE_SLACK = 0.002  # a timer this late (epoll rounds to ms) is not charged to the window
+# A timer that fires late (epoll rounds to ms; a loaded machine) is not charged to the connection:
+LATE_SLACK = 0.002  # an ack up to this late still opens the window when it was due
+WAKE_SLACK = 0.010  # the link stays busy when waiting senders are woken up to this late
 INIT_CWND = 10 * 1448  # --slow-start's initial window (Linux's 10 segments)
 RTO_MIN = 0.2
 READS_PER_EVENT = 16
@@ -172,6 +174,7 @@ class Link:
         self.free_at = 0.0  # when the link has sent everything booked so far
         self.waiters: deque[Pipe] = deque()
         self.wake_pending = False
+        self.wake_at = 0.0
         if bytes_per_s:
             self.chunk = int(min(MAX_CHUNK, max(MIN_CHUNK, bytes_per_s * CHUNK_TIME)))
         else:
@@ -190,13 +193,17 @@ class Link:
         self.free_at = end
         return end + self.delay
 
-    def wait(self, pipe: Pipe) -> None:
+    def wait(self, pipe: Pipe, now: float) -> None:
         if not pipe.waiting_link:
-            pipe.waiting_link = True
+            pipe.waiting_link = now  # its data has been waiting since
             self.waiters.append(pipe)
+        self._schedule()
+
+    def _schedule(self) -> None:
         if not self.wake_pending:
             self.wake_pending = True
-            self.loop.call_at(self.free_at - HORIZON, self._wake)
+            self.wake_at = self.free_at - HORIZON
+            self.loop.call_at(self.wake_at, self._wake)
 
     def _wake(self) -> None:
         self.wake_pending = False
@@ -205,11 +212,11 @@ class Link:
             if not self.has_room(monotonic()):
                 break
             pipe = waiters.popleft()
-            pipe.waiting_link = False
-            pipe.try_read()
-        if waiters and not self.wake_pending:
-            self.wake_pending = True
-            self.loop.call_at(self.free_at - HORIZON, self._wake)
+            since = max(self.wake_at, pipe.waiting_link)
+            pipe.waiting_link = 0.0
+            pipe.try_read(since, WAKE_SLACK)
+        if waiters:
+            self._schedule()
 
 
 class Pipe:
@@ -233,7 +240,7 @@ class Pipe:
         self.gate_pending = False
         self.timer_pending = False
         self.ack_pending = False
-        self.waiting_link = False
+        self.waiting_link = 0.0  # when it joined the link's waiters (0: it has not)
         self.dst_ready = True
         self.eof_in = False  # no more reads (EOF seen, or the connection is being reset)
         self.eof_out = False
@@ -241,15 +248,15 @@ class Pipe:
 
     # -- sender side
 
-    def try_read(self, since: float = 0.0) -> None:
-        """Read what the window and the link allow. SINCE: when this became possible (an ack due
-        then), so that the loop's own lateness does not slow the emulated connection down."""
+    def try_read(self, since: float = 0.0, slack: float = LATE_SLACK) -> None:
+        """Read what the window and the link allow. SINCE: when this became possible (an ack or
+        the link's turn due then): up to SLACK of the loop's own lateness is not charged."""
         if self.eof_in or self.dead:
             return
         src = self.src
         now = monotonic()
         if since and since < now:
-            now = max(since, now - LATE_SLACK)
+            now = max(since, now - slack)
         if now < self.gate:
             src.want_read(False)
             if not self.gate_pending:
@@ -265,8 +272,16 @@ class Pipe:
                 src.want_read(False)  # an ack reopens
                 return
             if not link.has_room(now):
+                try:  # wait for the link only with data to send (its wait is then not charged)
+                    src.sock.recv(1, socket.MSG_PEEK)
+                except BlockingIOError:
+                    src.want_read(True)
+                    return
+                except OSError:
+                    self.conn.abort_from(src)
+                    return
                 src.want_read(False)
-                link.wait(self)
+                link.wait(self, monotonic())
                 return
             try:
                 data = src.sock.recv(min(room, link.chunk))

@@ -277,6 +277,19 @@ def test_parallel_connections_share_the_cap(server: _Server) -> None:
         _retry(rate, 0.85 * CAP, 1.15 * CAP)
 
 
+def test_a_request_behind_a_bulk_transfer_still_pays_the_delay(server: _Server) -> None:
+    """The link's queue is short (a few ms), and a waiting sender never gains on the delay."""
+    with LinkEmu(server.port, rtt_ms=40, mbit=100) as link:
+        bulk = threading.Thread(target=_push, args=(link.port, 8 * MB))
+        bulk.start()
+        time.sleep(0.2)
+        try:
+            _retry(lambda: _median_ping(link.port, 0.040), 0.040, 0.040 + 0.020)
+        finally:
+            bulk.join(30)
+    server.sinks.get(timeout=10)
+
+
 def test_window_limits_one_connection(server: _Server) -> None:
     """64 KiB window, 40 ms RTT: 64 KiB per round trip, ~1.6 MB/s, though the link could do 125."""
 
