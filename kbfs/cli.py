@@ -131,28 +131,41 @@ def prv_group() -> None:
 # No exists=True on these paths: click would answer with a 4-line usage error; the
 # commands report a missing or unreadable path as one `kbfs: error:` line instead.
 @click.argument("path", type=click.Path())
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Where to write the pointer.")
-def prv_create(path: str, out: str | None) -> None:
-    """Hash PATH into PATH.prv (a file) or PATH.prvdir (a folder).
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
+              help="Where to write the pointer (default: NAME.prv or NAME.prvdir here).")
+@click.option("-r", "--relay", "relays", multiple=True, metavar="URL",
+              help="A relay that serves this content, written into the pointer as a source "
+                   "hint (repeatable); readers try hints after their own relays.")
+def prv_create(path: str, out: str | None, relays: tuple[str, ...]) -> None:
+    """Hash PATH into NAME.prv (a file) or NAME.prvdir (a folder), in the current folder.
 
     Reads every file once, computing its SHA-1 (for the original MountainLab tools)
-    and its BLAKE3 block tree (so every byte range can be verified).
+    and its BLAKE3 block tree (so every byte range can be verified). The pointer goes
+    into the current folder, not next to the data: the data's folder may be shared, and
+    a pointer written there would be shared as data too.
     """
     path = os.path.normpath(path)
+    hints = list(relays)
+    # Checked before hours of hashing: a bad --relay is one line, now.
+    prv.Pointer("0" * 40, 0).with_sources(hints)
+    name = os.path.basename(os.path.abspath(path)) or "root"
     if os.path.isdir(path):
-        target = out or path + ".prvdir"
+        target = out or name + ".prvdir"
         total = sum(
             os.path.getsize(os.path.join(d, f))
             for d, dirs, files in os.walk(path)
             for f in files
             if not f.startswith(".") and os.path.isfile(os.path.join(d, f))
         )
-        with progress_bar(total, f"hashing {os.path.basename(path)}") as bar:
-            text = prv.create_prvdir(path, progress=bar.update).to_json()
+        with progress_bar(total, f"hashing {name}") as bar:
+            folder = prv.create_prvdir(path, progress=bar.update)
+        if hints:
+            folder = folder.with_sources(hints)
+        text = folder.to_json()
     else:
-        target = out or path + ".prv"
-        with progress_bar(os.path.getsize(path), f"hashing {os.path.basename(path)}") as bar:
-            text = prv.create_pointer(path, progress=bar.update).to_json()
+        target = out or name + ".prv"
+        with progress_bar(os.path.getsize(path), f"hashing {name}") as bar:
+            text = prv.create_pointer(path, progress=bar.update).with_sources(hints).to_json()
     tmp = target + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -188,6 +201,8 @@ def prv_info(pointer: str, as_json: bool) -> None:
     click.echo(f"fcs:       {p.fcs or '-'}")
     click.echo(f"original:  {p.original_path or '-'}")
     click.echo(f"version:   {p.prv_version}")
+    hints = p.source_hints()
+    click.echo(f"sources:   {', '.join(hints) if hints else '-'}")
     if p.tree:
         click.echo(f"tree:      {p.tree.algorithm}, {p.tree.block_size}-byte blocks, root {p.tree.root}")
     else:

@@ -136,6 +136,10 @@ def mount_cmd(
         argv.append("--allow-other")
     pid, logfile = mount.spawn_mount(argv, mnt, settings.cache_dir)
     click.echo(f"mounted {source} at {mnt} (pid {pid}; log {logfile})")
+    # The daemon's warnings at mount time (an unreachable relay) are in its status file.
+    for st in mount.read_statuses(mnt):
+        for line in st.get("warnings") or []:
+            click.echo(f"kbfs: warning: {line}", err=True)
 
 
 @click.command("umount")
@@ -176,14 +180,30 @@ def _describe_status(st: dict[str, Any]) -> list[str]:
         f"fetched {format_size(fetched)}, hit rate {hit_rate}, "
         f"errors {fs.get('errors', 0)}, open files {fs.get('open_files', 0)}"
     )
+    unreachable = st.get("unreachable_at_mount") or {}
+    for relay in st.get("relays") or []:
+        if relay in unreachable:
+            lines.append(f"  relay {relay}: unreachable at mount time ({unreachable[relay]})")
     for url, s in sorted((fetch.get("sources") or {}).items()):
         if not isinstance(s, dict):
             continue
-        lines.append(
+        line = (
             f"  source {url}: {format_size(s.get('bytes', 0) or 0)}, "
             f"{_rate(s.get('bytes', 0) or 0, s.get('seconds', 0) or 0)}, "
             f"errors {s.get('errors', 0)}"
         )
+        if s.get("last_error"):
+            line += f", last error: {s['last_error']}"
+        lines.append(line)
+    for e in st.get("last_errors") or []:
+        if isinstance(e, dict):
+            ago = time.time() - float(e.get("time") or time.time())
+            lines.append(f"  last error ({ago:.0f} s ago, source {e.get('source')}): "
+                         f"reading {e.get('file')}: {e.get('error')}")
+    problems = st.get("problems") or {}
+    if isinstance(problems, dict):
+        for why in problems.values():
+            lines.append(f"  pointer problem: {why}")
     return lines
 
 
@@ -191,7 +211,8 @@ def _describe_status(st: dict[str, Any]) -> list[str]:
 @click.argument("mountpoint", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status_cmd(mountpoint: str | None, as_json: bool) -> None:
-    """Show each kbfs mount: bytes served and fetched, hit rate, errors, per-source speed."""
+    """Show each kbfs mount: bytes served and fetched, hit rate, per-source speed, the last
+    read errors and pointers that could not be read."""
     from kbfs import mount
 
     statuses = mount.read_statuses(os.path.abspath(mountpoint) if mountpoint else None)

@@ -119,6 +119,8 @@ class Resolved:
     relays: tuple[str, ...] = ()
     # For kbfs:// sources: the share's own URL of the file (shown by `locate`).
     share_url: str = ""
+    # A pointer's source hints (`kbfs_sources`), tried after the configured relays.
+    hints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -479,7 +481,7 @@ class Client:
             )
         else:
             r = self._resolve_pointer_file(text)
-        self._router.route(r.ref.sha1, [*r.relays, *self.settings.relays])
+        self._router.route(r.ref.sha1, [*r.relays, *self.settings.relays, *r.hints])
         return r
 
     def _resolve_pointer_file(self, path: str) -> Resolved:
@@ -489,7 +491,7 @@ class Client:
             raise NotFound(f"{path}: no such pointer file")
         p = prv.load_pointer(path)
         name = _strip_prv(os.path.basename(path)) or posixpath.basename(p.original_path) or p.sha1
-        return Resolved(_ref_of(p), name, p.original_path, p)
+        return Resolved(_ref_of(p), name, p.original_path, p, hints=tuple(p.source_hints()))
 
     def _resolve_sha1(self, source: str) -> Resolved:
         sha1, name = parse_sha1_uri(source)
@@ -578,7 +580,7 @@ class Client:
 
     def _check_sources(self, r: Resolved, whole: bool) -> None:
         """Say plainly when nothing could supply missing blocks (rather than a fetch error)."""
-        if r.relays or self.settings.relays:
+        if r.relays or r.hints or self.settings.relays:
             return
         cached = self.cache.cached_bytes(r.ref)
         if cached < r.ref.size if whole else cached == 0:

@@ -60,6 +60,8 @@ LIVE_TIMEOUT = 1.0
 # How often a local folder's mtime is re-checked, and how long a remote listing is kept.
 RESCAN_INTERVAL = 1.0
 REMOTE_LISTING_TTL = 60.0
+MAX_PROBLEMS = 100  # pointers with a problem kept for `kbfs status`
+MAX_LAST_ERRORS = 8  # failed reads kept for `kbfs status`
 READ_THREADS = 32
 # Reads up to this size of cached blocks may wait for the disk on the trio thread;
 # larger ones are served there only from the page cache.
@@ -345,6 +347,10 @@ class KbfsOperations(pyfuse3.Operations):
         self._logged: set[tuple[str, int]] = set()
         self._internal_errors: set[tuple[str, str]] = set()
         self._last_error_log: dict[int, float] = {}
+        # For `kbfs status`: pointers that could not be read (path -> why), and the last
+        # read failures; both bounded, both under _stats_lock (read by the status thread).
+        self._problems: dict[str, str] = {}
+        self._last_errors: dict[str, dict[str, Any]] = {}
         self._stats_lock = threading.Lock()
         self._stats: dict[str, int] = {
             "reads": 0,
@@ -517,7 +523,28 @@ class KbfsOperations(pyfuse3.Operations):
     def _apply(self, node: Node, specs: list[_Spec]) -> None:
         node.children = {spec.name: self._adopt(node, spec) for spec in specs}
 
+    def problems(self) -> dict[str, str]:
+        """Pointers and entries this mount could not use: {path: why} (at most
+        MAX_PROBLEMS, newest kept)."""
+        with self._stats_lock:
+            return dict(self._problems)
+
+    def last_errors(self) -> list[dict[str, Any]]:
+        """The last failed reads, newest last: [{"file", "sha1", "error", "source", "time"}]
+        (one per source that last failed, at most MAX_LAST_ERRORS)."""
+        with self._stats_lock:
+            return list(self._last_errors.values())
+
+    def _note_problem(self, path: str, message: str | None) -> None:
+        with self._stats_lock:
+            self._problems.pop(path, None)
+            if message is not None:
+                self._problems[path] = message
+                while len(self._problems) > MAX_PROBLEMS:
+                    self._problems.pop(next(iter(self._problems)))
+
     def _log_once(self, path: str, mtime_ns: int, message: str) -> None:
+        self._note_problem(path, message)
         if (path, mtime_ns) not in self._logged:
             self._logged.add((path, mtime_ns))
             log.warning("%s", message)
@@ -556,6 +583,8 @@ class KbfsOperations(pyfuse3.Operations):
         try:
             if name.endswith(".prv"):
                 pointer = prv.load_pointer(full)
+                if self._problems:
+                    self._note_problem(full, None)  # fixed since
                 return _Spec.pointer_file(("p", full, pointer.sha1), target, pointer, _stamp(st),
                                           st.st_mode, path=full)
 
@@ -803,16 +832,23 @@ class KbfsOperations(pyfuse3.Operations):
         return self.cache.read_buffer(of.node.ref, off, length)
 
     def _log_read_error(self, node: Node, exc: BaseException) -> None:
-        # One line per failure, but not a flood when a program retries every page.
-        now = time.monotonic()
-        if now - self._last_error_log.get(node.inode, -1e9) < 5.0:
-            return
-        self._last_error_log[node.inode] = now
         sha1 = node.pointer.sha1 if node.pointer else "?"
         try:
             source = self.source_of(sha1) or "no source"
         except Exception:
             source = "unknown source"
+        with self._stats_lock:
+            self._last_errors.pop(source, None)
+            self._last_errors[source] = {"file": node.display(), "sha1": sha1,
+                                         "error": str(exc), "source": source,
+                                         "time": time.time()}
+            while len(self._last_errors) > MAX_LAST_ERRORS:
+                self._last_errors.pop(next(iter(self._last_errors)))
+        # One line per failure, but not a flood when a program retries every page.
+        now = time.monotonic()
+        if now - self._last_error_log.get(node.inode, -1e9) < 5.0:
+            return
+        self._last_error_log[node.inode] = now
         log.error(
             "read of %s (sha1 %s) failed: %s [last source: %s]", node.display(), sha1, exc, source
         )

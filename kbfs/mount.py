@@ -37,6 +37,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from functools import lru_cache
 from typing import Any
 
 from kbfs import config, fusefs, protocol, prv
+from kbfs import tree as tree_mod
 from kbfs.errors import BadRequest, ConfigError, KbfsError
 
 log = logging.getLogger(__name__)
@@ -353,7 +355,130 @@ def user_may_read(path: str, uid: int, gid: int) -> bool:
     return stat.S_ISREG(st.st_mode) and allows(st, 4)
 
 
-def _build(opts: MountOptions) -> tuple[Any, Any, fusefs.KbfsOperations]:
+MAX_HINT_SETS = 64  # distinct kbfs_sources lists a mount makes a Fetcher for
+PROBE_TIMEOUT = 3.0
+
+
+class _Sources:
+    """The cache's `BlockSource` for a mount: each sha1 goes to a Fetcher over the
+    configured relays, followed by the source hints (`kbfs_sources`) of the pointer that
+    named it. Content without hints (and everything once MAX_HINT_SETS distinct hint
+    lists were seen) uses the main Fetcher, so a hint only ever adds places to look, for
+    the content whose pointer gave it."""
+
+    def __init__(self, make: Callable[[list[str]], Any], relays: Sequence[str]) -> None:
+        self._make = make
+        self.relays = tuple(relays)
+        self.main = make(list(relays))
+        self._lock = threading.Lock()
+        self._by_hints: dict[tuple[str, ...], Any] = {}
+        self._routes: dict[str, Any] = {}
+
+    def add_hints(self, sha1: str, hints: Sequence[str]) -> None:
+        extra = tuple(h for h in dict.fromkeys(hints) if h not in self.relays)
+        if not extra:
+            return
+        with self._lock:
+            f = self._by_hints.get(extra)
+            if f is None:
+                if len(self._by_hints) >= MAX_HINT_SETS:
+                    log.info("%s: more than %d different source hint lists; hints ignored",
+                             sha1, MAX_HINT_SETS)
+                    return
+                f = self._by_hints[extra] = self._make([*self.relays, *extra])
+            self._routes[sha1.lower()] = f
+
+    def for_sha1(self, sha1: str) -> Any:
+        with self._lock:
+            return self._routes.get(sha1.lower(), self.main)
+
+    def all_relays(self) -> list[str]:
+        """Configured relays, then every hinted one."""
+        with self._lock:
+            hinted = [h for key in self._by_hints for h in key]
+        return list(dict.fromkeys([*self.relays, *hinted]))
+
+    def fetch_tree(self, sha1: str, size: int, block_size: int = tree_mod.BLOCK_SIZE,
+                   root: str | None = None) -> bytes:
+        return bytes(self.for_sha1(sha1).fetch_tree(sha1, size, block_size, root))
+
+    def fetch_blocks(self, sha1: str, size: int, first: int, count: int,
+                     leaves: Sequence[bytes], block_size: int = tree_mod.BLOCK_SIZE) -> bytes:
+        return bytes(self.for_sha1(sha1).fetch_blocks(sha1, size, first, count, leaves,
+                                                      block_size))
+
+    def fetch_blocks_into(self, sha1: str, size: int, first: int, count: int,
+                          leaves: Sequence[bytes], out: memoryview,
+                          block_size: int = tree_mod.BLOCK_SIZE) -> None:
+        self.for_sha1(sha1).fetch_blocks_into(sha1, size, first, count, leaves, out, block_size)
+
+    def add_local_candidate(self, sha1: str, path: str) -> None:
+        self.for_sha1(sha1).add_local_candidate(sha1, path)
+
+    def last_source(self, sha1: str) -> str | None:
+        return self.for_sha1(sha1).last_source(sha1)  # type: ignore[no-any-return]
+
+    def list_share(self, relay: str, share: str, path: str) -> dict[str, Any]:
+        return self.main.list_share(relay, share, path)  # type: ignore[no-any-return]
+
+    def statistics(self) -> dict[str, Any]:
+        """The Fetchers' statistics merged: counters summed per source URL."""
+        with self._lock:
+            fetchers = [self.main, *self._by_hints.values()]
+        sources: dict[str, dict[str, Any]] = {}
+        last: dict[str, str] = {}
+        for f in fetchers:
+            st = f.statistics()
+            last.update(st.get("last_source") or {})
+            for key, counters in (st.get("sources") or {}).items():
+                into = sources.setdefault(key, {})
+                for name, value in counters.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        into[name] = into.get(name, 0) + value
+                    else:
+                        into[name] = value
+        return {"sources": sources, "last_source": last}
+
+    def close(self) -> None:
+        with self._lock:
+            fetchers = [self.main, *self._by_hints.values()]
+        for f in fetchers:
+            f.close()
+
+
+def probe_relay(relay: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why RELAY cannot be reached now (one phrase), or None when it answers its health
+    URL. Any HTTP answer counts as reachable: only "nothing answers" is reported."""
+    import requests
+
+    try:
+        requests.get(relay + protocol.HEALTH_PATH, timeout=timeout, allow_redirects=False)
+    except requests.ConnectionError as exc:
+        text = str(exc)
+        if "refused" in text.lower():
+            return "connection refused"
+        if "name or service" in text.lower() or "resolve" in text.lower():
+            return "host name not found"
+        return "cannot connect"
+    except requests.Timeout:
+        return f"no answer within {timeout:.0f} s"
+    except requests.RequestException as exc:
+        return type(exc).__name__
+    return None
+
+
+def probe_relays(relays: Sequence[str]) -> dict[str, str]:
+    """{relay: why unreachable} for each of RELAYS that does not answer (probed at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not relays:
+        return {}
+    with ThreadPoolExecutor(min(8, len(relays))) as pool:
+        answers = dict(zip(relays, pool.map(probe_relay, relays), strict=True))
+    return {r: why for r, why in answers.items() if why is not None}
+
+
+def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
     # Imported here: the fetch stack (requests) is only needed by a mount that runs.
     from kbfs import cache as kcache
     from kbfs.fetch import Fetcher
@@ -364,16 +489,22 @@ def _build(opts: MountOptions) -> tuple[Any, Any, fusefs.KbfsOperations]:
         relays.insert(0, src.relay)
     if not relays and src.local_dir is not None:
         log.warning(
-            "no relay configured (--relay or KBFS_RELAY): only cached or local content reads"
+            "no relay configured (--relay or KBFS_RELAY): only cached or local content, "
+            "and content whose pointers carry source hints, reads"
         )
-    fetcher = Fetcher(
-        relays, timeout=opts.timeout, deadline=opts.deadline, local_dirs=opts.settings.search_dirs,
-        direct=opts.settings.direct,
-    )
+
+    def make(relay_list: list[str]) -> Fetcher:
+        return Fetcher(relay_list, timeout=opts.timeout, deadline=opts.deadline,
+                       local_dirs=opts.settings.search_dirs, direct=opts.settings.direct)
+
+    fetcher = _Sources(make, relays)
     capacity = opts.settings.resolved_cache_size()
     block_cache = kcache.BlockCache(opts.settings.cache_dir, fetcher, capacity)
 
     def on_pointer(pointer: prv.Pointer, uid: int, gid: int) -> None:
+        if src.local_dir:
+            # Hints of a remote share's listing are not needed: its relay is known.
+            fetcher.add_hints(pointer.sha1, pointer.source_hints())
         # A local pointer's original_path may name a copy on this machine (checked block by
         # block, like any source); a remote share's paths are of the share's machine. The
         # daemon may read more than the pointer's author (UID, GID: the pointer file's
@@ -444,6 +575,13 @@ def run_mount(opts: MountOptions) -> None:
                 ops.list_dir("")
             except KbfsError as exc:
                 raise KbfsError(f"{opts.source.text}: cannot list the share: {exc}") from None
+        # A relay that is down now makes every uncached read fail (EIO, after the fetch
+        # deadline): say so once, at mount time, rather than only in the log later.
+        unreachable = probe_relays(fetcher.relays)
+        warnings = [f"relay {relay} is unreachable ({why}): reads of content not cached "
+                    "will fail until it is back" for relay, why in unreachable.items()]
+        for line in warnings:
+            log.warning("%s", line)
         options = fusefs.mount_options("kbfs", allow_other=opts.allow_other)
         try:
             pyfuse3.init(ops, opts.mountpoint, options)
@@ -472,6 +610,12 @@ def run_mount(opts: MountOptions) -> None:
             "fs": ops.statistics(),
             "cache": _safe(block_cache.statistics),
             "fetch": _safe(fetcher.statistics),
+            "relays": fetcher.all_relays(),
+            "warnings": warnings,
+            "unreachable_at_mount": unreachable,
+            # Why reads failed, and which pointers could not be read (path: reason).
+            "last_errors": ops.last_errors(),
+            "problems": ops.problems(),
         }
         _write_json(status_file, data)
 

@@ -4,7 +4,9 @@ A pointer is untrusted input (it arrives by email, GitHub, Slack...), so parsing
 caps its size and validates every field, raising `PointerError` with a message
 that names the file and what is wrong. Writing reproduces the original tool's
 bytes exactly (4-space-indented JSON, its key order) and adds one key,
-`kbfs_tree`, which old readers ignore.
+`kbfs_tree`, which old readers ignore, and optionally `kbfs_sources`, a list of relay
+URLs where the content may be found (source hints, `source_hints`; never trusted: every
+byte is still verified, and a bad hint is dropped with one log line, never an error).
 
 `digest_file` reads a file once, in large reads, computing SHA-1, the fcs
 (`head1000-` + SHA-1 of the first 1000 bytes) and the block-tree leaves together.
@@ -14,6 +16,7 @@ This module does no networking and knows nothing of caches or shares.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -34,6 +37,11 @@ _SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 _ROOT_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _FCS_RE = re.compile(r"^head1000-[0-9a-fA-F]{40}$")
 _MAX_SIZE = 1 << 62
+SOURCES_KEY = "kbfs_sources"
+MAX_SOURCES = 8  # hints read from one pointer; more are dropped
+MAX_SOURCE_CHARS = 512
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,87 @@ class Pointer:
         return obj
 
 
+    def source_hints(self) -> list[str]:
+        """The pointer's `kbfs_sources`, validated (see `source_hints`)."""
+        return source_hints(self.extra.get(SOURCES_KEY), self.original_path or self.sha1)
+
+    def with_sources(self, urls: list[str]) -> Pointer:
+        """This pointer with `kbfs_sources` set to URLS (checked, normalised); an empty
+        list removes the key."""
+        extra = {k: v for k, v in self.extra.items() if k != SOURCES_KEY}
+        clean = []
+        for url in urls:
+            problem, norm = source_problem(url)
+            if problem is not None:
+                raise PointerError(f"source hint {url[:80]!r}: {problem}")
+            clean.append(norm)
+        if clean:
+            extra[SOURCES_KEY] = list(dict.fromkeys(clean))
+        return Pointer(self.sha1, self.size, self.fcs, self.original_path, self.prv_version,
+                       self.tree, extra)
+
+
+def source_problem(url: object) -> tuple[str | None, str]:
+    """(what is wrong with URL as a source hint or None, the normalised URL).
+
+    A hint is a relay's base URL: http:// or https://, a host and optional port, no user
+    name or password (a pointer must not carry credentials, nor make a reader send them),
+    no path, query or fragment, at most MAX_SOURCE_CHARS characters."""
+    if not isinstance(url, str):
+        return "not a string", ""
+    if len(url) > MAX_SOURCE_CHARS:
+        return f"longer than {MAX_SOURCE_CHARS} characters", ""
+    # Loaded only when a pointer has hints (urllib.parse with ipaddress costs start-up).
+    from urllib.parse import urlsplit
+
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a URL ({exc})", ""
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL", ""
+    if not parts.hostname or any(c.isspace() or c in "\\\0" for c in parts.netloc):
+        return "has no valid host", ""
+    if "@" in parts.netloc:
+        return "must not carry a user name or password", ""
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in text or "#" in text:
+        return "must be a relay's base URL (no path, query or fragment)", ""
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    return None, f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def source_hints(value: object, name: str = "<pointer>") -> list[str]:
+    """The usable relay URLs of a `kbfs_sources` value: at most MAX_SOURCES, each valid
+    (`source_problem`), normalised, no duplicates. Anything else is dropped with one log
+    line: a hint only adds a place to look, so a bad one must never make a pointer fail."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        log.warning("%s: ignoring %s (not a list)", name, SOURCES_KEY)
+        return []
+    out: list[str] = []
+    dropped: list[str] = []
+    for item in value:
+        problem, norm = source_problem(item)
+        if problem is not None:
+            # Never echo a password a hint carried into a log.
+            shown = re.sub(r"//[^/@]*@", "//***@", str(item))[:60]
+            dropped.append(f"{shown!r} ({problem})")
+        elif norm not in out:
+            if len(out) >= MAX_SOURCES:
+                dropped.append(f"{norm!r} (more than {MAX_SOURCES} hints)")
+            else:
+                out.append(norm)
+    if dropped:
+        log.warning("%s: ignoring source hints %s", name, ", ".join(dropped[:3])
+                    + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else ""))
+    return out
+
+
 @dataclass
 class PrvDir:
     """A directory pointer: `{"files": {name: pointer}, "dirs": {name: {...}}}`."""
@@ -95,6 +184,11 @@ class PrvDir:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=4)
+
+    def with_sources(self, urls: list[str]) -> PrvDir:
+        """A copy whose every file pointer carries URLS as `kbfs_sources`."""
+        return PrvDir({n: p.with_sources(urls) for n, p in self.files.items()},
+                      {n: d.with_sources(urls) for n, d in self.dirs.items()})
 
     def walk(self, prefix: str = "") -> Iterator[tuple[str, Pointer]]:
         """Every (relative path, pointer) below this folder, depth first."""

@@ -70,11 +70,25 @@ def test_create_with_output(tmp_path: Path, make_file: MakeFile) -> None:
     assert not (tmp_path / "x.bin.prv").exists()
 
 
+def test_create_writes_into_the_current_folder(tmp_path: Path, make_file: MakeFile) -> None:
+    """Not next to the data: the data's folder may be shared, and a pointer written there
+    would be shared as data too."""
+    make_file(tmp_path / "data" / "x.bin", 10)
+    make_file(tmp_path / "data" / "d" / "a.bin", 10)
+    (tmp_path / "here").mkdir()
+    for what, name in (("x.bin", "x.bin.prv"), ("d", "d.prvdir"), ("d/", "d.prvdir")):
+        r = run("prv", "create", str(tmp_path / "data" / what), cwd=tmp_path / "here")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == name
+        assert (tmp_path / "here" / name).is_file()
+    assert sorted(os.listdir(tmp_path / "data")) == ["d", "x.bin"]
+
+
 def test_create_folder(tmp_path: Path, make_file: MakeFile) -> None:
     make_file(tmp_path / "d" / "a.bin", 100, seed=1)
     make_file(tmp_path / "d" / "s" / "b.bin", 200, seed=2)
     make_file(tmp_path / "d" / ".hidden", 3)
-    r = run("prv", "create", str(tmp_path / "d") + "/")
+    r = run("prv", "create", str(tmp_path / "d") + "/", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     d = prv.load_prvdir(tmp_path / "d.prvdir")
     assert sorted(rel for rel, _ in d.walk()) == ["a.bin", "s/b.bin"]
@@ -82,7 +96,7 @@ def test_create_folder(tmp_path: Path, make_file: MakeFile) -> None:
 
 def test_info(tmp_path: Path, make_file: MakeFile, fixtures_dir: Path) -> None:
     make_file(tmp_path / "x.bin", 5000, seed=3)
-    assert run("prv", "create", str(tmp_path / "x.bin")).returncode == 0
+    assert run("prv", "create", str(tmp_path / "x.bin"), cwd=tmp_path).returncode == 0
     p = prv.load_pointer(tmp_path / "x.bin.prv")
     assert p.tree is not None
 
@@ -106,7 +120,7 @@ def test_info(tmp_path: Path, make_file: MakeFile, fixtures_dir: Path) -> None:
 
 def test_verify(tmp_path: Path, make_file: MakeFile, fixtures_dir: Path) -> None:
     make_file(tmp_path / "x.bin", 3000, seed=4)
-    assert run("prv", "create", str(tmp_path / "x.bin")).returncode == 0
+    assert run("prv", "create", str(tmp_path / "x.bin"), cwd=tmp_path).returncode == 0
     r = run("prv", "verify", str(tmp_path / "x.bin.prv"), str(tmp_path / "x.bin"))
     assert r.returncode == 0, r.stderr
     assert "OK" in r.stdout
@@ -187,6 +201,6 @@ def test_missing_paths_are_one_line(tmp_path: Path, args: list[str], needle: str
 
 def test_create_is_silent_when_not_a_terminal(tmp_path: Path, make_file: MakeFile) -> None:
     make_file(tmp_path / "x.bin", 2 * tree.BLOCK_SIZE)
-    r = run("prv", "create", str(tmp_path / "x.bin"))
+    r = run("prv", "create", str(tmp_path / "x.bin"), cwd=tmp_path)
     assert r.returncode == 0
     assert r.stderr == ""
