@@ -2,12 +2,15 @@
 
 Wiring only: parse options, build a `relay.Relay` or a `share.Share`, run it under
 trio until SIGINT/SIGTERM, and print the lines people (and tests) wait for, flushed:
-`kbfs relay listening on URL`, `kbfs share id ID`, `kbfs share connected to URL ...`.
+`kbfs relay listening on URL`, `kbfs share id ID`, `kbfs share connected to URL ...`,
+`kbfs share link kbfs://HOST:PORT/ID/`. `kbfs share token` prints the token alone on
+stdout (for scripts) and, on stderr, the lines a reader pastes.
 Errors are raised as kbfs exceptions; the root group prints them as one line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -133,8 +136,16 @@ class _ScanBar:
                 sys.stderr.flush()
 
 
-def _state_dir(directory: str, state_dir: str | None) -> str:
-    return os.path.realpath(state_dir) if state_dir else share_mod.state_dir_for(directory)
+def _state_dir(directory: str, state_dir: str | None) -> share_mod.StateChoice:
+    """--state-dir, else the share's state folder by `share.find_state_dir`'s rule."""
+    if state_dir:
+        return share_mod.StateChoice(os.path.realpath(state_dir))
+    return share_mod.find_state_dir(directory)
+
+
+def _err(line: str) -> None:
+    click.echo(line, err=True)
+    sys.stderr.flush()
 
 
 class _ShareCommand(click.Command):
@@ -171,15 +182,27 @@ class _ShareCommand(click.Command):
                    "a running share refuses it at once.")
 @click.option("--list", "list_tokens", is_flag=True,
               help="List the tokens made for this share (id, label, expiry, revoked).")
+@click.option("--relay", "relays", multiple=True, metavar="URL",
+              help="Relay for the example lines (default: the share's last --relay, "
+                   "else KBFS_RELAY).")
 def token_command(directory: str, state_dir: str | None, expires_days: float, label: str,
-                  revoke: str | None, list_tokens: bool) -> None:
+                  revoke: str | None, list_tokens: bool, relays: tuple[str, ...]) -> None:
     """Print a bearer token for the private share of DIRECTORY (or --list, --revoke).
 
+    \b
+    stdout: the token alone (TOKEN=$(kbfs share token DIR) works); stderr: the
+    lines to give the reader, who uses one of
+      export KBFS_TOKEN=TOKEN
+      kbfs download kbfs://HOST:PORT/SHARE_ID/PATH --token TOKEN
+      ~/.config/kbfs/config.json: {"tokens": {"SHARE_ID": "TOKEN"}}
     Readers send it as `Authorization: Bearer TOKEN`; the relay passes it to this
     share only (the token names it), which checks it with a secret kept in its state
     folder. Tokens expire after 30 days unless --expires says otherwise.
     """
-    sd = _state_dir(directory, state_dir)
+    choice = _state_dir(directory, state_dir)
+    sd = choice.path
+    if choice.note:
+        _err(choice.note)
     if revoke is not None or list_tokens:
         key = share_mod.load_key(sd, create=False)
         if revoke is not None:
@@ -196,9 +219,40 @@ def token_command(directory: str, state_dir: str | None, expires_days: float, la
         return
     if expires_days < 0 or expires_days != expires_days:
         raise ConfigError("--expires must be a number of days, 0 for never")
-    key = share_mod.load_key(sd)
+    os.makedirs(sd, mode=0o700, exist_ok=True)
+    key = share_mod.load_key(sd)  # made here when the share has not run yet
+    share_id = share_mod.share_id_of(key)
+    share_mod.write_share_info(sd, folder=os.path.realpath(directory), id=share_id)
     expires = expires_days * 86400 if expires_days else None
-    _say(share_mod.issue_token(sd, share_mod.share_id_of(key), expires, label))
+    token = share_mod.issue_token(sd, share_id, expires, label)
+    _say(token)
+    for line in _token_lines(token, share_id, _example_relay(sd, relays)):
+        _err(line)
+
+
+def _example_relay(state_dir: str, relays: tuple[str, ...]) -> str:
+    """The relay URL for the example lines: --relay, the share's own, KBFS_RELAY, or a
+    placeholder."""
+    known = list(relays) or share_mod.read_share_info(state_dir).get("relays") or [
+        r for r in os.environ.get("KBFS_RELAY", "").split(",") if r.strip()]
+    return str(known[0]) if known else "http://RELAYHOST:PORT"
+
+
+def _token_lines(token: str, share_id: str, relay: str) -> list[str]:
+    """What a reader pastes to use TOKEN (the format readers' tools take; docs/usage.md)."""
+    from kbfs import protocol
+
+    try:
+        url = protocol.kbfs_url(share_mod._relay_url(relay), share_id)
+    except ConfigError:
+        url = f"kbfs://RELAYHOST:PORT/{share_id}/"
+    config = json.dumps({"tokens": {share_id: token}})
+    return [
+        f"# give the reader this token for share {share_id}; they use one of:",
+        f"export KBFS_TOKEN={token}",
+        f"kbfs download {url}PATH --token {token}",
+        f"# or in ~/.config/kbfs/config.json: {config}",
+    ]
 
 
 @click.command("share", cls=_ShareCommand, token_command=token_command)
@@ -214,16 +268,26 @@ def token_command(directory: str, state_dir: str | None, expires_days: float, la
 @click.option("--private", is_flag=True, help="Serve only readers with a token (kbfs share token).")
 @click.option("--rescan-interval", default="30", show_default=True, metavar="SECONDS",
               help="Seconds between rescans of DIR for changes.")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+              help="Do not share paths matching this fnmatch pattern (repeatable; tried on "
+                   "each name and on the path inside DIR: '*.tmp', 'raw/scratch').")
 def share_command(directory: str, relays: tuple[str, ...], name: str, listen: str | None,
                   public_url: str, state_dir: str | None, private: bool,
-                  rescan_interval: str) -> None:
+                  rescan_interval: str, excludes: tuple[str, ...]) -> None:
     """Publish DIRECTORY through relays (no inbound port needed).
 
     \b
     Indexes DIR (files already indexed are served during a long first pass),
-    connects out to each relay and reconnects for ever with backoff, rescans
-    for changes. Prints the share id and URLs. `kbfs share token DIR` prints a
-    bearer token for a --private share. Stops on Ctrl-C or SIGTERM.
+    connects out to each relay and reconnects for ever (a returning relay is
+    found within 5 s), rescans for changes. Prints the share id and, once
+    connected, the kbfs:// link to give readers. `kbfs share token DIR` prints
+    a bearer token for a --private share. Stops on Ctrl-C or SIGTERM.
+    \b
+    Dotfiles are shared (zarr's .zarray), except: .git .hg .svn .bzr, editor
+    temporaries (.*.swp *~ .#*), .DS_Store ._* .Trash-*, download part files
+    (.*.kbfs-part *.part-XXXXXXXX), .ssh .gnupg, and --exclude patterns.
+    The share's id lives with its key in its state folder, which is found
+    again when DIR is moved (see docs/protocol.md, Identity).
     """
     if not relays and os.environ.get("KBFS_RELAY"):
         relays = tuple(r for r in os.environ["KBFS_RELAY"].split(",") if r.strip())
@@ -235,18 +299,24 @@ def share_command(directory: str, relays: tuple[str, ...], name: str, listen: st
         raise ConfigError(f"--rescan-interval {rescan_interval!r}: expected seconds") from None
     if interval <= 0:
         raise ConfigError("--rescan-interval must be positive")
+    choice = _state_dir(directory, state_dir)
     options = share_mod.ShareOptions(
         root_dir=directory, relays=list(relays), name=name,
         listen=_parse_listen(listen) if listen else None, public_url=public_url,
-        state_dir=_state_dir(directory, state_dir), private=private, rescan_interval=interval)
+        state_dir=choice.path, private=private, rescan_interval=interval,
+        exclude=list(excludes))
     bar = _ScanBar()
     share = share_mod.Share(options, report=_say, scan_progress=bar.progress,
                             scan_total=bar.on_total)
     _info_logging("kbfs.share")
+    if choice.note:
+        _say(choice.note)
     _say(f"kbfs share id {share.id}")
     _say(f"kbfs share folder {share.root_dir} (state in {share.state_dir})")
-    for r in share.relays:
-        _say(f"kbfs share relay {r}/s/{share.id}/list/")
+    if share.new_key and not choice.old_id:
+        _say(f"kbfs share: new key, new share id {share.id} (kept in {share.state_dir}); "
+             "if this folder was shared before under another id, stop and restart with "
+             "--state-dir OLD_STATE_FOLDER to keep that id and its links")
     if private:
         _say(f"kbfs share is private: make reader tokens with `kbfs share token {directory}`")
     trio.run(_until_signal, share.run)

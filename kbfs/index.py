@@ -8,15 +8,17 @@ this folder" from any thread while a scan is still running.
 
 What a scan does:
 
-- walks ROOT_DIR with `os.scandir`, skipping hidden names (leading '.'), anything that
-  is not a regular file or a folder, the state folder when it lies inside ROOT_DIR,
-  and symlinks whose real path leaves ROOT_DIR or is hidden (has a part with a leading
-  '.' below ROOT_DIR: `public.txt -> .ssh/id_rsa` is not shared). A symlink that stays
-  inside to a visible path is followed; a link back to one of its own ancestor folders
-  is not;
+- walks ROOT_DIR with `os.scandir`, skipping excluded paths (`excluded`: the
+  `DEFAULT_EXCLUDES` -- version-control folders, editor temporaries, download part
+  files, key folders -- plus the caller's patterns, `kbfs share --exclude`), anything
+  that is not a regular file or a folder, the state folder when it lies inside
+  ROOT_DIR, and symlinks whose real path leaves ROOT_DIR or is excluded (`public.txt ->
+  .git/config`, `-> .ssh/id_rsa` are not shared). Other dotfiles are data (zarr's
+  `.zarray`, `.zattrs`) and are shared. A symlink that stays inside to a shared path is
+  followed; a link back to one of its own ancestor folders is not;
 - skips regular files with more than one hard link (`st_nlink > 1`) unless
   `hard_links=True` (env `KBFS_SHARE_HARD_LINKS=1`): a hard link is the same file as its
-  other names, which may lie outside the folder or be hidden, and nothing tells where
+  other names, which may lie outside the folder or be excluded, and nothing tells where
   they are. Each skipped link is logged once (per index) at warning level;
 - re-hashes (one pass, `prv.digest_file`) only files whose stat tuple changed since
   the last scan, drops rows of files that are gone, and commits in batches so files
@@ -33,6 +35,7 @@ lets a server check that before it serves a file.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
 import sqlite3
@@ -52,6 +55,19 @@ INDEX_FILE = "index.sqlite"
 HASH_ATTEMPTS = 3  # a file still changing after this many reads waits for the next scan
 HARD_LINKS_ENV = "KBFS_SHARE_HARD_LINKS"  # "1": share files with several hard links
 _LOGGED_MAX = 10000  # paths whose skipping was logged (each once)
+
+# Never shared, whatever the caller adds: fnmatch patterns (case-sensitive), each tried
+# on every name of a path and on every leading part of the path (so a folder's pattern
+# excludes all below it). Version control holds history and remotes' credentials;
+# editors' and kbfs's own temporaries are half-written files; key folders are secrets
+# that a shared home folder would otherwise give away.
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    ".git", ".hg", ".svn", ".bzr",               # version control
+    ".*.swp", ".*.swo", ".*.swx", "*~", ".#*",   # vim, emacs, backups
+    ".DS_Store", "._*", ".Trash-*",              # desktop litter
+    ".*.kbfs-part", "*.part-????????",           # kbfs download part files
+    ".ssh", ".gnupg",                            # keys
+)
 
 _COLUMNS = "path, size, mtime_ns, ctime_ns, inode, sha1, fcs, root"
 _SCHEMA = """
@@ -139,10 +155,21 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _hidden_below(path: str, folder: str) -> bool:
-    """True when PATH (inside FOLDER) has a part below FOLDER that starts with '.'."""
-    rest = path[len(folder.rstrip(os.sep)):].strip(os.sep)
-    return any(part.startswith(".") for part in rest.split(os.sep) if part)
+def excluded(relpath: str, patterns: tuple[str, ...] = DEFAULT_EXCLUDES) -> bool:
+    """True when the '/'-separated RELPATH is excluded by one of the fnmatch PATTERNS:
+    one matches a name in it, or one of its leading parts (`raw`, `raw/tmp`, ...)."""
+    parts = [p for p in relpath.split("/") if p]
+    for i, name in enumerate(parts):
+        lead = "/".join(parts[: i + 1])
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(lead, pattern):
+                return True
+    return False
+
+
+def _relative(path: str, folder: str) -> str:
+    """PATH (inside FOLDER) relative to FOLDER, '/'-separated."""
+    return path[len(folder.rstrip(os.sep)):].strip(os.sep).replace(os.sep, "/")
 
 
 @dataclass(frozen=True)
@@ -163,8 +190,11 @@ class ShareIndex:
         commit_seconds: float = 0.5,
         commit_files: int = 500,
         hard_links: bool | None = None,
+        exclude: tuple[str, ...] | list[str] = (),
     ) -> None:
         self.root_dir = os.path.realpath(root_dir)
+        # What is never indexed (module docstring): the defaults, then the caller's.
+        self.excludes = DEFAULT_EXCLUDES + tuple(p.strip("/") for p in exclude if p.strip("/"))
         # Files with several hard links: refused unless asked for (module docstring).
         self.hard_links = (os.environ.get(HARD_LINKS_ENV, "").strip() == "1"
                            if hard_links is None else hard_links)
@@ -309,6 +339,10 @@ class ShareIndex:
         ).fetchone()
         return int(count), int(total)
 
+    def excluded(self, relpath: str) -> bool:
+        """True when RELPATH ('/'-separated, relative to the folder) is not to be shared."""
+        return excluded(relpath, self.excludes)
+
     def is_current(self, f: IndexedFile) -> bool:
         """True when the file on disk still has the stat tuple recorded with its hash."""
         try:
@@ -324,36 +358,42 @@ class ShareIndex:
         root_st = os.stat(self.root_dir)
         # Each folder carries the ids of its ancestors: a symlinked folder is listed
         # wherever it is linked, but a link back to an ancestor (a loop) is cut.
-        stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
-            (self.root_dir, "", frozenset({(root_st.st_dev, root_st.st_ino)}))
+        # A folder reached through a symlink has another real path than its listed one:
+        # its entries are checked by real path too (`alias -> data` must not give away
+        # `data/secret` when `data/secret` is excluded), the fourth item says so.
+        stack: list[tuple[str, str, frozenset[tuple[int, int]], bool]] = [
+            (self.root_dir, "", frozenset({(root_st.st_dev, root_st.st_ino)}), False)
         ]
         while stack:
-            folder, rel, ancestors = stack.pop()
+            folder, rel, ancestors, linked = stack.pop()
             try:
                 with os.scandir(folder) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as exc:
                 log.warning("cannot list %s: %s", folder, exc.strerror or exc)
                 continue
-            subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
+            subdirs: list[tuple[str, str, frozenset[tuple[int, int]], bool]] = []
             for entry in entries:
-                if entry.name.startswith("."):
-                    continue
                 try:
                     entry.name.encode("utf-8")
                 except UnicodeEncodeError:
                     log.warning("skipping %r: its name is not valid UTF-8", entry.path)
                     continue
+                relpath = rel + entry.name
+                if excluded(relpath, self.excludes):
+                    log.debug("not sharing %s: excluded", entry.path)
+                    continue
                 try:
-                    if entry.is_symlink():
+                    is_link = entry.is_symlink()
+                    if is_link or linked:
                         target = os.path.realpath(entry.path)
                         if not _inside(target, self.root_dir):
                             self._skip(entry.path, "symlink leaves the shared folder")
                             continue
                         if _inside(target, self.state_dir):
                             continue
-                        if _hidden_below(target, self.root_dir):
-                            self._skip(entry.path, "symlink to a hidden path")
+                        if excluded(_relative(target, self.root_dir), self.excludes):
+                            self._skip(entry.path, "symlink to an excluded path")
                             continue
                         st = os.stat(target)
                     else:
@@ -361,7 +401,6 @@ class ShareIndex:
                 except OSError as exc:
                     log.warning("skipping %s: %s", entry.path, exc.strerror or exc)
                     continue
-                relpath = rel + entry.name
                 if stat.S_ISDIR(st.st_mode):
                     dir_id = (st.st_dev, st.st_ino)
                     if dir_id in ancestors:
@@ -369,7 +408,8 @@ class ShareIndex:
                         continue
                     if _inside(os.path.realpath(entry.path), self.state_dir):
                         continue
-                    subdirs.append((entry.path, relpath + "/", ancestors | {dir_id}))
+                    subdirs.append((entry.path, relpath + "/", ancestors | {dir_id},
+                                    linked or is_link))
                 elif stat.S_ISREG(st.st_mode):
                     if st.st_nlink > 1 and not self.hard_links:
                         self._skip(entry.path, f"{st.st_nlink} hard links (its other names may "

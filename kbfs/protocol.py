@@ -120,9 +120,11 @@ def parse_content_range(value: str) -> tuple[int, int, int]:
 def safe_relpath(path: str) -> str:
     """Normalise a share-relative path from a URL, refusing anything that could escape.
 
-    The result uses '/' separators, has no leading slash, no '.' or '..' parts, no
-    hidden (dot) parts, no NUL or backslash. PATH must already be percent-decoded (once).
-    The empty string means the share's top folder. Raises BadRequest otherwise.
+    The result uses '/' separators, has no leading slash, no '.' or '..' parts, no NUL
+    or backslash. Names may start with a dot (`.zarray`): which names a share serves is
+    the share's decision (its index's exclusions), not the syntax's. PATH must already
+    be percent-decoded (once). The empty string means the share's top folder. Raises
+    BadRequest otherwise.
     """
     if len(path) > MAX_PATH_BYTES:
         raise BadRequest("path too long")
@@ -137,7 +139,7 @@ def safe_relpath(path: str) -> str:
     if len(parts) > MAX_PATH_DEPTH:
         raise BadRequest("path too deep")
     for part in parts:
-        if part in (".", "..") or part.startswith("."):
+        if part in (".", ".."):
             raise BadRequest(f"path part {part[:40]!r} is not allowed")
     return "/".join(parts)
 
@@ -191,6 +193,45 @@ def websocket_url(relay_url: str) -> str:
     raise BadRequest(f"relay URL {relay_url!r} must start with http:// or https://")
 
 
+def check_relay_url(url: str) -> str:
+    """Return URL (`http(s)://HOST[:PORT]`, no final '/') if a share can connect to it,
+    else raise BadRequest with the reason.
+
+    A relay answers at the root of its host: `/_control`, `/_upload/...`, `/s/...`. A URL
+    with a path (`http://host:8080/kbfs`) would reach none of them (the relay refuses the
+    websocket with a 403), so it is refused here, at start, in one line.
+    """
+    from urllib.parse import urlsplit  # see share_url_path
+
+    base = url.strip().rstrip("/")
+    try:
+        parts = urlsplit(base)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise BadRequest(f"relay URL {url[:100]!r} does not parse") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"relay URL {url[:100]!r} must be http(s)://HOST[:PORT]")
+    if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        what = "a path" if parts.path else "a query" if parts.query else (
+            "a fragment" if parts.fragment else "a user name")
+        raise BadRequest(f"relay URL {url[:100]!r} has {what}: a relay answers at the root "
+                         f"of its host, give {parts.scheme}://{parts.netloc.rpartition('@')[2]}")
+    return base
+
+
+def kbfs_url(relay_url: str, share_id: str, path: str = "") -> str:
+    """`kbfs://HOST:PORT/SHARE_ID/PATH` for a share on the relay at RELAY_URL (the port is
+    always written: readers take `kbfs://` hosts as plain http with an explicit port)."""
+    from urllib.parse import quote, urlsplit  # see share_url_path
+
+    parts = urlsplit(relay_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"kbfs://{host}:{port}/{share_id}/{quote(path, safe='/')}"
+
+
 def websocket_host_header(relay_url: str) -> str:
     """The Host header trio-websocket sends for RELAY_URL (port omitted for 80/443)."""
     from urllib.parse import urlsplit  # see share_url_path
@@ -211,7 +252,7 @@ MAX_LISTED_SIZE = 1 << 62
 def _listable_name(name: object) -> TypeGuard[str]:
     """True for one safe path component: what a listing may name a file or folder."""
     return (isinstance(name, str) and 0 < len(name) <= 1024 and name not in (".", "..")
-            and not name.startswith(".") and not any(c in name for c in "/\\\0"))
+            and not any(c in name for c in "/\\\0"))
 
 
 def parse_listing(obj: object) -> dict[str, object]:
@@ -219,7 +260,7 @@ def parse_listing(obj: object) -> dict[str, object]:
 
     The result is `{"share": str, "path": str, "dirs": [name, ...], "files": [{"name",
     "size", "mtime", "prv"}, ...]}`: names are single safe path components (no '/',
-    '\\', NUL, '.', '..' or leading dot), unique across dirs and files; sizes are
+    '\\', NUL, '.' or '..'; `.zarray` is a name), unique across dirs and files; sizes are
     non-negative ints, mtimes finite floats, `prv` a JSON object (its fields are checked
     by `prv.pointer_from_dict` where it is used). Entries that break these rules are
     dropped, so one bad entry does not hide a folder; a listing whose shape is wrong

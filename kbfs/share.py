@@ -15,9 +15,21 @@ A private share checks bearer tokens it issued (`issue_token`: HMAC with a secre
 state folder, 30-day expiry by default, recorded in tokens.jsonl; `revoke_token` appends
 to `revoked`, re-read on every check, and relays are told `auth_reset`).
 
-It serves only regular files of its index inside its folder: nothing hidden, nothing
-of its state folder, no path leaving the folder. This module must not import `relay`,
-`fetch` or `cache`. See docs/protocol.md.
+It serves only regular files of its index inside its folder: nothing excluded
+(`index.DEFAULT_EXCLUDES` and `--exclude`; other dotfiles such as zarr's `.zarray` are
+data), nothing of its state folder, no path leaving the folder.
+
+Identity (`find_state_dir`): the key lives in the share's state folder, which records
+the folder it shares (`share.json`); a folder that was moved (its old path is gone and
+its indexed files are found, same sizes and mtimes, at the same places under the new
+path) keeps its state and so its id; a new key is announced loudly, naming an old
+share of a vanished folder of the same name when there is one.
+
+Reconnection (`reconnect_delays`): exponential from 0.5 s, capped at 5 s
+(`KBFS_SHARE_BACKOFF_MAX`), jittered; a relay that cannot be reached is reported once
+per outage, not on every retry.
+
+This module must not import `relay`, `fetch` or `cache`. See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -77,7 +89,13 @@ MAX_UPLOADS = 32  # concurrent uploads (worker threads)
 WORKER_IDLE = 10.0  # an upload thread idle this long ends (and closes its connections)
 CATALOGUE_BATCH = 1000
 SCAN_REFRESH = 2.0  # how often the catalogue is republished during a long scan
-BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+BACKOFF_MIN = 0.5
+# A relay that comes back is found within this many seconds (the longest wait between two
+# attempts); KBFS_SHARE_BACKOFF_MAX overrides it (tests).
+BACKOFF_MAX = 5.0
+BACKOFF_ENV = "KBFS_SHARE_BACKOFF_MAX"
+SHARE_INFO_FILE = "share.json"  # in the state folder: {"folder", "id", "relays"}
+MOVE_SAMPLE = 50  # indexed files looked at to recognise a moved folder
 LEAVES_CACHE_BYTES = 64 << 20
 MAX_CONTROL_MESSAGE = 4 << 20
 REVOCATION_POLL = 0.5  # how often a private share looks for revoked tokens (to tell relays)
@@ -93,6 +111,66 @@ def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+def reconnect_delays(cap: float = BACKOFF_MAX,
+                     rng: random.Random | None = None) -> Iterator[float]:
+    """The waits between attempts to reach a relay: BACKOFF_MIN doubling up to CAP, each
+    times a random factor in [0.5, 1] (shares do not all come back at once), so no wait
+    is longer than CAP and a relay that returns is found within CAP seconds."""
+    uniform = (rng or random.Random()).uniform
+    backoff = BACKOFF_MIN
+    while True:
+        yield min(backoff, cap) * uniform(0.5, 1.0)
+        backoff = min(backoff * 2, cap)
+
+
+def _backoff_max() -> float:
+    text = os.environ.get(BACKOFF_ENV, "").strip()
+    if not text:
+        return BACKOFF_MAX
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise ConfigError(f"{BACKOFF_ENV}={text[:40]!r}: expected seconds (0 < s <= 3600)")
+    return value
+
+
+def _relay_url(url: str) -> str:
+    """A --relay URL, normalised, or ConfigError naming what is wrong with it."""
+    try:
+        return protocol.check_relay_url(normalize_relay(url))
+    except BadRequest as exc:
+        raise ConfigError(f"--relay: {exc}") from None
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """Why connecting failed, in a few plain words (`connection refused`, `HTTP 403`,
+    `Name or service not known`), from the innermost exception that says something."""
+    todo: list[BaseException] = [exc]
+    said = ""
+    for _ in range(20):
+        if not todo:
+            break
+        e = todo.pop(0)
+        if isinstance(e, trio_websocket.ConnectionRejected):
+            return f"it answered HTTP {e.status_code}"
+        if isinstance(e, OSError) and e.strerror:
+            return str(e.strerror).lower() if isinstance(e, ConnectionError) else str(e.strerror)
+        if isinstance(e, trio.TooSlowError):
+            said = said or f"no answer within {HANDSHAKE_TIMEOUT:g} s"
+        elif isinstance(e, trio_websocket.ConnectionClosed):
+            said = said or "it closed the connection"
+        elif isinstance(e, KbfsError | OSError) and str(e):
+            said = said or str(e)
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        for inner in (e.__cause__, e.__context__):
+            if inner is not None:
+                todo.append(inner)
+    return said or type(exc).__name__
+
+
 class Refused(HttpError):
     """This share will not serve a request; `status` is the HTTP status it maps to
     (409: the file changed since it was indexed)."""
@@ -102,9 +180,109 @@ class Refused(HttpError):
 
 
 def state_dir_for(root_dir: str) -> str:
-    """The default state folder of the share of ROOT_DIR (outside the folder)."""
+    """The state folder a new share of ROOT_DIR gets (outside the folder), named from its
+    real path when it is first shared; `find_state_dir` finds it again after a move."""
     digest = hashlib.sha256(os.path.realpath(root_dir).encode("utf-8", "surrogateescape"))
     return default_state_dir("share-" + digest.hexdigest()[:16])
+
+
+def read_share_info(state_dir: str) -> dict[str, Any]:
+    """STATE_DIR/share.json ({"folder", "id", "relays"}), or {} when missing or unreadable."""
+    try:
+        with open(os.path.join(state_dir, SHARE_INFO_FILE), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def write_share_info(state_dir: str, **fields: Any) -> None:
+    """Merge FIELDS into STATE_DIR/share.json (written whole, then renamed into place)."""
+    info = {**read_share_info(state_dir), **fields}
+    tmp = os.path.join(state_dir, f".{SHARE_INFO_FILE}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    os.replace(tmp, os.path.join(state_dir, SHARE_INFO_FILE))
+
+
+def _holds_index_of(state_dir: str, folder: str) -> bool:
+    """True when most of a sample of STATE_DIR's indexed files are under FOLDER at the
+    same relative paths with the same size and mtime (what `mv`, `rsync -a`, `cp -a`
+    keep), and at least one is: FOLDER is the folder that index was made of."""
+    import sqlite3
+
+    db_path = os.path.join(state_dir, "index.sqlite")
+    if not os.path.exists(db_path):
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = conn.execute("SELECT path, size, mtime_ns FROM files ORDER BY random() LIMIT ?",
+                                (MOVE_SAMPLE,)).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+    found = 0
+    for path, size, mtime_ns in rows:
+        try:
+            st = os.stat(os.path.join(folder, *str(path).split("/")))
+        except OSError:
+            continue
+        found += (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
+    return found > 0 and found * 10 >= len(rows) * 9
+
+
+@dataclass
+class StateChoice:
+    """Where a share's state is, and the line to print about how it was chosen ('')."""
+
+    path: str
+    note: str = ""
+    old_id: str = ""  # a new share: the id of a vanished folder of the same name
+
+
+def find_state_dir(root_dir: str) -> StateChoice:
+    """The state folder (key, token secret, index) of the share of ROOT_DIR.
+
+    The rule, under the per-user state base (`$XDG_STATE_HOME/kbfs`; the systemd unit
+    sets it to /var/lib/kbfs): the `share-*` folder whose share.json names ROOT_DIR's
+    real path; else the folder named from that path (made before share.json existed);
+    else one whose recorded folder is gone and whose index matches ROOT_DIR's files (the
+    folder was moved: its id is kept, and the note says so); else a new folder, and when
+    a vanished folder of the same name had a share, the note names its id and the
+    `--state-dir` that keeps it.
+    """
+    real = os.path.realpath(root_dir)
+    base = default_state_dir("")
+    try:
+        names = sorted(n for n in os.listdir(base) if n.startswith("share-"))
+    except OSError:
+        names = []
+    infos = {n: read_share_info(os.path.join(base, n)) for n in names}
+    for n, info in infos.items():
+        if info.get("folder") == real:
+            return StateChoice(os.path.join(base, n))
+    named = state_dir_for(real)
+    if os.path.isdir(named) and not infos.get(os.path.basename(named)):
+        return StateChoice(named)
+    gone = [(n, info) for n, info in infos.items() if isinstance(info.get("folder"), str)
+            and not os.path.isdir(info["folder"])]
+    for n, info in gone:
+        if _holds_index_of(os.path.join(base, n), real):
+            return StateChoice(os.path.join(base, n),
+                               f"kbfs share: {real} is {info['folder']} moved: keeping its "
+                               f"share id {info.get('id', '?')}")
+    if os.path.exists(named):  # that name is another folder's state (this path's old one)
+        named += "-" + secrets.token_hex(4)
+    for n, info in gone:
+        if os.path.basename(info["folder"]) == os.path.basename(real) and info.get("id"):
+            return StateChoice(named, old_id=str(info["id"]), note=(
+                f"kbfs share: WARNING: {info['folder']} (gone) was shared as "
+                f"{info['id']}; if {real} is that folder, stop and run `kbfs share {real} "
+                f"--state-dir {os.path.join(base, n)}` to keep that id and its links"))
+    return StateChoice(named)
 
 
 def _write_private(path: str, data: bytes) -> None:
@@ -579,6 +757,7 @@ class ShareOptions:
     state_dir: str = ""
     private: bool = False
     rescan_interval: float = 30.0
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns, besides the defaults
 
 
 class Share:
@@ -591,11 +770,18 @@ class Share:
         self.root_dir = os.path.realpath(options.root_dir)
         if not os.path.isdir(self.root_dir):
             raise NotFound(f"{options.root_dir}: not a folder")
-        self.state_dir = os.path.realpath(options.state_dir or state_dir_for(self.root_dir))
+        self.state_dir = os.path.realpath(options.state_dir
+                                          or find_state_dir(self.root_dir).path)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.relays = [_relay_url(r) for r in options.relays]
+        # A new key is a new id: every kbfs:// link to an older one breaks (the CLI says so).
+        self.new_key = not os.path.exists(os.path.join(self.state_dir, KEY_FILE))
         self.key = load_key(self.state_dir)
         self.public_key = public_key_bytes(self.key)
         self.id = protocol.share_id_from_public_key(self.public_key)
+        # What `find_state_dir` and `kbfs share token` look for next time.
+        write_share_info(self.state_dir, folder=self.root_dir, id=self.id, relays=self.relays)
+        self.backoff_max = _backoff_max()
         if options.name:
             try:
                 self.name = protocol.check_share_name(options.name)
@@ -608,17 +794,17 @@ class Share:
                 protocol.check_listen_url(options.public_url)
             except BadRequest as exc:
                 raise ConfigError(f"--public-url: {exc}") from None
-        self.relays = [normalize_relay(r) for r in options.relays]
         self.token_secret = _token_secret(self.state_dir)
         self._revoked_key: tuple[int, int, int] | None = None  # (inode, size, mtime_ns)
         self._revoked: frozenset[str] = frozenset()
         self._revoked_lock = threading.Lock()
         self._relay_sockets: set[trio_websocket.WebSocketConnection] = set()
         self._refusals: dict[str, str] = {}  # relay -> the refusal last reported
+        self._linked: set[str] = set()  # relays whose `kbfs share link` line was printed
         # `get`s the relay no longer waits for (another share answered first): skipped
         # by a worker that has not started them yet. Bounded; order of arrival.
         self._cancelled: OrderedDict[str, None] = OrderedDict()
-        self.index = ShareIndex(self.root_dir, self.state_dir)
+        self.index = ShareIndex(self.root_dir, self.state_dir, exclude=options.exclude)
         self.report = report or (lambda line: log.info("%s", line))
         self.scan_progress = scan_progress
         self.scan_total = scan_total
@@ -733,6 +919,11 @@ class Share:
             return None
         if real == self.state_dir or real.startswith(self.state_dir + os.sep):
             return None
+        # The index excludes these already; checked again here, on both names, so that a
+        # row indexed under other rules (an older --exclude) is never served.
+        if self.index.excluded(relpath) or self.index.excluded(real[len(self.root_dir) + 1:]
+                                                               .replace(os.sep, "/")):
+            return None
         return real
 
     def _walk_index(self) -> dict[str, list[Any]]:
@@ -771,7 +962,7 @@ class Share:
     def resolve(self, sha1: str | None, path: str | None) -> tuple[IndexedFile, str]:
         """The indexed file (and its real path) for a request by sha1 or by path.
 
-        Refuses (404) anything not in the index, outside the folder, hidden or in the
+        Refuses (404) anything not in the index, outside the folder, excluded or in the
         state folder; refuses (409) and asks for a rescan when the file changed."""
         if path:
             try:
@@ -847,28 +1038,34 @@ class Share:
     # ------------------------------------------------------------ relay connection
 
     async def _relay_loop(self, relay: str) -> None:
-        backoff = BACKOFF_MIN
+        """Stay connected to RELAY for ever: reconnect after `reconnect_delays`; say once
+        per outage that it is unreachable and why, and once when it is connected again."""
+        delays = reconnect_delays(self.backoff_max)
+        reported = False  # this outage was reported
         while True:
-            admitted = False
+            admitted = [False]
+            reason = ""
             try:
-                admitted = await self._connect_once(relay)
-            except Exception as exc:  # any failure: one line, back off, try again for ever
+                await self._connect_once(relay, admitted)
+            except Exception as exc:  # any failure: back off, try again for ever
+                reason = _failure_reason(exc)
                 for leaf in _leaf_exceptions(exc):
-                    if isinstance(leaf, trio_websocket.ConnectionRejected):
-                        log.warning("relay %s rejected the connection (HTTP %s)", relay,
-                                    leaf.status_code)
-                    elif isinstance(leaf, _CONNECTION_FAILED):
-                        log.info("relay %s: %s", relay, str(leaf) or type(leaf).__name__)
-                    else:
+                    if not isinstance(leaf, _CONNECTION_FAILED):
                         log.warning("relay %s: %s: %s", relay, type(leaf).__name__, leaf)
-            if admitted:
+            if admitted[0]:
                 self.report(f"kbfs share lost relay {relay}; reconnecting")
-                backoff = BACKOFF_MIN
-            delay = min(backoff, BACKOFF_MAX) * random.uniform(0.5, 1.5)
-            backoff = min(backoff * 2, BACKOFF_MAX)
-            await trio.sleep(delay)
+                delays = reconnect_delays(self.backoff_max)
+                reported = False
+            elif reason and not reported:
+                self.report(f"kbfs share: relay {relay} unreachable ({reason}); "
+                            f"retrying every {self.backoff_max:g} s at most")
+                reported = True
+            elif reason:
+                log.debug("relay %s: %s", relay, reason)
+            await trio.sleep(next(delays))
 
-    async def _connect_once(self, relay: str) -> bool:
+    async def _connect_once(self, relay: str, admitted: list[bool]) -> None:
+        """One connection to RELAY, until it ends; ADMITTED[0] is set once welcomed."""
         url = protocol.websocket_url(relay)
         async with trio_websocket.open_websocket_url(
             url, max_message_size=MAX_CONTROL_MESSAGE, connect_timeout=HANDSHAKE_TIMEOUT,
@@ -895,20 +1092,26 @@ class Share:
                 if self._refusals.get(relay) != why:  # once, not on every retry
                     self._refusals[relay] = why
                     self.report(f"kbfs share refused by {relay}: {why}")
-                return False
+                return
             if welcome.get("type") != "welcome" or welcome.get("id") != self.id:
                 raise BadRequest("relay did not welcome this share")
             secret = str(welcome.get("upload_secret", ""))
             self._refusals.pop(relay, None)
+            admitted[0] = True
             listing = protocol.share_url_path(protocol.SHARE_LIST_PATH, share=self.id, path="")
             self.report(f"kbfs share connected to {relay}; browse {relay}{listing}")
+            if relay not in self._linked:  # the line to hand out, once per relay
+                self._linked.add(relay)
+                self.report(f"kbfs share link {protocol.kbfs_url(relay, self.id)}  (give this "
+                            "to readers" + ("; they also need a token from `kbfs share token "
+                                            f"{self.root_dir}`)" if self.options.private
+                                            else ")"))
             last_pong = [trio.current_time()]
             self._relay_sockets.add(ws)
             try:
                 await self._serve_relay(ws, relay, secret, last_pong)
             finally:
                 self._relay_sockets.discard(ws)
-        return True
 
     async def _serve_relay(self, ws: trio_websocket.WebSocketConnection, relay: str,
                            secret: str, last_pong: list[float]) -> None:

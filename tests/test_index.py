@@ -154,9 +154,11 @@ def test_skipping_rules(tmp_path: Path, share: Path, make_file: MakeFile) -> Non
     outside = tmp_path / "outside"
     make_file(outside / "secret.bin", 10, seed=7)
     make_file(share / "inner" / "real.bin", 20, seed=8)
-    make_file(share / ".hidden.bin", 10)
-    make_file(share / ".git" / "objects" / "x", 10)
-    make_file(share / "sub" / ".cache" / "y", 10)
+    make_file(share / ".zattrs", 10, seed=9)  # a dotfile is data (zarr)
+    make_file(share / ".git" / "objects" / "x", 10)  # version control is not
+    make_file(share / "sub" / ".cache" / "y", 10, seed=10)
+    make_file(share / "inner" / ".real.bin.swp", 10)  # nor an editor's temporary
+    make_file(share / "inner" / ".real.bin.kbfs-part", 10)  # nor a download's part file
     os.symlink(outside / "secret.bin", share / "escape.bin")
     os.symlink(outside, share / "escape-dir")
     os.symlink("../../outside/secret.bin", share / "inner" / "relative-escape.bin")
@@ -170,13 +172,14 @@ def test_skipping_rules(tmp_path: Path, share: Path, make_file: MakeFile) -> Non
     try:
         s = ix.scan()
         paths = sorted(
-            f.path for d in ("", "inner", "link-dir") for f in ix.list_dir(d)[1]
+            f.path for d in ("", "inner", "link-dir", "sub/.cache") for f in ix.list_dir(d)[1]
         )
-        assert paths == ["inner/real.bin", "link-dir/real.bin", "link-to-real.bin"]
-        assert (s.added, s.skipped) == (3, 0)
-        assert ix.totals() == (3, 60)
+        assert paths == [".zattrs", "inner/real.bin", "link-dir/real.bin", "link-to-real.bin",
+                         "sub/.cache/y"]
+        assert (s.added, s.skipped) == (5, 0)
+        assert ix.totals() == (5, 80)
         dirs, _ = ix.list_dir("")
-        assert dirs == ["inner", "link-dir"]
+        assert dirs == ["inner", "link-dir", "sub"]
         linked = ix.lookup_path("link-to-real.bin")
         assert linked is not None and ix.is_current(linked)
         assert ix.lookup_path("escape.bin") is None
@@ -339,31 +342,40 @@ def test_close_during_a_scan_stops_it(tmp_path: Path, share: Path, make_file: Ma
         assert again.scan().added == 3
 
 
-def test_symlinks_to_hidden_paths_and_hard_links_are_not_indexed(
+def test_symlinks_to_excluded_paths_and_hard_links_are_not_indexed(
     tmp_path: Path, share: Path, make_file: MakeFile, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`public.txt -> .ssh/id_rsa` would publish a hidden file under a visible name, and a
-    hard link may be another name of a file outside the folder: neither is indexed (one
-    log line each, not one per scan). Hard links are shared when asked for."""
+    """`public.txt -> .ssh/id_rsa` would publish an excluded file under a shared name, and
+    a hard link may be another name of a file outside the folder: neither is indexed (one
+    log line each, not one per scan). The caller's exclusions hold the same way, also
+    through a symlinked folder (`alias -> data` must not give away `data/secret`). Hard
+    links are shared when asked for."""
     make_file(share / ".ssh" / "id_rsa", 10, seed=11)
-    make_file(share / ".env", 10, seed=12)
+    make_file(share / ".git" / "config", 10, seed=12)
     make_file(share / "ok.bin", 10, seed=13)
+    make_file(share / "data" / "secret" / "notes", 10, seed=15)
+    make_file(share / "data" / "fine.bin", 10, seed=16)
     make_file(tmp_path / "outside" / "passwd", 10, seed=14)
     os.symlink(".ssh/id_rsa", share / "public.txt")
-    os.symlink(share / ".env", share / "env.txt")
-    os.symlink(".ssh", share / "keys")  # a folder link into a hidden folder
+    os.symlink(share / ".git" / "config", share / "env.txt")
+    os.symlink(".ssh", share / "keys")  # a folder link into an excluded folder
+    os.symlink("data/secret/notes", share / "notes.txt")  # into the caller's exclusion
+    os.symlink("data", share / "alias")  # alias/secret/notes is data/secret/notes
     os.link(tmp_path / "outside" / "passwd", share / "hard.txt")
-    ix = ShareIndex(str(share), str(tmp_path / "state"))
+    ix = ShareIndex(str(share), str(tmp_path / "state"), exclude=["data/secret"])
     try:
         with caplog.at_level("WARNING", "kbfs.index"):
             ix.scan()
             ix.scan()
         assert [f.path for f in ix.list_dir("")[1]] == ["ok.bin"]
-        assert ix.list_dir("")[0] == []
+        assert ix.list_dir("")[0] == ["alias", "data"]
+        assert [f.path for f in ix.list_dir("alias")[1]] == ["alias/fine.bin"]
+        assert ix.list_dir("alias")[0] == [] and ix.list_dir("data")[0] == []
         lines = [r.getMessage() for r in caplog.records if "not sharing" in r.getMessage()]
-        assert len(lines) == 4, lines
+        assert len(lines) == 6, lines
         assert any("hard.txt" in m and "hard links" in m for m in lines), lines
-        assert any("public.txt" in m and "hidden" in m for m in lines), lines
+        assert any("public.txt" in m and "excluded" in m for m in lines), lines
+        assert any("alias/secret" in m and "excluded" in m for m in lines), lines
     finally:
         ix.close()
     # A file that gains a second name after it was indexed is dropped at the next scan
@@ -378,24 +390,25 @@ def test_symlinks_to_hidden_paths_and_hard_links_are_not_indexed(
         assert ix.lookup_path("ok.bin") is None
     finally:
         ix.close()
-    with ShareIndex(str(share), str(tmp_path / "state2"), hard_links=True) as ix2:
+    with ShareIndex(str(share), str(tmp_path / "state2"), hard_links=True,
+                    exclude=["data/secret"]) as ix2:
         ix2.scan()
         assert sorted(f.path for f in ix2.list_dir("")[1]) == ["hard.txt", "ok.bin"]
 
 
-def test_share_does_not_serve_hidden_symlink_targets_or_hard_links(tmp_path: Path) -> None:
-    """A real `kbfs share` on a real relay: neither the hidden file behind a visible
+def test_share_does_not_serve_excluded_symlink_targets_or_hard_links(tmp_path: Path) -> None:
+    """A real `kbfs share` on a real relay: neither the excluded file behind a shared
     symlink nor the hard link to a file outside the folder can be read, by path or by
     sha1; an ordinary file can."""
     import netutil  # tests/ is on sys.path; only this test needs processes
     import requests
 
     data = tmp_path / "data"
-    (data / ".secret").mkdir(parents=True)
-    (data / ".secret" / "key").write_bytes(b"HIDDEN-KEY-5d1e\n")
+    (data / ".ssh").mkdir(parents=True)
+    (data / ".ssh" / "key").write_bytes(b"HIDDEN-KEY-5d1e\n")
     (tmp_path / "outside.txt").write_bytes(b"OUTSIDE-FILE-8a2c\n")
     (data / "ok.txt").write_bytes(b"fine\n")
-    os.symlink(".secret/key", data / "public.txt")
+    os.symlink(".ssh/key", data / "public.txt")
     os.link(tmp_path / "outside.txt", data / "hard.txt")
     sha = {n: hashlib.sha1(b).hexdigest()
            for n, b in (("key", b"HIDDEN-KEY-5d1e\n"), ("out", b"OUTSIDE-FILE-8a2c\n"))}

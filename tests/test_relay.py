@@ -31,14 +31,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("relay")
     data = tmp / "data"
     (data / "sub" / "deeper").mkdir(parents=True)
-    (data / ".hidden").mkdir()
+    (data / ".git").mkdir()  # excluded: version control (other dotfiles are data)
     a = os.urandom(SIZE_A)
     (data / "a.bin").write_bytes(a)
     (data / "sub" / "b.txt").write_bytes(b"hello kbfs\n")
     (data / "sub" / "deeper" / "c.bin").write_bytes(os.urandom(5000))
     (data / "empty.bin").write_bytes(b"")
-    (data / ".hidden" / "secret.txt").write_bytes(b"secret")
-    (data / ".dotfile").write_bytes(b"dot")
+    (data / ".git" / "secret.txt").write_bytes(b"secret")
+    (data / ".DS_Store").write_bytes(b"dot")
     outside = tmp / "outside.txt"
     outside.write_bytes(b"outside the share")
     os.symlink(outside, data / "escape.txt")
@@ -221,7 +221,7 @@ def test_list_root_and_sub(world: Any) -> None:
     assert top["share"] == sid and top["path"] == ""
     assert top["dirs"] == ["sub"]
     names = [f["name"] for f in top["files"]]
-    assert names == ["a.bin", "empty.bin"]  # no hidden file, no symlink leaving the folder
+    assert names == ["a.bin", "empty.bin"]  # nothing excluded, no symlink leaving the folder
     a = top["files"][0]
     assert a["size"] == SIZE_A and isinstance(a["mtime"], float)
     pointer = prv.pointer_from_dict(a["prv"])
@@ -259,14 +259,14 @@ def test_file_by_path(world: Any) -> None:
     "/s/{sid}/file/sub/%2e%2e%2fa.bin",
     "/s/{sid}/file//etc/passwd",
     "/s/{sid}/file/%2fetc%2fpasswd",
-    "/s/{sid}/file/.hidden/secret.txt",
-    "/s/{sid}/file/.dotfile",
+    "/s/{sid}/file/.git/secret.txt",
+    "/s/{sid}/file/.DS_Store",
     "/s/{sid}/file/escape.txt",
     "/s/{sid}/file/sub%5c..%5ca.bin",
     "/s/{sid}/file/a.bin%00",
     "/s/{sid}/list/..",
     "/s/{sid}/list/%2e%2e",
-    "/s/{sid}/list/.hidden",
+    "/s/{sid}/list/.git",
     "/s/{sid}/file/index.sqlite",
     "/s/{sid}/file/share.key",
 ])
