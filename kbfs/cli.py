@@ -42,6 +42,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("kbfs.cli_get", "download"),
     "cat": ("kbfs.cli_get", "cat"),
     "locate": ("kbfs.cli_get", "locate"),
+    "ls": ("kbfs.cli_ls", "ls"),
 }
 
 
@@ -111,7 +112,7 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     Publish:   kbfs share DIR --relay URL
     Serve:     kbfs relay --port 8080 --public-url http://HOST:8080
     Point:     kbfs prv create FILE_OR_DIR
-    Read:      kbfs mount POINTERS MNT | kbfs download SRC | kbfs cat SRC
+    Read:      kbfs mount POINTERS MNT | kbfs download SRC | kbfs cat SRC | kbfs ls SRC
     """
     # Click has imported the subcommand's module by now (KbfsGroup.get_command) and calls
     # this before the subcommand: start-up is over.

@@ -64,6 +64,10 @@ def download(source: str, out: str | None, jobs: int, relays: tuple[str, ...],
     file is kept, and the next download to OUT fetches only the blocks it lacks.
     """
     c = _client(relays, cache_dir, cache_size)
+    from kbfs import cli_ls  # a folder (.prvdir, pointers, kbfs://.../FOLDER/): kbfs.bulk
+
+    if cli_ls.download_folder_if(c, source, out, jobs, not no_local):
+        return
     r = c.resolve(source)
     with progress_bar(r.ref.size, f"downloading {r.name}") as bar:
         result = c.download(r, out, local=not no_local, workers=jobs, progress=bar.update)

@@ -537,6 +537,24 @@ class Client:
         url = relay + protocol.share_url_path(protocol.SHARE_FILE_PATH, share=share, path=relpath)
         return Resolved(_ref_of(p), name, p.original_path, p, (relay,), url)
 
+    def resolve_pointer(self, pointer: prv.Pointer, name: str,
+                        relays: Sequence[str] = ()) -> Resolved:
+        """A pointer already parsed (an entry of a .prvdir or of a share's listing) as a
+        source: read through RELAYS (e.g. the relay that listed it), the configured relays,
+        then the pointer's hints."""
+        r = Resolved(_ref_of(pointer), name, pointer.original_path, pointer, tuple(relays),
+                     hints=tuple(pointer.source_hints()))
+        self._router.route(r.ref.sha1, [*r.relays, *self.settings.relays, *r.hints])
+        return r
+
+    def list_share(self, relay: str, share: str, path: str) -> dict[str, Any]:
+        """The checked listing of folder PATH of SHARE at RELAY (`protocol.parse_listing`)."""
+        return _list_share(self._router.fetcher([relay]), relay, share, path)
+
+    def is_copy(self, path: str, ref: FileRef) -> bool:
+        """Whether PATH is a complete copy of REF (size, SHA-1 and root; remembered by stat)."""
+        return self._local_matches(path, ref)
+
     # ---- local copies
 
     def local_copies(self, r: Resolved, first_only: bool = True) -> list[str]:
