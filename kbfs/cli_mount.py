@@ -198,7 +198,9 @@ def _describe_status(st: dict[str, Any]) -> list[str]:
     for e in st.get("last_errors") or []:
         if isinstance(e, dict):
             ago = time.time() - float(e.get("time") or time.time())
-            lines.append(f"  last error ({ago:.0f} s ago, source {e.get('source')}): "
+            src = e.get("source")
+            via = f", last good source {src}" if src and src != "no source" else ""
+            lines.append(f"  last error ({ago:.0f} s ago{via}): "
                          f"reading {e.get('file')}: {e.get('error')}")
     problems = st.get("problems") or {}
     if isinstance(problems, dict):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from kbfs import prv
-from mountutil import NEEDS_FUSE, mounted
-from netutil import start_relay, start_share
+from tests.mountutil import NEEDS_FUSE, mounted
+from tests.netutil import start_relay, start_share
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -669,3 +669,63 @@ def test_no_local_fetches_through_relays_only(tmp_path: Path) -> None:
             with open(m.path("orig.bin"), "rb", buffering=0) as f, pytest.raises(OSError) as info:
                 f.read(4096)
             assert info.value.errno == errno.EIO
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return f"http://127.0.0.1:{port}"
+
+
+def test_unreachable_relay_warned_and_errors_in_status(tmp_path: Path) -> None:
+    """`kbfs mount` with a relay that is down says so at mount time (one line), and
+    `kbfs status` (and --json) shows it, the last read error with its cause, and a
+    malformed .prv of the folder (path and reason), not only `errors N`."""
+    src = tmp_path / "ptrs"
+    src.mkdir()
+    data = os.urandom(5000)
+    digest = prv.FileDigest(hashlib.sha1(data).hexdigest(), len(data), "", [], tree.tree_of_bytes(data)[1])
+    (src / "x.bin.prv").write_text(digest.pointer("").to_json())
+    (src / "bad.prv").write_text('{"original_checksum": "nothex", "original_size": 1}')
+    down = _closed_port_url()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    from tests.mountutil import isolated_env
+
+    env = isolated_env(tmp_path)
+    res = run_kbfs(["mount", str(src), str(mnt), "--cache-dir", str(tmp_path / "cache"),
+                    "--relay", down, "--timeout", "1"], env=env, timeout=90)
+    import re as _re
+
+    m = _re.search(r"pid (\d+); log (.+?)\)", res.stdout)
+    assert res.returncode == 0 and m, res.stdout + res.stderr
+    mount = Mount(str(mnt), int(m.group(1)), m.group(2), str(tmp_path / "cache"), env)
+    try:
+        warn = [line for line in res.stderr.splitlines() if "unreachable" in line]
+        assert len(warn) == 1 and down in warn[0] and "reads" in warn[0], res.stderr
+        assert sorted(os.listdir(mount.mountpoint)) == ["bad.prv", "x.bin"]
+        with pytest.raises(OSError) as exc:
+            with open(mount.path("x.bin"), "rb") as f:
+                f.read()
+        assert exc.value.errno == errno.EIO
+
+        def status() -> str:
+            r = mount.kbfs("status", mount.mountpoint)
+            assert r.returncode == 0, r.stderr
+            return r.stdout
+
+        assert wait_until(lambda: "last error" in status(), timeout=10), status()
+        text = status()
+        assert f"relay {down}: unreachable at mount time" in text
+        assert "x.bin.prv" in text and "unreachable" in text.split("last error")[1], text
+        assert "pointer problem" in text and "bad.prv" in text and "original_checksum" in text
+        raw = json.loads(mount.kbfs("status", "--json", mount.mountpoint).stdout)[0]
+        assert raw["unreachable_at_mount"] == {down: "connection refused"}
+        assert any("bad.prv" in path for path in raw["problems"])
+        assert raw["last_errors"] and raw["last_errors"][-1]["error"]
+    finally:
+        force_unmount(mount.mountpoint, mount.pid)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from netutil import start_relay, start_share
+from tests.netutil import start_relay, start_share
 
 REPO = Path(__file__).resolve().parent.parent
 
