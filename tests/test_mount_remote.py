@@ -121,3 +121,34 @@ def test_remote_offline_after_share_stops(tmp_path: Path) -> None:
                 md5_file(m.path("later.bin"))
             assert info.value.errno == errno.EIO
             assert time.monotonic() - t0 < 15
+
+
+def test_zarr_v2_and_v3_stores_through_a_mounted_share(tmp_path: Path) -> None:
+    """zarr stores in a shared folder, opened with zarr from the mount of its kbfs:// share:
+    v2 keeps its metadata in dotfiles (.zarray, .zattrs, .zgroup), which the share must
+    serve and the mount must list; v3 has zarr.json, and its probes for v2 names must be
+    plain "not found" (ENOENT), never EIO."""
+    zarr = pytest.importorskip("zarr")
+    np = pytest.importorskip("numpy")
+    data = tmp_path / "data"
+    data.mkdir()
+    values = np.arange(60_000, dtype="float64").reshape(300, 200)
+    for fmt in (2, 3):
+        group = zarr.open_group(str(data / f"v{fmt}.zarr"), mode="w", zarr_format=fmt)
+        group.attrs["lab"] = "kbfs"
+        arr = group.create_array("x", shape=values.shape, chunks=(64, 64), dtype="float64")
+        arr[:] = values
+    assert (data / "v2.zarr" / ".zgroup").exists() and (data / "v2.zarr" / "x" / ".zarray").exists()
+    with start_relay(tmp_path) as relay, start_share(data, relay.url, tmp_path) as share:
+        host = relay.url.removeprefix("http://")
+        with mounted(f"kbfs://{host}/{share.id}", tmp_path, extra=["--timeout", "5"]) as m:
+            assert ".zgroup" in os.listdir(m.path("v2.zarr"))
+            for fmt in (2, 3):
+                g = zarr.open_group(m.path(f"v{fmt}.zarr"), mode="r")
+                assert g.attrs["lab"] == "kbfs"
+                got = g["x"]
+                assert got.shape == values.shape
+                assert np.array_equal(got[:], values)
+                assert np.array_equal(got[100:164, 7:9], values[100:164, 7:9])
+            with pytest.raises(FileNotFoundError):
+                os.stat(m.path("v3.zarr", ".zarray"))
