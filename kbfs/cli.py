@@ -136,8 +136,10 @@ def prv_group() -> None:
               help="Where to write the pointer (default: NAME.prv or NAME.prvdir here).")
 @click.option("-r", "--relay", "relays", multiple=True, metavar="URL",
               help="A relay that serves this content, written into the pointer as a source "
-                   "hint (repeatable); readers try hints after their own relays.")
-def prv_create(path: str, out: str | None, relays: tuple[str, ...]) -> None:
+                   "hint (repeatable; default: the relays of the share of PATH's folder, if "
+                   "this user shares it); readers try hints after their own relays.")
+@click.option("--no-hints", is_flag=True, help="Write no source hints.")
+def prv_create(path: str, out: str | None, relays: tuple[str, ...], no_hints: bool) -> None:
     """Hash PATH into NAME.prv (a file) or NAME.prvdir (a folder), in the current folder.
 
     Reads every file once, computing its SHA-1 (for the original MountainLab tools)
@@ -146,7 +148,7 @@ def prv_create(path: str, out: str | None, relays: tuple[str, ...]) -> None:
     a pointer written there would be shared as data too.
     """
     path = os.path.normpath(path)
-    hints = list(relays)
+    hints = [] if no_hints else list(relays) or _share_relays_of(path)
     # Checked before hours of hashing: a bad --relay is one line, now.
     prv.Pointer("0" * 40, 0).with_sources(hints)
     name = os.path.basename(os.path.abspath(path)) or "root"
@@ -172,6 +174,37 @@ def prv_create(path: str, out: str | None, relays: tuple[str, ...]) -> None:
         f.write(text)
     os.replace(tmp, target)
     click.echo(target)
+
+
+def _share_relays_of(path: str) -> list[str]:
+    """The relays of this user's `kbfs share` of a folder holding PATH (the `relays` its
+    state folder's share.json records, under XDG_STATE_HOME/kbfs/share-*), or []. Read
+    from a few small files, without importing the share's code; said on stderr."""
+    from kbfs.config import default_state_dir
+
+    real = os.path.realpath(path)
+    base = os.path.dirname(default_state_dir("share-x"))
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("share-")]
+    except OSError:
+        return []
+    for name in sorted(names):
+        try:
+            with open(os.path.join(base, name, "share.json"), encoding="utf-8") as f:
+                info = json.loads(f.read(1 << 16))
+        except (OSError, ValueError):
+            continue
+        folder = info.get("folder") if isinstance(info, dict) else None
+        relays = info.get("relays") if isinstance(info, dict) else None
+        if not isinstance(folder, str) or not isinstance(relays, list) or not relays:
+            continue
+        if real == folder or real.startswith(folder.rstrip("/") + "/"):
+            good = prv.source_hints(relays, os.path.join(base, name, "share.json"))
+            if good:
+                click.echo(f"kbfs: source hints {', '.join(good)} (the relays of the share of "
+                           f"{folder}; --no-hints or --relay to choose)", err=True)
+            return good
+    return []
 
 
 def _load_any(path: str) -> prv.Pointer | prv.PrvDir:

@@ -146,3 +146,35 @@ def test_mount_uses_pointer_hints_with_no_relay_configured(shared, tmp_path: Pat
     with mounted(str(work), tmp_path / "m", extra=["--no-local"]) as m:
         with open(m.path("rec.bin"), "rb") as f:
             assert f.read() == payload
+
+
+def test_prv_create_defaults_to_the_relays_of_the_share(tmp_path: Path) -> None:
+    """A file inside a folder this user shares gets that share's relays as hints (from
+    the share's state folder), and reads with no relay configured; --no-hints writes none,
+    a file outside the folder gets none."""
+    data = tmp_path / "data"
+    data.mkdir()
+    payload = os.urandom(100_000)
+    (data / "x.bin").write_bytes(payload)
+    (tmp_path / "outside.bin").write_bytes(b"o")
+    state_home = tmp_path / "state"
+    relay = start_relay(tmp_path)
+    share = start_share(data, relay.url, tmp_path, state_dir=state_home / "kbfs" / "share-test")
+    try:
+        env = dict(bare_env(tmp_path), XDG_STATE_HOME=str(state_home))
+        work = tmp_path / "work"
+        work.mkdir()
+        made = kbfs(["prv", "create", str(data / "x.bin")], env, cwd=work)
+        assert made.returncode == 0, made.stderr
+        assert relay.url.encode() in made.stderr  # says where the hints came from
+        assert json.loads((work / "x.bin.prv").read_text())["kbfs_sources"] == [relay.url]
+        got = kbfs(["cat", "--no-local", "x.bin.prv"], env, cwd=work)
+        assert got.returncode == 0 and got.stdout == payload, got.stderr
+        assert kbfs(["prv", "create", str(data / "x.bin"), "--no-hints", "-o", "n.prv"], env,
+                    cwd=work).returncode == 0
+        assert "kbfs_sources" not in json.loads((work / "n.prv").read_text())
+        assert kbfs(["prv", "create", str(tmp_path / "outside.bin")], env, cwd=work).returncode == 0
+        assert "kbfs_sources" not in json.loads((work / "outside.bin.prv").read_text())
+    finally:
+        share.stop()
+        relay.stop()
