@@ -2,8 +2,11 @@
 
 Each command names one SOURCE (a .prv file, sha1://SHA1[/NAME] or
 kbfs://HOST:PORT/SHARE_ID/PATH) and goes through `kbfs.client`, which reads through the
-shared block cache. This module only parses options and prints; it raises kbfs errors
-and leaves turning them into one line to the root group in `kbfs.cli`.
+shared block cache. A private share's token comes from `--token` (repeatable),
+`KBFS_TOKEN` or the config file (`kbfs.config` says where each is sent). This module only
+parses options and prints; it raises kbfs errors and leaves turning them into one line
+to the root group in `kbfs.cli`, except for an interrupted download, whose line says that
+the same command again resumes (exit status 130).
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Block cache folder (default: KBFS_CACHE_DIR, config, ~/.cache/kbfs).")(f)
     f = click.option("--cache-size", type=SIZE, default=None,
                      help="Cache capacity, e.g. 50G (default: 10% of free space).")(f)
+    f = click.option("--token", "tokens", multiple=True, metavar="TOKEN",
+                     help="Token of a private share (repeatable; also KBFS_TOKEN, "
+                          "comma-separated, or \"tokens\" in the config file).")(f)
     f = click.option("-r", "--relay", "relays", multiple=True, metavar="URL",
                      help="Relay to ask (repeatable; default: KBFS_RELAY or the config file).")(f)
     return f
 
 
 def _client(relays: tuple[str, ...], cache_dir: str | None,
-            cache_size: int | None) -> client.Client:
-    return client.get_client(list(relays) or None, cache_dir, cache_size)
+            cache_size: int | None, tokens: tuple[str, ...] = ()) -> client.Client:
+    return client.get_client(list(relays) or None, cache_dir, cache_size, tokens=list(tokens))
 
 
 def register(group: click.Group) -> None:
@@ -56,21 +62,29 @@ def register(group: click.Group) -> None:
               show_default=True, help="Range requests in flight at once.")
 @_source_options
 def download(source: str, out: str | None, jobs: int, relays: tuple[str, ...],
-             cache_dir: str | None, cache_size: int | None, no_local: bool) -> None:
+             tokens: tuple[str, ...], cache_dir: str | None, cache_size: int | None,
+             no_local: bool) -> None:
     """Download SOURCE, verifying every block; prints the path written.
 
     The file appears at OUT only once it is complete and verified. Until then it is
     written as .NAME.kbfs-part next to OUT; when a download fails or is interrupted that
-    file is kept, and the next download to OUT fetches only the blocks it lacks.
+    file is kept, and the same command again fetches only the blocks it lacks.
     """
-    c = _client(relays, cache_dir, cache_size)
+    c = _client(relays, cache_dir, cache_size, tokens)
     from kbfs import cli_ls  # a folder (.prvdir, pointers, kbfs://.../FOLDER/): kbfs.bulk
 
     if cli_ls.download_folder_if(c, source, out, jobs, not no_local):
         return
     r = c.resolve(source)
-    with progress_bar(r.ref.size, f"downloading {r.name}") as bar:
-        result = c.download(r, out, local=not no_local, workers=jobs, progress=bar.update)
+    try:
+        with progress_bar(r.ref.size, f"downloading {r.name}") as bar:
+            result = c.download(r, out, local=not no_local, workers=jobs, progress=bar.update)
+    except KeyboardInterrupt as exc:
+        part = getattr(exc, "kbfs_part", None)
+        click.echo("kbfs: interrupted" + (
+            f"; the verified part is kept in {part}: run the same command again to resume"
+            if part else ""), err=True)
+        sys.exit(130)
     rate = result.size / result.seconds / (1 << 20) if result.seconds > 0 else 0.0
     how = f"copied from {result.from_local}" if result.from_local else (
         f"{format_size(result.cached_before)} already cached, "
@@ -90,9 +104,10 @@ def download(source: str, out: str | None, jobs: int, relays: tuple[str, ...],
               help="How many bytes (default: to the end).")
 @_source_options
 def cat(source: str, offset: int, length: int | None, relays: tuple[str, ...],
-        cache_dir: str | None, cache_size: int | None, no_local: bool) -> None:
+        tokens: tuple[str, ...], cache_dir: str | None, cache_size: int | None,
+        no_local: bool) -> None:
     """Write SOURCE's verified bytes to standard output."""
-    c = _client(relays, cache_dir, cache_size)
+    c = _client(relays, cache_dir, cache_size, tokens)
     out = sys.stdout.buffer
     try:
         for piece in c.cat(source, offset, length, local=not no_local):
@@ -109,10 +124,10 @@ def cat(source: str, offset: int, length: int | None, relays: tuple[str, ...],
 @click.command()
 @click.argument("source")
 @_source_options
-def locate(source: str, relays: tuple[str, ...], cache_dir: str | None,
-           cache_size: int | None, no_local: bool) -> None:
+def locate(source: str, relays: tuple[str, ...], tokens: tuple[str, ...],
+           cache_dir: str | None, cache_size: int | None, no_local: bool) -> None:
     """Say where SOURCE's content can be had: local copies, the cache, URLs."""
-    c = _client(relays, cache_dir, cache_size)
+    c = _client(relays, cache_dir, cache_size, tokens)
     loc = c.locate(source)
     r = loc.resolved
     click.echo(f"name:    {r.name}")

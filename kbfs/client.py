@@ -291,24 +291,36 @@ def _digest_at(path: str, block_size: int) -> tuple[str, str]:
 # ---------------------------------------------------------------- sources for the cache
 
 
+# Which bearer tokens may go to which relay: ((relay, (token, ...)), ...), sorted; see
+# `config.Settings.tokens_for`. Hashable, so it can key a Fetcher.
+_Tokens = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def _tokens_key(tokens: dict[str, tuple[str, ...]]) -> _Tokens:
+    return tuple(sorted((relay, ts) for relay, ts in tokens.items() if ts))
+
+
 class _Router:
     """The cache's `BlockSource`: sends each sha1 to a Fetcher over the right relays.
 
     The cache is one per folder but sources name different relays (a kbfs:// URL
-    carries its own); the router keeps one Fetcher per relay list and remembers
-    which list each sha1 was resolved with.
+    carries its own) and may carry tokens for some of them; the router keeps one Fetcher
+    per (relay list, tokens) and remembers which each sha1 was resolved with, and the
+    share and path a kbfs:// URL named it by (to say, when that content is gone, whether
+    the share now holds another version of the path: `_explain`).
     """
 
     def __init__(self, local_dirs: Sequence[str], direct: bool = True) -> None:
         self._local_dirs = tuple(local_dirs)
         self._direct = direct  # Settings.direct: use share URLs from /api/find
         self._lock = threading.Lock()
-        self._fetchers: dict[tuple[str, ...], Fetcher] = {}
-        self._routes: dict[str, tuple[str, ...]] = {}
-        self._known: dict[tuple[str, ...], None] = {}  # every relay list named, in order
+        self._fetchers: dict[tuple[tuple[str, ...], _Tokens], Fetcher] = {}
+        self._routes: dict[str, tuple[tuple[str, ...], _Tokens]] = {}
+        self._known: dict[tuple[tuple[str, ...], _Tokens], None] = {}  # every route, in order
+        self._named: dict[str, tuple[str, str, str]] = {}  # sha1 -> (relay, share, path)
 
-    def fetcher(self, relays: Sequence[str]) -> Fetcher:
-        key = tuple(dict.fromkeys(relays))
+    def fetcher(self, relays: Sequence[str], tokens: _Tokens = ()) -> Fetcher:
+        key = (tuple(dict.fromkeys(relays)), tokens)
         with self._lock:
             self._known[key] = None
             f = self._fetchers.get(key)
@@ -317,47 +329,101 @@ class _Router:
                 # `kbfs download` or `kbfs cat` of content already cached never needs.
                 from kbfs.fetch import Fetcher
 
-                f = self._fetchers[key] = Fetcher(list(key), local_dirs=self._local_dirs,
-                                                       direct=self._direct)
+                f = self._fetchers[key] = Fetcher(list(key[0]), local_dirs=self._local_dirs,
+                                                  direct=self._direct, tokens=dict(tokens))
             return f
 
-    def route(self, sha1: str, relays: Sequence[str]) -> None:
-        """Use RELAYS (before any relays already routed for SHA1) to fetch SHA1.
+    def route(self, sha1: str, relays: Sequence[str], tokens: _Tokens = (),
+              named: tuple[str, str, str] | None = None) -> None:
+        """Use RELAYS (before any relays already routed for SHA1) to fetch SHA1, sending
+        TOKENS (relay -> tokens) where they may go; NAMED: the (relay, share, path) of
+        the kbfs:// URL that named SHA1.
 
         Only remembered: the Fetcher (and the HTTP stack) is made when a block or a tree
         is first needed, which a download of cached content never does."""
         with self._lock:
-            merged = tuple(dict.fromkeys([*relays, *self._routes.get(sha1, ())]))
-            self._routes[sha1] = merged
-            self._known[merged] = None
+            old_relays, old_tokens = self._routes.get(sha1, ((), ()))
+            merged = tuple(dict.fromkeys([*relays, *old_relays]))
+            given: dict[str, tuple[str, ...]] = {}
+            for relay, ts in (*tokens, *old_tokens):
+                given[relay] = tuple(dict.fromkeys([*given.get(relay, ()), *ts]))
+            route = (merged, _tokens_key(given))
+            self._routes[sha1] = route
+            self._known[route] = None
+            if named is not None:
+                self._named[sha1] = named
 
     def for_sha1(self, sha1: str) -> Fetcher:
         with self._lock:
-            relays = self._routes.get(sha1)
-            if relays is None:
-                relays = tuple(dict.fromkeys(r for rs in self._known for r in rs))
-        return self.fetcher(relays)
+            route = self._routes.get(sha1)
+            named = self._named.get(sha1)
+            if route is None:
+                given: dict[str, tuple[str, ...]] = {}
+                for _, tokens in self._known:
+                    for relay, ts in tokens:
+                        given[relay] = tuple(dict.fromkeys([*given.get(relay, ()), *ts]))
+                route = (tuple(dict.fromkeys(r for rs, _ in self._known for r in rs)),
+                         _tokens_key(given))
+        f = self.fetcher(*route)
+        if named is not None:
+            f.prefer_share(sha1, named[1])
+        return f
+
+    @contextmanager
+    def _explain(self, sha1: str) -> Iterator[None]:
+        """Turn "no source has SHA1" into "the share now holds another version of that
+        path" when a kbfs:// URL named SHA1 and the share's listing now shows other
+        content there (asked only once the read has failed)."""
+        try:
+            yield
+        except NotFound as exc:
+            with self._lock:
+                named = self._named.get(sha1)
+            if named is None:
+                raise
+            relay, share, path = named
+            parent, _, name = path.rpartition("/")
+            try:
+                entry = _listing_entry(_list_share(self.for_sha1(sha1), relay, share, parent), name)
+            except KbfsError:
+                raise exc from None
+            if entry is None:
+                raise NotFound(f"share {share} no longer has {path} (it held sha1 {sha1}): "
+                               f"{exc}") from None
+            now = (entry.get("prv") or {}).get("original_checksum")
+            if now and now != sha1:
+                raise NotFound(
+                    f"share {share} now holds a different version of {path} (sha1 {now}, "
+                    f"{entry.get('size')} bytes) than the one asked for (sha1 {sha1}): open "
+                    "the kbfs:// URL again to read the new one") from None
+            raise
 
     def fetch_tree(self, sha1: str, size: int, block_size: int = tree.BLOCK_SIZE, root: str | None = None) -> bytes:
-        return self.for_sha1(sha1).fetch_tree(sha1, size, block_size, root)
+        with self._explain(sha1):
+            return self.for_sha1(sha1).fetch_tree(sha1, size, block_size, root)
 
     def fetch_blocks(
         self, sha1: str, size: int, first: int, count: int, leaves: Sequence[bytes],
         block_size: int = tree.BLOCK_SIZE,
     ) -> bytes:
-        return self.for_sha1(sha1).fetch_blocks(sha1, size, first, count, leaves, block_size)
+        with self._explain(sha1):
+            return self.for_sha1(sha1).fetch_blocks(sha1, size, first, count, leaves, block_size)
 
     def fetch_blocks_into(
         self, sha1: str, size: int, first: int, count: int, leaves: Sequence[bytes],
         out: memoryview, block_size: int = tree.BLOCK_SIZE,
     ) -> None:
         # The cache's copy-free path (no bytes() of every fetched run).
-        self.for_sha1(sha1).fetch_blocks_into(sha1, size, first, count, leaves, out, block_size)
+        with self._explain(sha1):
+            self.for_sha1(sha1).fetch_blocks_into(sha1, size, first, count, leaves, out,
+                                                  block_size)
 
     def statistics(self) -> dict[str, Any]:
         with self._lock:
             fetchers = dict(self._fetchers)
-        return {",".join(k): f.statistics() for k, f in fetchers.items()}
+        # Keyed by the relay list (and, when tokens go with it, how many: never the tokens).
+        return {",".join(k[0]) + (f" (+{sum(len(t) for _, t in k[1])} tokens)" if k[1] else ""):
+                f.statistics() for k, f in fetchers.items()}
 
 
 class _Shared:
@@ -462,8 +528,22 @@ class Client:
 
     @property
     def fetcher(self) -> Fetcher:
-        """The Fetcher over the configured relays."""
-        return self._router.fetcher(self.settings.relays)
+        """The Fetcher over the configured relays (with the tokens that may go to them)."""
+        return self._fetcher_for(self.settings.relays)
+
+    def _fetcher_for(self, relays: Sequence[str], named: Sequence[str] = ()) -> Fetcher:
+        """A Fetcher over RELAYS, with the tokens that may go to each (NAMED: relays a
+        kbfs:// URL names, trusted with the user's tokens like the configured ones)."""
+        return self._router.fetcher(relays, self._tokens(relays, named))
+
+    def _tokens(self, relays: Sequence[str], named: Sequence[str] = ()) -> _Tokens:
+        return _tokens_key(self.settings.tokens_for(list(relays), tuple(named)))
+
+    def _route(self, r: Resolved, named: tuple[str, str, str] | None = None) -> None:
+        """Tell the router where R's content is read from: the relays R names (a kbfs://
+        URL's), the configured relays, then R's hints; tokens only where they may go."""
+        relays = [*r.relays, *self.settings.relays, *r.hints]
+        self._router.route(r.ref.sha1, relays, self._tokens(relays, r.relays), named)
 
     # ---- resolving
 
@@ -481,7 +561,7 @@ class Client:
             )
         else:
             r = self._resolve_pointer_file(text)
-        self._router.route(r.ref.sha1, [*r.relays, *self.settings.relays, *r.hints])
+        self._route(r, parse_kbfs_uri(text) if text.startswith("kbfs://") else None)
         return r
 
     def _resolve_pointer_file(self, path: str) -> Resolved:
@@ -527,7 +607,7 @@ class Client:
         if not relpath:
             raise BadRequest(f"{source}: names the share's top folder, not a file")
         parent, _, name = relpath.rpartition("/")
-        listing = _list_share(self._router.fetcher([relay]), relay, share, parent)
+        listing = _list_share(self._fetcher_for([relay], [relay]), relay, share, parent)
         entry = _listing_entry(listing, name)
         if entry is None:
             if name in (listing.get("dirs") or []):
@@ -544,12 +624,12 @@ class Client:
         then the pointer's hints."""
         r = Resolved(_ref_of(pointer), name, pointer.original_path, pointer, tuple(relays),
                      hints=tuple(pointer.source_hints()))
-        self._router.route(r.ref.sha1, [*r.relays, *self.settings.relays, *r.hints])
+        self._route(r)
         return r
 
     def list_share(self, relay: str, share: str, path: str) -> dict[str, Any]:
         """The checked listing of folder PATH of SHARE at RELAY (`protocol.parse_listing`)."""
-        return _list_share(self._router.fetcher([relay]), relay, share, path)
+        return _list_share(self._fetcher_for([relay], [relay]), relay, share, path)
 
     def is_copy(self, path: str, ref: FileRef) -> bool:
         """Whether PATH is a complete copy of REF (size, SHA-1 and root; remembered by stat)."""
@@ -643,7 +723,7 @@ class Client:
         relays = [*r.relays, *self.settings.relays]
         if relays:
             try:
-                found = self._router.fetcher(relays).find(r.ref.sha1)
+                found = self._fetcher_for(relays, r.relays).find(r.ref.sha1)
             except KbfsError as exc:
                 log.info("find %s: %s", r.ref.sha1, exc)
                 found = None
@@ -729,6 +809,11 @@ class Client:
                     exc.args = (f"{exc.args[0]} (the verified part is kept in {part}: "
                                 f"the same download again resumes from it)", *exc.args[1:])
                 raise
+            except KeyboardInterrupt as exc:
+                if left or tally.fetched + tally.copied:
+                    # For the command line's one line: where the work so far is kept.
+                    exc.kbfs_part = part  # type: ignore[attr-defined]
+                raise
             finally:
                 self.cache.close_file(ref)
             os.replace(part, target)
@@ -768,7 +853,7 @@ class Client:
             todo = self._copy_cached(ref, fd, todo, out_lock, progress, tally)
         if not todo:
             return
-        fetcher = self._router.for_sha1(ref.sha1)
+        fetcher = self._router  # the route resolve() made; says why when content is gone
         # Runs short enough that every worker gets two of a small download.
         run_blocks = max(1, min(DOWNLOAD_CHUNK_BLOCKS, -(-len(todo) // (2 * max(1, workers)))))
         runs = list(_block_runs(todo, run_blocks))
@@ -1234,11 +1319,19 @@ def get_client(
     cache_dir: str | None = None,
     cache_size: str | int | None = None,
     search_dirs: Sequence[str] | None = None,
+    tokens: Sequence[str] | str | None = None,
 ) -> Client:
-    """The shared Client for these settings (command line > environment > config file)."""
+    """The shared Client for these settings (command line > environment > config file).
+
+    TOKENS: bearer tokens of private shares (`kbfs share token`), added to those of
+    KBFS_TOKEN and the config file; see `kbfs.config` for where each may be sent."""
+    if isinstance(tokens, str):
+        tokens = [tokens]
     s = load_settings(list(relays) if relays else None, cache_dir, cache_size,
-                      list(search_dirs) if search_dirs is not None else None)
-    key = (tuple(s.relays), s.cache_dir, s.cache_size, tuple(s.search_dirs))
+                      list(search_dirs) if search_dirs is not None else None,
+                      tokens=list(tokens) if tokens else None)
+    key = (tuple(s.relays), s.cache_dir, s.cache_size, tuple(s.search_dirs), s.direct,
+           tuple(s.tokens), tuple((r, tuple(t)) for r, t in sorted(s.relay_tokens.items())))
     with _shared_lock:
         c = _clients.get(key)
     if c is None:
@@ -1257,7 +1350,7 @@ def open(source: str | os.PathLike[str], *, local: bool = True,  # noqa: A001 - 
          buffer_size: int = DEFAULT_BUFFER, **settings: Any) -> BinaryIO:
     """Open SOURCE as a read-only, seekable binary file of verified bytes.
 
-    SETTINGS: relays, cache_dir, cache_size, search_dirs (as for `get_client`).
+    SETTINGS: relays, cache_dir, cache_size, search_dirs, tokens (as for `get_client`).
     LOCAL=False skips local copies and reads through the cache.
     """
     return get_client(**settings).open(source, local=local, buffer_size=buffer_size)
@@ -1284,6 +1377,24 @@ def download(source: str | os.PathLike[str], out: str | None = None, *, local: b
 # ---------------------------------------------------------------- fsspec
 
 
+@contextmanager
+def _fs_errors(path: str) -> Iterator[None]:
+    """kbfs errors as the OSErrors Python file-system code expects (see _KbfsFSBase)."""
+    from kbfs.errors import AccessDenied
+
+    try:
+        yield
+    except NotFound as exc:
+        raise FileNotFoundError(errno.ENOENT, str(exc), path) from None
+    except BadRequest as exc:
+        if "is a folder" in str(exc) or "top folder" in str(exc):
+            raise IsADirectoryError(errno.EISDIR, str(exc), path) from None
+        # A malformed sha1 or a path part no share can hold: it is not there.
+        raise FileNotFoundError(errno.ENOENT, str(exc), path) from None
+    except AccessDenied as exc:
+        raise PermissionError(errno.EACCES, str(exc), path) from None
+
+
 def _define_fsspec() -> dict[str, Any]:
     """Define and register the fsspec classes; called on first use of their names.
 
@@ -1296,7 +1407,15 @@ def _define_fsspec() -> dict[str, Any]:
     from fsspec.spec import AbstractFileSystem
 
     class _KbfsFSBase(AbstractFileSystem):
-        """Read-only fsspec file system over `Client`; subclasses name their protocol."""
+        """Read-only fsspec file system over `Client`; subclasses name their protocol.
+
+        Libraries probe for files that may not exist (zarr asks for `.zarray`,
+        `zarr.json`, `.zmetadata`...), so every method says "not there" the way Python
+        file systems do: FileNotFoundError, whether the relay said so (NotFound) or the
+        path is one no share can hold (BadRequest: a malformed sha1 or path part);
+        IsADirectoryError for opening a folder; PermissionError for a private share
+        that wants a token (AccessDenied) and for writing. See `_fs_errors`.
+        """
 
         protocol: str  # type: ignore[assignment]
 
@@ -1313,15 +1432,21 @@ def _define_fsspec() -> dict[str, Any]:
 
         def __init__(self, relays: Sequence[str] | str | None = None, cache_dir: str | None = None,
                      cache_size: str | int | None = None, search_dirs: Sequence[str] | None = None,
-                     local: bool = True, **storage_options: Any) -> None:
+                     local: bool = True, tokens: Sequence[str] | str | None = None,
+                     token: str | None = None, **storage_options: Any) -> None:
             super().__init__(**storage_options)
             if isinstance(relays, str):
                 relays = [relays]
-            self.client = get_client(relays, cache_dir, cache_size, search_dirs)
+            if isinstance(tokens, str):
+                tokens = [tokens]
+            given = [*(tokens or ()), *([token] if token else [])]
+            self.client = get_client(relays, cache_dir, cache_size, search_dirs, given or None)
             self.local = local
 
         def _resolved(self, path: str) -> Resolved:
-            return self.client.resolve(self._source(self._strip_protocol(path)))
+            path = self._strip_protocol(path)
+            with _fs_errors(path):
+                return self.client.resolve(self._source(path))
 
         def _file_info(self, path: str, r: Resolved) -> dict[str, Any]:
             return {"name": path, "size": r.ref.size, "type": "file", "sha1": r.ref.sha1}
@@ -1331,15 +1456,14 @@ def _define_fsspec() -> dict[str, Any]:
                   **kwargs: Any) -> Any:
             if mode != "rb":
                 raise PermissionError(f"{self.protocol}:// is read-only (mode {mode!r})")
-            return self.client.open(self._resolved(path), local=self.local,
-                                    buffer_size=block_size or DEFAULT_BUFFER)
+            r = self._resolved(path)
+            with _fs_errors(path):
+                return self.client.open(r, local=self.local,
+                                        buffer_size=block_size or DEFAULT_BUFFER)
 
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
             path = self._strip_protocol(path)
-            try:
-                return self._file_info(path, self._resolved(path))
-            except NotFound as exc:
-                raise FileNotFoundError(path) from exc
+            return self._file_info(path, self._resolved(path))
 
         def size(self, path: str) -> int:
             return int(self.info(path)["size"])
@@ -1352,7 +1476,8 @@ def _define_fsspec() -> dict[str, Any]:
             b = size if end is None else (end if end >= 0 else max(0, size + end))
             if b <= a:
                 return b""
-            return b"".join(self.client.cat(r, a, b - a, local=self.local))
+            with _fs_errors(path):
+                return b"".join(self.client.cat(r, a, b - a, local=self.local))
 
         def ukey(self, path: str) -> str:
             return self._resolved(path).ref.sha1
@@ -1369,19 +1494,22 @@ def _define_fsspec() -> dict[str, Any]:
 
 
     class KbfsFileSystem(_KbfsFSBase):
-        """fsspec "kbfs": `kbfs://HOST:PORT/SHARE_ID/path`, listed and read through that relay."""
+        """fsspec "kbfs": `kbfs://HOST:PORT/SHARE_ID/path`, listed and read through that relay
+        (with the user's token for that share, when it is private)."""
 
         protocol = "kbfs"
 
         def _listing(self, path: str) -> dict[str, Any]:
-            relay, share, relpath = parse_kbfs_uri("kbfs://" + path)
-            return _list_share(self.client._router.fetcher([relay]), relay, share, relpath)
+            with _fs_errors(path):
+                relay, share, relpath = parse_kbfs_uri("kbfs://" + path)
+                return _list_share(self.client._fetcher_for([relay], [relay]), relay, share,
+                                   relpath)
 
         def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
             path = self._strip_protocol(path)
             try:
                 listing = self._listing(path)
-            except NotFound:
+            except FileNotFoundError:
                 info = self.info(path)  # a file lists as itself, as on other file systems
                 return [info] if detail else [info["name"]]
             out: list[dict[str, Any]] = [
@@ -1395,19 +1523,19 @@ def _define_fsspec() -> dict[str, Any]:
 
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
             path = self._strip_protocol(path)
-            relay, share, relpath = parse_kbfs_uri("kbfs://" + path)
+            with _fs_errors(path):
+                relay, share, relpath = parse_kbfs_uri("kbfs://" + path)
             if not relpath:
                 return {"name": path, "size": 0, "type": "directory"}
             parent, _, name = relpath.rpartition("/")
-            try:
-                listing = _list_share(self.client._router.fetcher([relay]), relay, share, parent)
-            except NotFound as exc:
-                raise FileNotFoundError(path) from exc
+            with _fs_errors(path):
+                listing = _list_share(self.client._fetcher_for([relay], [relay]), relay, share,
+                                      parent)
             if name in (listing.get("dirs") or []):
                 return {"name": path, "size": 0, "type": "directory"}
             entry = _listing_entry(listing, name)
             if entry is None:
-                raise FileNotFoundError(path)
+                raise FileNotFoundError(errno.ENOENT, f"no such file in share {share}", path)
             return {"name": path, "size": int(entry["size"]), "type": "file",
                     "sha1": (entry.get("prv") or {}).get("original_checksum")}
 

@@ -1,4 +1,4 @@
-"""User settings: relays, cache folder, cache size and local search folders.
+"""User settings: relays, cache folder, cache size, local search folders and tokens.
 
 Precedence, highest first: command-line options (passed in by the caller), the
 environment (`KBFS_RELAY` comma-separated, `KBFS_CACHE_DIR`, `KBFS_CACHE_SIZE`,
@@ -6,10 +6,23 @@ environment (`KBFS_RELAY` comma-separated, `KBFS_CACHE_DIR`, `KBFS_CACHE_SIZE`,
 `$XDG_CONFIG_HOME/kbfs/config.json` (default `~/.config/kbfs/config.json`), e.g.
 
     {"relays": ["http://relay.example.org:8080"], "cache_dir": "/scratch/kbfs-cache",
-     "cache_size": "50G", "search_dirs": ["/data"], "direct": false}
+     "cache_size": "50G", "search_dirs": ["/data"], "direct": false,
+     "tokens": {"vic4alrdmfsaebac5noakw5iq2yvs7qz": "kbfs1....",
+                "http://other-relay.example.org:8080": "kbfs1...."}}
 
 `direct` (default true): whether readers also fetch from the direct URLs (a share's
 `--listen` server) that a relay's /api/find lists; false contacts only the relays.
+
+Tokens (bearer tokens of private shares, `kbfs1.<payload>.<mac>`, made by `kbfs share
+token`) are not overridden but gathered from all three places: `--token` (repeatable),
+`KBFS_TOKEN` (comma-separated) and the config file's `"tokens"`, either a list of tokens
+or a map whose keys are share ids or relay URLs. Each token names its share
+(`protocol.token_claim`); one that does not is refused here, with the place it came from.
+Where a token may be sent (`Settings.tokens_for`): a token from `--token`, `KBFS_TOKEN`,
+the list, or the map under a share id goes to the relays the user configured and those a
+`kbfs://` URL names; a token the map files under a relay URL goes to that relay too, and
+is the only kind that ever goes to a relay the user did not configure (one a pointer's
+hint named). Readers then send a token only with requests about the share it names.
 
 This module only reads settings; it never touches the network or the cache.
 """
@@ -22,6 +35,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from kbfs import protocol
 from kbfs.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -100,6 +114,27 @@ class Settings:
     cache_size: int | None = None  # None: 10% of the free space where the cache lives
     search_dirs: list[str] = field(default_factory=list)
     direct: bool = True  # fetch from direct share URLs that /api/find lists
+    # Tokens for the configured relays and those kbfs:// URLs name (--token, KBFS_TOKEN,
+    # the config file's list, or its map under a share id), in that order.
+    tokens: list[str] = field(default_factory=list)
+    # Tokens the config file's map files under a relay URL: sent to that relay only (and
+    # the only ones sent to a relay that is not configured).
+    relay_tokens: dict[str, list[str]] = field(default_factory=dict)
+
+    def tokens_for(self, relays: list[str] | tuple[str, ...],
+                   named: tuple[str, ...] | list[str] = ()) -> dict[str, tuple[str, ...]]:
+        """{relay: tokens that may be sent to it} for each of RELAYS (normalized URLs).
+
+        The general tokens go to the configured relays and to NAMED (the relay a kbfs://
+        URL names); every relay also gets the tokens the config file filed under its URL.
+        A relay that is neither (e.g. one a pointer's hint named) gets only those."""
+        trusted = set(self.relays) | set(named)
+        out: dict[str, tuple[str, ...]] = {}
+        for relay in relays:
+            given = [*(self.tokens if relay in trusted else ()), *self.relay_tokens.get(relay, ())]
+            if given:
+                out[relay] = tuple(dict.fromkeys(given))
+        return out
 
     def resolved_cache_size(self) -> int:
         if self.cache_size is not None:
@@ -109,6 +144,57 @@ class Settings:
         # modules: ~1.5 ms of every command's start-up).
         st = os.statvfs(self.cache_dir)
         return max(64 << 20, st.f_bavail * st.f_frsize // 10)
+
+
+def check_token(token: object, where: str) -> str:
+    """TOKEN stripped, if it is a kbfs bearer token that names its share; else
+    ConfigError naming WHERE it came from (the token itself is never echoed whole)."""
+    if not isinstance(token, str):
+        raise ConfigError(f"{where}: a token must be a string (kbfs1.…)")
+    text = token.strip()
+    if text.lower().startswith("bearer "):
+        text = text[len("bearer "):].strip()
+    if protocol.token_claim("Bearer " + text) is None or any(c in text for c in " \r\n\t,"):
+        shown = text[:12] + "…" if len(text) > 12 else text
+        raise ConfigError(f"{where}: {shown!r} is not a kbfs share token (kbfs1.<payload>.<mac>, "
+                          "as `kbfs share token DIR` prints)")
+    return text
+
+
+def token_share(token: str) -> str:
+    """The share id a token (checked by `check_token`) names."""
+    claim = protocol.token_claim("Bearer " + token)
+    return claim.share if claim is not None else ""
+
+
+def _file_tokens(value: object, path: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(general tokens, {relay URL: tokens}) from the config file's "tokens" value."""
+    where = f"{path}: tokens"
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [check_token(t, where) for t in value], {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a list of tokens or a map "
+                          "{share id or relay URL: token}")
+    general: list[str] = []
+    by_relay: dict[str, list[str]] = {}
+    for key, item in value.items():
+        items = item if isinstance(item, list) else [item]
+        if isinstance(key, str) and protocol.SHARE_ID_RE.match(key):
+            for t in items:
+                t = check_token(t, f"{where}: {key}")
+                if token_share(t) != key:
+                    raise ConfigError(f"{where}: the token filed under share {key} is for "
+                                      f"share {token_share(t)}")
+                general.append(t)
+        elif isinstance(key, str) and ("://" in key or ":" in key):
+            relay = normalize_relay(key)
+            by_relay.setdefault(relay, []).extend(check_token(t, f"{where}: {key}") for t in items)
+        else:
+            raise ConfigError(f"{where}: key {str(key)[:60]!r} is neither a share id nor a "
+                              "relay URL")
+    return general, by_relay
 
 
 def _read_file(path: str) -> dict[str, Any]:
@@ -130,8 +216,10 @@ def load_settings(
     cache_size: str | int | None = None,
     search_dirs: list[str] | None = None,
     direct: bool | None = None,
+    tokens: list[str] | tuple[str, ...] | None = None,
 ) -> Settings:
-    """Merge command-line values over the environment over the config file."""
+    """Merge command-line values over the environment over the config file (tokens:
+    gathered from all three, command line first)."""
     path = os.path.join(config_dir(), "config.json")
     file = _read_file(path)
     env = os.environ
@@ -157,4 +245,9 @@ def load_settings(
         s.direct = parse_bool(env["KBFS_DIRECT"], "KBFS_DIRECT")
     elif "direct" in file:
         s.direct = parse_bool(file["direct"], f"{path}: direct")
+    given = [check_token(t, "--token") for t in tokens or ()]
+    given += [check_token(t, "KBFS_TOKEN") for t in env.get("KBFS_TOKEN", "").split(",")
+              if t.strip()]
+    general, s.relay_tokens = _file_tokens(file["tokens"], path) if "tokens" in file else ([], {})
+    s.tokens = list(dict.fromkeys(given + general))
     return s

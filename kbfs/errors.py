@@ -11,7 +11,8 @@ module imports nothing of kbfs and does no I/O.
     ├── BadRequest                 a request names a malformed sha1, path or header (-> 400)
     ├── NotFound                   no source/share has the content or path (-> 404)
     ├── SourceError                a source failed (network, HTTP status, short body)
-    │   └── SourceUnavailable      no source could be reached within the time bound
+    │   ├── SourceUnavailable      no source could be reached within the time bound
+    │   └── AccessDenied           a private share wants a token (none sent, or refused)
     ├── CacheError                 the block cache cannot store or read a block
     └── ConfigError                bad command-line value or config file
 """
@@ -53,6 +54,11 @@ class SourceError(KbfsError):
 
 class SourceUnavailable(SourceError):
     """No source could deliver within the time bound."""
+
+
+class AccessDenied(SourceError):
+    """A private share refused the request: no token was sent for it, or the share did
+    not accept the one sent (expired, revoked, or made for another share)."""
 
 
 class CacheError(KbfsError):

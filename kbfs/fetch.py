@@ -71,7 +71,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,7 @@ from requests.adapters import HTTPAdapter
 
 from kbfs import protocol, tree
 from kbfs.errors import (
+    AccessDenied,
     BadRequest,
     NotFound,
     SourceError,
@@ -106,6 +107,7 @@ READ_CHUNK = 1 << 20      # bytes per socket read while streaming
 LOCAL_TREE_LIMIT = 1 << 30  # hash a local candidate for its tree before asking the
                             # network only when it is at most this big
 POOL_SIZE = 32
+ERROR_LIMIT = 4096        # bytes of an error answer read for its reason ({"error": ...})
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class FindResult:
     size: int
     urls: list[str]
     shares: list[dict[str, Any]] = field(default_factory=list)
+    token: str | None = None  # the token the question was asked with (None: none)
 
 
 @dataclass
@@ -132,7 +135,10 @@ class _Lie(Exception):
 
 
 class _Failed(Exception):
-    """A source failed to deliver (network, status, short body, too slow)."""
+    """A source failed to deliver (network, status, short body, too slow).
+
+    args: (why, blocks verified, answered, HTTP status or 0). WHY reads after the
+    source's name: "is unreachable (connection refused)", "answered 404: ..."."""
 
 
 class _SlowStart(_Failed):
@@ -141,6 +147,11 @@ class _SlowStart(_Failed):
 
 class _SlowAnswer(requests.ConnectionError):
     """A small GET whose answer did not start within the time it was given."""
+
+
+class Unreachable(requests.ConnectionError):
+    """No connection could be made; the message reads after the source's name
+    ("is unreachable (connection refused)")."""
 
 
 class AnswerTooLarge(requests.RequestException):
@@ -153,6 +164,7 @@ class _Source:
     key: str          # what health and statistics are kept under
     local: bool = False
     direct: bool = False  # a URL a share advertised (through /api/find), not a relay's own
+    auth: str | None = None  # the bearer token sent with requests to it, if any
 
 
 def _origin(url: str) -> str:
@@ -165,8 +177,15 @@ class Fetcher:
 
     def __init__(self, relays: Sequence[str], *, timeout: float = 10.0, deadline: float = 30.0,
                  local_dirs: Sequence[str] = (), direct: bool = True,
-                 first_byte_timeout: float = FIRST_BYTE_TIMEOUT) -> None:
+                 first_byte_timeout: float = FIRST_BYTE_TIMEOUT,
+                 tokens: Mapping[str, Sequence[str]] | None = None) -> None:
         self.relays = [r.rstrip("/") for r in relays]
+        # relay URL -> bearer tokens that may be sent to it (`config.Settings.tokens_for`
+        # decides; see "Tokens" in the module docstring). Never sent anywhere else but to a
+        # direct URL /api/find says is the token's own share's.
+        self._tokens: dict[str, tuple[str, ...]] = {
+            r.rstrip("/"): tuple(dict.fromkeys(ts)) for r, ts in (tokens or {}).items() if ts}
+        self._share_of: dict[str, str] = {}  # sha1 -> the share a kbfs:// URL named for it
         self.timeout = timeout
         self.deadline = deadline
         self.direct = direct  # use direct share URLs from /api/find at all
@@ -217,6 +236,40 @@ class Fetcher:
             out.append(_Source(path, "file:" + path, local=True))
         return out
 
+    # ---- tokens
+    def prefer_share(self, sha1: str, share: str) -> None:
+        """SHA1 was named through SHARE (a kbfs:// URL): requests about it carry the token
+        of that share, if any, and no other."""
+        sha1 = protocol.check_sha1(sha1)
+        with self._lock:
+            self._share_of[sha1] = protocol.check_share_id(share)
+
+    def token_for_share(self, relay: str, share: str) -> str | None:
+        """The token for SHARE among those that may go to RELAY, or None."""
+        for token in self._tokens.get(relay.rstrip("/"), ()):
+            if _token_share(token) == share:
+                return token
+        return None
+
+    def has_tokens(self) -> bool:
+        return bool(self._tokens)
+
+    def _relay_auth(self, relay: str, sha1: str, until: float) -> str | None:
+        """The token for requests about SHA1 to RELAY: the one of the share SHA1 was named
+        through; else the only one there is; else the one /api/find found it with."""
+        tokens = self._tokens.get(relay, ())
+        if not tokens:
+            return None
+        with self._lock:
+            share = self._share_of.get(sha1)
+        if share is not None:
+            return self.token_for_share(relay, share)
+        if len(tokens) == 1:
+            return tokens[0]
+        found = self._find_at(relay, sha1, until, cached_only=(
+            time.monotonic() >= until or self._penalised(_origin(relay))))
+        return found.token if found is not None and found.token else tokens[0]
+
     def find(self, sha1: str) -> FindResult | None:
         """Size and URLs of SHA1 from the first relay that knows it (answers kept a while)."""
         sha1 = protocol.check_sha1(sha1)
@@ -237,23 +290,36 @@ class Fetcher:
             return None
         result: FindResult | None = None
         ttl = FIND_FAIL_TTL
-        try:
-            t = max(0.1, min(self.timeout, until - now))
-            status, raw = self._get_small(relay + protocol.FIND_PATH.format(sha1=sha1), t,
-                                          FIND_LIMIT)
-            if status == 200:
-                body = json.loads(raw)
-                if body.get("found"):
-                    urls = [u for u in body.get("urls", []) if isinstance(u, str)]
-                    result = FindResult(relay, int(body.get("size", 0)), urls,
-                                        list(body.get("shares", [])))
-                    ttl = FIND_TTL
-            elif status == 404:
-                ttl = FIND_TTL / 10
-        except AnswerTooLarge as exc:
-            log.warning("find %s at %s refused: %s", sha1, relay, exc)
-        except (requests.RequestException, ValueError, TypeError) as exc:
-            log.debug("find %s at %s failed: %s", sha1, relay, exc)
+        # A private share answers only a question carrying its token, and one request
+        # carries one: each token that may go to this relay is tried in turn (only the
+        # one of the share SHA1 was named through, when that is known) until one finds it.
+        tokens: list[str | None] = list(self._tokens.get(relay, ())) or [None]
+        with self._lock:
+            share = self._share_of.get(sha1)
+        if share is not None:
+            tokens = [self.token_for_share(relay, share)]
+        for auth in tokens:
+            try:
+                t = max(0.1, min(self.timeout, until - time.monotonic()))
+                status, raw = self._get_small(relay + protocol.FIND_PATH.format(sha1=sha1), t,
+                                              FIND_LIMIT, auth=auth)
+                if status == 200:
+                    body = json.loads(raw)
+                    if body.get("found"):
+                        urls = [u for u in body.get("urls", []) if isinstance(u, str)]
+                        shares = [e for e in body.get("shares", []) if isinstance(e, dict)]
+                        result = FindResult(relay, int(body.get("size", 0)), urls, shares, auth)
+                        ttl = FIND_TTL
+                        break
+                    ttl = FIND_TTL / 10
+                elif status == 404:
+                    ttl = FIND_TTL / 10
+            except AnswerTooLarge as exc:
+                log.warning("find %s at %s refused: %s", sha1, relay, exc)
+                break
+            except (requests.RequestException, ValueError, TypeError) as exc:
+                log.debug("find %s at %s failed: %s", sha1, relay, exc)
+                break
         with self._lock:
             self._find_cache[(relay, sha1)] = (now + ttl, result)
         return result
@@ -263,7 +329,8 @@ class Fetcher:
         sources = self._local_sources(sha1, size)
         seen = {s.url for s in sources}
         suffix = protocol.SHA1_PATH.format(sha1=sha1)
-        own = [_Source(relay + suffix, _origin(relay)) for relay in self.relays]
+        own = [_Source(relay + suffix, _origin(relay), auth=self._relay_auth(relay, sha1, until))
+               for relay in self.relays]
         seen.update(s.url for s in own)
         advertised: list[_Source] = []
         for relay in self.relays:
@@ -286,7 +353,8 @@ class Fetcher:
                     continue
                 if base + suffix not in seen:
                     seen.add(base + suffix)
-                    advertised.append(_Source(base + suffix, _origin(base), direct=True))
+                    advertised.append(_Source(base + suffix, _origin(base), direct=True,
+                                              auth=_direct_auth(found, base, sha1) if found else None))
         # sorted() is stable: within one rank the order above holds.
         return sorted(sources + own + advertised, key=self._rank)
 
@@ -380,6 +448,7 @@ class Fetcher:
         order = local + remote if size <= LOCAL_TREE_LIMIT else remote + local
         reasons = []
         lied = 0
+        statuses: list[int] = []  # of the sources that answered with an error status
         seen_trees: set[str] = set()
         # (source, patient): a source that did not start answering within
         # first_byte_timeout is asked once more, after the others, with the whole timeout.
@@ -405,14 +474,15 @@ class Fetcher:
             try:
                 t = max(0.1, min(self.timeout, until - t0))
                 head = t if patient else min(t, self.first_byte_timeout)
-                status, body = self._get_small(base, t, want, head)
+                status, body = self._get_small(base, t, want, head, auth=src.auth)
             except requests.RequestException as exc:
                 if isinstance(exc, _SlowAnswer) and not patient:
                     work.append((src, True))
                 self._record(src.key, False, seconds=time.monotonic() - t0)
                 log.warning("tree of %s from %s failed: %s", sha1, base, _short(exc))
-                reasons.append(str(exc) if isinstance(exc, (AnswerTooLarge, _SlowAnswer))
-                               else f"{base}: {exc.__class__.__name__}")
+                reasons.append(self._said(src, str(exc)) if isinstance(exc, Unreachable)
+                               else str(exc) if isinstance(exc, (AnswerTooLarge, _SlowAnswer))
+                               else self._said(src, _net_why(exc)))
                 continue
             if status == 200 and len(body) == want:
                 if root is not None and not _tree_matches(body, size, block_size, root):
@@ -426,15 +496,40 @@ class Fetcher:
                              proven=root is not None)
                 return body
             self._record(src.key, False, seconds=time.monotonic() - t0)
-            why = (f"HTTP {status}" if status != 200
-                   else f"{len(body)} bytes, want {want}")
+            if status != 200:
+                statuses.append(status)
+                why = _reason(status, body)
+            else:
+                # A tree for another number of blocks: the source holds this SHA-1 with
+                # another size than the pointer says.
+                why = f"has a block list of {len(body)} bytes, the pointer's size needs {want}"
+                lied += 1
             log.warning("tree of %s from %s unusable: %s", sha1, base, why)
-            reasons.append(f"{base}: {why}")
+            reasons.append(self._said(src, why))
+        detail = "; ".join(reasons[-4:] or ["no sources"])
         if lied and lied == len(reasons):
-            raise VerificationError(f"every source of {sha1} sent a block tree that fails the root: "
-                                    + "; ".join(reasons))
-        raise SourceUnavailable(f"no source gave the block tree of {sha1}: "
-                                + "; ".join(reasons or ["no sources"]))
+            # Every source that has the content disagrees with the pointer: the pointer
+            # (its size or root) is what does not match, most likely (a hand edit, or a
+            # pointer made for other bytes with this SHA-1); a source that lies looks alike.
+            sizes = self._known_sizes(sha1)
+            other = (f"; the sources hold {', '.join(map(str, sorted(sizes)))} bytes under "
+                     f"this sha1, the pointer says {size}") if sizes and size not in sizes else ""
+            raise VerificationError(
+                f"the pointer does not match what any source has (sha1 {sha1}, size {size}"
+                + (f", root {root[:16]}…" if root else "") + f"){other}: {detail}")
+        raise _no_source(sha1, statuses, len(reasons), detail, bool(self._tokens))
+
+    def _said(self, src: _Source, why: str) -> str:
+        """'relay http://h:p is unreachable (...)', 'share URL http://h:p: HTTP 404: ...'."""
+        origin = _origin(src.url)
+        who = ("relay " if origin in {_origin(r) for r in self.relays} else "share URL ") + origin
+        return f"{who} {why}" if why.startswith("is ") else f"{who}: {why}"
+
+    def _known_sizes(self, sha1: str) -> set[int]:
+        """The sizes the relays' /api/find answers (already asked) gave for SHA1."""
+        with self._lock:
+            return {hit[1].size for (_, s1), hit in self._find_cache.items()
+                    if s1 == sha1 and hit[1] is not None}
 
     def _local_tree(self, path: str, size: int, block_size: int) -> bytes:
         leaves = []
@@ -489,6 +584,7 @@ class Fetcher:
         until = time.monotonic() + self.deadline
         reasons: list[str] = []
         lied = answered = 0
+        statuses: dict[str, int] = {}  # source URL -> status of its last failure (0: no answer)
         tried: set[str] = set()
         # Rounds over the sources repeat with a growing pause for up to RETRY_WINDOW seconds
         # (at most half the deadline), so a relay or share restarting in a few seconds is ridden
@@ -516,6 +612,7 @@ class Fetcher:
                 except _Lie as exc:
                     lied += 1
                     answered += 1
+                    statuses[src.url] = 0
                     got = exc.args[1]
                     reasons.append(f"{src.url}: {exc.args[0]}")
                     log.warning("%s: source %s lied: %s", sha1, src.url, exc.args[0])
@@ -524,7 +621,9 @@ class Fetcher:
                     slow = slow or isinstance(exc, _SlowStart)
                     if exc.args[2]:
                         answered += 1
-                    reasons.append(f"{src.url}: {exc.args[0]}")
+                    statuses[src.url] = exc.args[3] if len(exc.args) > 3 else 0
+                    reasons.append(self._said(src, exc.args[0]) if not src.local
+                                   else f"{src.url}: {exc.args[0]}")
                     log.warning("%s: source %s failed: %s", sha1, src.url, exc.args[0])
                 else:
                     with self._lock:
@@ -546,10 +645,15 @@ class Fetcher:
             return
         if answered and lied == answered:
             raise VerificationError(f"every source of {sha1} sent bytes that fail verification: "
-                                    + "; ".join(reasons))
+                                    + "; ".join(reasons[-4:]))
+        # How the sources answered last (the final round's answers, one per source).
+        last = list(statuses.values())
+        detail = "; ".join(dict.fromkeys(reasons[-4:])) or "no sources"
+        if last and all(last) and len(set(last) - {401, 403, 404, 409, 410}) == 0:
+            raise _no_source(sha1, last, len(last), detail, bool(self._tokens))
         raise SourceUnavailable(
-            f"no source delivered blocks {first}-{first + count - 1} of {sha1} within "
-            f"{self.deadline:g} s: " + "; ".join(reasons[-6:] or ["no sources"]))
+            f"cannot read this file (sha1 {sha1}): no source delivered blocks "
+            f"{first}-{first + count - 1} within {self.deadline:g} s: {detail}")
 
     def _attempt(self, src: _Source, sha1: str, size: int, first: int, count: int,
                  leaves: Sequence[bytes], block_size: int, out: memoryview, until: float,
@@ -568,7 +672,7 @@ class Fetcher:
         nbytes = 0
         try:
             verified, nbytes = self._stream(src.url, start, end, size, first, leaves, block_size,
-                                            out, until, head)
+                                            out, until, head, src.auth)
         except _Lie:
             self._record(src.key, False, nbytes, time.monotonic() - t0, lie=True)
             raise
@@ -580,13 +684,15 @@ class Fetcher:
 
     def _stream(self, url: str, start: int, end: int, size: int, first: int,
                 leaves: Sequence[bytes], block_size: int, out: memoryview,
-                until: float, head: float) -> tuple[int, int]:
+                until: float, head: float, auth: str | None = None) -> tuple[int, int]:
         want = end - start
         remaining = until - time.monotonic()
         if remaining <= 0:
             raise _Failed("deadline passed", 0, False)
         t = min(self.timeout, remaining, head)  # until the answer's head; _read_body after
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        if auth:
+            headers["Authorization"] = f"Bearer {auth}"
         if self._plain_ok(url):
             return self._stream_plain(url, headers, t, start, end, size, first, leaves,
                                       block_size, out, until)
@@ -595,8 +701,12 @@ class Fetcher:
         except (requests.ConnectTimeout, requests.ReadTimeout):
             raise _SlowStart(f"no answer within {t:g} s", 0, False) from None
         except requests.RequestException as exc:
-            raise _Failed(f"{exc.__class__.__name__}: {_short(exc)}", 0, False) from None
+            raise _Failed(f"is unreachable ({_net_why(exc)})", 0, False) from None
         with r:
+            if r.status_code not in (200, 206):
+                body = _read_answer(url, r.status_code, r.headers.get("Content-Length"),
+                                    r.raw.read, ERROR_LIMIT)
+                raise _Failed(_reason(r.status_code, body), 0, True, r.status_code)
             _check_range_answer(r.status_code, r.headers.get("Content-Length"),
                                 r.headers.get("Content-Range"), start, end, size)
             direct = _direct_reader(r)
@@ -625,6 +735,10 @@ class Fetcher:
         conn, resp = _plain_request(self._plain_conns(), netloc, "/" + path, headers, t)
         ok = False
         try:
+            if resp.status not in (200, 206):
+                body = _read_answer(url, resp.status, resp.getheader("Content-Length"),
+                                    resp.read, ERROR_LIMIT)
+                raise _Failed(_reason(resp.status, body), 0, True, resp.status)
             _check_range_answer(resp.status, resp.getheader("Content-Length"),
                                 resp.getheader("Content-Range"), start, end, size)
             if (resp.chunked or not isinstance(resp.length, int)
@@ -654,23 +768,30 @@ class Fetcher:
         return url.startswith("http://") and "@" not in _origin(url) and not self._proxies_of(url)
 
     def _get_small(self, url: str, t: float, limit: int,
-                   head: float | None = None) -> tuple[int, bytes]:
+                   head: float | None = None, auth: str | None = None) -> tuple[int, bytes]:
         """(status, body) of a small GET (find, tree, listing): the body is streamed and
         refused (AnswerTooLarge) past LIMIT bytes, or at once when its Content-Length says
-        so. The answer must start within HEAD seconds (default T). requests' exceptions."""
+        so; an error answer's body is read up to ERROR_LIMIT (for its reason, `_reason`)
+        and dropped past it. The answer must start within HEAD seconds (default T).
+        AUTH: a bearer token to send. requests' exceptions; `Unreachable` when no
+        connection could be made."""
         head = t if head is None else min(head, t)
         headers = {"Accept-Encoding": "identity"}
+        if auth:
+            headers["Authorization"] = f"Bearer {auth}"
         if not self._plain_ok(url):
             try:
                 r = self._get(url, headers=headers, timeout=(head, head), stream=True)
             except (requests.ConnectTimeout, requests.ReadTimeout):
                 raise _SlowAnswer(f"{url}: no answer within {head:g} s") from None
+            except requests.ConnectionError as exc:
+                raise Unreachable(f"is unreachable ({_net_why(exc)})") from None
             with r:
                 sock = _socket_of(r)
                 if sock is not None:
                     sock.settimeout(t)
-                return r.status_code, _read_bounded(
-                    url, r.headers.get("Content-Length"),
+                return r.status_code, _read_answer(
+                    url, r.status_code, r.headers.get("Content-Length"),
                     lambda n: r.raw.read(n, decode_content=True), limit)
         netloc, _, path = url.partition("://")[2].partition("/")
         try:
@@ -678,12 +799,13 @@ class Fetcher:
         except _SlowStart as exc:
             raise _SlowAnswer(f"{url}: {exc.args[0]}") from None
         except _Failed as exc:
-            raise requests.ConnectionError(exc.args[0]) from None
+            raise Unreachable(exc.args[0]) from None
         done = False
         try:
             if conn.sock is not None:
                 conn.sock.settimeout(t)
-            body = _read_bounded(url, resp.getheader("Content-Length"), resp.read, limit)
+            body = _read_answer(url, resp.status, resp.getheader("Content-Length"), resp.read,
+                                limit)
             resp.read(0)
             done = resp.isclosed()
         finally:
@@ -786,20 +908,36 @@ class Fetcher:
 
     # ---- listings
     def list_share(self, relay: str, share: str, path: str) -> dict[str, Any]:
-        """The listing JSON of folder PATH of SHARE at RELAY."""
+        """The listing JSON of folder PATH of SHARE at RELAY, asked with SHARE's token when
+        one may go to RELAY. Errors say what the relay said: NotFound (no such folder, or
+        the share is not connected), AccessDenied (private share: no token, or refused),
+        SourceUnavailable (the relay cannot be reached), SourceError (anything else)."""
         share = protocol.check_share_id(share)
-        url = relay.rstrip("/") + protocol.share_url_path(protocol.SHARE_LIST_PATH, share=share,
-                                                          path=path.strip("/"))
+        relay = relay.rstrip("/")
+        url = relay + protocol.share_url_path(protocol.SHARE_LIST_PATH, share=share,
+                                              path=path.strip("/"))
+        auth = self.token_for_share(relay, share)
+        what = f"folder {path or '/'} of share {share}"
         try:
-            status, raw = self._get_small(url, self.timeout, LIST_LIMIT)
+            status, raw = self._get_small(url, self.timeout, LIST_LIMIT, auth=auth)
         except AnswerTooLarge as exc:
-            raise SourceError(f"listing of {path or '/'} of share {share}: {exc}") from None
+            raise SourceError(f"listing of {what}: {exc}") from None
+        except Unreachable as exc:
+            raise SourceUnavailable(f"relay {relay} {exc}") from None
         except requests.RequestException as exc:
-            raise SourceUnavailable(f"{relay}: {exc.__class__.__name__}: {_short(exc)}") from None
+            raise SourceUnavailable(f"relay {relay}: {_net_why(exc)}") from None
+        if status in (401, 403):
+            if auth is None:
+                raise AccessDenied(f"share {share} is private: give its token ({TOKEN_HINT}; "
+                                   "`kbfs share token DIR` on the share's machine makes one)")
+            raise AccessDenied(f"share {share} did not accept the token given for it "
+                               f"({_reason(status, raw)}): it may have expired or been "
+                               "revoked; ask the share's owner for a new one")
         if status == 404:
-            raise NotFound(f"{path or '/'} not found in share {share} at {relay}")
+            raise NotFound(f"relay {relay}: {_reason(status, raw).partition(': ')[2] or 'HTTP 404'}"
+                           f" (asked for {what})")
         if status != 200:
-            raise SourceError(f"{relay}: HTTP {status} listing {path or '/'} of share {share}")
+            raise SourceError(f"relay {relay}: {_reason(status, raw)} (asked for {what})")
         try:
             body = json.loads(raw)
         except ValueError:
@@ -839,6 +977,16 @@ class Fetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_answer(url: str, status: int, length: str | None, read: Any, limit: int) -> bytes:
+    """`_read_bounded` for a 200; an error answer's body up to ERROR_LIMIT, else b''."""
+    if status == 200:
+        return _read_bounded(url, length, read, limit)
+    try:
+        return _read_bounded(url, length, read, ERROR_LIMIT)
+    except AnswerTooLarge:
+        return b""
 
 
 def _read_bounded(url: str, length: str | None, read: Any, limit: int) -> bytes:
@@ -958,7 +1106,7 @@ def _plain_request(conns: dict[str, http.client.HTTPConnection], netloc: str, pa
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             if not (reused and attempt == 1):  # else: a keep-alive the server had just closed
-                raise _Failed(f"{exc.__class__.__name__}: {_short(exc)}", 0, False) from None
+                raise _Failed(f"is unreachable ({_net_why(exc)})", 0, False) from None
     raise AssertionError("unreachable")
 
 
@@ -991,6 +1139,85 @@ def _socket_of(r: requests.Response) -> socket.socket | None:
         return sock if isinstance(sock, socket.socket) else None
     except Exception:  # noqa: BLE001 - no socket: rely on the request's read timeout
         return None
+
+
+def _no_source(sha1: str, statuses: list[int], answered: int, detail: str,
+               tokens: bool) -> Exception:
+    """The error for content no source delivered, from how the sources answered: every
+    one refused access (AccessDenied), every one said it has not got it (NotFound), or
+    they failed (SourceUnavailable)."""
+    what = f"this file (sha1 {sha1})"
+    if statuses and len(statuses) == answered and set(statuses) <= {401, 403}:
+        return AccessDenied(f"{what} is in a private share that refused "
+                            + ("the tokens given" if tokens else "to serve it without a token")
+                            + f" ({TOKEN_HINT}): {detail}")
+    if statuses and len(statuses) == answered and set(statuses) <= {404, 409, 410}:
+        hint = "" if tokens else f"; if a private share holds it, give its token ({TOKEN_HINT})"
+        return NotFound(f"no connected share has {what}: {detail}{hint}")
+    return SourceUnavailable(f"cannot read {what}: {detail}")
+
+
+TOKEN_HINT = "--token TOKEN, KBFS_TOKEN=TOKEN or \"tokens\" in ~/.config/kbfs/config.json"
+
+
+def _token_share(token: str) -> str:
+    claim = protocol.token_claim("Bearer " + token)
+    return claim.share if claim is not None else ""
+
+
+def _direct_auth(found: FindResult, base: str, sha1: str) -> str | None:
+    """The token FOUND was asked with, when FOUND lists BASE (a validated direct base) as
+    the `url` of the very share that token names; else None: a token goes to a share's
+    own --listen server, never to a URL another share advertised."""
+    if not found.token:
+        return None
+    share = _token_share(found.token)
+    for entry in found.shares:
+        url = entry.get("url")
+        if entry.get("id") == share and isinstance(url, str) and direct_base(url, sha1)[0] == base:
+            return found.token
+    return None
+
+
+def _reason(status: int, body: bytes) -> str:
+    """What an error answer says, in one short printable line: its JSON `error`, else
+    the first line of its text, else the bare status."""
+    text = ""
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+            text = obj["error"]
+    except ValueError:
+        text = body[:300].decode("utf-8", "replace").strip().split("\n", 1)[0]
+    text = "".join(c if c.isprintable() else "?" for c in text).strip()[:240]
+    return f"HTTP {status}: {text}" if text else f"HTTP {status}"
+
+
+def _net_why(exc: BaseException) -> str:
+    """A network failure in plain words: 'connection refused', 'host not found', ..."""
+    seen: BaseException | None = exc
+    texts = []
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, socket.gaierror):
+            return "host name not found"
+        if isinstance(seen, ConnectionResetError):
+            return "connection reset"
+        if isinstance(seen, TimeoutError | socket.timeout):
+            return "no answer (timed out)"
+        texts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(texts).lower()
+    for needle, why in (("refused", "connection refused"), ("name or service", "host name not found"),
+                        ("nodename nor servname", "host name not found"),
+                        ("temporary failure in name", "host name not found"),
+                        ("reset by peer", "connection reset"), ("timed out", "no answer (timed out)"),
+                        ("no route", "no route to host"), ("unreachable", "network unreachable"),
+                        ("certificate", "TLS certificate refused")):
+        if needle in text:
+            return why
+    return f"{exc.__class__.__name__}: {_short(exc)}"
 
 
 def _short(exc: BaseException) -> str:

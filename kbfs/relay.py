@@ -640,9 +640,12 @@ class Relay:
             if path is None:
                 continue
             size = conn.files[path].size
-            shares.append({"id": conn.id, "name": conn.name, "path": path})
-            if conn.listen_url:
-                direct.append(conn.listen_url + protocol.SHA1_PATH.format(sha1=sha1))
+            # "url": this share's own direct URL, so a reader sends a token there only
+            # when it is the URL of the share the token names.
+            url = conn.listen_url + protocol.SHA1_PATH.format(sha1=sha1) if conn.listen_url else ""
+            shares.append({"id": conn.id, "name": conn.name, "path": path, "url": url})
+            if url:
+                direct.append(url)
         if shares:
             direct.append(self._base_url(scope) + protocol.SHA1_PATH.format(sha1=sha1))
         await send_json(send, 200, {"found": bool(shares), "size": size, "shares": shares,

@@ -298,8 +298,9 @@ def test_wrong_length_tree_skipped(src, src2):
     info = src.add(data)
     src2.add(data)
     with Fetcher([src.url, src2.url]) as f:
-        # Claiming another size, every tree has the wrong length.
-        with pytest.raises(SourceUnavailable):
+        # Claiming another size, every tree has the wrong length: it is the pointer's size
+        # that does not match what the sources have (a hand edit), and the error says so.
+        with pytest.raises(VerificationError, match="does not match what any source has"):
             f.fetch_tree(info.sha1, 5 * tree.BLOCK_SIZE)
         src.mode = "not_found"
         assert f.fetch_tree(info.sha1, info.size) == info.leaves_blob
