@@ -179,3 +179,24 @@ def test_symlink_in_target_is_not_followed_out(world, tmp_path: Path) -> None:  
     assert "outside" in r.stderr
     assert list(elsewhere.iterdir()) == []
     assert (out / "a.bin").read_bytes() == contents["a.bin"]  # the others were written
+
+
+def test_private_share_ls_and_folder_download_with_token(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    payload = os.urandom(1_200_000)
+    (data / "sub" / "p.bin").write_bytes(payload)
+    with start_relay(tmp_path) as relay, start_share(data, relay.url, tmp_path,
+                                                       "--private") as share:
+        url = f"kbfs://{host(relay.url)}/{share.id}/"
+        denied = kbfs(tmp_path, "ls", url)
+        assert denied.returncode == 1 and denied.stderr.count("\n") == 1, denied.stderr
+        r = kbfs(tmp_path, "ls", url + "sub", "--token", share.token)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[-1] == "p.bin"
+        r = kbfs(tmp_path, "ls", "--json", relay.url, "--token", share.token)
+        assert r.returncode == 0, r.stderr
+        r = kbfs(tmp_path, "download", "--no-local", url, "--token", share.token,
+                 "-o", str(tmp_path / "got"))
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "got" / "sub" / "p.bin").read_bytes() == payload
