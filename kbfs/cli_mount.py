@@ -36,6 +36,14 @@ PREFETCH_THREADS = 4
     metavar="URL",
     help="Relay to fetch from (repeat for failover, in order). Env: KBFS_RELAY.",
 )
+@click.option(
+    "--token",
+    "tokens",
+    multiple=True,
+    metavar="TOKEN",
+    help="Token of a private share (repeatable; also KBFS_TOKEN, comma-separated, or "
+    '"tokens" in the config file). Sent to the configured relays and the kbfs:// relay only.',
+)
 @click.option("--cache-dir", metavar="DIR", help="Block cache folder. Env: KBFS_CACHE_DIR.")
 @click.option(
     "--cache-size",
@@ -68,6 +76,7 @@ def mount_cmd(
     source: str,
     mountpoint: str,
     relays: tuple[str, ...],
+    tokens: tuple[str, ...],
     cache_dir: str | None,
     cache_size: str | None,
     foreground: bool,
@@ -87,7 +96,7 @@ def mount_cmd(
 
     try:
         settings = config.load_settings(
-            relays=list(relays), cache_dir=cache_dir, cache_size=cache_size
+            relays=list(relays), cache_dir=cache_dir, cache_size=cache_size, tokens=list(tokens)
         )
         src = mount.parse_source(source)
         mnt = mount.check_mountpoint(mountpoint)
@@ -134,7 +143,11 @@ def mount_cmd(
         argv.append("--no-local")
     if allow_other:
         argv.append("--allow-other")
-    pid, logfile = mount.spawn_mount(argv, mnt, settings.cache_dir)
+    # Tokens go to the daemon in its environment, never on its command line (which any
+    # user can read in /proc).
+    env_tokens = ",".join(t for t in [*tokens, os.environ.get("KBFS_TOKEN", "")] if t)
+    pid, logfile = mount.spawn_mount(argv, mnt, settings.cache_dir,
+                                     env_extra={"KBFS_TOKEN": env_tokens} if env_tokens else None)
     click.echo(f"mounted {source} at {mnt} (pid {pid}; log {logfile})")
     # The daemon's warnings at mount time (an unreachable relay) are in its status file.
     for st in mount.read_statuses(mnt):

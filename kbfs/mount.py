@@ -493,9 +493,14 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
             "and content whose pointers carry source hints, reads"
         )
 
+    named = [src.relay] if src.relay else []
+
     def make(relay_list: list[str]) -> Fetcher:
+        # Tokens only where they may go (Settings.tokens_for): never to a relay only a
+        # pointer's hint named.
         return Fetcher(relay_list, timeout=opts.timeout, deadline=opts.deadline,
-                       local_dirs=opts.settings.search_dirs, direct=opts.settings.direct)
+                       local_dirs=opts.settings.search_dirs, direct=opts.settings.direct,
+                       tokens=opts.settings.tokens_for(relay_list, named))
 
     fetcher = _Sources(make, relays)
     capacity = opts.settings.resolved_cache_size()
@@ -674,7 +679,8 @@ def _safe(fn: Callable[[], Any]) -> Any:
 
 
 def spawn_mount(
-    argv: Sequence[str], mountpoint: str, cache_dir: str, timeout: float = READY_TIMEOUT
+    argv: Sequence[str], mountpoint: str, cache_dir: str, timeout: float = READY_TIMEOUT,
+    env_extra: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """Run `python -m kbfs ARGV --ready-fd N` detached; return (pid, log file) once ready.
 
@@ -683,7 +689,7 @@ def spawn_mount(
     """
     logfile = log_path(cache_dir, mountpoint)
     r, w = os.pipe()
-    env = dict(os.environ, KBFS_MOUNT_LOG=logfile)
+    env = dict(os.environ, **(env_extra or {}), KBFS_MOUNT_LOG=logfile)
     # 0600, and never through a link planted in a folder another user could write.
     fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)

@@ -152,3 +152,26 @@ def test_zarr_v2_and_v3_stores_through_a_mounted_share(tmp_path: Path) -> None:
                 assert np.array_equal(got[100:164, 7:9], values[100:164, 7:9])
             with pytest.raises(FileNotFoundError):
                 os.stat(m.path("v3.zarr", ".zarray"))
+
+
+def test_private_share_mounts_with_token(tmp_path: Path) -> None:
+    """A --private share mounts with --token (passed to the daemon in its environment,
+    not on its command line); without one the mount fails with one line."""
+    from tests.mountutil import run_kbfs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    payload = os.urandom(MiB + 3)
+    (data / "p.bin").write_bytes(payload)
+    with start_relay(tmp_path) as relay, start_share(data, relay.url, tmp_path,
+                                                       "--private") as share:
+        source = f"kbfs://{relay.url.removeprefix('http://')}/{share.id}"
+        (tmp_path / "denied").mkdir()
+        denied = run_kbfs(["mount", source, str(tmp_path / "denied"), "--cache-dir",
+                           str(tmp_path / "c0")], env=isolated_env(tmp_path), timeout=90)
+        assert denied.returncode == 1 and denied.stderr.count("\n") == 1, denied.stderr
+        with mounted(source, tmp_path, extra=["--token", share.token, "--timeout", "5"]) as m:
+            with open(f"/proc/{m.pid}/cmdline", "rb") as f:
+                assert share.token.encode() not in f.read()
+            with open(m.path("p.bin"), "rb") as f:
+                assert f.read() == payload
