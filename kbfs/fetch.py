@@ -479,7 +479,7 @@ class Fetcher:
                 if isinstance(exc, _SlowAnswer) and not patient:
                     work.append((src, True))
                 self._record(src.key, False, seconds=time.monotonic() - t0)
-                log.warning("tree of %s from %s failed: %s", sha1, base, _short(exc))
+                log.info("tree of %s from %s failed: %s", sha1, base, _short(exc))
                 reasons.append(self._said(src, str(exc)) if isinstance(exc, Unreachable)
                                else str(exc) if isinstance(exc, (AnswerTooLarge, _SlowAnswer))
                                else self._said(src, _net_why(exc)))
@@ -487,8 +487,9 @@ class Fetcher:
             if status == 200 and len(body) == want:
                 if root is not None and not _tree_matches(body, size, block_size, root):
                     self._record(src.key, False, seconds=time.monotonic() - t0, lie=True)
-                    log.warning("tree of %s from %s does not match root %s", sha1, base, root)
-                    reasons.append(f"{base}: tree does not match the root")
+                    log.info("tree of %s from %s does not match root %s", sha1, base, root)
+                    reasons.append(self._said(src, "sent a block list that does not hash to "
+                                                   "the pointer's root"))
                     lied += 1
                     continue
                 # Proof only when checked against a root: a root-less tree is taken on trust.
@@ -504,7 +505,7 @@ class Fetcher:
                 # another size than the pointer says.
                 why = f"has a block list of {len(body)} bytes, the pointer's size needs {want}"
                 lied += 1
-            log.warning("tree of %s from %s unusable: %s", sha1, base, why)
+            log.info("tree of %s from %s unusable: %s", sha1, base, why)
             reasons.append(self._said(src, why))
         detail = "; ".join(reasons[-4:] or ["no sources"])
         if lied and lied == len(reasons):
@@ -624,7 +625,7 @@ class Fetcher:
                     statuses[src.url] = exc.args[3] if len(exc.args) > 3 else 0
                     reasons.append(self._said(src, exc.args[0]) if not src.local
                                    else f"{src.url}: {exc.args[0]}")
-                    log.warning("%s: source %s failed: %s", sha1, src.url, exc.args[0])
+                    log.info("%s: source %s failed: %s", sha1, src.url, exc.args[0])
                 else:
                     with self._lock:
                         self._last[sha1] = src.url
