@@ -155,8 +155,11 @@ def _failure_reason(exc: BaseException) -> str:
         e = todo.pop(0)
         if isinstance(e, trio_websocket.ConnectionRejected):
             return f"it answered HTTP {e.status_code}"
-        if isinstance(e, OSError) and e.strerror:
-            return str(e.strerror).lower() if isinstance(e, ConnectionError) else str(e.strerror)
+        if isinstance(e, socket.gaierror) and e.strerror:
+            return str(e.strerror)  # "Name or service not known"
+        if isinstance(e, OSError) and e.errno and e.errno > 0:
+            text = os.strerror(e.errno)  # trio's own strerror adds the address
+            return text[:1].lower() + text[1:]
         if isinstance(e, trio.TooSlowError):
             said = said or f"no answer within {HANDSHAKE_TIMEOUT:g} s"
         elif isinstance(e, trio_websocket.ConnectionClosed):
@@ -199,7 +202,7 @@ def read_share_info(state_dir: str) -> dict[str, Any]:
 def write_share_info(state_dir: str, **fields: Any) -> None:
     """Merge FIELDS into STATE_DIR/share.json (written whole, then renamed into place)."""
     info = {**read_share_info(state_dir), **fields}
-    tmp = os.path.join(state_dir, f".{SHARE_INFO_FILE}.{os.getpid()}")
+    tmp = os.path.join(state_dir, f".{SHARE_INFO_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(info, f)
