@@ -90,7 +90,8 @@ def test_health_and_shares(world: Any) -> None:
 def test_find(world: Any) -> None:
     found = _get(world, f"/api/find/{world['sha_a']}").json()
     assert found["found"] is True and found["size"] == SIZE_A
-    assert found["shares"] == [{"id": world["share"].id, "name": "data", "path": "a.bin"}]
+    assert found["shares"] == [{"id": world["share"].id, "name": "data", "path": "a.bin",
+                                "url": f"{world['share'].direct_url}/sha1/{world['sha_a']}"}]
     assert found["urls"] == [f"{world['share'].direct_url}/sha1/{world['sha_a']}",
                              f"{world['relay'].url}/sha1/{world['sha_a']}"]
     missing = _get(world, "/api/find/" + "0" * 40).json()
