@@ -5,7 +5,7 @@ Here:
 
 - the share's own path resolution (`Share.resolve` + `open_range`) in process, on random
   paths: a file of the folder that the index holds, or a `Refused` 4xx, never another
-  exception, never a file outside the folder, hidden, a symlink's target or the state;
+  exception, never a file outside the folder, excluded, a symlink's target or the state;
 - the same end to end through a live relay and share: random paths (with encoded
   traversal, invalid UTF-8, overlong UTF-8) under `/s/{share}/file/` and `/list/`, and
   random names under the share's `/sha1/`: a 2xx only for real files/folders with their
@@ -50,9 +50,9 @@ def _make_tree(root: Path) -> dict[str, bytes]:
     for rel, body in files.items():
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         (data / rel).write_bytes(body)
-    (data / ".hidden").mkdir()
-    (data / ".hidden" / "secret.txt").write_bytes(SECRET)
-    (data / ".dot").write_bytes(SECRET)
+    (data / ".git").mkdir()  # excluded (other dotfiles are data since issue 16)
+    (data / ".git" / "secret.txt").write_bytes(SECRET)
+    (data / ".DS_Store").write_bytes(SECRET)
     (root / "outside.txt").write_bytes(OUTSIDE)
     os.symlink(root / "outside.txt", data / "escape.txt")
     os.symlink(root, data / "up")
@@ -63,7 +63,7 @@ def _make_tree(root: Path) -> dict[str, bytes]:
 # names and pieces random paths are made of
 PIECES = st.sampled_from([
     "a.bin", "sub", "b.txt", "deep", "c.bin", "%2e%2e", "sp ace.txt", "\u00e9t\u00e9.txt",
-    "empty.bin", ".hidden", "secret.txt", ".dot", "escape.txt", "up", "outside.txt",
+    "empty.bin", ".git", "secret.txt", ".DS_Store", "escape.txt", "up", "outside.txt",
     "link-in.bin", "data", "state", "..", ".", "", "...", "%2e", "%2f", "%00", "%5c", "%c0%ae",
     "%c0%af", "%ff", "%e0%80%ae", "%252e", "\\", "\0", "~", "*", "?", "#", ";", "%", "%%",
 ])
@@ -106,7 +106,7 @@ def test_share_resolve_never_escapes(local_share: Any, path: str, sha1: str | No
         return
     event("served")
     assert real.startswith(share.root_dir + os.sep)
-    assert f.path in files, f.path  # an indexed, servable file; never hidden, outside, state
+    assert f.path in files, f.path  # an indexed, servable file; never excluded, outside, state
     reader = share.open_range(f, real, 0, f.size)
     try:
         got = b"".join(bytes(c) for c in reader)
@@ -275,7 +275,7 @@ def test_listing_parser_total(obj: Any) -> None:
     seen = list(dirs) + [f["name"] for f in files]
     assert len(seen) == len(set(seen)), "names are unique"
     for n in seen:
-        assert isinstance(n, str) and n and n not in (".", "..") and not n.startswith(".")
+        assert isinstance(n, str) and n and n not in (".", "..")
         assert "/" not in n and "\\" not in n and "\0" not in n
         assert protocol.safe_relpath(n) == n
     for f in files:
@@ -289,7 +289,7 @@ def test_listing_parser_total(obj: Any) -> None:
 
 def test_listing_parser_examples() -> None:
     p = {"original_checksum": "0" * 40, "original_size": 1}
-    ok = {"share": "s", "path": "", "dirs": ["d", "d", "..", ".h", "a/b", 5],
+    ok = {"share": "s", "path": "", "dirs": ["d", "d", "..", ".", ".h", "a/b", 5],
           "files": [{"name": "f", "size": 1, "mtime": 2, "prv": p},
                     {"name": "d", "size": 1, "mtime": 2, "prv": p},  # clashes with a folder
                     {"name": "g", "size": -1, "mtime": 2, "prv": p},
@@ -297,7 +297,7 @@ def test_listing_parser_examples() -> None:
                     {"name": "i", "size": 1, "mtime": float("nan"), "prv": p},
                     {"name": "j", "size": 1, "mtime": 2, "prv": "x"}, "junk"]}
     out = protocol.parse_listing(ok)
-    assert out["dirs"] == ["d"]
+    assert out["dirs"] == ["d", ".h"]  # a dot name is a name (zarr's .zarray)
     assert out["files"] == [{"name": "f", "size": 1, "mtime": 2.0, "prv": p}]
     assert protocol.parse_listing({}) == {"share": "", "path": "", "dirs": [], "files": []}
     for bad in ([], "x", None, {"dirs": "abc"}, {"files": {"a": 1}}, {"dirs": 5}):
