@@ -264,7 +264,8 @@ def _token_lines(token: str, share_id: str, relay: str) -> list[str]:
 @click.option("--public-url", default="", metavar="URL",
               help="URL others use to reach --listen (default: its bound address).")
 @click.option("--state-dir", type=click.Path(file_okay=False),
-              help="Where the key, token secret and index live (default: per-user state).")
+              help="Where the key (so the share id), token secret and index live (default: "
+                   "the one found for DIR under ~/.local/state/kbfs, even after a move).")
 @click.option("--private", is_flag=True, help="Serve only readers with a token (kbfs share token).")
 @click.option("--rescan-interval", default="30", show_default=True, metavar="SECONDS",
               help="Seconds between rescans of DIR for changes.")

@@ -773,10 +773,10 @@ class Share:
         self.root_dir = os.path.realpath(options.root_dir)
         if not os.path.isdir(self.root_dir):
             raise NotFound(f"{options.root_dir}: not a folder")
+        self.relays = [_relay_url(r) for r in options.relays]  # bad URLs: before any state
         self.state_dir = os.path.realpath(options.state_dir
                                           or find_state_dir(self.root_dir).path)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        self.relays = [_relay_url(r) for r in options.relays]
         # A new key is a new id: every kbfs:// link to an older one breaks (the CLI says so).
         self.new_key = not os.path.exists(os.path.join(self.state_dir, KEY_FILE))
         self.key = load_key(self.state_dir)
