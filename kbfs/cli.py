@@ -17,12 +17,13 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any
 
 import click
 
-from kbfs import __version__, prv
+from kbfs import __version__, prv, tree
 from kbfs.cliutil import progress_bar
 from kbfs.config import format_size
 from kbfs.errors import KbfsError
@@ -139,7 +140,12 @@ def prv_group() -> None:
                    "hint (repeatable; default: the relays of the share of PATH's folder, if "
                    "this user shares it); readers try hints after their own relays.")
 @click.option("--no-hints", is_flag=True, help="Write no source hints.")
-def prv_create(path: str, out: str | None, relays: tuple[str, ...], no_hints: bool) -> None:
+@click.option("--block-size", "block_size", default=str(tree.BLOCK_SIZE), metavar="N",
+              help="Leaf size of the block tree: 65536 (or 64K) for 64 KiB pieces, readable in "
+                   "small verified pieces; 1048576 (1M, the default) for 1 MiB blocks. A power "
+                   "of two from 4096 to 2^30.")
+def prv_create(path: str, out: str | None, relays: tuple[str, ...], no_hints: bool,
+               block_size: str) -> None:
     """Hash PATH into NAME.prv (a file) or NAME.prvdir (a folder), in the current folder.
 
     Reads every file once, computing its SHA-1 (for the original MountainLab tools)
@@ -147,6 +153,7 @@ def prv_create(path: str, out: str | None, relays: tuple[str, ...], no_hints: bo
     into the current folder, not next to the data: the data's folder may be shared, and
     a pointer written there would be shared as data too.
     """
+    bs = _block_size(block_size)
     path = os.path.normpath(path)
     hints = [] if no_hints else list(relays) or _share_relays_of(path)
     # Checked before hours of hashing: a bad --relay is one line, now.
@@ -161,19 +168,35 @@ def prv_create(path: str, out: str | None, relays: tuple[str, ...], no_hints: bo
             if not f.startswith(".") and os.path.isfile(os.path.join(d, f))
         )
         with progress_bar(total, f"hashing {name}") as bar:
-            folder = prv.create_prvdir(path, progress=bar.update)
+            folder = prv.create_prvdir(path, progress=bar.update, block_size=bs)
         if hints:
             folder = folder.with_sources(hints)
         text = folder.to_json()
     else:
         target = out or name + ".prv"
         with progress_bar(os.path.getsize(path), f"hashing {name}") as bar:
-            text = prv.create_pointer(path, progress=bar.update).with_sources(hints).to_json()
+            text = prv.create_pointer(path, progress=bar.update, block_size=bs
+                                      ).with_sources(hints).to_json()
     tmp = target + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, target)
     click.echo(target)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _block_size(text: str) -> int:
+    """--block-size: bytes, or with a K/M/G suffix (KiB/MiB/GiB: powers of 1024), checked by
+    `prv.check_block_size` (a power of two from 4 KiB to 1 GiB); one-line error otherwise."""
+    m = re.fullmatch(r"(\d{1,12}) *([KMG]?)(?:I?B)?", text.strip().upper())
+    if m is None:
+        raise prv.PointerError(f"--block-size {text!r}: not a size (65536, 64K, 1M)")
+    try:
+        return prv.check_block_size(int(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    except prv.PointerError as exc:
+        raise prv.PointerError(f"--block-size {text}: {str(exc).partition(': ')[2]}") from None
 
 
 def _share_relays_of(path: str) -> list[str]:
@@ -226,6 +249,9 @@ def prv_info(pointer: str, as_json: bool) -> None:
         entries = list(p.walk())
         total = sum(q.size for _, q in entries)
         click.echo(f"{pointer}: folder pointer, {len(entries)} files, {format_size(total)}")
+        sizes = sorted({q.tree.block_size for _, q in entries if q.tree})
+        if sizes:
+            click.echo("tree:      " + ", ".join(_blocks(b) for b in sizes))
         for rel, q in entries:
             click.echo(f"  {q.sha1}  {q.size:>14}  {rel}")
         return
@@ -238,9 +264,16 @@ def prv_info(pointer: str, as_json: bool) -> None:
     hints = p.source_hints()
     click.echo(f"sources:   {', '.join(hints) if hints else '-'}")
     if p.tree:
-        click.echo(f"tree:      {p.tree.algorithm}, {p.tree.block_size}-byte blocks, root {p.tree.root}")
+        click.echo(f"tree:      {p.tree.algorithm}, {_blocks(p.tree.block_size)}, root {p.tree.root}")
     else:
         click.echo("tree:      none (original-tool pointer: verified by whole-file SHA-1)")
+
+
+def _blocks(block_size: int) -> str:
+    """'65536-byte blocks (64 KiB pieces)', '1048576-byte blocks (1 MiB)'."""
+    what = (f"{block_size >> 20} MiB" if block_size % (1 << 20) == 0
+            else f"{block_size >> 10} KiB" if block_size % 1024 == 0 else f"{block_size} B")
+    return f"{block_size}-byte blocks ({what}{' pieces' if block_size < tree.BLOCK_SIZE else ''})"
 
 
 @prv_group.command("verify")

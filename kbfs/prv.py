@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from blake3 import blake3
+
 from kbfs import tree
 from kbfs.errors import PointerError
 
@@ -32,6 +34,9 @@ MAX_POINTER_BYTES = 64 * 1024
 MAX_PRVDIR_BYTES = 64 * 1024 * 1024
 MAX_PRVDIR_DEPTH = 64
 READ_CHUNK = 16 * tree.BLOCK_SIZE
+MIN_BLOCK_SIZE = 1 << 12  # the block sizes a pointer may name (docs/hash-tree.md)
+MAX_BLOCK_SIZE = 1 << 30
+_LEAF_PREFIX = b"\x00"  # leaf = BLAKE3(0x00 || block), as in kbfs.tree (hashed in parts here)
 
 _SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 _ROOT_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -207,9 +212,11 @@ class FileDigest:
     fcs: str
     leaves: list[bytes]
     root: str
+    block_size: int = tree.BLOCK_SIZE
 
     def pointer(self, original_path: str) -> Pointer:
-        return Pointer(self.sha1, self.size, self.fcs, original_path, PRV_VERSION, TreeRef(self.root))
+        return Pointer(self.sha1, self.size, self.fcs, original_path, PRV_VERSION,
+                       TreeRef(self.root, self.block_size))
 
 
 # ---------------------------------------------------------------- parsing
@@ -366,14 +373,18 @@ def load_prvdir(path: str | os.PathLike[str],
 
 
 def digest_file(
-    path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
+    path: str | os.PathLike[str], progress: Callable[[int], None] | None = None,
+    block_size: int = tree.BLOCK_SIZE,
 ) -> FileDigest:
-    """Read PATH once and return its SHA-1, fcs, block leaves and tree root.
+    """Read PATH once and return its SHA-1, fcs, block leaves and tree root at BLOCK_SIZE.
 
     SHA-1 runs in a worker thread while this thread computes the BLAKE3 leaves of
     the same chunk (both release the GIL), so the pass costs about max(SHA-1, BLAKE3)
     rather than their sum. PROGRESS, if given, is called with each chunk's length.
+    Any block size `check_block_size` accepts: a leaf is hashed incrementally, so a
+    leaf may span reads (a short read, or blocks larger than a read) without a second pass.
     """
+    check_block_size(block_size)
     # Imported here: loading OpenSSL's hashes costs ~2 ms of start-up that reading a
     # pointer (`kbfs download`, `kbfs prv info`) never needs.
     import hashlib
@@ -383,14 +394,16 @@ def digest_file(
     leaves: list[bytes] = []
     head = b""
     size = 0
+    bs = block_size
+    partial = None  # the hasher of a leaf whose block began in an earlier read
+    filled = 0      # bytes of that block hashed so far
     with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
         # A small file gets a small buffer: zeroing a 16 MiB buffer per file made
-        # hashing a folder of small files ~50x slower. One byte more than the size
-        # lets a file that grew be noticed; a buffer of a block or more stays a
-        # whole number of blocks so reads stay block-aligned.
+        # hashing a folder of small files ~50x slower. A buffer of a block or more stays a
+        # whole number of blocks so that, with full reads, every leaf is hashed in one call.
         want = os.fstat(f.fileno()).st_size + 1
-        if want >= tree.BLOCK_SIZE:
-            want = min(READ_CHUNK, -(-want // tree.BLOCK_SIZE) * tree.BLOCK_SIZE)
+        if want >= bs:
+            want = max(bs, min(READ_CHUNK, -(-want // bs) * bs)) if bs <= READ_CHUNK else READ_CHUNK
         buf = bytearray(want)
         view = memoryview(buf)
         while True:
@@ -405,37 +418,65 @@ def digest_file(
             job = pool.submit(sha1.update, chunk) if n >= tree.BLOCK_SIZE else None
             if job is None:
                 sha1.update(chunk)
-            leaves.extend(
-                tree.leaf_hash(chunk[i : i + tree.BLOCK_SIZE]) for i in range(0, n, tree.BLOCK_SIZE)
-            )
+            pos = 0
+            if partial is not None:  # finish the block a short read (or a huge block) split
+                take = min(bs - filled, n)
+                partial.update(chunk[:take])
+                filled += take
+                pos = take
+                if filled == bs:
+                    leaves.append(partial.digest())
+                    partial, filled = None, 0
+            whole = pos + (n - pos) // bs * bs
+            leaves.extend(tree.leaf_hash(chunk[i : i + bs]) for i in range(pos, whole, bs))
+            if whole < n:
+                partial = blake3(_LEAF_PREFIX)
+                partial.update(chunk[whole:])
+                filled = n - whole
             if job is not None:
                 job.result()
             size += n
             if progress is not None:
                 progress(n)
-            if n % tree.BLOCK_SIZE:
-                # A short read before EOF would misalign the blocks; finish with plain reads.
-                rest = f.read()
-                if rest:
+            if n < len(buf):
+                # A regular file reads short only at its end: more after it means it grew.
+                if f.read(1):
                     raise PointerError(f"{os.fspath(path)}: file grew or returned a short read while hashing")
                 break
-    if not leaves:
-        leaves.append(tree.leaf_hash(b""))
+    if partial is not None or not leaves:
+        leaves.append(partial.digest() if partial is not None else tree.leaf_hash(b""))
     fcs = "head1000-" + hashlib.sha1(head).hexdigest()
-    return FileDigest(sha1.hexdigest(), size, fcs, leaves, tree.root_from_leaves(leaves, size))
+    return FileDigest(sha1.hexdigest(), size, fcs, leaves,
+                      tree.root_from_leaves(leaves, size, bs), bs)
 
 
-def create_pointer(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> Pointer:
-    """Hash PATH and return its pointer (original_path is the absolute path)."""
-    return digest_file(path, progress).pointer(os.path.abspath(path))
+def check_block_size(block_size: object) -> int:
+    """BLOCK_SIZE when it is a tree block size kbfs writes: a power of two from
+    MIN_BLOCK_SIZE (4 KiB) to MAX_BLOCK_SIZE (1 GiB); PointerError naming it otherwise."""
+    if (isinstance(block_size, bool) or not isinstance(block_size, int)
+            or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+            or block_size & (block_size - 1)):
+        raise PointerError(f"block size {block_size!r}: must be a power of two from "
+                           f"{MIN_BLOCK_SIZE} to 2^30 (65536 for 64 KiB pieces, "
+                           f"{tree.BLOCK_SIZE} for 1 MiB blocks)")
+    return block_size
+
+
+def create_pointer(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None,
+                   block_size: int = tree.BLOCK_SIZE) -> Pointer:
+    """Hash PATH and return its pointer (original_path is the absolute path), its tree
+    at BLOCK_SIZE (1 MiB by default; 65536 for a pointer of 64 KiB pieces)."""
+    return digest_file(path, progress, block_size).pointer(os.path.abspath(path))
 
 
 def create_prvdir(
     path: str | os.PathLike[str],
     progress: Callable[[int], None] | None = None,
     on_file: Callable[[str], None] | None = None,
+    block_size: int = tree.BLOCK_SIZE,
 ) -> PrvDir:
-    """Hash every regular, non-hidden file below PATH into a directory pointer."""
+    """Hash every regular, non-hidden file below PATH into a directory pointer (trees at
+    BLOCK_SIZE)."""
     out = PrvDir()
     with os.scandir(path) as it:
         entries = sorted(it, key=lambda e: e.name)
@@ -443,11 +484,11 @@ def create_prvdir(
         if entry.name.startswith("."):
             continue
         if entry.is_dir(follow_symlinks=False):
-            out.dirs[entry.name] = create_prvdir(entry.path, progress, on_file)
+            out.dirs[entry.name] = create_prvdir(entry.path, progress, on_file, block_size)
         elif entry.is_file(follow_symlinks=False):
             if on_file is not None:
                 on_file(entry.path)
-            out.files[entry.name] = create_pointer(entry.path, progress)
+            out.files[entry.name] = create_pointer(entry.path, progress, block_size)
     return out
 
 
@@ -459,7 +500,7 @@ def file_matches(path: str | os.PathLike[str], pointer: Pointer) -> tuple[bool, 
         return False, f"{os.fspath(path)}: {exc.strerror}"
     if st.st_size != pointer.size:
         return False, f"size is {st.st_size}, the pointer says {pointer.size}"
-    digest = digest_file(path)
+    digest = digest_file(path, block_size=pointer.tree.block_size if pointer.tree else tree.BLOCK_SIZE)
     if digest.sha1 != pointer.sha1:
         return False, f"SHA-1 is {digest.sha1}, the pointer says {pointer.sha1}"
     if pointer.tree is not None and digest.root != pointer.tree.root:

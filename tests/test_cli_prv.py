@@ -204,3 +204,56 @@ def test_create_is_silent_when_not_a_terminal(tmp_path: Path, make_file: MakeFil
     r = run("prv", "create", str(tmp_path / "x.bin"), cwd=tmp_path)
     assert r.returncode == 0
     assert r.stderr == ""
+
+
+def _formula_bytes(size: int) -> bytes:
+    period = bytes((31 * i + 7) % 251 for i in range(251))
+    return (period * (size // 251 + 1))[:size]
+
+
+@pytest.mark.parametrize("flag", ["65536", "64K", "64KiB"])
+def test_create_block_size_64k_matches_the_vectors(tmp_path: Path, fixtures_dir: Path, flag: str) -> None:
+    """`prv create --block-size 65536` writes a 64 KiB tree whose root is the vector's; `prv
+    info` says so; a folder pointer gets 64 KiB trees for every file; the default stays 1 MiB."""
+    vectors = json.loads((fixtures_dir / "tree-vectors-64k.json").read_text())["vectors"]
+    v = next(v for v in vectors if v["size"] == 1114115)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "v.bin").write_bytes(_formula_bytes(v["size"]))
+    r = run("prv", "create", "--no-hints", "--block-size", flag, "d/v.bin", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    p = prv.load_pointer(tmp_path / "v.bin.prv")
+    assert p.tree == prv.TreeRef(v["root"], 65536)
+    r = run("prv", "info", "v.bin.prv", cwd=tmp_path)
+    assert r.returncode == 0 and "65536-byte blocks (64 KiB pieces)" in r.stdout
+    assert f"root {v['root']}" in r.stdout
+    r = run("prv", "verify", "v.bin.prv", "d/v.bin", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+    r = run("prv", "create", "--no-hints", "--block-size", flag, "d", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    folder = prv.load_prvdir(tmp_path / "d.prvdir")
+    assert folder.files["v.bin"].tree == prv.TreeRef(v["root"], 65536)
+    r = run("prv", "info", "d.prvdir", cwd=tmp_path)
+    assert r.returncode == 0 and "65536-byte blocks" in r.stdout
+
+    r = run("prv", "create", "--no-hints", "-o", "default.prv", "d/v.bin", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    q = prv.load_pointer(tmp_path / "default.prv")
+    assert q.tree is not None and q.tree.block_size == tree.BLOCK_SIZE
+    assert "1048576-byte blocks (1 MiB)" in run("prv", "info", "default.prv", cwd=tmp_path).stdout
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("1000", "power of two from 4096 to 2^30"),
+    ("2048", "power of two from 4096 to 2^30"),
+    ("65537", "power of two from 4096 to 2^30"),
+    ("2G", "power of two from 4096 to 2^30"),
+    ("big", "not a size"),
+    ("-4096", "not a size"),
+])
+def test_create_bad_block_size_is_one_line(tmp_path: Path, make_file: MakeFile, bad: str,
+                                           needle: str) -> None:
+    make_file(tmp_path / "x.bin", 100)
+    r = run("prv", "create", "--no-hints", f"--block-size={bad}", "x.bin", cwd=tmp_path)
+    assert_one_error_line(r, "--block-size", needle)
+    assert not (tmp_path / "x.bin.prv").exists()

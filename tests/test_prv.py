@@ -366,3 +366,83 @@ def test_digest_file_refuses_a_growing_file(tmp_path: Path, make_file: Callable[
 
     with pytest.raises(PointerError, match="grew"):
         prv.digest_file(path, progress=append)
+
+
+# ---------------------------------------------------------------- 64 KiB pieces (issue 15)
+
+
+def _formula_bytes(size: int) -> bytes:
+    """The 64 KiB vectors' content: byte i is (31*i+7) mod 251."""
+    period = bytes((31 * i + 7) % 251 for i in range(251))
+    return (period * (size // 251 + 1))[:size]
+
+
+@pytest.mark.parametrize("chunk", [None, 4096, 65536 + 17, 3 * 65536 - 1])
+def test_digest_file_64k_vectors(tmp_path: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                 chunk: int | None) -> None:
+    """One pass of digest_file gives the 64 KiB tree of every vector, whatever the read
+    size (CHUNK: reads that split pieces, shorter and longer than a piece)."""
+    if chunk is not None:
+        monkeypatch.setattr(prv, "READ_CHUNK", chunk)
+    doc = json.loads((fixtures_dir / "tree-vectors-64k.json").read_text())
+    assert doc["block_size"] == 65536
+    for v in doc["vectors"]:
+        path = tmp_path / f"v{v['size']}.bin"
+        data = _formula_bytes(v["size"])
+        path.write_bytes(data)
+        d = prv.digest_file(path, block_size=65536)
+        assert d.root == v["root"], v["content"]
+        assert len(d.leaves) == v["pieces"], v["content"]
+        assert d.leaves[0].hex() == v["first_leaf"] and d.leaves[-1].hex() == v["last_leaf"]
+        assert d.sha1 == hashlib.sha1(data).hexdigest() and d.size == v["size"]
+        p = prv.create_pointer(path, block_size=65536)
+        assert p.tree == prv.TreeRef(v["root"], 65536)
+        assert prv.file_matches(path, p) == (True, "")
+        if v["size"] == 40 * 65536:  # the same bytes as a 1 MiB tree: another root
+            assert prv.digest_file(path).root == doc["same_40_piece_content_with_1MiB_blocks_root"]
+
+
+def test_digest_file_blocks_larger_than_a_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block larger than the read buffer is hashed across reads (up to the 1 GiB limit)."""
+    monkeypatch.setattr(prv, "READ_CHUNK", 1 << 16)
+    data = os.urandom(5 * (1 << 18) + 12345)
+    (tmp_path / "f").write_bytes(data)
+    for bs in (1 << 12, 1 << 18, 1 << 20, 1 << 30):
+        assert prv.digest_file(tmp_path / "f", block_size=bs).root == tree.tree_of_bytes(data, bs)[1]
+
+
+@pytest.mark.parametrize("bad", [0, 1000, 2048, 65535, 65537, 3 << 16, 1 << 31, True, "65536"])
+def test_bad_block_sizes_refused(tmp_path: Path, bad: object) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(PointerError, match="power of two from 4096 to 2\\^30"):
+        prv.digest_file(tmp_path / "f", block_size=bad)  # type: ignore[arg-type]
+
+
+def test_64k_pointer_keeps_the_original_format(tmp_path: Path, fixtures_dir: Path) -> None:
+    """A 64 KiB pointer is the original tool's JSON (its keys, its order, its values) plus
+    kbfs_tree, which the original tools ignore: dropping kbfs_tree leaves exactly what
+    ml-prv-create writes for that file, and a 64 KiB folder pointer likewise."""
+    data = _formula_bytes(1114115)
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.bin").write_bytes(data)
+    (tmp_path / "d" / "sub" / "b.bin").write_bytes(data[:70000])
+    p = prv.create_pointer(tmp_path / "d" / "a.bin", block_size=65536)
+    obj = json.loads(p.to_json())
+    assert list(obj) == ["original_checksum", "original_size", "original_fcs", "original_path",
+                         "prv_version", "kbfs_tree"]
+    assert set(obj["kbfs_tree"]) == {"algorithm", "block_size", "root"}
+    assert obj["kbfs_tree"]["algorithm"] == "blake3-merkle-1" and obj["kbfs_tree"]["block_size"] == 65536
+    vectors = json.loads((fixtures_dir / "tree-vectors-64k.json").read_text())["vectors"]
+    assert obj["kbfs_tree"]["root"] == next(v["root"] for v in vectors if v["size"] == 1114115)
+    legacy = {k: v for k, v in obj.items() if k != "kbfs_tree"}
+    assert legacy == {"original_checksum": hashlib.sha1(data).hexdigest(), "original_size": len(data),
+                      "original_fcs": "head1000-" + hashlib.sha1(data[:1000]).hexdigest(),
+                      "original_path": str(tmp_path / "d" / "a.bin"), "prv_version": "0.11"}
+    # The same shape as the original tool's own pointer fixture.
+    original = json.loads((fixtures_dir / "legacy-content.bin.prv").read_text())
+    assert list(legacy) == list(original)
+    assert prv.parse_pointer(json.dumps(legacy)).tree is None
+    folder = prv.create_prvdir(tmp_path / "d", block_size=65536)
+    assert {q.tree.block_size for _, q in folder.walk() if q.tree} == {65536}
+    again = prv.parse_prvdir(folder.to_json())
+    assert [q for _, q in again.walk()] == [q for _, q in folder.walk()]
