@@ -16,7 +16,8 @@ Capacity. LRU over whole contents (an access counter, touches committed with the
 After each flush, and when a put finds the disk below the floor, the least recently used
 contents go (rows committed, then files unlinked) until `capacity` holds and `min_free`
 (at most 5% of the file system) is free. Skipped: pinned contents (a count kept in the
-catalogue) and contents this process is using. A content another process is writing may be
+catalogue), contents this process is using, and those it holds (`hold`/`release`: an
+in-memory count, for open files, gone with the process). A content another process is writing may be
 evicted: that process's bits are dropped at its next commit. The store may exceed
 `capacity` by one flush interval's writes (a put flushes first past `MAX_UNSYNCED`).
 
@@ -84,6 +85,7 @@ class PieceStore:
         self._flush_lock = threading.Lock()    # one flush at a time
         self._handles: OrderedDict[str, _Handle] = OrderedDict()
         self._touches: set[str] = set()
+        self._held: dict[str, int] = {}        # hold(): kept from eviction by this process
         self._unsynced = 0
         self._stats: dict[str, int] = dict.fromkeys(
             ("puts", "pieces_written", "reads", "hits", "misses", "flushes", "bits_committed",
@@ -289,6 +291,17 @@ class PieceStore:
     def unpin(self, key: str) -> int:
         return self.catalog.pin(piecefile.check_key(key), -1)
 
+    def hold(self, key: str) -> None:  # keep KEY from eviction while this process runs (open files)
+        with self._lock:
+            self._held[piecefile.check_key(key)] = self._held.get(key, 0) + 1
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            if self._held.get(key, 0) > 1:
+                self._held[key] -= 1
+            else:
+                self._held.pop(key, None)
+
     def put_nodes(self, key: str, name: str, blob: bytes) -> None:  # opaque hints for the caller
         self.catalog.put_nodes(piecefile.check_key(key), name, blob)
 
@@ -363,7 +376,7 @@ class PieceStore:
         if amount <= 0:
             return 0
         with self._lock:
-            busy = {k for k, h in self._handles.items() if h.users or h.pending}
+            busy = {k for k, h in self._handles.items() if h.users or h.pending} | set(self._held)
         gone = self.catalog.evict(amount, skip=busy)   # rows committed before any unlink
         self._retire(k for k, _ in gone)
         for key, _ in gone:
