@@ -71,14 +71,14 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from kbfs import protocol, tree
+from kbfs import piecewire, proof, protocol, tree
 from kbfs.errors import (
     AccessDenied,
     BadRequest,
@@ -108,6 +108,8 @@ LOCAL_TREE_LIMIT = 1 << 30  # hash a local candidate for its tree before asking 
                             # network only when it is at most this big
 POOL_SIZE = 32
 ERROR_LIMIT = 4096        # bytes of an error answer read for its reason ({"error": ...})
+NOPROOF_TTL = 60.0        # seconds an origin that answered a piece request without a proof
+                          # goes after every other for pieces (it still serves fetch_blocks)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ class _Stats:
     errors: int = 0
     requests: int = 0
     lies: int = 0
+    proofs: int = 0       # piece answers verified by their proof (fetch_pieces)
+    proof_bytes: int = 0  # bytes of those proofs' nodes
 
 
 class _Lie(Exception):
@@ -139,6 +143,10 @@ class _Failed(Exception):
 
     args: (why, blocks verified, answered, HTTP status or 0). WHY reads after the
     source's name: "is unreachable (connection refused)", "answered 404: ..."."""
+
+
+class _NoProofAnswer(Exception):
+    """A source answered a piece request without a Kbfs-Proof (not a lie: it cannot prove)."""
 
 
 class _SlowStart(_Failed):
@@ -199,6 +207,7 @@ class Fetcher:
         self._failed_at: dict[str, float] = {}
         self._lied_at: dict[str, float] = {}
         self._proven: set[str] = set()  # origins that delivered verified data
+        self._noproof_at: dict[str, float] = {}  # origin -> when it answered pieces unproven
         self._bad_urls: set[str] = set()  # direct URLs refused (logged once each)
         self._stats: dict[str, _Stats] = {}
         self._last: dict[str, str] = {}
@@ -684,8 +693,15 @@ class Fetcher:
         return verified
 
     def _stream(self, url: str, start: int, end: int, size: int, first: int,
-                leaves: Sequence[bytes], block_size: int, out: memoryview,
-                until: float, head: float, auth: str | None = None) -> tuple[int, int]:
+                leaves: Sequence[bytes] | None, block_size: int, out: memoryview,
+                until: float, head: float, auth: str | None = None,
+                extra: Mapping[str, str] | None = None,
+                on_head: Any = None) -> tuple[int, int]:
+        """GET bytes [START, END) of URL into OUT, each block checked against LEAVES as it
+        completes (None: no check, the caller verifies the whole, e.g. by a proof). EXTRA:
+        more request headers; ON_HEAD(getheader), when given, sees the answer's headers
+        after its status and Content-Range passed, before the body is read, and may raise
+        to abandon it (the connection is then closed, never reused)."""
         want = end - start
         remaining = until - time.monotonic()
         if remaining <= 0:
@@ -694,9 +710,10 @@ class Fetcher:
         headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
         if auth:
             headers["Authorization"] = f"Bearer {auth}"
+        headers.update(extra or {})
         if self._plain_ok(url):
             return self._stream_plain(url, headers, t, start, end, size, first, leaves,
-                                      block_size, out, until)
+                                      block_size, out, until, on_head)
         try:
             r = self._get(url, headers=headers, stream=True, timeout=(t, t))
         except (requests.ConnectTimeout, requests.ReadTimeout):
@@ -710,6 +727,8 @@ class Fetcher:
                 raise _Failed(_reason(r.status_code, body), 0, True, r.status_code)
             _check_range_answer(r.status_code, r.headers.get("Content-Length"),
                                 r.headers.get("Content-Range"), start, end, size)
+            if on_head is not None:
+                on_head(r.headers.get)
             direct = _direct_reader(r)
             if direct is not None:
                 got = self._read_body(direct, None, _socket_of(r), want, first, leaves,
@@ -726,8 +745,8 @@ class Fetcher:
                                    block_size, out, until)
 
     def _stream_plain(self, url: str, headers: dict[str, str], t: float, start: int, end: int,
-                      size: int, first: int, leaves: Sequence[bytes], block_size: int,
-                      out: memoryview, until: float) -> tuple[int, int]:
+                      size: int, first: int, leaves: Sequence[bytes] | None, block_size: int,
+                      out: memoryview, until: float, on_head: Any = None) -> tuple[int, int]:
         """`_stream` over this thread's own keep-alive `http.client` connection to URL's
         origin: for plain http without a proxy, requests' per-request machinery (hooks,
         adapters, header merging, urllib3's pool) costs more CPU than the 4 KiB read a
@@ -742,6 +761,8 @@ class Fetcher:
                 raise _Failed(_reason(resp.status, body), 0, True, resp.status)
             _check_range_answer(resp.status, resp.getheader("Content-Length"),
                                 resp.getheader("Content-Range"), start, end, size)
+            if on_head is not None:
+                on_head(resp.getheader)
             if (resp.chunked or not isinstance(resp.length, int)
                     or resp.getheader("Content-Encoding") or not isinstance(resp.fp, io.BufferedReader)):
                 raise _Failed("answer without a plain Content-Length body", 0, True)
@@ -824,9 +845,10 @@ class Fetcher:
 
     def _read_body(self, direct: http.client.HTTPResponse | None,
                    read1: Any, sock: socket.socket | None, want: int, first: int,
-                   leaves: Sequence[bytes], block_size: int, out: memoryview,
+                   leaves: Sequence[bytes] | None, block_size: int, out: memoryview,
                    until: float) -> tuple[int, int]:
-        """Read WANT body bytes into OUT, verifying each block as soon as it is complete.
+        """Read WANT body bytes into OUT, verifying each block as soon as it is complete
+        (LEAVES None: no check here; blocks verified is then always 0).
 
         DIRECT: an http.client response whose buffered reader we read straight into OUT;
         else READ1(n) returns the next piece. Returns (blocks verified, bytes read).
@@ -862,7 +884,7 @@ class Fetcher:
                 raise _Failed(f"short body: {got} of {want} bytes", verified, True)
             got += n
             # Verify each block as soon as it is complete, so a lie stops the transfer early.
-            while verified * block_size < got and (
+            while leaves is not None and verified * block_size < got and (
                     (verified + 1) * block_size <= got or got == want):
                 lo = verified * block_size
                 hi = min(lo + block_size, want)
@@ -906,6 +928,178 @@ class Fetcher:
             raise
         self._record(src.key, True, end - start, time.monotonic() - t0)
         return verified
+
+    # ---- verified pieces (docs/pieces.md "Serving pieces"; the header work: kbfs.piecewire)
+    def fetch_pieces(self, sha1: str, size: int, root: str, block_size: int, first: int,
+                     count: int, *, known: MutableMapping[proof.Node, bytes] | None = None) -> bytes:
+        """Bytes of pieces [first, first+count) of SHA1, verified against ROOT by the proof
+        that came with them, in ONE range request per attempt (see `fetch_pieces_into`)."""
+        sha1 = protocol.check_sha1(sha1)
+        shape = _piece_shape(size, block_size, first, count)
+        start, end = shape.byte_span(first, first + count)
+        buf = bytearray(end - start)
+        self.fetch_pieces_into(sha1, size, root, block_size, first, count, memoryview(buf),
+                               known=known)
+        return bytes(buf)
+
+    def fetch_pieces_into(self, sha1: str, size: int, root: str, block_size: int, first: int,
+                          count: int, out: memoryview, *,
+                          known: MutableMapping[proof.Node, bytes] | None = None) -> None:
+        """Fill OUT (exactly the pieces' length) with pieces [first, first+count) of SHA1,
+        verified against ROOT (the pointer's, for a tree of BLOCK_SIZE leaves).
+
+        Each attempt is one GET of the piece-aligned range with `Kbfs-Want-Proof`; the
+        answer's `Kbfs-Proof` (`piecewire.parse_proof`) and body are checked together
+        (`piecewire.check_pieces`) before this returns. KNOWN: verified upper nodes of this
+        content the caller keeps (one dict per content, shared by its readers): a request
+        names the lowest one covering the range (`below=L.J`) for a shorter proof, and the
+        nodes verified here at level `piecewire.KNOWN_LEVEL` and above are added to it,
+        bounded by `piecewire.MAX_KNOWN`.
+
+        Sources, ranking, tokens, timeouts and retry rounds are those of `fetch_blocks`,
+        except: local candidates are not used (a local file has no proof; the caller
+        verifies a local copy another way), and an origin that answers without a proof
+        goes after every other for pieces for NOPROOF_TTL seconds (it is not penalised: it
+        still serves blocks). A wrong proof, wrong bytes, a proof for other pieces or
+        another block size, or an oversized header is a lie (`LIE_PENALTY`), and the next
+        source is asked. Raises `piecewire.NoProof` when sources had the pieces but none
+        could prove them (fall back to `fetch_tree` + `fetch_blocks`), VerificationError
+        when every source that answered lied, NotFound / AccessDenied / SourceUnavailable
+        as `fetch_blocks` does. On any error OUT holds unverified bytes: never use them.
+        """
+        sha1 = protocol.check_sha1(sha1)
+        shape = _piece_shape(size, block_size, first, count)
+        a, b = first, first + count
+        start, end = shape.byte_span(a, b)
+        if len(out) != end - start:
+            raise BadRequest(f"buffer of {len(out)} bytes for {end - start} bytes of pieces")
+        if end <= start:  # the one empty piece of an empty file: nothing to ask anyone
+            try:
+                nodes = piecewire.check_pieces(root, shape, a, b, b"", b"")
+            except VerificationError:
+                raise VerificationError(f"the pointer of {sha1} does not describe an empty "
+                                        "file (its root is not the empty tree's)") from None
+            if known is not None:
+                piecewire.remember(known, nodes)
+            return
+        until = time.monotonic() + self.deadline
+        reasons: list[str] = []
+        lied = answered = unproven = 0
+        statuses: dict[str, int] = {}  # source URL -> status of its last failure (0: no answer)
+        tried: set[str] = set()
+        retry_until = time.monotonic() + min(RETRY_WINDOW, self.deadline / 2)
+        pause = 0.25
+        attempt = 0
+        while True:
+            slow = transient = False
+            head = self.first_byte_timeout if attempt == 0 else self.timeout
+            for src in self._piece_sources(sha1, size, until):
+                if (src.url in tried and attempt == 0) or time.monotonic() >= until:
+                    continue
+                tried.add(src.url)
+                try:
+                    self._attempt_pieces(src, shape, root, a, b, out, until, head, known)
+                except _Lie as exc:
+                    lied += 1
+                    answered += 1
+                    statuses[src.url] = 0
+                    reasons.append(self._said(src, exc.args[0]))
+                    log.warning("%s: source %s lied: %s", sha1, src.url, exc.args[0])
+                except _NoProofAnswer:
+                    unproven += 1
+                    answered += 1
+                    statuses[src.url] = 0
+                    reasons.append(self._said(src, "sent no proof (Kbfs-Proof) for the pieces"))
+                    log.info("%s: source %s has no proof of pieces %d-%d", sha1, src.url, a, b)
+                except _Failed as exc:
+                    slow = slow or isinstance(exc, _SlowStart)
+                    transient = transient or exc.args[3:4] not in ((404,), (410,), (401,), (403,))
+                    answered += bool(exc.args[2])
+                    statuses[src.url] = exc.args[3] if len(exc.args) > 3 else 0
+                    reasons.append(self._said(src, exc.args[0]))
+                    log.info("%s: source %s failed: %s", sha1, src.url, exc.args[0])
+                else:
+                    with self._lock:
+                        self._last[sha1] = src.url
+                    return
+            if not transient and not slow:
+                break  # every source answered for good (no proof, a lie, 404...): asking again cannot help
+            if slow and attempt == 0 and time.monotonic() < until:
+                attempt, tried = 1, set()  # at once: the patient round
+                continue
+            nap = pause * random.uniform(0.8, 1.2)
+            if time.monotonic() + nap >= retry_until:
+                break
+            time.sleep(nap)
+            pause = min(pause * 2, 1.0)
+            attempt += 1
+            tried = set()
+        detail = "; ".join(dict.fromkeys(reasons[-4:])) or "no sources"
+        what = f"pieces {a}-{b - 1} of this file (sha1 {sha1}, {block_size}-byte pieces)"
+        if unproven:
+            raise piecewire.NoProof(f"no source could prove {what}: {detail}")
+        if answered and lied == answered:
+            raise VerificationError(f"every source of {sha1} sent pieces or proofs that fail "
+                                    f"verification: {detail}")
+        last = list(statuses.values())
+        if last and all(last) and len(set(last) - {401, 403, 404, 409, 410}) == 0:
+            raise _no_source(sha1, last, len(last), detail, bool(self._tokens))
+        raise SourceUnavailable(f"cannot read {what}: no source delivered them within "
+                                f"{self.deadline:g} s: {detail}")
+
+    def _piece_sources(self, sha1: str, size: int, until: float) -> list[_Source]:
+        """`_sources` without local files, origins that answered pieces unproven lately last."""
+        now = time.monotonic()
+        with self._lock:
+            unproven = {k for k, at in self._noproof_at.items() if now - at < NOPROOF_TTL}
+        remote = [s for s in self._sources(sha1, size, until) if not s.local]
+        return sorted(remote, key=lambda s: s.key in unproven)
+
+    def _attempt_pieces(self, src: _Source, shape: proof.Shape, root: str, a: int, b: int,
+                        out: memoryview, until: float, head: float,
+                        known: MutableMapping[proof.Node, bytes] | None) -> None:
+        """Fill OUT with pieces [a, b) from SRC and verify them by the proof SRC sends.
+        Raises _Lie, _NoProofAnswer or _Failed (the source's health is recorded here)."""
+        start, end = shape.byte_span(a, b)
+        bs = shape.block_size
+        anchor = piecewire.anchor_for(known, shape, a, b)
+        extra = {piecewire.WANT_HEADER: piecewire.want_value(bs, anchor[0] if anchor else None)}
+        nodes: list[bytes] = []
+
+        def on_head(getheader: Any) -> None:
+            try:
+                nodes.append(piecewire.parse_proof(getheader(piecewire.PROOF_HEADER), a, b, bs))
+            except piecewire.NoProof:
+                raise _NoProofAnswer() from None
+            except VerificationError as exc:
+                raise _Lie(str(exc), 0) from None
+
+        t0 = time.monotonic()
+        try:
+            self._stream(src.url, start, end, shape.size, a, None, bs, out, until, head,
+                         src.auth, extra, on_head)
+            verified = piecewire.check_pieces(root, shape, a, b, out, nodes[0], anchor)
+        except (_Lie, VerificationError) as exc:
+            self._record(src.key, False, end - start, time.monotonic() - t0, lie=True)
+            if isinstance(exc, _Lie):
+                raise
+            raise _Lie(str(exc), 0) from None
+        except _NoProofAnswer:
+            self._record(src.key, True, 0, time.monotonic() - t0)
+            with self._lock:
+                self._noproof_at[src.key] = time.monotonic()
+            raise
+        except _Failed:
+            self._record(src.key, False, 0, time.monotonic() - t0)
+            raise
+        self._record(src.key, True, end - start, time.monotonic() - t0, proven=True)
+        with self._lock:
+            self._noproof_at.pop(src.key, None)
+            st = self._stats[src.key]
+            st.proofs += 1
+            st.proof_bytes += len(nodes[0])
+        if known is not None:
+            piecewire.remember(known, verified)
 
     # ---- listings
     def list_share(self, relay: str, share: str, path: str) -> dict[str, Any]:
@@ -1224,6 +1418,18 @@ def _net_why(exc: BaseException) -> str:
 def _short(exc: BaseException) -> str:
     text = str(exc)
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _piece_shape(size: int, block_size: int, first: int, count: int) -> proof.Shape:
+    """The tree shape of a fetch_pieces call; BadRequest for a range not in it."""
+    try:
+        shape = proof.Shape(size, block_size)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"no pieces of size {block_size} for a file of {size} bytes: {exc}"
+                         ) from None
+    if count <= 0 or first < 0 or first + count > shape.leaves:
+        raise BadRequest(f"pieces [{first}, {first + count}) of a {shape.leaves}-piece file")
+    return shape
 
 
 def _tree_matches(blob: bytes, size: int, block_size: int, root: str) -> bool:

@@ -10,7 +10,15 @@ and answers, from in-memory bytes or files on disk:
 It can misbehave on purpose (`source.mode = "lie"` etc., see `MODES`), counts requests
 per kind and records the Range headers it saw. Use it as a context manager: the server
 is always shut down, even when the test fails. It is test support only: no auth, no
-limits, and it never imports the kbfs code under test beyond `kbfs.tree` (to build leaves).
+limits, and it never imports the kbfs code under test beyond `kbfs.tree` (to build leaves)
+and `kbfs.proof` (to build proofs).
+
+Verified pieces (docs/pieces.md): with `source.proofs = "ok"` a /sha1/ request carrying
+`Kbfs-Want-Proof: bs=N[; below=L.J]` for a piece-aligned single range gets `Kbfs-Proof:
+pieces=A-B; bs=N; nodes=:BASE64:`, made from the content's own bytes at block size N (and
+stopping at node L.J when asked). `proofs` lies on purpose too (see `PROOF_MODES`); the
+default "none" serves no proof, as a source from before issue 15. `proof_log()` lists what
+was sent: (pieces, below asked, proof bytes).
 
     with HTTPSource() as src:
         info = src.add(b"hello" * 1000, block_size=4096)
@@ -32,7 +40,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kbfs import tree
+from kbfs import proof, tree
 
 # Behaviours of the /sha1/ (and, for "wrong_tree", /tree/) endpoints.
 MODES = (
@@ -48,7 +56,23 @@ MODES = (
     "refuse",      # the listening socket is closed: connections are refused
 )
 
+# Behaviours of Kbfs-Proof on /sha1/ (with `mode` "lie", an honest proof over flipped bytes).
+PROOF_MODES = (
+    "none",      # never sends Kbfs-Proof (a source from before issue 15)
+    "ok",        # honest: the proof of the pieces asked, below=L.J honoured
+    "full",      # honest but ignores below=L.J: always the proof up to the root
+    "wrong",     # the right length, one node flipped
+    "other",     # the honest proof of other pieces (shifted by one), labelled as asked
+    "label",     # an honest proof of other pieces, labelled with those pieces
+    "bs",        # the honest proof, labelled with another block size
+    "short",     # the honest proof minus its last node
+    "garbage",   # nodes=:not base64:
+    "huge",      # a 20 KB header value (a real proof is at most ~4.4 KB)
+    "colossal",  # a 100 KB header line (more than http.client reads)
+)
+
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_WANT_RE = re.compile(r"^bs=(\d+)(?:; *below=(\d+)\.(\d+))?$")
 
 
 @dataclass
@@ -82,6 +106,9 @@ class _State:
     find_mode: str = "ok"  # ok | 404 | 500
     extra_urls: list[str] = field(default_factory=list)
     trickle_rate: int = 1024
+    proofs: str = "none"
+    proof_log: list[tuple[tuple[int, int], tuple[int, int] | None, int]] = field(default_factory=list)
+    outboards: dict[tuple[str, int], bytes] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
     ranges: list[tuple[str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -184,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("ETag", f'"{info.sha1}"')
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        value = self._proof_header(info, start, end) if status == 206 else None
+        if value is not None:
+            self.send_header("Kbfs-Proof", value)
         self.end_headers()
         if head:
             return
@@ -223,6 +253,60 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             pos += len(piece)
+
+
+    def _proof_header(self, info: ContentInfo, start: int, end: int) -> str | None:
+        """The Kbfs-Proof value for bytes [START, END) as `proofs` says, or None."""
+        st = self.server.state
+        m = _WANT_RE.match(self.headers.get("Kbfs-Want-Proof") or "")
+        if st.proofs == "none" or m is None:
+            return None
+        bs = int(m.group(1))
+        if bs < 1 or bs >= 1 << 32:
+            return None
+        shape = proof.Shape(info.size, bs)
+        if start % bs or not (end == info.size or end % bs == 0):
+            return None  # not piece-aligned: no proof, as the wire format says
+        a, b = start // bs, -(-end // bs)
+        below = (int(m.group(2)), int(m.group(3))) if m.group(2) is not None else None
+        key = (info.sha1, bs)
+        with st.lock:
+            ob = st.outboards.get(key)
+        if ob is None:
+            leaves, _ = tree.tree_of_bytes(info.read(0, info.size), bs)
+            ob = proof.outboard(leaves, shape, 0)
+            with st.lock:
+                st.outboards[key] = ob
+        get = proof.outboard_getter(ob, shape, 0)
+        anchor = below if st.proofs != "full" else None
+        try:
+            nodes = proof.make_proof(get, shape, a, b, anchor)
+        except ValueError:  # a below= node that does not cover the range: the full proof
+            anchor, nodes = None, proof.make_proof(get, shape, a, b)
+        label_a, label_b, label_bs = a, b, bs
+        mode = st.proofs
+        if mode == "wrong" and nodes:
+            nodes = nodes[:-1] + bytes([nodes[-1] ^ 1])
+        elif mode in ("other", "label"):
+            oa = a + 1 if b < shape.leaves else a - 1
+            if oa < 0:
+                oa = a  # one piece only: nothing else to prove
+            nodes = proof.make_proof(get, shape, oa, oa + b - a)
+            if mode == "label":
+                label_a, label_b = oa, oa + b - a
+        elif mode == "bs":
+            label_bs = bs * 2
+        elif mode == "short":
+            nodes = nodes[:-32] if nodes else bytes(31)
+        with st.lock:
+            st.proof_log.append(((a, b), below, len(nodes)))
+        if mode == "garbage":
+            return f"pieces={a}-{b}; bs={bs}; nodes=:not base64!:"
+        if mode == "huge":
+            return f"pieces={a}-{b}; bs={bs}; nodes=:{'A' * 20000}:"
+        if mode == "colossal":
+            return f"pieces={a}-{b}; bs={bs}; nodes=:{'A' * 100000}:"
+        return f"pieces={label_a}-{label_b}; bs={label_bs}; nodes=:{proof.encode_header(nodes)}:"
 
 
 def _flip(piece: bytes, offset: int, block_size: int) -> bytes:
@@ -354,6 +438,22 @@ class HTTPSource:
         return self._state.extra_urls
 
     @property
+    def proofs(self) -> str:
+        """How /sha1/ answers Kbfs-Want-Proof: one of PROOF_MODES ("none" by default)."""
+        return self._state.proofs
+
+    @proofs.setter
+    def proofs(self, value: str) -> None:
+        if value not in PROOF_MODES:
+            raise ValueError(f"unknown proof mode {value!r}; one of {PROOF_MODES}")
+        self._state.proofs = value
+
+    def proof_log(self) -> list[tuple[tuple[int, int], tuple[int, int] | None, int]]:
+        """((a, b), below asked or None, bytes of proof nodes sent) per proof sent."""
+        with self._state.lock:
+            return list(self._state.proof_log)
+
+    @property
     def trickle_rate(self) -> int:
         return self._state.trickle_rate
 
@@ -387,6 +487,7 @@ class HTTPSource:
         with self._state.lock:
             self._state.counts.clear()
             self._state.ranges.clear()
+            self._state.proof_log.clear()
 
 
 def free_port() -> int:

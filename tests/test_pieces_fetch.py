@@ -1,0 +1,274 @@
+"""Fetcher.fetch_pieces: verified pieces in one request, against real HTTP servers.
+
+The sources are tests/httpsource.py servers on 127.0.0.1 that make Kbfs-Proof headers
+from the content's own bytes (kbfs.proof), honestly or lying in each way a source can
+(`PROOF_MODES`), so these tests do not depend on the share side. The last test reads
+pieces through a real relay and share (tests/netutil.py) once the share serves proofs.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kbfs import fetch, piecewire, proof, tree
+from kbfs.errors import BadRequest, NotFound, SourceError, VerificationError
+from kbfs.fetch import Fetcher
+
+try:
+    from tests.httpsource import HTTPSource
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    from httpsource import HTTPSource  # type: ignore[no-redef]
+
+pytestmark = pytest.mark.timeout(120)
+
+BS = 4096  # the smallest block size a pointer may name: deep trees from small files
+
+
+@pytest.fixture(autouse=True)
+def short_penalty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "PENALTY", 0.5)
+
+
+@pytest.fixture
+def src():
+    with HTTPSource() as s:
+        s.proofs = "ok"
+        yield s
+
+
+@pytest.fixture
+def src2():
+    with HTTPSource() as s:
+        s.proofs = "ok"
+        yield s
+
+
+def _slice(data: bytes, bs: int, a: int, b: int) -> bytes:
+    return data[a * bs:b * bs]
+
+
+def test_one_request_true_bytes_and_the_wire(src: HTTPSource) -> None:
+    """The request is one GET with the piece-aligned Range (the last piece short) and
+    Kbfs-Want-Proof: bs=N; the answer's proof and bytes verify; the bytes are returned."""
+    data = os.urandom(37 * BS + 100)
+    info = src.add(data, block_size=BS)
+    n = tree.block_count(len(data), BS)
+    with Fetcher([src.url]) as f:
+        for a, b in [(0, 1), (3, 9), (n - 1, n), (0, n), (n - 3, n), (16, 17)]:
+            src.reset_counts()
+            got = f.fetch_pieces(info.sha1, info.size, info.root, BS, a, b - a)
+            assert got == _slice(data, BS, a, b)
+            end = min(b * BS, len(data))
+            assert src.ranges() == [(f"/sha1/{info.sha1}", f"bytes={a * BS}-{end - 1}")]
+            assert src.proof_log()[0][:2] == ((a, b), None)
+        stats = f.statistics()["sources"][src.url]
+        assert stats["proofs"] == 6 and stats["lies"] == 0 and stats["proof_bytes"] > 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_hypothesis_sizes_and_ranges(src: HTTPSource, data: st.DataObject) -> None:
+    """Any size, block size and piece range: the true bytes, with or without `known`."""
+    bs = data.draw(st.sampled_from([4096, 8192, 65536]), "bs")
+    size = data.draw(st.integers(0, 70 * 4096), "size")
+    content = random.Random(size * 7 + bs).randbytes(size)
+    info = src.add(content, block_size=bs)
+    n = tree.block_count(size, bs)
+    a = data.draw(st.integers(0, n - 1), "a")
+    b = data.draw(st.integers(a + 1, n), "b")
+    known: dict[proof.Node, bytes] | None = data.draw(st.sampled_from([None, {}]), "known")
+    with Fetcher([src.url]) as f:
+        assert f.fetch_pieces(info.sha1, size, info.root, bs, a, b - a, known=known) == _slice(content, bs, a, b)
+        if known is not None:  # and again, now with an anchor
+            c = data.draw(st.integers(0, n - 1), "c")
+            d = data.draw(st.integers(c + 1, n), "d")
+            assert f.fetch_pieces(info.sha1, size, info.root, bs, c, d - c, known=known) == _slice(content, bs, c, d)
+            assert all(level >= piecewire.KNOWN_LEVEL for level, _ in known)
+
+
+LIES = ["wrong", "other", "label", "bs", "short", "garbage", "huge", "colossal", "flip", "no_range"]
+
+
+@pytest.mark.parametrize("lie", LIES)
+def test_every_lie_rejected_and_the_next_source_used(src: HTTPSource, src2: HTTPSource, lie: str) -> None:
+    """A source whose proof, label, block size, length, encoding, header size or bytes are
+    wrong never gets its bytes returned: the next source serves, and the liar goes last."""
+    data = os.urandom(40 * BS + 5)
+    liar, honest = src, src2
+    info = liar.add(data, block_size=BS)
+    honest.add(data, block_size=BS)
+    if lie == "flip":
+        liar.mode = "lie"   # bytes flipped, the honest proof of the true bytes
+    elif lie == "no_range":
+        liar.mode = "no_range"  # a 200 with the whole file for a range
+    else:
+        liar.proofs = lie
+    with Fetcher([liar.url, honest.url]) as f:
+        got = f.fetch_pieces(info.sha1, info.size, info.root, BS, 5, 3)
+        assert got == _slice(data, BS, 5, 8)
+        # (colossal: http.client refuses the header line; on a kept-alive connection that
+        # counts as a dropped keep-alive and is asked once more on a fresh one.)
+        assert liar.counts()["sha1"] == (2 if lie == "colossal" else 1)
+        assert honest.counts()["sha1"] == 1
+        stats = f.statistics()["sources"]
+        assert stats[honest.url]["proofs"] == 1
+        if lie == "colossal":  # more than http.client reads: a failed answer, not a lie
+            assert stats[liar.url]["errors"] == 1
+        else:
+            assert stats[liar.url]["lies"] == 1
+            # A liar goes last for LIE_PENALTY: the next read does not ask it first.
+            assert f.fetch_pieces(info.sha1, info.size, info.root, BS, 9, 1) == _slice(data, BS, 9, 10)
+            assert liar.counts()["sha1"] == 1 and honest.counts()["sha1"] == 2
+    # Alone, the liar is refused outright.
+    with Fetcher([liar.url], deadline=5) as f:
+        with pytest.raises(SourceError if lie == "colossal" else VerificationError):
+            f.fetch_pieces(info.sha1, info.size, info.root, BS, 5, 3)
+
+
+def test_wrong_root_is_a_lie_everywhere(src: HTTPSource) -> None:
+    data = os.urandom(10 * BS)
+    info = src.add(data, block_size=BS)
+    with Fetcher([src.url]) as f, pytest.raises(VerificationError, match="fail verification"):
+        f.fetch_pieces(info.sha1, info.size, "ab" * 32, BS, 2, 1)
+
+
+def test_known_shortens_later_proofs(src: HTTPSource) -> None:
+    """The first piece of a file costs the full proof (its height in nodes); the verified
+    upper nodes go into KNOWN, and the next piece of the same group asks below=4.j and gets
+    at most 4 nodes; a source that ignores below (full proofs) still verifies."""
+    data = os.urandom(1024 * BS)  # 1024 pieces: height 10
+    info = src.add(data, block_size=BS)
+    shape = proof.Shape(len(data), BS)
+    known: dict[proof.Node, bytes] = {}
+    with Fetcher([src.url]) as f:
+        assert f.fetch_pieces(info.sha1, info.size, info.root, BS, 100, 1, known=known) == _slice(data, BS, 100, 101)
+        first = src.proof_log()[-1]
+        assert first[1] is None and first[2] == 10 * 32
+        assert known and min(level for level, _ in known) == piecewire.KNOWN_LEVEL
+        assert (shape.height, 0) in known
+        for k in (101, 102, 110):  # same group of 16 (pieces 96..111)
+            assert f.fetch_pieces(info.sha1, info.size, info.root, BS, k, 1, known=known) == _slice(data, BS, k, k + 1)
+            (pieces, below, nbytes) = src.proof_log()[-1]
+            assert pieces == (k, k + 1) and below == (4, 6) and nbytes <= 4 * 32
+        total = f.statistics()["sources"][src.url]["proof_bytes"]
+        assert total <= 10 * 32 + 3 * 4 * 32
+        # Another group: the anchor is a higher kept node, still shorter than the full proof.
+        f.fetch_pieces(info.sha1, info.size, info.root, BS, 700, 2, known=known)
+        assert src.proof_log()[-1][1] is not None and src.proof_log()[-1][2] < 10 * 32
+        # A source that ignores below= sends the full proof: told apart by its length.
+        src.proofs = "full"
+        assert f.fetch_pieces(info.sha1, info.size, info.root, BS, 103, 2, known=known) == _slice(data, BS, 103, 105)
+        assert src.proof_log()[-1][2] > 4 * 32
+        assert f.statistics()["sources"][src.url]["lies"] == 0
+
+
+def test_known_is_bounded(src: HTTPSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(piecewire, "MAX_KNOWN", 12)
+    data = os.urandom(4096 * BS // 4)  # 1024 pieces
+    info = src.add(data, block_size=BS)
+    known: dict[proof.Node, bytes] = {}
+    with Fetcher([src.url]) as f:
+        for k in range(0, 1024, 37):
+            f.fetch_pieces(info.sha1, info.size, info.root, BS, k, 1, known=known)
+    assert len(known) == 12
+    assert (proof.Shape(len(data), BS).height, 0) in known  # the top is kept first
+
+
+def test_no_proof_anywhere_is_a_clear_error(src: HTTPSource, src2: HTTPSource) -> None:
+    """Sources that have the bytes but send no proof: NoProof naming the pieces, never the
+    bytes; a source with proofs is preferred, and an unproving origin goes after it."""
+    data = os.urandom(20 * BS)
+    info = src.add(data, block_size=BS)
+    src2.add(data, block_size=BS)
+    src.proofs = src2.proofs = "none"
+    with Fetcher([src.url, src2.url]) as f:
+        with pytest.raises(piecewire.NoProof, match="no source could prove pieces 3-4") as exc:
+            f.fetch_pieces(info.sha1, info.size, info.root, BS, 3, 2)
+        assert "sent no proof" in str(exc.value) and isinstance(exc.value, SourceError)
+        # Not a lie, not a failure: the same source still serves verified blocks.
+        assert f.fetch_blocks(info.sha1, info.size, 3, 2, info.leaves, BS) == _slice(data, BS, 3, 5)
+    src2.proofs = "ok"
+    with Fetcher([src.url, src2.url]) as f:
+        src.reset_counts()
+        src2.reset_counts()
+        assert f.fetch_pieces(info.sha1, info.size, info.root, BS, 7, 1) == _slice(data, BS, 7, 8)
+        assert src.counts()["sha1"] == 1 and src2.counts()["sha1"] == 1
+        # src answered without a proof: for NOPROOF_TTL it is asked after src2.
+        assert f.fetch_pieces(info.sha1, info.size, info.root, BS, 8, 1) == _slice(data, BS, 8, 9)
+        assert src.counts()["sha1"] == 1 and src2.counts()["sha1"] == 2
+
+
+def test_not_found_and_stalled_sources(src: HTTPSource, src2: HTTPSource) -> None:
+    data = os.urandom(8 * BS)
+    info = src.add(data, block_size=BS)
+    src2.add(data, block_size=BS)
+    src.mode = "not_found"
+    with Fetcher([src.url], deadline=5) as f, pytest.raises(NotFound):
+        f.fetch_pieces(info.sha1, info.size, info.root, BS, 0, 1)
+    src.mode = "stall"
+    with Fetcher([src.url, src2.url], first_byte_timeout=0.3, timeout=1, deadline=10) as f:
+        assert f.fetch_pieces(info.sha1, info.size, info.root, BS, 2, 2) == _slice(data, BS, 2, 4)
+
+
+def test_empty_file_and_bad_ranges(src: HTTPSource) -> None:
+    info = src.add(b"", block_size=BS)
+    with Fetcher([src.url]) as f:
+        assert f.fetch_pieces(info.sha1, 0, info.root, BS, 0, 1) == b""
+        assert src.counts().get("sha1", 0) == 0
+        with pytest.raises(VerificationError):
+            f.fetch_pieces(info.sha1, 0, "cd" * 32, BS, 0, 1)
+        for first, count in [(1, 1), (0, 2), (-1, 1), (0, 0)]:
+            with pytest.raises(BadRequest):
+                f.fetch_pieces(info.sha1, 0, info.root, BS, first, count)
+
+
+# -- the header itself (kbfs.piecewire) -----------------------------------------------------
+
+
+def test_parse_proof_strict() -> None:
+    good = proof.encode_header(bytes(range(64)))
+    assert piecewire.parse_proof(f"pieces=3-5; bs=65536; nodes=:{good}:", 3, 5, 65536) == bytes(range(64))
+    assert piecewire.parse_proof("nodes=::;bs=65536;pieces=0-1;later=x", 0, 1, 65536) == b""
+    with pytest.raises(piecewire.NoProof):
+        piecewire.parse_proof(None, 0, 1, 65536)
+    for bad in [f"pieces=3-6; bs=65536; nodes=:{good}:",      # other pieces
+                f"pieces=3-5; bs=4096; nodes=:{good}:",       # other block size
+                f"pieces=3-5; bs=65536; nodes={good}",        # not a byte sequence
+                f"pieces=3-5; bs=65536; nodes=:{good[:-2]}:",  # bad base64
+                f"pieces=3-5; pieces=3-5; bs=65536; nodes=:{good}:",
+                f"pieces=+3-5; bs=65536; nodes=:{good}:",
+                f"bs=65536; nodes=:{good}:", "pieces=3-5; bs=65536", "garbage", "",
+                f"pieces=3-5; bs=65536; nodes=:{good}:, pieces=3-5; bs=65536; nodes=::"]:
+        with pytest.raises(VerificationError):
+            piecewire.parse_proof(bad, 3, 5, 65536)
+
+
+def test_header_size_bound() -> None:
+    """The longest proof there can be fits MAX_PROOF_HEADER; a longer value is refused
+    before it is decoded."""
+    worst = proof.Shape((1 << 64) - 1, 4096)
+    n = worst.leaves
+    nodes = max(len(proof.proof_nodes(worst, a, a + 1)) for a in (1, n // 3, n - 2))
+    nodes = max(nodes, len(proof.proof_nodes(worst, 1, n - 1)))
+    value = f"pieces={n - 2}-{n - 1}; bs=4096; nodes=:{base64.b64encode(bytes(32 * nodes)).decode()}:"
+    assert len(value) <= piecewire.MAX_PROOF_HEADER
+    assert len(piecewire.parse_proof(value, n - 2, n - 1, 4096)) == 32 * nodes
+    over = "pieces=0-1; bs=4096; nodes=:" + "A" * piecewire.MAX_PROOF_HEADER + ":"
+    with pytest.raises(VerificationError, match="characters"):
+        piecewire.parse_proof(over, 0, 1, 4096)
+
+
+def test_remember_keeps_upper_levels_first() -> None:
+    verified = {(level, j): bytes([level, j]) * 16 for level in range(8) for j in range(3)}
+    known: dict[proof.Node, bytes] = {}
+    assert piecewire.remember(known, verified, limit=7) == 7
+    assert all(level >= 5 for level, _ in known) and (7, 0) in known
+    assert piecewire.remember(known, verified, limit=100) == 12 - 7
+    assert all(level >= piecewire.KNOWN_LEVEL for level, _ in known)
