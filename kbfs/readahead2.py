@@ -8,8 +8,10 @@ how far ahead to fetch, and does the fetching.
   is the bytes every call delivered while it was in flight, divided by its duration (BBR's
   delivery-rate sample: with several calls sharing a link it measures the link, not the
   call's share of it);
-- delay: the shortest duration of a call that started while nothing else was in flight,
-  less its bytes' transfer time at that bandwidth. Only idle starts count, because a call
+- delay: the shortest duration of a call that started while nothing else was in flight
+  (its transfer time included: one call cannot tell delay from bandwidth, and subtracting
+  bytes/bandwidth with a bandwidth inflated by bursty completions gave delays near zero;
+  the shortest calls are a reader's one or two pieces, whose transfer time is small). Only idle starts count, because a call
   queued behind others measures the queue: counting those would let a long stream inflate
   its own window (bufferbloat). The figure is kept until an idle call replaces it, and
   renewed (the old one forgotten) when the last idle sample is older than `DELAY_MAX_AGE`.
@@ -23,11 +25,13 @@ link is full, then holds at about twice its bandwidth x delay (BBR's cwnd gain i
 `Streams` tells sequential readers from random ones, per content key: a read that begins
 within `REORDER` pieces of where a recent read of the same content ended is that stream's
 next read (FUSE serves the kernel's read-ahead on several threads, so reads of one stream
-arrive slightly out of order); any other read starts a new stream. A stream's second read
-starts read-ahead; a random reader gets no read-ahead at all. `plan` returns the pieces to
+arrive slightly out of order); any other read starts a new stream. Read-ahead starts once a stream scores 2: a
+read starting exactly where the stream ended scores 2, one merely near it 1 (so one random
+read landing near another is not yet a stream; two in a row are, and cost one window; a
+read of bytes the stream already covered, as by concurrent readers of one spot, scores 0). `plan` returns the pieces to
 fetch next: from what the stream already scheduled up to `window` bytes past its position,
-only once at least a whole run is free (so requests go out in full runs, not a piece at a
-time).
+ending at a multiple of `run` pieces, only once at least a whole run is free (so requests
+go out in full, aligned runs, not a piece at a time).
 
 Not here: what is present or in flight (the caller filters the plan through the store and
 its flights), the fetching itself, several streams' windows sharing one link (each stream
@@ -89,12 +93,11 @@ class LinkEstimate:
                 return
             self._delivered += nbytes
             took = max(now - call.start, 1e-6)
-            self._rates.append((self._delivered - call.delivered) / took)
             if call.idle:
-                bw = max(self._rates)
-                sample = max(took - nbytes / bw, 1e-4)
+                sample = took
                 if self._delay is None or sample < self._delay or now - self._delay_at > DELAY_MAX_AGE:
                     self._delay, self._delay_at = sample, now
+            self._rates.append((self._delivered - call.delivered) / took)
 
     @property
     def bandwidth(self) -> float:
@@ -116,9 +119,10 @@ class LinkEstimate:
 
 @dataclass
 class _Stream:
+    start: int       # the stream's first byte read
     next: int        # byte just past the stream's furthest read
     ahead: int = 0   # pieces below this index were handed out by `plan`
-    reads: int = 1
+    score: int = 0   # 2 for a read that starts where the stream ended, 1 for one near it
 
 
 class Streams:
@@ -146,15 +150,19 @@ class Streams:
             if s is None:
                 if streams:
                     self.jumps += 1
-                streams.append(_Stream(end))
+                streams.append(_Stream(offset, end))
                 del streams[:-STREAMS_PER_CONTENT]
                 return None
             streams.remove(s)
             streams.append(s)   # the most recently used last
-            s.reads += 1
-            s.next = max(s.next, end)
+            if not (s.start <= offset and end <= s.next):   # a repeat is no evidence
+                s.score += 2 if offset == s.next else 1
+            s.start, s.next = min(s.start, offset), max(s.next, end)
+            if s.score < 2:
+                return None
             first = max(s.ahead, s.next // piece_size)
-            last = min(pieces, -(-(s.next + window) // piece_size))
+            last = -(-(s.next + window) // piece_size)
+            last = pieces if last >= pieces else last - last % run   # whole, aligned runs
             if last - first < min(run, pieces - first) or last <= first:
                 return None
             s.ahead = last
