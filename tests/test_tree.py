@@ -33,6 +33,22 @@ def test_tree_vectors(fixtures_dir: Path) -> None:
         tree.verify_leaves(leaves, v["size"], v["root"].upper())
 
 
+def test_tree_vectors_64k(fixtures_dir: Path) -> None:
+    """The 64 KiB vectors (issue 15's pointers) through kbfs.tree: same code, any leaf size."""
+    doc = json.loads((fixtures_dir / "tree-vectors-64k.json").read_text())
+    assert doc["algorithm"] == tree.ALGORITHM and doc["block_size"] == 65536
+    period = bytes((31 * i + 7) % 251 for i in range(251))
+    for v in doc["vectors"]:
+        data = (period * (v["size"] // 251 + 1))[: v["size"]]
+        leaves, root = tree.tree_of_bytes(data, 65536)
+        assert len(leaves) == v["pieces"] == tree.block_count(v["size"], 65536), v["content"]
+        assert (leaves[0].hex(), leaves[-1].hex()) == (v["first_leaf"], v["last_leaf"])
+        assert root == v["root"], v["content"]
+        tree.verify_leaves(leaves, v["size"], v["root"], 65536)
+        with pytest.raises(VerificationError):  # the block size is bound into the root
+            tree.verify_leaves(leaves, v["size"], v["root"], 1 << 17)
+
+
 def test_three_blocks_by_hand() -> None:
     """The worked example of docs/hash-tree.md, computed straight from the definition."""
     bs = tree.BLOCK_SIZE
