@@ -1013,7 +1013,7 @@ class Fetcher:
                     log.info("%s: source %s has no proof of pieces %d-%d", sha1, src.url, a, b)
                 except _Failed as exc:
                     slow = slow or isinstance(exc, _SlowStart)
-                    transient = transient or exc.args[3:4] not in ((404,), (410,), (401,), (403,))
+                    transient = True  # as for blocks: a 404 may be a share reconnecting
                     answered += bool(exc.args[2])
                     statuses[src.url] = exc.args[3] if len(exc.args) > 3 else 0
                     reasons.append(self._said(src, exc.args[0]))
@@ -1022,8 +1022,8 @@ class Fetcher:
                     with self._lock:
                         self._last[sha1] = src.url
                     return
-            if not transient and not slow:
-                break  # every source answered for good (no proof, a lie, 404...): asking again cannot help
+            if not transient:
+                break  # every source lied or cannot prove: asking again cannot help
             if slow and attempt == 0 and time.monotonic() < until:
                 attempt, tried = 1, set()  # at once: the patient round
                 continue
