@@ -2,9 +2,11 @@
 
 `ShareIndex` walks a shared folder and keeps, for every regular file, its relative
 path, stat tuple (size, mtime_ns, ctime_ns, inode), SHA-1, fcs, block-tree root and
-leaves in SQLite (`STATE_DIR/index.sqlite`, WAL mode, one connection per thread), so
-it can answer "which file has this SHA-1", "what are its leaves" and "what is in
-this folder" from any thread while a scan is still running.
+leaves (1 MiB tree), and the level-4 nodes and root of its 64 KiB tree (`groups`,
+`root64`: what a share needs to prove 64 KiB pieces, docs/pieces.md) in SQLite
+(`STATE_DIR/index.sqlite`, WAL mode, one connection per thread), so it can answer
+"which file has this SHA-1", "what are its leaves / group nodes" and "what is in this
+folder" from any thread while a scan is still running.
 
 What a scan does:
 
@@ -20,9 +22,12 @@ What a scan does:
   `hard_links=True` (env `KBFS_SHARE_HARD_LINKS=1`): a hard link is the same file as its
   other names, which may lie outside the folder or be excluded, and nothing tells where
   they are. Each skipped link is logged once (per index) at warning level;
-- re-hashes (one pass, `prv.digest_file`) only files whose stat tuple changed since
-  the last scan, drops rows of files that are gone, and commits in batches so files
-  hashed early in a long first scan are served before the scan ends;
+- re-hashes (one pass, `filehash.digest_file`) only files whose stat tuple changed
+  since the last scan, or whose row lacks the 64 KiB tree (an index written before it
+  existed: its table gets the columns, one log line, and each such file is hashed again;
+  until then `pieces` has nothing for it, so no proof is served), drops rows of files
+  that are gone, and commits in batches so files hashed early in a long first scan are
+  served before the scan ends;
 - never records a hash for a file that changed while it was being read: such a
   file is hashed again a few times, then skipped with a warning until the next scan.
 
@@ -46,13 +51,12 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from kbfs import prv
+from kbfs import filehash, prv
 from kbfs.errors import KbfsError, NotFound
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.sqlite"
-HASH_ATTEMPTS = 3  # a file still changing after this many reads waits for the next scan
 HARD_LINKS_ENV = "KBFS_SHARE_HARD_LINKS"  # "1": share files with several hard links
 _LOGGED_MAX = 10000  # paths whose skipping was logged (each once)
 
@@ -80,10 +84,16 @@ CREATE TABLE IF NOT EXISTS files (
     sha1     TEXT NOT NULL,
     fcs      TEXT NOT NULL,
     root     TEXT NOT NULL,
-    leaves   BLOB NOT NULL
+    leaves   BLOB NOT NULL,
+    groups   BLOB,
+    root64   TEXT
 );
 CREATE INDEX IF NOT EXISTS files_sha1 ON files (sha1);
 """
+
+# Columns added after the first schema, with their types: an older table gets them (NULL),
+# and a row whose `groups` is NULL is hashed again by the next scan.
+_ADDED_COLUMNS = (("groups", "BLOB"), ("root64", "TEXT"))
 
 StatKey = tuple[int, int, int, int]  # (size, mtime_ns, ctime_ns, inode)
 
@@ -215,11 +225,26 @@ class ShareIndex:
         self._closed = False
         try:
             self._db().executescript(_SCHEMA)
+            self._add_columns()
         except sqlite3.DatabaseError as exc:
             self.close()
             raise KbfsError(
                 f"{self.db_path}: cannot use the index ({exc}); delete it to rebuild it"
             ) from None
+
+    def _add_columns(self) -> None:
+        """Give a table made by an older kbfs the columns it lacks (its rows rehash)."""
+        db = self._db()
+        have = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+        missing = [(name, kind) for name, kind in _ADDED_COLUMNS if name not in have]
+        if not missing:
+            return
+        for name, kind in missing:
+            db.execute(f"ALTER TABLE files ADD COLUMN {name} {kind}")
+        count, _ = self.totals()
+        log.warning("%s was written by an older kbfs (no 64 KiB piece tree): its %d files "
+                    "are hashed again by this scan; until then they are served without "
+                    "piece proofs", self.db_path, count)
 
     # ------------------------------------------------------------ connections
 
@@ -290,6 +315,15 @@ class ShareIndex:
         if row is None:
             raise NotFound(f"no indexed file has sha1 {sha1}")
         return bytes(row[0])
+
+    def pieces(self, sha1: str) -> tuple[bytes, str] | None:
+        """(level-4 nodes of the 64 KiB tree, concatenated; its root) of the content SHA1,
+        or None when no row of it has them yet (an index from before them, not yet rescanned)."""
+        row = self._db().execute(
+            "SELECT groups, root64 FROM files WHERE sha1 = ? AND groups IS NOT NULL"
+            " AND root64 IS NOT NULL LIMIT 1", (sha1.lower(),)
+        ).fetchone()
+        return (bytes(row[0]), str(row[1])) if row else None
 
     def list_dir(self, relpath: str) -> tuple[list[str], list[IndexedFile]]:
         """(sorted sub-folder names, files by name) directly inside RELPATH ('' is the top).
@@ -448,10 +482,11 @@ class ShareIndex:
     ) -> ScanStats:
         started = time.monotonic()
         db = self._db()
-        known: dict[str, StatKey] = {
-            path: (size, mtime_ns, ctime_ns, _from_sql_int(inode))
-            for path, size, mtime_ns, ctime_ns, inode in db.execute(
-                "SELECT path, size, mtime_ns, ctime_ns, inode FROM files"
+        # A row without the 64 KiB tree (older index) matches no stat: it is hashed again.
+        known: dict[str, StatKey | None] = {
+            path: (size, mtime_ns, ctime_ns, _from_sql_int(inode)) if complete else None
+            for path, size, mtime_ns, ctime_ns, inode, complete in db.execute(
+                "SELECT path, size, mtime_ns, ctime_ns, inode, groups IS NOT NULL FROM files"
             )
         }
         present: set[str] = set()
@@ -524,42 +559,18 @@ class ShareIndex:
         progress: Callable[[int], None] | None,
     ) -> tuple[bool, int]:
         """Hash one file and record it; (recorded, bytes read). Never records a moving file."""
-        nbytes = 0
-        why = ""
-        for _ in range(HASH_ATTEMPTS):
-            try:
-                before = os.stat(cand.abspath)
-                if not stat.S_ISREG(before.st_mode):
-                    why = "no longer a regular file"
-                    break
-                digest = prv.digest_file(cand.abspath, progress)
-                after = os.stat(cand.abspath)
-            except (OSError, prv.PointerError) as exc:
-                why = str(exc)
-                continue
-            nbytes += digest.size
-            key = _stat_key(before)
-            if key != _stat_key(after) or digest.size != before.st_size:
-                why = "changed while being hashed"
-                continue
-            db.execute(
-                "INSERT OR REPLACE INTO files"
-                " (path, size, mtime_ns, ctime_ns, inode, sha1, fcs, root, leaves)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    cand.relpath,
-                    key[0],
-                    key[1],
-                    key[2],
-                    _to_sql_int(key[3]),
-                    digest.sha1,
-                    digest.fcs,
-                    digest.root,
-                    b"".join(digest.leaves),
-                ),
-            )
-            return True, nbytes
-        log.warning("not indexing %s for now: %s", cand.abspath, why)
-        # The old row (if any) describes content that is no longer there.
-        db.execute("DELETE FROM files WHERE path = ?", (cand.relpath,))
-        return False, nbytes
+        digest, st, nbytes, why = filehash.stable_digest(cand.abspath, progress)
+        if digest is None or st is None:
+            log.warning("not indexing %s for now: %s", cand.abspath, why)
+            # The old row (if any) describes content that is no longer there.
+            db.execute("DELETE FROM files WHERE path = ?", (cand.relpath,))
+            return False, nbytes
+        key = _stat_key(st)
+        db.execute(
+            f"INSERT OR REPLACE INTO files ({_COLUMNS}, leaves, groups, root64)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (cand.relpath, key[0], key[1], key[2], _to_sql_int(key[3]), digest.sha1,
+             digest.fcs, digest.root, b"".join(digest.leaves), b"".join(digest.groups),
+             digest.root64),
+        )
+        return True, nbytes

@@ -423,3 +423,79 @@ def test_share_does_not_serve_excluded_symlink_targets_or_hard_links(tmp_path: P
         names = [f["name"] for f in requests.get(f"{base}/list/", timeout=10).json()["files"]]
         assert names == ["ok.txt"]
         assert "not sharing" in sh.proc.stderr()
+
+
+# -- the 64 KiB tree (issue 15): group nodes and root kept beside the leaves -------------
+
+_OLD_SCHEMA = """
+CREATE TABLE files (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, sha1 TEXT NOT NULL, fcs TEXT NOT NULL,
+    root TEXT NOT NULL, leaves BLOB NOT NULL
+);
+CREATE INDEX files_sha1 ON files (sha1);
+"""
+
+
+def _group_nodes(data: bytes) -> bytes:
+    from kbfs import proof
+
+    leaves, _ = tree.tree_of_bytes(data, proof.PIECE_SIZE)
+    return b"".join(proof.nodes_of(leaves, proof.GROUP_LEVEL))
+
+
+@pytest.mark.parametrize("size", [0, 1, 65536, tree.BLOCK_SIZE + 1, 5 * tree.BLOCK_SIZE - 3])
+def test_scan_keeps_the_64k_group_nodes_and_root(
+    index: ShareIndex, share: Path, make_file: MakeFile, size: int
+) -> None:
+    data = make_file(share / "f.bin", size, seed=size)
+    index.scan()
+    f = index.lookup_path("f.bin")
+    assert f is not None
+    got = index.pieces(f.sha1)
+    assert got is not None
+    groups, root64 = got
+    assert groups == _group_nodes(data)  # exactly proof.py's level-4 nodes: 32 bytes per MiB
+    assert len(groups) == 32 * max(1, -(-size // tree.BLOCK_SIZE))
+    assert root64 == tree.tree_of_bytes(data, 65536)[1]
+    assert index.leaves(f.sha1) == b"".join(tree.tree_of_bytes(data)[0])  # the 1 MiB tree as before
+
+
+def test_index_written_by_older_code_is_rehashed_once(
+    tmp_path: Path, share: Path, make_file: MakeFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An index.sqlite from before the 64 KiB tree: the table gets the columns (one log
+    line), nothing is served as pieces until the scan has rehashed every old row, and the
+    scan after that hashes nothing."""
+    import sqlite3
+
+    data = make_file(share / "a.bin", 3 * tree.BLOCK_SIZE + 5, seed=9)
+    state = tmp_path / "state"
+    state.mkdir()
+    st = os.stat(share / "a.bin")
+    d = prv.digest_file(share / "a.bin")
+    conn = sqlite3.connect(state / "index.sqlite")
+    conn.executescript(_OLD_SCHEMA)
+    conn.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 ("a.bin", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, d.sha1, d.fcs,
+                  d.root, b"".join(d.leaves)))
+    conn.commit()
+    conn.close()
+    with caplog.at_level("WARNING", logger="kbfs.index"):
+        ix = ShareIndex(str(share), str(state))
+    try:
+        lines = [r.getMessage() for r in caplog.records if "older kbfs" in r.getMessage()]
+        assert len(lines) == 1 and "1 files are hashed again" in lines[0]
+        assert ix.lookup_sha1(d.sha1) is not None  # still served as before, by 1 MiB blocks
+        assert ix.pieces(d.sha1) is None  # never proofs from data that is not there
+        s = ix.scan()
+        assert (s.updated, s.unchanged, s.hashed_bytes) == (1, 0, len(data))
+        got = ix.pieces(d.sha1)
+        assert got is not None and got[0] == _group_nodes(data)
+        assert ix.scan().hashed_bytes == 0
+    finally:
+        ix.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kbfs.index"):
+        ShareIndex(str(share), str(state)).close()
+    assert not [r for r in caplog.records if "older kbfs" in r.getMessage()]
