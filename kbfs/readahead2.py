@@ -11,10 +11,11 @@ how far ahead to fetch, and does the fetching.
 - delay: the shortest duration of a call that started while nothing else was in flight
   (its transfer time included: one call cannot tell delay from bandwidth, and subtracting
   bytes/bandwidth with a bandwidth inflated by bursty completions gave delays near zero;
-  the shortest calls are a reader's one or two pieces, whose transfer time is small). Only idle starts count, because a call
-  queued behind others measures the queue: counting those would let a long stream inflate
-  its own window (bufferbloat). The figure is kept until an idle call replaces it, and
-  renewed (the old one forgotten) when the last idle sample is older than `DELAY_MAX_AGE`.
+  the shortest calls are a reader's one or two pieces, whose transfer time is small).
+  Only idle starts count, because a call queued behind others measures the queue:
+  counting those would let a long stream inflate its own window (bufferbloat). The figure
+  is kept until an idle call replaces it, and renewed (the old one forgotten) when the
+  last idle sample is older than `DELAY_MAX_AGE`.
 
 `window()` is `GAIN x bandwidth x delay`, clamped to [min_window, max_window]. The gain is
 2 because the estimate can only grow if the reader keeps more than it in flight: with
@@ -25,13 +26,14 @@ link is full, then holds at about twice its bandwidth x delay (BBR's cwnd gain i
 `Streams` tells sequential readers from random ones, per content key: a read that begins
 within `REORDER` pieces of where a recent read of the same content ended is that stream's
 next read (FUSE serves the kernel's read-ahead on several threads, so reads of one stream
-arrive slightly out of order); any other read starts a new stream. Read-ahead starts once a stream scores 2: a
-read starting exactly where the stream ended scores 2, one merely near it 1 (so one random
-read landing near another is not yet a stream; two in a row are, and cost one window; a
-read of bytes the stream already covered, as by concurrent readers of one spot, scores 0). `plan` returns the pieces to
-fetch next: from what the stream already scheduled up to `window` bytes past its position,
-ending at a multiple of `run` pieces, only once at least a whole run is free (so requests
-go out in full, aligned runs, not a piece at a time).
+arrive slightly out of order); any other read starts a new stream. Read-ahead starts once
+a stream scores 2: a read starting exactly where the stream ended scores 2, one merely
+near it 1 (so one random read landing near another is not yet a stream; two in a row
+are, and cost one window), a read of bytes the stream already covered (concurrent readers
+of one spot) 0. `plan` returns the pieces to fetch next: from what the stream already
+scheduled up to `window` bytes past its position, ending at a multiple of `run` pieces,
+only once at least a whole run is free (so requests go out in full, aligned runs, not a
+piece at a time).
 
 Not here: what is present or in flight (the caller filters the plan through the store and
 its flights), the fetching itself, several streams' windows sharing one link (each stream

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fakepieces import P, Content, HonestSource, LyingSource
+from fakepieces import Content, HonestSource, LyingSource, P
 from httpsource import HTTPSource
 
 from kbfs import fetch, piececache, proof
