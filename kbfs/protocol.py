@@ -36,8 +36,8 @@ CACHE_CONTROL_IMMUTABLE = "public, max-age=31536000, immutable"
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
-    "Access-Control-Allow-Headers": "Range, Authorization, If-None-Match",
-    "Access-Control-Expose-Headers": "Content-Range, Content-Length, ETag, Accept-Ranges",
+    "Access-Control-Allow-Headers": "Range, Authorization, If-None-Match, Kbfs-Want-Proof",
+    "Access-Control-Expose-Headers": "Content-Range, Content-Length, ETag, Accept-Ranges, Kbfs-Proof",
     "Access-Control-Max-Age": "86400",
 }
 
@@ -94,6 +94,110 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise RangeError(f"range starts at {start}, past the end ({size} bytes)", size)
     return start, min(end, size)
+
+
+# ---- verified pieces: a proof beside a piece-aligned range (docs/pieces.md, "Serving pieces")
+
+WANT_PROOF_HEADER = "Kbfs-Want-Proof"  # request: `bs=65536[; below=L.J]`
+PROOF_HEADER = "Kbfs-Proof"  # answer: `pieces=A-B; bs=65536; nodes=:BASE64:`
+MAX_WANT_PROOF = 200  # characters of a Kbfs-Want-Proof value looked at
+MAX_PROOF_HEADER = 8192  # characters of a Kbfs-Proof value (a 2^62-byte file's is < 4,200)
+_MAX_LEVEL = 64
+_PARAM_RE = re.compile(r"([a-z][a-z0-9-]{0,15})=([^;]*)\Z")
+_UINT_RE = re.compile(r"(0|[1-9][0-9]{0,19})\Z")
+_PIECES_RE = re.compile(r"(0|[1-9][0-9]{0,19})-([1-9][0-9]{0,19})\Z")
+_BELOW_RE = re.compile(r"(0|[1-9][0-9]?)\.(0|[1-9][0-9]{0,19})\Z")
+_NODES_RE = re.compile(r":([A-Za-z0-9+/]*={0,2}):\Z")
+
+
+class WantProof(NamedTuple):
+    """A reader's Kbfs-Want-Proof: the block size of its pointer's tree, and optionally a
+    node (level, index) it has verified, for a proof that stops there."""
+
+    block_size: int
+    below: tuple[int, int] | None = None
+
+    def value(self) -> str:
+        """The canonical header value (what the relay passes on to a share)."""
+        base = f"bs={self.block_size}"
+        return base if self.below is None else f"{base}; below={self.below[0]}.{self.below[1]}"
+
+
+def _params(value: str) -> dict[str, str] | None:
+    """`name=value; name=value` (structured-field parameters, each name once), or None."""
+    out: dict[str, str] = {}
+    for part in value.split(";"):
+        m = _PARAM_RE.match(part.strip())
+        if m is None or m.group(1) in out:
+            return None
+        out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def parse_want_proof(value: str | None) -> WantProof | None:
+    """The Kbfs-Want-Proof VALUE, or None when absent or malformed (then the answer simply
+    has no proof: a reader falls back). `bs` is required (1 <= bs < 2^32); `below=L.J`
+    optional (L <= 64); unknown parameters are ignored."""
+    if value is None or len(value) > MAX_WANT_PROOF:
+        return None
+    params = _params(value)
+    if params is None or not _UINT_RE.match(params.get("bs", "")):
+        return None
+    bs = int(params["bs"])
+    if not 0 < bs < 1 << 32:
+        return None
+    below = None
+    if "below" in params:
+        m = _BELOW_RE.match(params["below"])
+        if m is None or int(m.group(1)) > _MAX_LEVEL:
+            return None
+        below = (int(m.group(1)), int(m.group(2)))
+    return WantProof(bs, below)
+
+
+def aligned_pieces(start: int, end: int, size: int, block_size: int) -> tuple[int, int] | None:
+    """The pieces [a, b) whose bytes are exactly [start, end) of a SIZE-byte file (a range
+    `bytes=a*bs-(min(b*bs, size)-1)`), or None when the range is empty or not so aligned."""
+    if not 0 <= start < end <= size or start % block_size or (end % block_size and end != size):
+        return None
+    return start // block_size, -(-end // block_size)
+
+
+def proof_value(a: int, b: int, block_size: int, nodes: bytes) -> str:
+    """The Kbfs-Proof value for pieces [a, b) with proof NODES (proof.make_proof's bytes)."""
+    import base64
+
+    return f"pieces={a}-{b}; bs={block_size}; nodes=:{base64.b64encode(nodes).decode('ascii')}:"
+
+
+def parse_proof_value(value: str, a: int, b: int, block_size: int) -> bytes:
+    """The proof bytes of a Kbfs-Proof VALUE that must be for pieces [a, b) of BLOCK_SIZE;
+    BadRequest for anything else (too long, malformed, other pieces or block size, nodes
+    that are not whole 32-byte hashes). Checks the shape only: whether the nodes are right
+    is for the reader, against its pointer's root."""
+    import base64
+    import binascii
+
+    if len(value) > MAX_PROOF_HEADER:
+        raise BadRequest(f"{PROOF_HEADER} longer than {MAX_PROOF_HEADER} characters")
+    params = _params(value)
+    if params is None:
+        raise BadRequest(f"malformed {PROOF_HEADER}")
+    pieces = _PIECES_RE.match(params.get("pieces", ""))
+    if pieces is None or (int(pieces.group(1)), int(pieces.group(2))) != (a, b):
+        raise BadRequest(f"{PROOF_HEADER} is not for pieces {a}-{b}")
+    if params.get("bs") != str(block_size):
+        raise BadRequest(f"{PROOF_HEADER} is not for bs={block_size}")
+    nodes = _NODES_RE.match(params.get("nodes", ""))
+    if nodes is None:
+        raise BadRequest(f"{PROOF_HEADER} without nodes=:BASE64:")
+    try:
+        raw = base64.b64decode(nodes.group(1), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{PROOF_HEADER} nodes are not base64") from None
+    if len(raw) % 32 or len(raw) > 2 * 32 * _MAX_LEVEL:
+        raise BadRequest(f"{PROOF_HEADER} nodes of {len(raw)} bytes are not whole hashes")
+    return raw
 
 
 def content_range(start: int, end: int, size: int) -> str:

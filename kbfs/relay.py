@@ -19,6 +19,12 @@ it accepted (the same 404 as for absent content on /sha1/ and /tree/). A request
 to the shares holding the content in turn, hedged after HEDGE_DELAY, first to start wins.
 Everything shares send that is logged is escaped.
 
+Verified pieces: a reader's `Kbfs-Want-Proof` (parsed, passed on in canonical form in the
+`get`) and the share's `Kbfs-Proof` (an upload request header, checked for its shape and
+the pieces and block size asked, then rewritten from its parsed parts into the answer's
+head, never copied raw) pass through; the relay makes and checks no proof itself: the
+reader checks it against its pointer's root.
+
 File bytes never travel over the websocket. This module must not import `share`,
 `fetch` or `cache`; it never reads shared files itself. See docs/protocol.md.
 """
@@ -184,6 +190,8 @@ class Pending:
     client_scope: Scope  # the waiting client's request (its connection, for a splice)
     status: int
     headers: list[tuple[bytes, bytes]]
+    start: int = 0  # the asked range's first byte
+    want: protocol.WantProof | None = None  # the reader asked for a proof of its pieces
     started: trio.Event = field(default_factory=trio.Event)  # upload arrived, or refused
     # Cancelled by the upload handler when the upload is over; it cancels the client
     # request's wait for a disconnect (may happen before that wait even starts).
@@ -750,23 +758,30 @@ class Relay:
         if if_range is not None and if_range.strip() != etag:
             range_header = None
         rng = protocol.parse_range(range_header, size)
+        want = None
         if rng is None:
             status, start, end = 200, 0, size
         else:
             status, (start, end) = 206, rng
             headers.append((b"content-range", protocol.content_range(start, end, size).encode()))
+            # Passed on only for a piece-aligned range: the only kind a share proves.
+            want = protocol.parse_want_proof(header(scope, b"kbfs-want-proof"))
+            if want is not None and protocol.aligned_pieces(start, end, size,
+                                                            want.block_size) is None:
+                want = None
         headers.append((b"content-length", str(end - start).encode()))
         if scope["method"] == "HEAD" or end == start:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
         await self._relay_body(scope, receive, send, candidates, sha1, "data", start, end, status,
-                               headers)
+                               headers, want)
 
     async def _relay_body(self, scope: Scope, receive: Receive, send: Send,
                           candidates: list[tuple[ShareConn, str]], sha1: str, kind: str,
                           start: int, end: int, status: int,
-                          headers: list[tuple[bytes, bytes]]) -> None:
+                          headers: list[tuple[bytes, bytes]],
+                          want: protocol.WantProof | None = None) -> None:
         """Ask the candidate shares; the first upload to arrive is piped to the client.
 
         The first candidate is asked; a refusal moves on to the next at once, and a share
@@ -817,13 +832,15 @@ class Relay:
                     if conn.closed:
                         continue
                     p = Pending(secrets.token_urlsafe(24), conn, race, now + START_TIMEOUT,
-                                end - start, send, scope, status, headers)
+                                end - start, send, scope, status, headers, start, want)
                     self.pending[p.token] = p
                     conn.pending.add(p.token)
                     message = {"type": "get", "id": p.token, "kind": kind, "sha1": sha1,
                                "path": path, "start": start, "end": end,
                                "auth": auth if claim is not None and claim.share == conn.id
                                else None}
+                    if want is not None:
+                        message["want_proof"] = want.value()
                     if not conn.post(message):
                         refusals.append((503, f"share {conn.id} is not reachable"))
                         self._forget(p)
@@ -893,6 +910,9 @@ class Relay:
         p.taken = True
         p.race.winner = p
         self.pending.pop(token, None)
+        proof_header = self._proof_header(p, header(scope, b"kbfs-proof"))
+        if proof_header is not None:
+            p.headers = [*p.headers, (b"kbfs-proof", proof_header.encode("ascii"))]
         p.settle()
         try:
             outcome = await self._pipe(p, scope, receive)
@@ -915,6 +935,24 @@ class Relay:
             # that never comes).
             await send_json(send, 410 if "client" in outcome else 400, {"error": outcome},
                             [(b"connection", b"close")])
+
+    def _proof_header(self, p: Pending, value: str | None) -> str | None:
+        """The Kbfs-Proof for P's client from the share's upload header VALUE: only when
+        the client asked, and only a value of the expected shape for the pieces and block
+        size asked, rebuilt from its parsed parts (a share cannot put anything else into
+        a reader's answer head). A bad one is dropped with a log line: the reader gets
+        the bytes without a proof and falls back, as with a share that makes none."""
+        if p.want is None or value is None:
+            return None
+        bs = p.want.block_size
+        # The range was piece-aligned when it was asked (`_serve_content`).
+        a, b = p.start // bs, -(-(p.start + p.length) // bs)
+        try:
+            nodes = protocol.parse_proof_value(value, a, b, bs)
+        except BadRequest as exc:
+            log.info("share %s sent a bad proof header: %s", p.share.id, _loggable(exc))
+            return None
+        return protocol.proof_value(a, b, bs, nodes)
 
     async def _pipe(self, p: Pending, scope: Scope, receive: Receive) -> str:
         """Copy the upload body (SCOPE's, read with RECEIVE) into the client response

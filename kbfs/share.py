@@ -11,6 +11,14 @@ under its old SHA-1; the upload is refused or cut short and a rescan is started.
 `--listen` the same verified reads are also served directly over HTTP (`/sha1/`,
 `/tree/`).
 
+Verified 64 KiB pieces (docs/pieces.md, "Serving pieces"): a request for a single
+piece-aligned range with `Kbfs-Want-Proof: bs=65536` gets, beside the same verified
+bytes, `Kbfs-Proof` (`piece_proof`): the proof of those pieces against the file's 64 KiB
+tree, made from the index's level-4 nodes (levels >= 4) and, below them, from the one or
+two 1 MiB groups at the range's edges, read again and checked against their stored nodes
+first (a changed file: 409, as for any read). Nothing else changes: no proof for other
+block sizes, unaligned ranges, or files whose index row predates the 64 KiB tree.
+
 A private share checks bearer tokens it issued (`issue_token`: HMAC with a secret of its
 state folder, 30-day expiry by default, recorded in tokens.jsonl; `revoke_token` appends
 to `revoked`, re-read on every check, and relays are told `auth_reset`).
@@ -64,7 +72,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.routing import Route, Router
 
-from kbfs import httpserve, protocol, tree
+from kbfs import httpserve, proof, protocol, tree
 from kbfs.config import default_state_dir, normalize_relay
 from kbfs.errors import (
     BadRequest,
@@ -97,6 +105,7 @@ BACKOFF_ENV = "KBFS_SHARE_BACKOFF_MAX"
 SHARE_INFO_FILE = "share.json"  # in the state folder: {"folder", "id", "relays"}
 MOVE_SAMPLE = 50  # indexed files looked at to recognise a moved folder
 LEAVES_CACHE_BYTES = 64 << 20
+OUTBOARD_CACHE_BYTES = 64 << 20  # 64 KiB trees' levels >= 4 (about 64 bytes per MiB of file)
 MAX_CONTROL_MESSAGE = 4 << 20
 REVOCATION_POLL = 0.5  # how often a private share looks for revoked tokens (to tell relays)
 
@@ -698,8 +707,10 @@ class _Uploader:
             self.conn.close()
             self.conn = None
 
-    def post(self, token: str, secret: str, body: bytes | _VerifiedReader) -> tuple[int, str]:
-        """POST BODY to the relay's /_upload/TOKEN; returns (status, answer text).
+    def post(self, token: str, secret: str, body: bytes | _VerifiedReader,
+             extra: list[tuple[str, str]] | None = None) -> tuple[int, str]:
+        """POST BODY to the relay's /_upload/TOKEN; returns (status, answer text). EXTRA:
+        more request headers (`Kbfs-Proof`), values this share made (no line breaks).
 
         Raises OSError / http.client.HTTPException when the connection fails, and
         whatever the body's reader raises (Refused: a block no longer matches), after
@@ -709,7 +720,8 @@ class _Uploader:
         head = (f"POST {self.prefix}{protocol.UPLOAD_PATH.format(token=token)} HTTP/1.1\r\n"
                 f"Host: {self.host_header}\r\n"
                 f"{protocol.UPLOAD_SECRET_HEADER}: {secret}\r\n"
-                "Content-Type: application/octet-stream\r\n"
+                + "".join(f"{name}: {value}\r\n" for name, value in extra or ())
+                + "Content-Type: application/octet-stream\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
         try:
             if isinstance(body, bytes):
@@ -823,8 +835,12 @@ class Share:
         self._leaves: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._leaves_bytes = 0
         self._leaves_lock = threading.Lock()
+        # Per content: the 64 KiB tree's levels >= GROUP_LEVEL, built once from the index's
+        # level-4 nodes and checked against the indexed root64 (an LRU, like the leaves).
+        self._outboards: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._outboards_bytes = 0
         self._token: trio.lowlevel.TrioToken | None = None
-        self.stats = {"uploads": 0, "refused": 0, "failed": 0, "bytes": 0}
+        self.stats = {"uploads": 0, "refused": 0, "failed": 0, "bytes": 0, "proofs": 0}
 
     # ------------------------------------------------------------ main
 
@@ -961,6 +977,101 @@ class Share:
                 _, old = self._leaves.popitem(last=False)
                 self._leaves_bytes -= len(old)
         return blob
+
+    def _outboard_of(self, f: IndexedFile) -> bytes | None:
+        """F's 64 KiB tree from level 4 up (proof.outboard layout), or None when its index
+        row has no 64 KiB tree yet (an older index, not yet rescanned): no proof then."""
+        key = (f.sha1, f.mtime_ns, f.inode)
+        with self._leaves_lock:
+            ob = self._outboards.get(key)
+            if ob is not None:
+                self._outboards.move_to_end(key)
+                return ob
+        stored = self.index.pieces(f.sha1)
+        if stored is None:
+            return None
+        groups, root64 = stored
+        shape = proof.Shape(f.size, proof.PIECE_SIZE)
+        try:  # once per file (then cached): the nodes must hash up to the indexed root
+            levels = proof.levels_from(tree.split_leaves(groups), shape, proof.GROUP_LEVEL)
+            if proof.root_of(shape, levels[-1][0]) != root64:
+                raise VerificationError("root")
+        except VerificationError:
+            raise Refused(409, f"{f.path}: the index holds 64 KiB tree nodes that do not "
+                          "match its root") from None
+        ob = b"".join(b"".join(level) for level in levels)
+        with self._leaves_lock:
+            self._outboards[key] = ob
+            self._outboards_bytes += len(ob)
+            while self._outboards_bytes > OUTBOARD_CACHE_BYTES and len(self._outboards) > 1:
+                _, old = self._outboards.popitem(last=False)
+                self._outboards_bytes -= len(old)
+        return ob
+
+    def piece_proof(self, f: IndexedFile, real: str, want: protocol.WantProof | None,
+                    start: int, end: int) -> str | None:
+        """The Kbfs-Proof value for bytes [start, end) of F, or None: not asked, a block
+        size other than 64 KiB, a range that is not exactly whole pieces, or no 64 KiB tree
+        in the index for F yet. Refused (409, and a rescan) when a group read for the proof
+        no longer matches its stored node: a changed file gets no proof, as it gets no bytes.
+
+        `want.below` that names a node of this tree covering the pieces gives the shorter
+        proof below it; any other `below` is ignored (the full proof: readers tell the two
+        apart by length)."""
+        if want is None or want.block_size != proof.PIECE_SIZE:
+            return None
+        pieces = protocol.aligned_pieces(start, end, f.size, proof.PIECE_SIZE)
+        ob = self._outboard_of(f) if pieces is not None else None
+        if pieces is None or ob is None:
+            return None
+        a, b = pieces
+        shape = proof.Shape(f.size, proof.PIECE_SIZE)
+        anchor = want.below
+        if anchor is not None:
+            try:
+                lo, hi = shape.span(*anchor)
+            except ValueError:
+                lo, hi = 0, -1
+            if not (lo <= a and b <= hi):
+                anchor = None
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(real, flags)
+        except OSError as exc:
+            self.request_rescan()
+            raise Refused(404, f"{f.path}: {exc.strerror or exc}") from None
+        try:
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != f.stat_key():
+                raise Refused(409, f"{f.path} changed since it was indexed")
+
+            def read_group(g: int) -> bytes:
+                lo, hi = shape.byte_span(*shape.span(proof.GROUP_LEVEL, g))
+                data = os.pread(fd, hi - lo, lo)
+                while len(data) < hi - lo:
+                    more = os.pread(fd, hi - lo - len(data), lo + len(data))
+                    if not more:
+                        break
+                    data += more
+                return data
+
+            get = proof.group_getter(shape, proof.GROUP_LEVEL,
+                                     proof.outboard_getter(ob, shape, proof.GROUP_LEVEL),
+                                     read_group)
+            nodes = proof.make_proof(get, shape, a, b, anchor)
+        except VerificationError:
+            self.request_rescan()
+            raise Refused(409, f"{f.path}: a 1 MiB group no longer matches the index") from None
+        except Refused:
+            self.request_rescan()
+            raise
+        except OSError as exc:
+            self.request_rescan()
+            raise Refused(404, f"{f.path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        self.stats["proofs"] += 1
+        return protocol.proof_value(a, b, proof.PIECE_SIZE, nodes)
 
     def resolve(self, sha1: str | None, path: str | None) -> tuple[IndexedFile, str]:
         """The indexed file (and its real path) for a request by sha1 or by path.
@@ -1289,17 +1400,22 @@ class Share:
         start, end = msg.get("start"), msg.get("end")
         if not isinstance(start, int) or not isinstance(end, int):
             raise Refused(400, "malformed range")
-        self._post(relay, token, secret, lambda: self.open_range(f, real, start, end))
+        want = msg.get("want_proof")
+        value = self.piece_proof(f, real, protocol.parse_want_proof(
+            want if isinstance(want, str) else None), start, end)
+        extra = [(protocol.PROOF_HEADER, value)] if value is not None else []
+        self._post(relay, token, secret, lambda: self.open_range(f, real, start, end), extra)
 
     def _post(self, relay: str, token: str, secret: str,
-              make_body: Callable[[], bytes | _VerifiedReader]) -> None:
+              make_body: Callable[[], bytes | _VerifiedReader],
+              extra: list[tuple[str, str]] | None = None) -> None:
         uploader = self._uploaders().get(relay)
         if uploader is None:
             uploader = self._local.uploaders[relay] = _Uploader(relay)
         for attempt in (1, 2):
             body = make_body()
             try:
-                status, text = uploader.post(token, secret, body)
+                status, text = uploader.post(token, secret, body, extra)
             except Refused:
                 self.request_rescan()  # a block changed under an upload already running
                 raise
@@ -1388,6 +1504,11 @@ class Share:
         headers.append((b"content-length", str(end - start).encode()))
         if scope["method"] == "HEAD" or start == end:
             return f, status, None, headers
+        if rng is not None:
+            value = self.piece_proof(f, real, protocol.parse_want_proof(
+                header(scope, b"kbfs-want-proof")), start, end)
+            if value is not None:
+                headers.append((b"kbfs-proof", value.encode("ascii")))
         return f, status, self.open_range(f, real, start, end), headers
 
     async def _direct_sha1(self, scope: Scope, receive: Receive, send: Send) -> None:
