@@ -272,3 +272,52 @@ def test_remember_keeps_upper_levels_first() -> None:
     assert all(level >= 5 for level, _ in known) and (7, 0) in known
     assert piecewire.remember(known, verified, limit=100) == 12 - 7
     assert all(level >= piecewire.KNOWN_LEVEL for level, _ in known)
+
+
+# -- a real relay and share (tests/netutil.py) ----------------------------------------------
+
+
+def test_real_relay_and_share_serve_proofs(tmp_path) -> None:
+    """A 64 KiB pointer read by pieces through a real `kbfs relay` and `kbfs share`, and from
+    the share's --listen URL: true bytes, each verified by the proof the share made (the
+    relay passes it through), later proofs shorter with `known`; a 1 MiB pointer of the same
+    file gets NoProof (shares prove 64 KiB trees) and its blocks as before. Failed with
+    NoProof before the share served Kbfs-Proof (commit 70364e3)."""
+    try:
+        from tests import netutil
+    except ImportError:
+        import netutil  # type: ignore[no-redef]
+    from kbfs import prv
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    content = os.urandom(3 * (1 << 20) + 12345)
+    (data_dir / "f.bin").write_bytes(content)
+    p64 = prv.create_pointer(data_dir / "f.bin", block_size=65536)
+    p1m = prv.create_pointer(data_dir / "f.bin")
+    assert p64.tree is not None and p1m.tree is not None
+    n = tree.block_count(len(content), 65536)
+    with netutil.start_relay(tmp_path) as relay, \
+            netutil.start_share(data_dir, relay.url, tmp_path, listen=True) as share:
+        known: dict[proof.Node, bytes] = {}
+        with Fetcher([relay.url], direct=False) as f:
+            spent = []
+            for a, b in [(20, 21), (21, 22), (0, 16), (n - 2, n), (5, 40)]:
+                got = f.fetch_pieces(p64.sha1, p64.size, p64.tree.root, 65536, a, b - a, known=known)
+                assert got == content[a * 65536:b * 65536], (a, b)
+                spent.append(f.statistics()["sources"][relay.url]["proof_bytes"] - sum(spent))
+            stats = f.statistics()["sources"][relay.url]
+            assert stats["proofs"] == 5 and stats["lies"] == 0
+            # 49 pieces, height 6: the first proof is the full one (one node per level);
+            # with `known` the next piece of its group costs at most the 4 levels below the
+            # group's node, and a whole kept group costs nothing.
+            assert spent[0] == 6 * 32 and spent[1] <= 4 * 32 and spent[2] == 0, spent
+            # A 1 MiB pointer: the share proves only its 64 KiB tree, so NoProof (one line
+            # naming the pieces), and the same relay still serves its blocks by the leaf list.
+            with pytest.raises(piecewire.NoProof, match="no source could prove pieces 1-2"):
+                f.fetch_pieces(p1m.sha1, p1m.size, p1m.tree.root, tree.BLOCK_SIZE, 1, 2)
+            leaves = tree.split_leaves(f.fetch_tree(p1m.sha1, p1m.size, root=p1m.tree.root))
+            assert f.fetch_blocks(p1m.sha1, p1m.size, 1, 3, leaves) == content[1 << 20:]
+        with Fetcher([share.direct_url]) as f:
+            assert f.fetch_pieces(p64.sha1, p64.size, p64.tree.root, 65536, 7, 3) == content[7 * 65536:10 * 65536]
+            assert f.statistics()["sources"][share.direct_url]["proofs"] == 1
