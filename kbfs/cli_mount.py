@@ -193,6 +193,15 @@ def _describe_status(st: dict[str, Any]) -> list[str]:
         f"fetched {format_size(fetched)}, hit rate {hit_rate}, "
         f"errors {fs.get('errors', 0)}, open files {fs.get('open_files', 0)}"
     )
+    pieces = st.get("pieces") or {}
+    if isinstance(pieces, dict) and (pieces.get("reads") or pieces.get("fallback_reads")):
+        # v2 content (64 KiB pieces verified by proof), counted apart from the block cache
+        lines.append(
+            f"  pieces: served {format_size(pieces.get('bytes_served', 0) or 0)} in "
+            f"{pieces.get('reads', 0)} reads ({pieces.get('hits', 0)} from the cache), fetched "
+            f"{pieces.get('pieces_fetched', 0)} pieces ({format_size(pieces.get('bytes_fetched', 0) or 0)}) "
+            f"in {pieces.get('fetches', 0)} requests, "
+            f"{pieces.get('fallback_contents', 0)} files read by leaf list (no proofs)")
     unreachable = st.get("unreachable_at_mount") or {}
     for relay in st.get("relays") or []:
         if relay in unreachable:

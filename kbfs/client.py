@@ -20,6 +20,18 @@ with fsspec on first use of their names (fsspec's entry points do that), or when
 module is imported after fsspec. One `BlockCache` per cache folder and one
 `Fetcher` per relay list are shared by every call in the process.
 
+v2 pointers (a root and 64 KiB leaves, `reader.takes_pieces`) are read through one
+`kbfs.piececache.PieceCache` per cache folder, in `CACHE_DIR/pieces/`, made on the first
+v2 read (`_make_pieces`; v1-only use never imports it), with the router as its source
+(`Fetcher.fetch_pieces`: verified pieces with a proof, one round trip); see
+`reader.PieceReads` for the fall-back when no source proves. Capacity: the configured size
+is split when the piece cache is made, half for it and half for the block cache (until then
+the block cache has all of it). `kbfs.open`/fsspec/`cat` read v2 content in 64 KiB-buffered
+pieces; `download` reads it in large sequential chunks through the piece cache (whose
+read-ahead fills the link) into a temporary file, checks the whole file's SHA-1 once, and
+renames it into place. A failed or interrupted v2 download keeps its pieces in the piece
+cache (not a part file): the same download again reads them from there.
+
 This module wires the pieces together (layer L4); it holds no verification logic of
 its own: blocks are verified by the cache or the fetcher, local copies by
 `prv.file_matches`-style digests. `download` writes fetched blocks straight into
@@ -66,7 +78,7 @@ from kbfs.errors import (
     SourceError,
     VerificationError,
 )
-from kbfs.reader import KbfsFile
+from kbfs.reader import KbfsFile, PieceReads, takes_pieces
 
 if TYPE_CHECKING:
     from kbfs.fetch import Fetcher
@@ -102,6 +114,10 @@ DOWNLOAD_WORKERS = 2
 # Root-less (legacy) content goes through the cache in spans of this many blocks, each
 # fetched by the cache in one range request (its MAX_RUN).
 LEGACY_CHUNK_BLOCKS = 16
+# A v2 download reads the piece cache in chunks of this size: the first is one request,
+# then the cache's read-ahead (bandwidth x delay) runs ahead of the chunks.
+PIECE_DOWNLOAD_CHUNK = 4 << 20
+PIECES_DIR = "pieces"     # CACHE_DIR/pieces/: the piece cache of v2 content
 
 
 # ---------------------------------------------------------------- results
@@ -418,6 +434,13 @@ class _Router:
             self.for_sha1(sha1).fetch_blocks_into(sha1, size, first, count, leaves, out,
                                                   block_size)
 
+    def fetch_pieces(self, sha1: str, size: int, root: str, block_size: int, first: int,
+                     count: int, *, known: Any = None) -> bytes:
+        # The piece cache's source (v2 pointers): verified by proof in the Fetcher.
+        with self._explain(sha1):
+            return self.for_sha1(sha1).fetch_pieces(sha1, size, root, block_size, first, count,
+                                                    known=known)
+
     def statistics(self) -> dict[str, Any]:
         with self._lock:
             fetchers = dict(self._fetchers)
@@ -429,10 +452,27 @@ class _Router:
 class _Shared:
     """What every Client of one cache folder shares (a plain class: see `_Tally`)."""
 
-    def __init__(self, cache: BlockCache, router: _Router, state: _State) -> None:
+    def __init__(self, cache: BlockCache, router: _Router, state: _State,
+                 pieces: PieceReads) -> None:
         self.cache = cache
         self.router = router
         self.state = state
+        self.pieces = pieces
+
+
+def _make_pieces(blocks: BlockCache, source: Any, cache_dir: str) -> Callable[[], Any]:
+    """The factory of a cache folder's piece cache (`PieceReads` calls it on the first v2
+    read): `CACHE_DIR/pieces/`, half the block cache's capacity, the other half left to the
+    block cache (the configured size is shared, not doubled)."""
+
+    def make() -> Any:
+        from kbfs.piececache import PieceCache  # only v2 readers pay for it
+
+        total = blocks.capacity
+        blocks.capacity = total - total // 2
+        return PieceCache(os.path.join(cache_dir, PIECES_DIR), source, total // 2)
+
+    return make
 
 
 _shared_lock = threading.Lock()
@@ -447,7 +487,9 @@ def _shared_for(settings: Settings) -> _Shared:
         if sh is None:
             router = _Router(settings.search_dirs, settings.direct)
             cache = BlockCache(settings.cache_dir, router, settings.resolved_cache_size())
-            sh = _Shared(cache, router, _State(os.path.join(settings.cache_dir, STATE_FILE)))
+            pieces = PieceReads(cache, _make_pieces(cache, router, settings.cache_dir))
+            sh = _Shared(cache, router, _State(os.path.join(settings.cache_dir, STATE_FILE)),
+                         pieces)
             _shared[settings.cache_dir] = sh
         return sh
 
@@ -459,6 +501,10 @@ def _close_all() -> None:
         _shared.clear()
         _clients.clear()
     for sh in shared:
+        try:
+            sh.pieces.close()
+        except Exception as exc:  # noqa: BLE001 - closing at exit must not mask the real outcome
+            log.debug("closing piece cache: %s", exc)
         try:
             sh.cache.close()
         except Exception as exc:  # noqa: BLE001 - closing at exit must not mask the real outcome
@@ -523,8 +569,14 @@ class Client:
         self.settings = settings
         sh = _shared_for(settings)
         self.cache = sh.cache
+        self.pieces = sh.pieces
         self._router = sh.router
         self._state = sh.state
+
+    def reads_of(self, ref: FileRef) -> BlockCache | PieceReads:
+        """The cache REF is read through: the piece cache's for v2 content, else the block
+        cache (see the module docstring)."""
+        return self.pieces if takes_pieces(ref) else self.cache
 
     @property
     def fetcher(self) -> Fetcher:
@@ -680,7 +732,7 @@ class Client:
         """Say plainly when nothing could supply missing blocks (rather than a fetch error)."""
         if r.relays or r.hints or self.settings.relays:
             return
-        cached = self.cache.cached_bytes(r.ref)
+        cached = self.reads_of(r.ref).cached_bytes(r.ref)
         if cached < r.ref.size if whole else cached == 0:
             raise ConfigError(
                 f"{r.name}: no local copy and no relay configured "
@@ -688,15 +740,20 @@ class Client:
             )
 
     def open(self, source: str | os.PathLike[str] | Resolved, *, local: bool = True,
-             buffer_size: int = DEFAULT_BUFFER) -> BinaryIO:
-        """A read-only, seekable binary file of SOURCE's verified bytes."""
+             buffer_size: int | None = None) -> BinaryIO:
+        """A read-only, seekable binary file of SOURCE's verified bytes.
+
+        BUFFER_SIZE: of the BufferedReader (default DEFAULT_BUFFER; for v2 content its block
+        size, so that a small random read asks for one 64 KiB piece, not 1 MiB)."""
         r = source if isinstance(source, Resolved) else self.resolve(source)
+        if buffer_size is None:
+            buffer_size = r.ref.block_size if takes_pieces(r.ref) else DEFAULT_BUFFER
         if local:
             copies = self.local_copies(r)
             if copies:
                 return builtins.open(copies[0], "rb", buffering=buffer_size)
         self._check_sources(r, whole=False)
-        raw = KbfsFile(self.cache, r.ref, r.name)
+        raw = KbfsFile(self.reads_of(r.ref), r.ref, r.name)
         return io.BufferedReader(raw, buffer_size=buffer_size)  # type: ignore[return-value]
 
     def realize(self, source: str | os.PathLike[str] | Resolved, *, local: bool = True) -> str:
@@ -717,8 +774,9 @@ class Client:
         """Every place SOURCE's content can be had from, without fetching any of it."""
         r = source if isinstance(source, Resolved) else self.resolve(source)
         local = self.local_copies(r, first_only=False)
-        cached = self.cache.cached_bytes(r.ref)
-        state = self.cache.verified(r.ref)
+        reads = self.reads_of(r.ref)
+        cached = reads.cached_bytes(r.ref)
+        state = reads.verified(r.ref)
         urls: list[str] = [r.share_url] if r.share_url else []
         relays = [*r.relays, *self.settings.relays]
         if relays:
@@ -756,7 +814,7 @@ class Client:
         copies = self.local_copies(r) if local else []
         if not copies:
             self._check_sources(r, whole=True)
-        cached_before = 0 if copies else self.cache.cached_bytes(r.ref)
+        cached_before = 0 if copies else self.reads_of(r.ref).cached_bytes(r.ref)
         if on_total is not None:
             on_total(r.ref.size)
         tally = _Tally()
@@ -770,10 +828,59 @@ class Client:
                 before = self.cache.statistics().get("bytes_fetched", 0)
                 self._fetch_legacy(r.ref, fd, workers, progress)
                 tally.fetched = self.cache.statistics().get("bytes_fetched", 0) - before
+        elif takes_pieces(r.ref):
+            tally = self._download_pieces(r.ref, target, progress)
         else:
             tally = self._download_blocks(r.ref, target, workers, progress)
         return DownloadResult(target, r.ref.size, copies[0] if copies else None, cached_before,
                               time.monotonic() - started, tally.fetched, tally.resumed)
+
+    def _download_pieces(self, ref: FileRef, target: str,
+                         progress: Callable[[int], None] | None) -> _Tally:
+        """Fill TARGET with v2 REF's bytes, read through the piece cache in sequential
+        chunks of PIECE_DOWNLOAD_CHUNK (every piece verified by proof against the root, or by
+        the leaf list on the fall-back), written to a temporary file renamed into place once
+        the whole file matched the pointer's SHA-1 too.
+
+        Resuming: pieces fetched by a failed or interrupted run are in the piece cache and
+        are read from there (the result's `cached_before`); no part file is kept."""
+        import hashlib  # v2 downloads only: a cached v1 download never loads it
+
+        tally = _Tally()
+        reads = self.pieces
+        reported = 0
+        before = reads.statistics().get("bytes_fetched", 0)
+        digest = hashlib.sha1()
+        reads.open_file(ref)
+        try:
+            with _atomic_output(target) as fd:
+                os.ftruncate(fd, ref.size)
+                pos = 0
+                while pos < ref.size:
+                    n = min(PIECE_DOWNLOAD_CHUNK, ref.size - pos)
+                    data = reads.read(ref, pos, n)
+                    if len(data) != n:
+                        raise VerificationError(f"sha1 {ref.sha1}: the cache gave {len(data)} "
+                                                f"bytes at {pos}, not {n}")
+                    _pwrite_all(fd, data, pos)
+                    digest.update(data)
+                    pos += n
+                    if progress is not None and pos > reported:
+                        progress(pos - reported)
+                        reported = pos
+                if digest.hexdigest() != ref.sha1:
+                    raise VerificationError(
+                        f"sha1 {ref.sha1}: the bytes its root {ref.root} commits to have SHA-1 "
+                        f"{digest.hexdigest()}; the pointer contradicts itself, nothing written")
+        except KbfsError as exc:
+            if exc.args and reads.cached_bytes(ref):
+                exc.args = (f"{exc.args[0]} (the verified pieces so far stay in the cache: the "
+                            "same download again resumes from them)", *exc.args[1:])
+            raise
+        finally:
+            reads.close_file(ref)
+            tally.fetched = reads.statistics().get("bytes_fetched", 0) - before
+        return tally
 
     def _download_blocks(self, ref: FileRef, target: str, workers: int,
                          progress: Callable[[int], None] | None) -> _Tally:
@@ -1347,7 +1454,7 @@ def resolve(source: str | os.PathLike[str], **settings: Any) -> Resolved:
 
 
 def open(source: str | os.PathLike[str], *, local: bool = True,  # noqa: A001 - kbfs.open mirrors open
-         buffer_size: int = DEFAULT_BUFFER, **settings: Any) -> BinaryIO:
+         buffer_size: int | None = None, **settings: Any) -> BinaryIO:
     """Open SOURCE as a read-only, seekable binary file of verified bytes.
 
     SETTINGS: relays, cache_dir, cache_size, search_dirs, tokens (as for `get_client`).
@@ -1458,8 +1565,7 @@ def _define_fsspec() -> dict[str, Any]:
                 raise PermissionError(f"{self.protocol}:// is read-only (mode {mode!r})")
             r = self._resolved(path)
             with _fs_errors(path):
-                return self.client.open(r, local=self.local,
-                                        buffer_size=block_size or DEFAULT_BUFFER)
+                return self.client.open(r, local=self.local, buffer_size=block_size or None)
 
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
             path = self._strip_protocol(path)

@@ -13,7 +13,11 @@
 
 Reads of pointer files go through `cache.BlockCache.read` in worker threads (a
 `trio.CapacityLimiter` bounds them) so one slow fetch never blocks the trio loop; each open
-file has a `cache.ReadAhead`. Every kbfs error becomes EIO with one log line naming the file
+file has a `cache.ReadAhead`. v2 pointers (a root, 64 KiB leaves) go instead through the
+injected `piece_reads` (`kbfs.reader.PieceReads`: the piece cache, which has its own single
+flight and read-ahead, with its fall-back to the block cache): open pins, each read is one
+`piece_reads.read` in a worker thread under the same limiter, nothing is served inline.
+Every kbfs error becomes EIO with one log line naming the file
 and the source; every handler is guarded (`_guard_handlers`): no exception escapes one, so
 the mount never crashes, and every value packed into a kernel structure is clamped to its
 field's range (a hostile .prvdir may sum to more than 2^64 bytes).
@@ -228,6 +232,7 @@ class _OpenFile:
     node: Node
     fd: int = -1
     readahead: kcache.ReadAhead | None = None
+    pieces: bool = False     # read through piece_reads (v2 content)
 
 
 # Handlers whose failure the kernel is never told of: pyfuse3 ends its main loop when one
@@ -319,6 +324,7 @@ class KbfsOperations(pyfuse3.Operations):
         list_dir: Callable[[str], dict[str, Any]] | None = None,
         source_of: Callable[[str], str | None] | None = None,
         on_pointer: Callable[[prv.Pointer, int, int], None] | None = None,
+        piece_reads: Any = None,
         read_threads: int = READ_THREADS,
         uid: int | None = None,
         gid: int | None = None,
@@ -327,6 +333,8 @@ class KbfsOperations(pyfuse3.Operations):
         if (source_dir is None) == (list_dir is None):
             raise ValueError("give exactly one of source_dir and list_dir")
         self.cache = block_cache
+        # v2 content (kbfs.reader.PieceReads; None: every pointer through the block cache)
+        self.pieces = piece_reads
         # A reader waits only for the verified bytes; block files are written behind it.
         block_cache.enable_background_stores()
         self.source_dir = os.path.abspath(source_dir) if source_dir is not None else None
@@ -409,6 +417,9 @@ class KbfsOperations(pyfuse3.Operations):
             out = dict(self._stats)
         out["inodes"] = len(self.nodes)
         return out
+
+    def _takes_pieces(self, ref: kcache.FileRef) -> bool:
+        return self.pieces is not None and bool(self.pieces.takes(ref))
 
     def _node(self, inode: int) -> Node:
         node = self.nodes.get(inode)
@@ -761,6 +772,13 @@ class KbfsOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=False)
         assert node.ref is not None
         ref = node.ref
+        if self._takes_pieces(ref):
+            # In a thread: the first v2 open makes the piece cache (folders, its catalogue).
+            await trio.to_thread.run_sync(self.pieces.open_file, ref, limiter=self.limiter)
+            self._open[fh] = _OpenFile(node, pieces=True)
+            self._count("opens")
+            self._count("open_files")
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         # Pinning is a counter under the cache's dictionary lock (no I/O): done inline.
         self.cache.open_file(ref)
         self._open[fh] = _OpenFile(node, readahead=kcache.ReadAhead(
@@ -788,6 +806,16 @@ class KbfsOperations(pyfuse3.Operations):
         length = min(size, node.size - off)
         ref = node.ref
         assert ref is not None
+        if of.pieces:
+            try:
+                data = await trio.to_thread.run_sync(self.pieces.read, ref, off, length,
+                                                     limiter=self.limiter)
+            except (KbfsError, OSError) as exc:
+                self._count("errors")
+                self._log_read_error(node, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            self._count_read(len(data))
+            return data  # type: ignore[no-any-return]
         try:
             # Blocks present and verified in this process: one pread through the cache's
             # open descriptors, on the trio thread. Cheaper than the hop to a worker thread
@@ -862,7 +890,10 @@ class KbfsOperations(pyfuse3.Operations):
                 os.close(of.fd)
             elif of.node.ref is not None:
                 self._count("open_files", -1)
-                self.cache.close_file(of.node.ref)
+                if of.pieces:
+                    self.pieces.close_file(of.node.ref)  # a counter in memory: no I/O
+                else:
+                    self.cache.close_file(of.node.ref)
         except Exception:  # release has no caller to tell; never let it kill the loop
             log.exception("release of %s failed", of.node.display())
 
@@ -886,11 +917,12 @@ class KbfsOperations(pyfuse3.Operations):
             return pointer.sha1.encode()
         if name == XATTR_SIZE:
             return str(pointer.size).encode()
+        reads = self.pieces if self._takes_pieces(ref) else self.cache
         if name == XATTR_CACHED:
-            n = await trio.to_thread.run_sync(self.cache.cached_bytes, ref, limiter=self.limiter)
+            n = await trio.to_thread.run_sync(reads.cached_bytes, ref, limiter=self.limiter)
             return str(n).encode()
         if name == XATTR_VERIFIED:
-            v = await trio.to_thread.run_sync(self.cache.verified, ref, limiter=self.limiter)
+            v = await trio.to_thread.run_sync(reads.verified, ref, limiter=self.limiter)
             return str(v).encode()
         if name == XATTR_SOURCE:
             source = await trio.to_thread.run_sync(self.source_of, pointer.sha1)

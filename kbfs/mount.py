@@ -1,5 +1,10 @@
 """Wiring of a kbfs mount: Fetcher + BlockCache + fusefs operations, daemon, status, unmount.
 
+v2 pointers (a root, 64 KiB leaves) are read through `reader.PieceReads`: a
+`piececache.PieceCache` in CACHE_DIR/pieces/ made on the first v2 open, with `_Sources` as
+its source (`fetch_pieces`); when it is made it gets half of the configured capacity and
+the block cache keeps the other half. Its counters are the status file's "pieces".
+
 `run_mount` serves a mount in the foreground (SIGINT/SIGTERM unmount cleanly);
 `spawn_mount` re-executes `python -m kbfs mount ... -f` as a detached daemon whose output
 goes to a log file, and returns only once the child reports the mount ready (through a
@@ -412,6 +417,11 @@ class _Sources:
                           block_size: int = tree_mod.BLOCK_SIZE) -> None:
         self.for_sha1(sha1).fetch_blocks_into(sha1, size, first, count, leaves, out, block_size)
 
+    def fetch_pieces(self, sha1: str, size: int, root: str, block_size: int, first: int,
+                     count: int, *, known: Any = None) -> bytes:
+        return bytes(self.for_sha1(sha1).fetch_pieces(sha1, size, root, block_size, first,
+                                                      count, known=known))
+
     def add_local_candidate(self, sha1: str, path: str) -> None:
         self.for_sha1(sha1).add_local_candidate(sha1, path)
 
@@ -482,6 +492,7 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
     # Imported here: the fetch stack (requests) is only needed by a mount that runs.
     from kbfs import cache as kcache
     from kbfs.fetch import Fetcher
+    from kbfs.reader import PieceReads
 
     src = opts.source
     relays = list(opts.settings.relays)
@@ -505,6 +516,14 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
     fetcher = _Sources(make, relays)
     capacity = opts.settings.resolved_cache_size()
     block_cache = kcache.BlockCache(opts.settings.cache_dir, fetcher, capacity)
+
+    def make_pieces() -> Any:
+        from kbfs.piececache import PieceCache  # a mount of v1 pointers only never loads it
+
+        block_cache.capacity = capacity - capacity // 2   # the configured size is shared
+        return PieceCache(os.path.join(opts.settings.cache_dir, "pieces"), fetcher, capacity // 2)
+
+    piece_reads = PieceReads(block_cache, make_pieces)
 
     def on_pointer(pointer: prv.Pointer, uid: int, gid: int) -> None:
         if src.local_dir:
@@ -539,6 +558,7 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
         list_dir=list_dir,
         source_of=fetcher.last_source,
         on_pointer=on_pointer,
+        piece_reads=piece_reads,
     )
     return fetcher, block_cache, ops
 
@@ -614,6 +634,7 @@ def run_mount(opts: MountOptions) -> None:
             "updated": time.time(),
             "fs": ops.statistics(),
             "cache": _safe(block_cache.statistics),
+            "pieces": _safe(ops.pieces.statistics),
             "fetch": _safe(fetcher.statistics),
             "relays": fetcher.all_relays(),
             "warnings": warnings,
@@ -663,6 +684,8 @@ def run_mount(opts: MountOptions) -> None:
         with contextlib.suppress(OSError):
             os.unlink(status_file)
         _signal_ready(ready_fd, "error: the mount stopped before it was ready")
+        with contextlib.suppress(Exception):
+            ops.pieces.close()
         block_cache.close()
         fetcher.close()
         log.info("unmounted %s", opts.mountpoint)
