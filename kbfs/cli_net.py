@@ -25,6 +25,7 @@ import trio
 
 from kbfs import relay as relay_mod
 from kbfs import share as share_mod
+from kbfs import sharestate, tokens
 from kbfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -136,11 +137,11 @@ class _ScanBar:
                 sys.stderr.flush()
 
 
-def _state_dir(directory: str, state_dir: str | None) -> share_mod.StateChoice:
+def _state_dir(directory: str, state_dir: str | None) -> sharestate.StateChoice:
     """--state-dir, else the share's state folder by `share.find_state_dir`'s rule."""
     if state_dir:
-        return share_mod.StateChoice(os.path.realpath(state_dir))
-    return share_mod.find_state_dir(directory)
+        return sharestate.StateChoice(os.path.realpath(state_dir))
+    return sharestate.find_state_dir(directory)
 
 
 def _err(line: str) -> None:
@@ -174,7 +175,7 @@ class _ShareCommand(click.Command):
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="The share's state folder, if not the default.")
-@click.option("--expires", "expires_days", type=float, default=share_mod.DEFAULT_TOKEN_DAYS,
+@click.option("--expires", "expires_days", type=float, default=tokens.DEFAULT_TOKEN_DAYS,
               show_default=True, help="Days until the token expires (0: never).")
 @click.option("--label", default="", help="A note kept inside the token (who it is for).")
 @click.option("--revoke", metavar="TOKEN|ID", default=None,
@@ -204,12 +205,12 @@ def token_command(directory: str, state_dir: str | None, expires_days: float, la
     if choice.note:
         _err(choice.note)
     if revoke is not None or list_tokens:
-        key = share_mod.load_key(sd, create=False)
+        key = sharestate.load_key(sd, create=False)
         if revoke is not None:
-            tid = share_mod.revoke_token(sd, share_mod.share_id_of(key), revoke)
+            tid = tokens.revoke_token(sd, sharestate.share_id_of(key), revoke)
             _say(f"kbfs share token {tid} revoked")
             return
-        for t in share_mod.issued_tokens(sd):
+        for t in tokens.issued_tokens(sd):
             expires = t.get("expires") or 0
             state = ("revoked" if t["revoked"] else
                      "expired" if expires and expires < time.time() else "valid")
@@ -220,11 +221,11 @@ def token_command(directory: str, state_dir: str | None, expires_days: float, la
     if expires_days < 0 or expires_days != expires_days:
         raise ConfigError("--expires must be a number of days, 0 for never")
     os.makedirs(sd, mode=0o700, exist_ok=True)
-    key = share_mod.load_key(sd)  # made here when the share has not run yet
-    share_id = share_mod.share_id_of(key)
-    share_mod.write_share_info(sd, folder=os.path.realpath(directory), id=share_id)
+    key = sharestate.load_key(sd)  # made here when the share has not run yet
+    share_id = sharestate.share_id_of(key)
+    sharestate.write_share_info(sd, folder=os.path.realpath(directory), id=share_id)
     expires = expires_days * 86400 if expires_days else None
-    token = share_mod.issue_token(sd, share_id, expires, label)
+    token = tokens.issue_token(sd, share_id, expires, label)
     _say(token)
     for line in _token_lines(token, share_id, _example_relay(sd, relays)):
         _err(line)
@@ -233,7 +234,7 @@ def token_command(directory: str, state_dir: str | None, expires_days: float, la
 def _example_relay(state_dir: str, relays: tuple[str, ...]) -> str:
     """The relay URL for the example lines: --relay, the share's own, KBFS_RELAY, or a
     placeholder."""
-    known = list(relays) or share_mod.read_share_info(state_dir).get("relays") or [
+    known = list(relays) or sharestate.read_share_info(state_dir).get("relays") or [
         r for r in os.environ.get("KBFS_RELAY", "").split(",") if r.strip()]
     return str(known[0]) if known else "http://RELAYHOST:PORT"
 

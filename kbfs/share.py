@@ -19,19 +19,20 @@ two 1 MiB groups at the range's edges, read again and checked against their stor
 first (a changed file: 409, as for any read). Nothing else changes: no proof for other
 block sizes, unaligned ranges, or files whose index row predates the 64 KiB tree.
 
-A private share checks bearer tokens it issued (`issue_token`: HMAC with a secret of its
-state folder, 30-day expiry by default, recorded in tokens.jsonl; `revoke_token` appends
-to `revoked`, re-read on every check, and relays are told `auth_reset`).
+A private share checks bearer tokens it issued (`kbfs.tokens`: `issue_token`, HMAC with
+a secret of its state folder, 30-day expiry by default, recorded in tokens.jsonl;
+`revoke_token` appends to `revoked`, re-read on every check, and relays are told
+`auth_reset`).
 
 It serves only regular files of its index inside its folder: nothing excluded
 (`index.DEFAULT_EXCLUDES` and `--exclude`; other dotfiles such as zarr's `.zarray` are
 data), nothing of its state folder, no path leaving the folder.
 
-Identity (`find_state_dir`): the key lives in the share's state folder, which records
-the folder it shares (`share.json`); a folder that was moved (its old path is gone and
-its indexed files are found, same sizes and mtimes, at the same places under the new
-path) keeps its state and so its id; a new key is announced loudly, naming an old
-share of a vanished folder of the same name when there is one.
+Identity (`kbfs.sharestate`, `find_state_dir`): the key lives in the share's state
+folder, which records the folder it shares (`share.json`); a folder that was moved (its
+old path is gone and its indexed files are found, same sizes and mtimes, at the same
+places under the new path) keeps its state and so its id; a new key is announced
+loudly, naming an old share of a vanished folder of the same name when there is one.
 
 Reconnection (`reconnect_delays`): exponential from 0.5 s, capped at 5 s
 (`KBFS_SHARE_BACKOFF_MAX`), jittered; a relay that cannot be reached is reported once
@@ -43,9 +44,6 @@ This module must not import `relay`, `fetch` or `cache`. See docs/protocol.md.
 from __future__ import annotations
 
 import base64
-import binascii
-import hashlib
-import hmac
 import http.client
 import json
 import logging
@@ -53,7 +51,6 @@ import os
 import queue
 import random
 import re
-import secrets
 import select
 import socket
 import stat
@@ -68,12 +65,10 @@ from typing import Any
 
 import trio
 import trio_websocket
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.routing import Route, Router
 
 from kbfs import httpserve, proof, protocol, tree
-from kbfs.config import default_state_dir, normalize_relay
+from kbfs.config import normalize_relay
 from kbfs.errors import (
     BadRequest,
     ConfigError,
@@ -83,12 +78,36 @@ from kbfs.errors import (
 )
 from kbfs.httpserve import Endpoint, HttpError, Receive, Scope, Send, header, send_json
 from kbfs.index import IndexedFile, ShareIndex
+from kbfs.sharestate import (  # noqa: F401 - moved there; still importable from here
+    KEY_FILE,
+    MOVE_SAMPLE,
+    SHARE_INFO_FILE,
+    StateChoice,
+    find_state_dir,
+    load_key,
+    public_key_bytes,
+    read_share_info,
+    share_id_of,
+    state_dir_for,
+    write_share_info,
+)
+from kbfs.tokens import (  # noqa: F401 - moved there; still importable from here
+    DEFAULT_TOKEN_DAYS,
+    REVOKED_FILE,
+    TOKEN_SECRET_FILE,
+    TOKENS_FILE,
+    _token_secret,
+    check_token,
+    issue_token,
+    issued_tokens,
+    read_revoked,
+    revoke_token,
+    token_id,
+)
 
 log = logging.getLogger(__name__)
 
 
-KEY_FILE = "share.key"
-TOKEN_SECRET_FILE = "token.secret"
 PING_INTERVAL = 10.0
 PONG_TIMEOUT = 20.0
 HANDSHAKE_TIMEOUT = 10.0
@@ -102,8 +121,6 @@ BACKOFF_MIN = 0.5
 # attempts); KBFS_SHARE_BACKOFF_MAX overrides it (tests).
 BACKOFF_MAX = 5.0
 BACKOFF_ENV = "KBFS_SHARE_BACKOFF_MAX"
-SHARE_INFO_FILE = "share.json"  # in the state folder: {"folder", "id", "relays"}
-MOVE_SAMPLE = 50  # indexed files looked at to recognise a moved folder
 LEAVES_CACHE_BYTES = 64 << 20
 OUTBOARD_CACHE_BYTES = 64 << 20  # 64 KiB trees' levels >= 4 (about 64 bytes per MiB of file)
 MAX_CONTROL_MESSAGE = 4 << 20
@@ -186,325 +203,6 @@ def _failure_reason(exc: BaseException) -> str:
 class Refused(HttpError):
     """This share will not serve a request; `status` is the HTTP status it maps to
     (409: the file changed since it was indexed)."""
-
-
-# ---------------------------------------------------------------- identity and tokens
-
-
-def state_dir_for(root_dir: str) -> str:
-    """The state folder a new share of ROOT_DIR gets (outside the folder), named from its
-    real path when it is first shared; `find_state_dir` finds it again after a move."""
-    digest = hashlib.sha256(os.path.realpath(root_dir).encode("utf-8", "surrogateescape"))
-    return default_state_dir("share-" + digest.hexdigest()[:16])
-
-
-def read_share_info(state_dir: str) -> dict[str, Any]:
-    """STATE_DIR/share.json ({"folder", "id", "relays"}), or {} when missing or unreadable."""
-    try:
-        with open(os.path.join(state_dir, SHARE_INFO_FILE), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def write_share_info(state_dir: str, **fields: Any) -> None:
-    """Merge FIELDS into STATE_DIR/share.json (written whole, then renamed into place)."""
-    info = {**read_share_info(state_dir), **fields}
-    tmp = os.path.join(state_dir, f".{SHARE_INFO_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(info, f)
-    os.replace(tmp, os.path.join(state_dir, SHARE_INFO_FILE))
-
-
-def _holds_index_of(state_dir: str, folder: str) -> bool:
-    """True when most of a sample of STATE_DIR's indexed files are under FOLDER at the
-    same relative paths with the same size and mtime (what `mv`, `rsync -a`, `cp -a`
-    keep), and at least one is: FOLDER is the folder that index was made of."""
-    import sqlite3
-
-    db_path = os.path.join(state_dir, "index.sqlite")
-    if not os.path.exists(db_path):
-        return False
-    try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-        try:
-            rows = conn.execute("SELECT path, size, mtime_ns FROM files ORDER BY random() LIMIT ?",
-                                (MOVE_SAMPLE,)).fetchall()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return False
-    found = 0
-    for path, size, mtime_ns in rows:
-        try:
-            st = os.stat(os.path.join(folder, *str(path).split("/")))
-        except OSError:
-            continue
-        found += (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
-    return found > 0 and found * 10 >= len(rows) * 9
-
-
-@dataclass
-class StateChoice:
-    """Where a share's state is, and the line to print about how it was chosen ('')."""
-
-    path: str
-    note: str = ""
-    old_id: str = ""  # a new share: the id of a vanished folder of the same name
-
-
-def find_state_dir(root_dir: str) -> StateChoice:
-    """The state folder (key, token secret, index) of the share of ROOT_DIR.
-
-    The rule, under the per-user state base (`$XDG_STATE_HOME/kbfs`; the systemd unit
-    sets it to /var/lib/kbfs): the `share-*` folder whose share.json names ROOT_DIR's
-    real path; else the folder named from that path (made before share.json existed);
-    else one whose recorded folder is gone and whose index matches ROOT_DIR's files (the
-    folder was moved: its id is kept, and the note says so); else a new folder, and when
-    a vanished folder of the same name had a share, the note names its id and the
-    `--state-dir` that keeps it.
-    """
-    real = os.path.realpath(root_dir)
-    base = default_state_dir("")
-    try:
-        names = sorted(n for n in os.listdir(base) if n.startswith("share-"))
-    except OSError:
-        names = []
-    infos = {n: read_share_info(os.path.join(base, n)) for n in names}
-    for n, info in infos.items():
-        if info.get("folder") == real:
-            return StateChoice(os.path.join(base, n))
-    named = state_dir_for(real)
-    if os.path.isdir(named) and not infos.get(os.path.basename(named)):
-        return StateChoice(named)
-    gone = [(n, info) for n, info in infos.items() if isinstance(info.get("folder"), str)
-            and not os.path.isdir(info["folder"])]
-    for n, info in gone:
-        if _holds_index_of(os.path.join(base, n), real):
-            return StateChoice(os.path.join(base, n),
-                               f"kbfs share: {real} is {info['folder']} moved: keeping its "
-                               f"share id {info.get('id', '?')}")
-    if os.path.exists(named):  # that name is another folder's state (this path's old one)
-        named += "-" + secrets.token_hex(4)
-    for n, info in gone:
-        if os.path.basename(info["folder"]) == os.path.basename(real) and info.get("id"):
-            return StateChoice(named, old_id=str(info["id"]), note=(
-                f"kbfs share: WARNING: {info['folder']} (gone) was shared as "
-                f"{info['id']}; if {real} is that folder, stop and run `kbfs share {real} "
-                f"--state-dir {os.path.join(base, n)}` to keep that id and its links"))
-    return StateChoice(named)
-
-
-def _write_private(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _read_private(path: str) -> bytes:
-    st = os.stat(path)
-    if st.st_mode & 0o077:
-        log.warning("%s was readable by others; making it private (0600)", path)
-        os.chmod(path, 0o600)
-    with open(path, "rb") as f:
-        return f.read(1 << 16)
-
-
-def _private_file(path: str, make: Callable[[], bytes], missing: str | None) -> bytes:
-    """The bytes of the 0600 file PATH, made with MAKE on first use (or ConfigError MISSING
-    when MISSING is given and the file is not there yet)."""
-    if not os.path.exists(path):
-        if missing is not None:
-            raise ConfigError(missing)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        try:
-            _write_private(path, make())
-        except FileExistsError:
-            pass  # another process made it first: use theirs
-    return _read_private(path)
-
-
-def load_key(state_dir: str, create: bool = True) -> Ed25519PrivateKey:
-    """The share's Ed25519 key from STATE_DIR, made (mode 0600) on first use."""
-    def new_pem() -> bytes:
-        return Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-    path = os.path.join(state_dir, KEY_FILE)
-    pem = _private_file(path, new_pem, None if create else
-                        f"{state_dir}: no share key yet (run `kbfs share DIR` once)")
-    try:
-        loaded = serialization.load_pem_private_key(pem, password=None)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not a share key ({exc})") from None
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise ConfigError(f"{path}: not an Ed25519 key")
-    return loaded
-
-
-def public_key_bytes(key: Ed25519PrivateKey) -> bytes:
-    """The raw 32-byte public key."""
-    return key.public_key().public_bytes(serialization.Encoding.Raw,
-                                         serialization.PublicFormat.Raw)
-
-
-def share_id_of(key: Ed25519PrivateKey) -> str:
-    """The share id of KEY (see protocol.share_id_from_public_key)."""
-    return protocol.share_id_from_public_key(public_key_bytes(key))
-
-
-def _token_secret(state_dir: str, create: bool = True) -> bytes:
-    path = os.path.join(state_dir, TOKEN_SECRET_FILE)
-    data = _private_file(path, lambda: secrets.token_bytes(32),
-                         None if create else f"{state_dir}: no token secret yet")
-    if len(data) < 32:
-        raise ConfigError(f"{path}: token secret is too short")
-    return data
-
-
-def _b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
-def _unb64u(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-DEFAULT_TOKEN_DAYS = 30.0  # `kbfs share token` without --expires
-TOKENS_FILE = "tokens.jsonl"  # one JSON line per token issued: id, label, expiry, issued
-REVOKED_FILE = "revoked"  # ids of revoked tokens, one a line
-
-
-def token_id(token: str) -> str:
-    """The id of a token (`kbfs1.<payload>.<mac>`, or its payload part): 24 hex digits of
-    SHA-256 of `kbfs1.<payload>`. Listed by `kbfs share token --list`, given to --revoke."""
-    body = token.strip()
-    if body.count(".") >= 2:
-        body = body.rpartition(".")[0]
-    return hashlib.sha256(body.encode("utf-8", "replace")).hexdigest()[:24]
-
-
-def issue_token(state_dir: str, share_id: str, expires_in: float | None = None,
-                label: str = "") -> str:
-    """A bearer token for the private share SHARE_ID: `kbfs1.<payload>.<hmac>`.
-
-    The HMAC key lives only in STATE_DIR, so only this share can check its tokens. The
-    payload names the share (`s`), so the relay sends the token to this share only; `e`
-    is the expiry (Unix time, 0 for never; EXPIRES_IN None means never). The token's id
-    and label are appended to STATE_DIR/tokens.jsonl (for --list and --revoke).
-    """
-    now = time.time()
-    payload = {"s": share_id, "e": int(now + expires_in) if expires_in else 0,
-               "n": label[:100], "r": secrets.token_hex(8)}
-    body = protocol.SHARE_TOKEN_PREFIX + _b64u(json.dumps(payload, separators=(",", ":")).encode())
-    mac = hmac.new(_token_secret(state_dir), body.encode(), hashlib.sha256).digest()
-    record = {"id": token_id(body), "label": payload["n"], "expires": payload["e"],
-              "issued": int(now)}
-    fd = os.open(os.path.join(state_dir, TOKENS_FILE),
-                 os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-    return body + "." + _b64u(mac)
-
-
-def _token_payload(secret: bytes, authorization: str | None) -> tuple[str, dict[str, Any]] | None:
-    """(token id, payload) of `Bearer <token>` when the token's MAC is right, else None."""
-    if not authorization or len(authorization) > 4096:
-        return None
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    body, _, mac = token.strip().rpartition(".")
-    if not body.startswith(protocol.SHARE_TOKEN_PREFIX):
-        return None
-    try:
-        given = _unb64u(mac)
-        payload = json.loads(_unb64u(body[len(protocol.SHARE_TOKEN_PREFIX):]))
-    except (binascii.Error, ValueError):
-        return None
-    expected = hmac.new(secret, body.encode(), hashlib.sha256).digest()
-    if not hmac.compare_digest(given, expected) or not isinstance(payload, dict):
-        return None
-    return token_id(body), payload
-
-
-def check_token(secret: bytes, share_id: str, authorization: str | None,
-                revoked: frozenset[str] | set[str] = frozenset()) -> bool:
-    """True when AUTHORIZATION is `Bearer <a valid, unexpired token of SHARE_ID>` whose
-    id is not in REVOKED."""
-    checked = _token_payload(secret, authorization)
-    if checked is None:
-        return False
-    tid, payload = checked
-    expiry = payload.get("e", 0)
-    if isinstance(expiry, bool) or not isinstance(expiry, int | float):
-        return False
-    return (payload.get("s") == share_id and (not expiry or time.time() < expiry)
-            and tid not in revoked)
-
-
-def issued_tokens(state_dir: str) -> list[dict[str, Any]]:
-    """The tokens issued for STATE_DIR's share (tokens.jsonl), oldest first, each with
-    `revoked` set."""
-    revoked = read_revoked(state_dir)
-    out: list[dict[str, Any]] = []
-    try:
-        with open(os.path.join(state_dir, TOKENS_FILE), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("id"), str):
-                    out.append({**record, "revoked": record["id"] in revoked})
-    except FileNotFoundError:
-        pass
-    return out
-
-
-def read_revoked(state_dir: str) -> frozenset[str]:
-    """The ids of the revoked tokens of STATE_DIR's share."""
-    try:
-        with open(os.path.join(state_dir, REVOKED_FILE), encoding="utf-8") as f:
-            return frozenset(line.strip() for line in f if line.strip())
-    except FileNotFoundError:
-        return frozenset()
-
-
-_TOKEN_ID_RE = re.compile(r"[0-9a-f]{24}\Z")
-
-
-def revoke_token(state_dir: str, share_id: str, token_or_id: str) -> str:
-    """Revoke a token of this share, given whole or by its id; returns its id.
-
-    A whole token must be one of this share's (its MAC checks out); an id must be one
-    `issued_tokens` lists. A running share refuses the token at once (it reads the file
-    on every check) and tells its relays to forget cached answers (`auth_reset`).
-    """
-    text = token_or_id.strip()
-    if text.lower().startswith("bearer "):
-        text = text[7:].strip()
-    if _TOKEN_ID_RE.match(text):
-        if not any(t["id"] == text for t in issued_tokens(state_dir)):
-            raise ConfigError(f"no token with id {text} was issued for this share")
-        tid = text
-    else:
-        checked = _token_payload(_token_secret(state_dir, create=False), f"Bearer {text}")
-        if checked is None or checked[1].get("s") != share_id:
-            raise ConfigError("not a token of this share (nor a token id from --list)")
-        tid = checked[0]
-    if tid not in read_revoked(state_dir):
-        fd = os.open(os.path.join(state_dir, REVOKED_FILE),
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        with os.fdopen(fd, "a", encoding="utf-8") as f:
-            f.write(tid + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    return tid
 
 
 # ---------------------------------------------------------------- verified reads
