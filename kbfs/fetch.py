@@ -7,9 +7,9 @@ A `Fetcher` knows where content can be had and gets byte ranges of it:
 - each relay's own `{relay}/sha1/{sha1}`, in the order given;
 - direct share URLs (a share's `--listen` URL) that a relay's `GET /api/find/{sha1}`
   lists (asked once per relay, the answer kept for a while). Each is validated first
-  (`direct_base`: http or https, a host and port, no userinfo, no query, no fragment, a
-  path ending in `/sha1/{sha1}`, at most `MAX_URL` characters); the /sha1/ and /tree/ URLs
-  used are built from the validated base, never taken as given. A bad one is skipped with
+  (`sourceurls.direct_base`: http or https, a host and port, no userinfo, no query, no
+  fragment, a path ending in `/sha1/{sha1}`, at most `MAX_URL` characters); the /sha1/
+  and /tree/ URLs used are built from the validated base, never taken as given. A bad one is skipped with
   one log line. `direct=False` (config `direct`, env `KBFS_DIRECT=0`) ignores them all:
   only the relays' own URLs are contacted.
 
@@ -66,7 +66,6 @@ import json
 import logging
 import os
 import random
-import re
 import select
 import socket
 import threading
@@ -87,6 +86,9 @@ from kbfs.errors import (
     SourceUnavailable,
     VerificationError,
 )
+from kbfs.sourceurls import MAX_URL, direct_base  # noqa: F401 - moved there; still importable from here
+from kbfs.sourceurls import origin as _origin
+from kbfs.sourceurls import tree_url as _tree_url
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,6 @@ FIND_LIMIT = 4 << 20      # bytes of an /api/find answer: a few hundred bytes pe
                           # the content; as big as the largest control message a relay takes
 LIST_LIMIT = 64 << 20     # bytes of a folder listing: ~0.5 KB per file (its pointer with root),
                           # so about 100,000 files in one folder
-MAX_URL = 2048            # characters of a direct URL taken from /api/find
 MIN_THROUGHPUT = 256 << 10  # bytes/s below which a transfer is abandoned...
 THROUGHPUT_GRACE = 2.0    # ...once it has run this long (slow start, small ranges)
 READ_CHUNK = 1 << 20      # bytes per socket read while streaming
@@ -173,11 +174,6 @@ class _Source:
     local: bool = False
     direct: bool = False  # a URL a share advertised (through /api/find), not a relay's own
     auth: str | None = None  # the bearer token sent with requests to it, if any
-
-
-def _origin(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 class Fetcher:
@@ -1209,54 +1205,6 @@ def _read_bounded(url: str, length: str | None, read: Any, limit: int) -> bytes:
         got += len(piece)
         if got > limit:
             raise AnswerTooLarge(f"{url}: answer larger than the {limit} bytes expected")
-
-
-# A direct URL's host: a DNS name or IPv4 address, or an IPv6 literal; an optional port.
-_NETLOC_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])"
-                        r"(?::(?P<port>[0-9]{1,5}))?$")
-# A path prefix before /sha1/{sha1} (a --public-url behind a proxy): plain segments only.
-_PREFIX_RE = re.compile(r"^(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*$")
-
-
-def direct_base(url: str, sha1: str) -> tuple[str | None, str]:
-    """(base, '') when URL is a usable content URL of SHA1 as /api/find lists it:
-    `http(s)://HOST[:PORT][/PREFIX]/sha1/{sha1}`, nothing else (no userinfo, query,
-    fragment, dot segments, escapes or control characters; at most MAX_URL characters).
-    BASE is `scheme://host[:port][/prefix]`: the caller builds /sha1/ and /tree/ URLs
-    from it. (None, why) otherwise."""
-    if not isinstance(url, str) or len(url) > MAX_URL:
-        return None, "too long"
-    if not url.isascii() or not url.isprintable() or " " in url:
-        return None, "characters outside printable ASCII"
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("http", "https"):
-        return None, "not an http:// or https:// URL"
-    if "?" in rest or "#" in rest:
-        return None, "has a query or fragment"
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        return None, "has userinfo"
-    m = _NETLOC_RE.match(netloc)
-    if m is None:
-        return None, "not a host[:port]"
-    if m.group("port") is not None and not 0 < int(m.group("port")) < 65536:
-        return None, "bad port"
-    suffix = protocol.SHA1_PATH.format(sha1=sha1)
-    path = slash + path
-    if not path.endswith(suffix):
-        return None, f"path does not end in {protocol.SHA1_PATH}"
-    prefix = path[: -len(suffix)]
-    if not _PREFIX_RE.match(prefix):
-        return None, "path prefix is not plain segments"
-    return f"{scheme}://{netloc}{prefix}", ""
-
-
-def _tree_url(url: str, sha1: str) -> str | None:
-    """The /tree/ URL next to a /sha1/ content URL (share and relay serve both)."""
-    suffix = protocol.SHA1_PATH.format(sha1=sha1)
-    if url.endswith(suffix):
-        return url[: -len(suffix)] + protocol.TREE_PATH.format(sha1=sha1)
-    return None
 
 
 def _check_range_answer(status: int, length: str | None, content_range: str | None,
