@@ -25,7 +25,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "kbfs"
 
 L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "piecefile", "catalog", "flights", "readahead2",
-      "piecewire", "filehash", "sharestate", "tokens", "sourceurls"}
+      "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread"}
 L1 = {"index", "httpserve", "piecestore"}
 L2 = {"share", "relay", "fetch", "cache", "piececache"}
 L3 = {"fusefs", "reader"}
