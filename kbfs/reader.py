@@ -177,6 +177,10 @@ class KbfsFile(io.RawIOBase):
         self._pinned = True
         self._readahead: ReadAhead | None = (
             ReadAhead(cache, ref) if readahead and isinstance(cache, BlockCache) else None)
+        # v2: a read ends at a piece boundary when it can (a short read, which
+        # BufferedReader completes), so that a buffer's fill after a seek asks for one
+        # piece, not the two it would straddle.
+        self._piece = ref.block_size if isinstance(cache, PieceReads) else 0
 
     # ------------------------------------------------------------ properties
 
@@ -273,6 +277,10 @@ class KbfsFile(io.RawIOBase):
             length = min(size, self._ref.size - start)
             if length <= 0:
                 return b""
+            if self._piece:
+                cut = (start + length) // self._piece * self._piece
+                if cut > start:
+                    length = cut - start if start + length < self._ref.size else length
             if self._readahead is not None:
                 # Told before the blocking read so the prefetch of what follows overlaps it.
                 self._readahead.on_read(start, length)
