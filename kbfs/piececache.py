@@ -2,7 +2,8 @@
 
 `PieceCache(directory, source, capacity, ...)` answers `read(ref, offset, length)` with
 verified bytes of a content whose pointer has a root (v2 pointers: 64 KiB pieces; any
-block size the source can prove works). Not wired into the mount or the downloaders yet.
+block size the source can prove works). Every reader of v2 content uses it through
+`kbfs.reader.PieceReads` (which also falls back to the block cache on NoProof).
 
 - Pieces present in the `PieceStore` (its bitmap) count as verified: the store's crash rule
   keeps bits from outrunning durable bytes. Missing pieces come from the source's
