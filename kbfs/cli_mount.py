@@ -303,7 +303,7 @@ def cache_stats(cache_dir: str | None, as_json: bool) -> None:
 @_cache_dir_option
 @click.option("--force", is_flag=True, help="Clear even while a mount uses this cache.")
 def cache_clear(cache_dir: str | None, force: bool) -> None:
-    """Delete every cached block and tree."""
+    """Delete every cached block, tree and piece."""
     from kbfs import mount
 
     settings = config.load_settings(cache_dir=cache_dir)
@@ -321,6 +321,12 @@ def cache_clear(cache_dir: str | None, force: bool) -> None:
     finally:
         block_cache.close()
         fetcher.close()
+    pieces_dir = os.path.join(settings.cache_dir, "pieces")  # v2 content (kbfs.client.PIECES_DIR)
+    if os.path.isdir(pieces_dir):
+        from kbfs.piecestore import PieceStore
+
+        with PieceStore(pieces_dir, settings.resolved_cache_size()) as store:
+            store.clear()
     click.echo(f"cleared {settings.cache_dir}")
 
 

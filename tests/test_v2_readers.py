@@ -141,7 +141,11 @@ def test_cat_offset_length_v2(net: Any, tmp_path: Path, env: dict[str, str]) -> 
                     "--no-local")
         assert res.returncode == 0, res.stderr.decode()
         assert res.stdout == content[off:off + n]
-    assert (tmp_path / "cache" / "pieces").is_dir()
+    data_files = lambda: [q for q in (tmp_path / "cache" / "pieces" / "data").rglob("*") if q.is_file()]  # noqa: E731
+    assert data_files()
+    res = _kbfs(env, "cache", "clear")
+    assert res.returncode == 0, res.stderr.decode()
+    assert not data_files()     # kbfs cache clear empties the piece cache too
 
 
 def test_download_v2_file_and_resumed_from_the_piece_cache(net: Any, tmp_path: Path,
