@@ -26,6 +26,7 @@ import pytest
 
 from kbfs import client, prv
 from kbfs.errors import VerificationError
+from kbfs.piecestore import PieceStore
 
 try:
     from tests import mountutil, netutil
@@ -286,13 +287,21 @@ def test_interrupted_v2_download_resumes(tmp_path: Path, env: dict[str, str]) ->
     with HTTPSource() as src:
         ptr = _v2_at(src, tmp_path, data)
         src.proofs = "ok"
-        src.mode, src.trickle_rate = "trickle", 256 * 1024
+        src.mode, src.trickle_rate = "trickle", MiB
         out = tmp_path / "out.bin"
+        root = prv.load_pointer(ptr).tree.root  # type: ignore[union-attr]
         proc = subprocess.Popen([sys.executable, "-m", "kbfs", "download", ptr, "--relay", src.url,
                                  "--no-local", "-o", str(out)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            time.sleep(4.0)
+            # killed once some pieces are committed (another process may read the catalogue)
+            end = time.monotonic() + 60
+            while time.monotonic() < end and proc.poll() is None:
+                if (tmp_path / "cache" / "pieces" / "catalog.sqlite").exists():
+                    with PieceStore(str(tmp_path / "cache" / "pieces"), 1 << 40, 0) as store:
+                        if store.ranges(root):
+                            break
+                time.sleep(0.3)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
