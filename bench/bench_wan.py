@@ -205,6 +205,7 @@ class Mounts:
         self.work, self.pointers, self.reader_url, self.nginx_url = work, pointers, reader_url, nginx_url
         self.n = 0
         self.status_file: Path | None = None
+        self.pid = 0  # the live kbfs mount's daemon
 
     def status(self, since: float) -> dict[str, Any]:
         """The live kbfs mount's status file once written after SINCE (time.time()); it is
@@ -227,6 +228,7 @@ class Mounts:
             m = start_mount(str(self.pointers[kind]), base, relays=[self.reader_url], extra=["--no-local"])
             key = hashlib.sha1(os.path.abspath(m.mountpoint).encode()).hexdigest()[:16]
             self.status_file = base / "run" / "mounts" / f"{key}.json"  # isolated_env's runtime dir
+            self.pid = m.pid
             try:
                 yield m.mountpoint
             finally:
@@ -371,12 +373,48 @@ def sequential(path: str, want: str) -> float:
     return n / secs / 1e6
 
 
-def timed_run(cmd: list[str], env: dict[str, str], out: Path, want: str, timeout: float) -> float:
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process PID has used so far (0.0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+DOWNLOAD_PROBE = """
+import json, sys, time
+from kbfs import client
+c = client.get_client(relays=[sys.argv[3]], cache_dir=sys.argv[4])
+t0 = time.perf_counter()
+c.download(sys.argv[1], sys.argv[2], local=False)
+secs = time.perf_counter() - t0
+keep = ("reads", "misses", "fetches", "pieces_fetched", "readahead_fetches", "readahead_pieces",
+        "joined", "max_calling_bytes", "window", "bandwidth", "delay", "fallback_reads")
+st = c.pieces.statistics()
+print(json.dumps({"seconds": secs, **{k: st[k] for k in keep if k in st}}))
+"""
+
+
+def timed_run(cmd: list[str], env: dict[str, str], out: Path, want: str, timeout: float,
+              cpu: dict[str, Any] | None = None) -> float:
+    """Seconds of CMD writing OUT (its SHA-1 checked); CPU: gets the child's CPU seconds."""
     out.unlink(missing_ok=True)
+    c0 = children_cpu()
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                          timeout=timeout)
     secs = time.perf_counter() - t0
+    if cpu is not None:
+        cpu["cpu"] = children_cpu() - c0
+        cpu["stdout"] = res.stdout
     if res.returncode:
         raise RuntimeError(f"{cmd[0:4]} failed: {res.stderr[-1000:]}")
     with open(out, "rb") as f:
@@ -450,28 +488,47 @@ def run_links(name: str, base: Path, data: Path, sums: dict[str, str], trees: di
             for kind in MOUNTS if rnd % 2 == 0 else MOUNTS[::-1]:
                 def h5(kind: str = kind) -> dict[str, Any]:
                     with mounts.fresh(kind) as mnt:
-                        c0 = count()
+                        c0, p0 = count(), proc_cpu(mounts.pid) if kind in KBFS else 0.0
                         secs = h5_slices(mnt)
                         since = time.time()
                         return {"seconds": secs, "requests": count() - c0 if kind in KBFS else None,
+                                "daemon_cpu_s": round(proc_cpu(mounts.pid) - p0, 2) if kind in KBFS else None,
                                 "pieces": pieces_of(mounts.status(since)) if kind == "kbfs2" else None}
                 phase(f"{kind}_h5_{rnd}", 60 + 6 * slow, h5)
         for kind in MOUNTS:
             def seq(kind: str = kind) -> float:
                 with mounts.fresh(kind) as mnt:
-                    return sequential(os.path.join(mnt, "seq.bin"), sums["seq.bin"])
+                    c0 = proc_cpu(mounts.pid) if kind in KBFS else 0.0
+                    mbps = sequential(os.path.join(mnt, "seq.bin"), sums["seq.bin"])
+                    if kind in KBFS:
+                        since = time.time()
+                        r[f"{kind}_seq_diag"] = {"daemon_cpu_s": round(proc_cpu(mounts.pid) - c0, 1),
+                                                 "pieces": pieces_of(mounts.status(since))}
+                    return mbps
             phase(f"{kind}_seq", 60 + 6 * slow * SEQ_SIZE / narrow, seq)
         out = work / "out.bin"
         limit = 60 + 6 * slow * SEQ_SIZE / narrow
         for rnd in range(args.dl_rounds):
-            phase(f"curl_{rnd}", limit, lambda: timed_run(
-                ["curl", "-sSf", "-o", str(out), nginx_url + "seq.bin"], env, out, sums["seq.bin"], limit))
+            cpu: dict[str, Any] = {}
+            phase(f"curl_{rnd}", limit, lambda cpu=cpu: timed_run(
+                ["curl", "-sSf", "-o", str(out), nginx_url + "seq.bin"], env, out, sums["seq.bin"], limit, cpu))
+            r[f"curl_cpu_{rnd}"] = cpu.get("cpu")
             for kind, key in (("kbfs", "download"), ("kbfs2", "download2")):
-                phase(f"{key}_{rnd}", limit, lambda rnd=rnd, kind=kind: timed_run(
+                cpu = {}
+                phase(f"{key}_{rnd}", limit, lambda rnd=rnd, kind=kind, cpu=cpu: timed_run(
                     [sys.executable, "-m", "kbfs", "download", str(pointers[kind] / "seq.bin.prv"), "-o",
                      str(out), "--relay", kb.reader_url, "--no-local",
                      "--cache-dir", str(work / f"dl-cache-{kind}-{rnd}")],
-                    env, out, sums["seq.bin"], limit))
+                    env, out, sums["seq.bin"], limit, cpu))
+                r[f"{key}_cpu_{rnd}"] = cpu.get("cpu")
+        # Not a measure: the v2 download once more, in a child that prints its piece cache's
+        # counters (what the CLI does not show), to see what its time is made of.
+        probe: dict[str, Any] = {}
+        phase("download2_probe", limit, lambda: timed_run(
+            [sys.executable, "-c", DOWNLOAD_PROBE, str(pointers["kbfs2"] / "seq.bin.prv"), str(out),
+             kb.reader_url, str(work / "dl-cache-probe")], env, out, sums["seq.bin"], limit, probe))
+        with contextlib.suppress(ValueError, KeyError):
+            r["download2_probe"] = {**json.loads(str(probe["stdout"])), "cpu_s": round(probe["cpu"], 1)}
     r["load_after"] = os.getloadavg()[0]
     shutil.rmtree(work, ignore_errors=True)
     return r
@@ -627,8 +684,12 @@ def main() -> int:
                 if v.get("pieces"):
                     print(f"  piece cache {v['pieces']}")
         for k, v in r.items():
+            if k.endswith("_seq_diag") or k == "download2_probe" or "_cpu_" in k:
+                print(f"- {k}: {v if not isinstance(v, float) else round(v, 1)}")
+        for k, v in r.items():
             if "_h5_" in k:
                 extra = f", {v['requests']} relayed requests" if v.get("requests") is not None else ""
+                extra += f", daemon CPU {v['daemon_cpu_s']} s" if v.get("daemon_cpu_s") is not None else ""
                 extra += f", piece cache {v['pieces']}" if v.get("pieces") else ""
                 print(f"- {k}: {v['seconds']:.2f} s{extra}")
     return 0
