@@ -471,6 +471,15 @@ def run_links(name: str, base: Path, data: Path, sums: dict[str, str], trees: di
         mounts = Mounts(work, pointers, kb.reader_url, nginx_url)
         env = isolated_env(work / "dl")
         count = lambda: relay_requests(kb)  # noqa: E731
+
+        def servers() -> tuple[float, float, int]:
+            """CPU seconds of the share and the relay so far, and the relay's request count."""
+            return proc_cpu(kb.share.pid), proc_cpu(kb.relay.pid), count()
+
+        def servers_since(before: tuple[float, float, int]) -> dict[str, float]:
+            now = servers()
+            return {"share_cpu_s": round(now[0] - before[0], 1), "relay_cpu_s": round(now[1] - before[1], 1),
+                    "relayed_requests": now[2] - before[2]}
         phase("round_trips", 60, lambda: round_trips(kb, sums["t0.bin"], FIRST_SIZE))
         for kind in MOUNTS:
             def small(kind: str = kind) -> dict[str, Any]:
@@ -498,12 +507,12 @@ def run_links(name: str, base: Path, data: Path, sums: dict[str, str], trees: di
         for kind in MOUNTS:
             def seq(kind: str = kind) -> float:
                 with mounts.fresh(kind) as mnt:
-                    c0 = proc_cpu(mounts.pid) if kind in KBFS else 0.0
+                    c0, s0 = proc_cpu(mounts.pid) if kind in KBFS else 0.0, servers()
                     mbps = sequential(os.path.join(mnt, "seq.bin"), sums["seq.bin"])
                     if kind in KBFS:
                         since = time.time()
                         r[f"{kind}_seq_diag"] = {"daemon_cpu_s": round(proc_cpu(mounts.pid) - c0, 1),
-                                                 "pieces": pieces_of(mounts.status(since))}
+                                                 **servers_since(s0), "pieces": pieces_of(mounts.status(since))}
                     return mbps
             phase(f"{kind}_seq", 60 + 6 * slow * SEQ_SIZE / narrow, seq)
         out = work / "out.bin"
@@ -515,20 +524,23 @@ def run_links(name: str, base: Path, data: Path, sums: dict[str, str], trees: di
             r[f"curl_cpu_{rnd}"] = cpu.get("cpu")
             for kind, key in (("kbfs", "download"), ("kbfs2", "download2")):
                 cpu = {}
+                s0 = servers()
                 phase(f"{key}_{rnd}", limit, lambda rnd=rnd, kind=kind, cpu=cpu: timed_run(
                     [sys.executable, "-m", "kbfs", "download", str(pointers[kind] / "seq.bin.prv"), "-o",
                      str(out), "--relay", kb.reader_url, "--no-local",
                      "--cache-dir", str(work / f"dl-cache-{kind}-{rnd}")],
                     env, out, sums["seq.bin"], limit, cpu))
-                r[f"{key}_cpu_{rnd}"] = cpu.get("cpu")
+                r[f"{key}_cpu_{rnd}"] = {"child_cpu_s": round(cpu.get("cpu", 0.0), 1), **servers_since(s0)}
         # Not a measure: the v2 download once more, in a child that prints its piece cache's
         # counters (what the CLI does not show), to see what its time is made of.
         probe: dict[str, Any] = {}
+        s0 = servers()
         phase("download2_probe", limit, lambda: timed_run(
             [sys.executable, "-c", DOWNLOAD_PROBE, str(pointers["kbfs2"] / "seq.bin.prv"), str(out),
              kb.reader_url, str(work / "dl-cache-probe")], env, out, sums["seq.bin"], limit, probe))
         with contextlib.suppress(ValueError, KeyError):
-            r["download2_probe"] = {**json.loads(str(probe["stdout"])), "cpu_s": round(probe["cpu"], 1)}
+            r["download2_probe"] = {**json.loads(str(probe["stdout"])), "cpu_s": round(probe["cpu"], 1),
+                                    **servers_since(s0)}
     r["load_after"] = os.getloadavg()[0]
     shutil.rmtree(work, ignore_errors=True)
     return r
