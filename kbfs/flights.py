@@ -65,7 +65,9 @@ class Flights:
                 if other is not None:
                     theirs[id(other)] = other
                     continue
-                if run and (i != run[-1] + 1 or len(run) >= max_run or i % align == 0):
+                # ALIGN 1 means no alignment cut (every index is a multiple of 1: cutting
+                # there split a read's own pieces into one request each).
+                if run and (i != run[-1] + 1 or len(run) >= max_run or (align > 1 and i % align == 0)):
                     mine.append(self._register(table, key, run, speculative))
                     run = []
                 run.append(i)

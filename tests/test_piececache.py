@@ -271,6 +271,9 @@ def test_flights_and_streams_units() -> None:
     assert [(x.first, x.count) for x in mine] == [(0, 3), (3, 1), (5, 3), (8, 2)] and theirs == []
     mine2, theirs2 = f.claim("k" * 3, [2, 3, 4], max_run=8, speculative=False)
     assert [(x.first, x.count) for x in mine2] == [(4, 1)] and {x.first for x in theirs2} == {0, 3}
+    # Without ALIGN a reader's own consecutive pieces are one run (one request), not one each.
+    mine3, _ = f.claim("j" * 3, range(10, 18), max_run=256, speculative=False)
+    assert [(x.first, x.count) for x in mine3] == [(10, 8)]
     f.finish(mine[0], b"x")
     assert mine[0].future.result() == b"x" and not f.in_flight("k" * 3, 0) and f.in_flight("k" * 3, 3)
     s = Streams()
