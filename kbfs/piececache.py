@@ -11,8 +11,9 @@ block size the source can prove works). Every reader of v2 content uses it throu
   are stored (`put`), then returned. A source answering the wrong number of bytes is a
   SourceError and nothing is stored.
 - Single flight (`kbfs.flights`): concurrent readers of a piece share one source call.
-- Random readers get exactly their pieces (a 4 KiB read fetches one piece). Sequential
-  streams (`kbfs.readahead2.Streams`) get read-ahead of `LinkEstimate.window()` bytes
+- Random readers, and near-but-not-adjacent ones such as h5py's, get exactly their pieces
+  (a 4 KiB read fetches one piece). Sequential streams (`kbfs.readahead2.Streams`: exactly
+  adjacent reads) get read-ahead growing with the stream up to `LinkEstimate.window()` bytes
   (about twice bandwidth x delay, measured on every source call; clamped to
   [min_ahead, max_ahead]), in aligned runs of several pieces, fetched by `workers` threads.
   A reader's own pieces are fetched on its own thread, never queued behind read-ahead.

@@ -23,17 +23,22 @@ exactly bandwidth x delay in flight a call's rate never exceeds what the window 
 the window would stay at its floor. With gain 2 the window doubles each round trip until the
 link is full, then holds at about twice its bandwidth x delay (BBR's cwnd gain is also 2).
 
-`Streams` tells sequential readers from random ones, per content key: a read that begins
-within `REORDER` pieces of where a recent read of the same content ended is that stream's
-next read (FUSE serves the kernel's read-ahead on several threads, so reads of one stream
-arrive slightly out of order); any other read starts a new stream. Read-ahead starts once
-a stream scores 2: a read starting exactly where the stream ended scores 2, one merely
-near it 1 (so one random read landing near another is not yet a stream; two in a row
-are, and cost one window), a read of bytes the stream already covered (concurrent readers
-of one spot) 0. `plan` returns the pieces to fetch next: from what the stream already
-scheduled up to `window` bytes past its position, ending at a multiple of `run` pieces,
-only once at least a whole run is free (so requests go out in full, aligned runs, not a
-piece at a time).
+`Streams` tells sequential readers from random ones, per content key, by exact adjacency:
+a stream is an extent of reads each of which starts exactly where another of its reads
+ended (or, arriving out of order, ends exactly where one began: FUSE serves the kernel's
+read-ahead on several threads). Reads merely *near* a stream are not its reads: h5py's
+metadata reads land a few hundred bytes to a few pieces apart, and counting them (as a
+4-piece tolerance once did) made read-ahead move most of a 64 MiB file for 40 small
+slices. Any other read (a forward gap, a backward or far jump) starts a stream of its own;
+a read inside an extent (a repeat, concurrent readers of one spot) is no evidence either
+way. Read-ahead starts once a stream has `MIN_READS` reads covering more than
+`MIN_PIECES` pieces, and then may run at most twice its extent ahead of it (at least one
+run), up to `window`: what a stream gets ahead is bounded by what it has shown it reads,
+so it grows from one run to the window as the stream goes on (doubling as in slow start)
+instead of starting at bandwidth x delay. `plan` returns the pieces to fetch next: from
+what the stream already scheduled up to that allowance past its end, ending at a multiple
+of `run` pieces, only once at least a whole run is free (so requests go out in full,
+aligned runs, not a piece at a time).
 
 Not here: what is present or in flight (the caller filters the plan through the store and
 its flights), the fetching itself, several streams' windows sharing one link (each stream
@@ -50,7 +55,8 @@ from dataclasses import dataclass
 
 GAIN = 2.0
 DELAY_MAX_AGE = 60.0   # seconds an idle-start delay sample stays unchallenged
-REORDER = 4            # pieces a stream's reads may arrive out of order
+MIN_READS = 3          # reads of one extent before it is a stream
+MIN_PIECES = 2         # ... and pieces it must cover more than
 STREAMS_PER_CONTENT = 4
 CONTENTS = 256
 
@@ -121,17 +127,17 @@ class LinkEstimate:
 
 @dataclass
 class _Stream:
-    start: int       # the stream's first byte read
-    next: int        # byte just past the stream's furthest read
+    start: int       # the extent's first byte
+    next: int        # byte just past the extent
+    reads: int = 1   # reads that built the extent, each adjacent to another
     ahead: int = 0   # pieces below this index were handed out by `plan`
-    score: int = 0   # 2 for a read that starts where the stream ended, 1 for one near it
 
 
 class Streams:
     """Recent readers of each content, to tell a sequential stream from random reads."""
 
-    def __init__(self, reorder: int = REORDER) -> None:
-        self.reorder = reorder
+    def __init__(self, min_reads: int = MIN_READS, min_pieces: int = MIN_PIECES) -> None:
+        self.min_reads, self.min_pieces = min_reads, min_pieces
         self._lock = threading.Lock()
         self._by_key: OrderedDict[str, list[_Stream]] = OrderedDict()
         self.jumps = 0
@@ -139,8 +145,7 @@ class Streams:
     def plan(self, key: str, offset: int, end: int, piece_size: int, pieces: int,
              window: int, run: int) -> tuple[int, int] | None:
         """Note a read of [OFFSET, END) of KEY; the pieces [first, last) to fetch ahead of it,
-        or None (a random read, or less than a run free in the window yet)."""
-        slack = self.reorder * piece_size
+        or None (not a stream yet, or less than a run free in its allowance yet)."""
         with self._lock:
             streams = self._by_key.get(key)
             if streams is None:
@@ -148,27 +153,39 @@ class Streams:
                 while len(self._by_key) > CONTENTS:
                     self._by_key.popitem(last=False)
             self._by_key.move_to_end(key)
-            s = next((s for s in streams if s.next - slack <= offset <= s.next + slack), None)
-            if s is None:
-                if streams:
-                    self.jumps += 1
-                streams.append(_Stream(offset, end))
-                del streams[:-STREAMS_PER_CONTENT]
+            s = self._note(streams, offset, end)
+            if s is None or s.reads < self.min_reads or s.next - s.start <= self.min_pieces * piece_size:
                 return None
-            streams.remove(s)
-            streams.append(s)   # the most recently used last
-            if not (s.start <= offset and end <= s.next):   # a repeat is no evidence
-                s.score += 2 if offset == s.next else 1
-            s.start, s.next = min(s.start, offset), max(s.next, end)
-            if s.score < 2:
-                return None
+            allow = min(window, max(run * piece_size, 2 * (s.next - s.start)))
             first = max(s.ahead, s.next // piece_size)
-            last = -(-(s.next + window) // piece_size)
+            last = -(-(s.next + allow) // piece_size)
             last = pieces if last >= pieces else last - last % run   # whole, aligned runs
             if last - first < min(run, pieces - first) or last <= first:
                 return None
             s.ahead = last
             return first, last
+
+    def _note(self, streams: list[_Stream], offset: int, end: int) -> _Stream | None:
+        """Add [OFFSET, END) to the stream it is adjacent to (joining two streams it sits
+        between); the stream, or None for a read that starts or repeats none."""
+        after = next((s for s in reversed(streams) if s.next == offset), None)
+        before = next((s for s in reversed(streams) if s.start == end and s is not after), None)
+        if after is None and before is None:
+            if not any(s.start <= offset and end <= s.next for s in streams):   # not a repeat
+                if streams:
+                    self.jumps += 1
+                streams.append(_Stream(offset, end))
+                del streams[:-STREAMS_PER_CONTENT]
+            return None
+        s = after or before
+        assert s is not None
+        if after is not None and before is not None:   # the missing read between two extents
+            streams.remove(before)
+            s.next, s.reads, s.ahead = before.next, s.reads + before.reads, max(s.ahead, before.ahead)
+        s.start, s.next, s.reads = min(s.start, offset), max(s.next, end), s.reads + 1
+        streams.remove(s)
+        streams.append(s)   # the most recently used last
+        return s
 
     def clear(self) -> None:
         with self._lock:

@@ -96,6 +96,40 @@ def test_sequential_stream_reads_ahead_in_growing_runs(tmp_path: Path) -> None:
         assert stats["misses"] < stats["reads"] / 2        # the reader mostly found pieces ahead
 
 
+def test_h5py_like_small_near_reads_read_nothing_ahead(tmp_path: Path) -> None:
+    """h5py opening a file of 40 datasets and slicing each: small reads a few bytes to a few
+    pieces apart, now and then two exactly adjacent ones (the kernel's page reads), repeats,
+    jumps back to the superblock. Near is not sequential: every source call is a reader's."""
+    c = Content("h5", 1024 * P)
+    src = HonestSource({c.sha1: c})
+    rng = random.Random(15)
+    touched: set[int] = set()
+    with make(tmp_path, src) as cache:
+        ref = c.ref()
+
+        def read(offset: int, length: int) -> None:
+            assert cache.read(ref, offset, length) == c.data[offset : offset + length]
+            touched.update(range(offset // P, (min(offset + length, c.size) - 1) // P + 1))
+
+        read(0, 96)
+        read(96, 512)                                        # adjacent, but two reads, tiny
+        for ds in range(40):
+            pos = 4096 + ds * (c.size // 41) + rng.randrange(P)
+            for _ in range(rng.randrange(3, 9)):             # header, B-tree, heap: near, forward
+                length = rng.choice((8, 40, 272, 512, 544, 2048, 4096))
+                read(pos, length)
+                if rng.random() < 0.3:
+                    read(pos + length, rng.choice((8, 512, 4096)))   # an adjacent pair
+                if rng.random() < 0.2:
+                    read(pos, length)                                # a repeat
+                pos += length + rng.choice((1, 8, 100, 3000, P, 3 * P))
+            if rng.random() < 0.3:
+                read(rng.randrange(2 * P), 512)                      # back to the root group
+        stats = cache.statistics()
+        assert stats["readahead_fetches"] == 0, stats
+        assert stats["pieces_fetched"] == len(touched) == sum(x.count for x in src.calls)
+
+
 def test_single_flight(tmp_path: Path) -> None:
     c = Content("flight", 20 * P)
     src = HonestSource({c.sha1: c}, delay=0.3)
@@ -279,10 +313,19 @@ def test_flights_and_streams_units() -> None:
     s = Streams()
     assert s.plan("key", 0, 4096, P, 100, 8 * P, 4) is None            # a first read: no plan
     assert s.plan("key", 50 * P, 50 * P + 10, P, 100, 8 * P, 4) is None  # a jump: another stream
-    assert s.plan("key", 4096, 8192, P, 100, 8 * P, 4) == (0, 8)       # its second read: whole runs
-    assert s.plan("key", 8192, 9000, P, 100, 8 * P, 4) is None         # nothing new to fetch yet
-    assert s.plan("key", 50 * P + 5000, 50 * P + 6000, P, 100, 8 * P, 4) is None  # near: 1 point
-    assert s.plan("key", 50 * P + 9000, 50 * P + 9100, P, 100, 8 * P, 4) == (50, 56)  # near again
+    assert s.plan("key", 4096, 8192, P, 100, 8 * P, 4) is None         # two reads: not yet a stream
+    assert s.plan("key", 8192, 3 * P, P, 100, 8 * P, 4) == (3, 8)      # three, over 2 pieces:
+    assert s.plan("key", 3 * P, 3 * P + 100, P, 100, 8 * P, 4) is None  # 2x its extent, whole runs
+    for a, b in ((5000, 6000), (6000, 7000), (5000, 5500), (7000, 7100)):  # near, then adjacent
+        assert s.plan("key", 50 * P + a, 50 * P + b, P, 100, 8 * P, 4) is None  # (a repeat between)
+    # Reordered arrivals: the read between two extents joins them.
+    for first in (20, 22):
+        assert s.plan("key", first * P, (first + 1) * P, P, 100, 8 * P, 4) is None
+    assert s.plan("key", 21 * P, 22 * P, P, 100, 8 * P, 4) == (23, 28)
+    # A stream of 128 KiB reads (4 MiB window, runs of 8) reads ahead from its third read.
+    s2 = Streams()
+    plans = [s2.plan("k", i * 2 * P, (i + 1) * 2 * P, P, 1000, 64 * P, 8) for i in range(4)]
+    assert plans[:2] == [None, None] and plans[2] == (6, 16)
     t = [0.0]
     link = LinkEstimate(1000, 10**9, clock=lambda: t[0])
     call = link.begin()
