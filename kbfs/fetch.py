@@ -68,7 +68,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Collection, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,8 +310,13 @@ class Fetcher(HttpPlumbing):
             self._find_cache[(relay, sha1)] = (now + ttl, result)
         return result
 
-    def _sources(self, sha1: str, size: int, until: float) -> list[_Source]:
-        """Every source in preference order (see the module docstring and `_rank`)."""
+    def _sources(self, sha1: str, size: int, until: float,
+                 ask_find: Collection[str] | None = None) -> list[_Source]:
+        """Every source in preference order (see the module docstring and `_rank`).
+
+        ASK_FIND None: /api/find is asked of every relay not penalised (the direct URLs it
+        lists join the list); else only of the relays in ASK_FIND, the others' answers
+        taken only when cached (`()`: no round trip at all)."""
         sources = self._local_sources(sha1, size)
         seen = {s.url for s in sources}
         suffix = protocol.SHA1_PATH.format(sha1=sha1)
@@ -325,7 +330,8 @@ class Fetcher(HttpPlumbing):
             # A relay that failed a moment ago is not asked again, but what it said stands:
             # the direct URLs it listed are the fallback while it is down.
             found = self._find_at(relay, sha1, until, cached_only=(
-                time.monotonic() >= until or self._penalised(_origin(relay))))
+                time.monotonic() >= until or (self._penalised(_origin(relay)) if ask_find is None
+                                              else relay not in ask_find)))
             for url in found.urls if found else []:
                 base, why = direct_base(url, sha1)
                 if base is None:
@@ -712,7 +718,11 @@ class Fetcher(HttpPlumbing):
         bounded by `piecewire.MAX_KNOWN`.
 
         Sources, ranking, tokens, timeouts and retry rounds are those of `fetch_blocks`,
-        except: local candidates are not used (a local file has no proof; the caller
+        except: /api/find is not asked before the first request (each round first tries the
+        sources known without a round trip: the relays' own /sha1/ and the direct URLs of
+        cached find answers; only when none served is find asked of the relays that were
+        not failing when the call began, and the new direct URLs tried in that round), local
+        candidates are not used (a local file has no proof; the caller
         verifies a local copy another way), and an origin that answers without a proof
         goes after every other for pieces for NOPROOF_TTL seconds (it is not penalised: it
         still serves blocks). A wrong proof, wrong bytes, a proof for other pieces or
@@ -745,38 +755,49 @@ class Fetcher(HttpPlumbing):
         retry_until = time.monotonic() + min(RETRY_WINDOW, self.deadline / 2)
         pause = 0.25
         attempt = 0
+        # The relays /api/find may be asked of in this call: those not failing when it began
+        # (their /sha1/ failing below is what sends us to find, so it must not forbid it).
+        findable = frozenset(r for r in self.relays if not self._penalised(_origin(r)))
         while True:
             slow = transient = False
             head = self.first_byte_timeout if attempt == 0 else self.timeout
-            for src in self._piece_sources(sha1, size, until):
-                if (src.url in tried and attempt == 0) or time.monotonic() >= until:
-                    continue
-                tried.add(src.url)
-                try:
-                    self._attempt_pieces(src, shape, root, a, b, out, until, head, known)
-                except _Lie as exc:
-                    lied += 1
-                    answered += 1
-                    statuses[src.url] = 0
-                    reasons.append(self._said(src, exc.args[0]))
-                    log.warning("%s: source %s lied: %s", sha1, src.url, exc.args[0])
-                except _NoProofAnswer:
-                    unproven += 1
-                    answered += 1
-                    statuses[src.url] = 0
-                    reasons.append(self._said(src, "sent no proof (Kbfs-Proof) for the pieces"))
-                    log.info("%s: source %s has no proof of pieces %d-%d", sha1, src.url, a, b)
-                except _Failed as exc:
-                    slow = slow or isinstance(exc, _SlowStart)
-                    transient = True  # as for blocks: a 404 may be a share reconnecting
-                    answered += bool(exc.args[2])
-                    statuses[src.url] = exc.args[3] if len(exc.args) > 3 else 0
-                    reasons.append(self._said(src, exc.args[0]))
-                    log.info("%s: source %s failed: %s", sha1, src.url, exc.args[0])
-                else:
-                    with self._lock:
-                        self._last[sha1] = src.url
-                    return
+            asked: set[str] = set()  # URLs asked in this round
+            # First what is known without a round trip: each relay's own /sha1/ (a relay
+            # routes it by SHA-1 itself, and the proof needs nothing /api/find says) and the
+            # direct URLs of cached find answers. Only when none of them served is find
+            # asked, and the direct URLs it lists are tried in the same round.
+            for ask_find in ((), findable):
+                for src in self._piece_sources(sha1, size, until, ask_find):
+                    if (src.url in asked or (src.url in tried and attempt == 0)
+                            or time.monotonic() >= until):
+                        continue
+                    asked.add(src.url)
+                    tried.add(src.url)
+                    try:
+                        self._attempt_pieces(src, shape, root, a, b, out, until, head, known)
+                    except _Lie as exc:
+                        lied += 1
+                        answered += 1
+                        statuses[src.url] = 0
+                        reasons.append(self._said(src, exc.args[0]))
+                        log.warning("%s: source %s lied: %s", sha1, src.url, exc.args[0])
+                    except _NoProofAnswer:
+                        unproven += 1
+                        answered += 1
+                        statuses[src.url] = 0
+                        reasons.append(self._said(src, "sent no proof (Kbfs-Proof) for the pieces"))
+                        log.info("%s: source %s has no proof of pieces %d-%d", sha1, src.url, a, b)
+                    except _Failed as exc:
+                        slow = slow or isinstance(exc, _SlowStart)
+                        transient = True  # as for blocks: a 404 may be a share reconnecting
+                        answered += bool(exc.args[2])
+                        statuses[src.url] = exc.args[3] if len(exc.args) > 3 else 0
+                        reasons.append(self._said(src, exc.args[0]))
+                        log.info("%s: source %s failed: %s", sha1, src.url, exc.args[0])
+                    else:
+                        with self._lock:
+                            self._last[sha1] = src.url
+                        return
             if not transient:
                 break  # every source lied or cannot prove: asking again cannot help
             if slow and attempt == 0 and time.monotonic() < until:
@@ -802,12 +823,14 @@ class Fetcher(HttpPlumbing):
         raise SourceUnavailable(f"cannot read {what}: no source delivered them within "
                                 f"{self.deadline:g} s: {detail}")
 
-    def _piece_sources(self, sha1: str, size: int, until: float) -> list[_Source]:
-        """`_sources` without local files, origins that answered pieces unproven lately last."""
+    def _piece_sources(self, sha1: str, size: int, until: float,
+                       ask_find: Collection[str]) -> list[_Source]:
+        """`_sources` (ASK_FIND as there) without local files, origins that answered pieces
+        unproven lately last."""
         now = time.monotonic()
         with self._lock:
             unproven = {k for k, at in self._noproof_at.items() if now - at < NOPROOF_TTL}
-        remote = [s for s in self._sources(sha1, size, until) if not s.local]
+        remote = [s for s in self._sources(sha1, size, until, ask_find) if not s.local]
         return sorted(remote, key=lambda s: s.key in unproven)
 
     def _attempt_pieces(self, src: _Source, shape: proof.Shape, root: str, a: int, b: int,
