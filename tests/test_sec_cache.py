@@ -305,7 +305,7 @@ def test_symlink_planted_as_the_part_file_is_not_written_through(tmp_path: Path)
         info = src.add(data)
         p = prv.Pointer(info.sha1, info.size, "", "", prv.PRV_VERSION, prv.TreeRef(info.root))
         ptr = hp.write(tmp_path / "x.prv", p)
-        shared = tmp_path / "shared"
+        shared = tmp_path / "common-folder"
         shared.mkdir()
         victim = tmp_path / "victim"
         victim.write_bytes(b"precious\n")
