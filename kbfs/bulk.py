@@ -120,13 +120,28 @@ def list_folder(c: Client, source: str) -> list[Entry]:
 
 
 def _relay_shares(c: Client, source: str) -> list[Entry]:
-    import requests
-
+    """The relay's shares: the public ones, and each private one a token given for this
+    relay opens (the relay lists a private share only to its own token)."""
     base = source[len("kbfs://"):] if source.startswith("kbfs://") else source
     relay = config.normalize_relay(base.rstrip("/"))
+    tokens = c.settings.tokens_for([relay], (relay,)).get(relay, ())
+    seen: dict[str, Entry] = {}
+    for token in (None, *tokens):
+        for entry in _shares_answer(relay, token):
+            seen.setdefault(entry.name, entry)
+    return list(seen.values())
+
+
+def _shares_answer(relay: str, token: str | None) -> list[Entry]:
+    import json
+
+    import requests
+
     url = relay + "/api/shares"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with requests.get(url, timeout=10, stream=True, allow_redirects=False) as r:
+        with requests.get(url, timeout=10, stream=True, allow_redirects=False,
+                          headers=headers) as r:
             body = r.raw.read(SHARES_LIMIT + 1, decode_content=True)
             status = r.status_code
     except requests.RequestException as exc:
@@ -135,8 +150,6 @@ def _relay_shares(c: Client, source: str) -> list[Entry]:
         raise SourceError(f"relay {relay}: HTTP {status} for its list of shares")
     if len(body) > SHARES_LIMIT:
         raise SourceError(f"relay {relay}: its list of shares is larger than {SHARES_LIMIT} bytes")
-    import json
-
     try:
         shares = json.loads(body)
     except ValueError:

@@ -194,8 +194,12 @@ def test_private_share_ls_and_folder_download_with_token(tmp_path: Path) -> None
         r = kbfs(tmp_path, "ls", url + "sub", "--token", share.token)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split()[-1] == "p.bin"
+        r = kbfs(tmp_path, "ls", "--json", relay.url)
+        assert r.returncode == 0, r.stderr
+        assert share.id not in r.stdout      # a private share is not listed without its token
         r = kbfs(tmp_path, "ls", "--json", relay.url, "--token", share.token)
         assert r.returncode == 0, r.stderr
+        assert share.id in r.stdout          # ... and is with it
         r = kbfs(tmp_path, "download", "--no-local", url, "--token", share.token,
                  "-o", str(tmp_path / "got"))
         assert r.returncode == 0, r.stderr
