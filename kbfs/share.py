@@ -458,6 +458,35 @@ class _Uploader:
 # ---------------------------------------------------------------- the share
 
 
+class _BytesLRU:
+    """A thread-safe LRU of byte strings bounded by their total length (it keeps at least
+    the newest entry, however long)."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._bytes = 0
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: bytes) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[key] = value
+            self._bytes += len(value)
+            while self._bytes > self._limit and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
 @dataclass
 class ShareOptions:
     """What `kbfs share` was asked to do."""
@@ -530,13 +559,10 @@ class Share:
         self._pool_lock = threading.Lock()
         self._workers = self._idle = self._queued = 0  # upload threads; requests waiting
         self._local = threading.local()
-        self._leaves: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
-        self._leaves_bytes = 0
-        self._leaves_lock = threading.Lock()
-        # Per content: the 64 KiB tree's levels >= GROUP_LEVEL, built once from the index's
-        # level-4 nodes and checked against the indexed root64 (an LRU, like the leaves).
-        self._outboards: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
-        self._outboards_bytes = 0
+        # Per file version: its 1 MiB leaves, and its 64 KiB tree's levels >= GROUP_LEVEL
+        # (built from the index's level-4 nodes), each checked against the indexed root once.
+        self._leaves = _BytesLRU(LEAVES_CACHE_BYTES)
+        self._outboards = _BytesLRU(OUTBOARD_CACHE_BYTES)
         self._token: trio.lowlevel.TrioToken | None = None
         self.stats = {"uploads": 0, "refused": 0, "failed": 0, "bytes": 0, "proofs": 0}
 
@@ -657,34 +683,25 @@ class Share:
 
     def _leaves_of(self, f: IndexedFile) -> bytes:
         key = (f.sha1, f.mtime_ns, f.inode)
-        with self._leaves_lock:
-            blob = self._leaves.get(key)
-            if blob is not None:
-                self._leaves.move_to_end(key)
-                return blob
+        blob = self._leaves.get(key)
+        if blob is not None:
+            return blob
         blob = self.index.leaves(f.sha1)
         try:  # once per file (then cached): the leaves must hash up to the indexed root
             tree.verify_leaves(tree.split_leaves(blob), f.size, f.root)
         except VerificationError:
             raise Refused(409, f"{f.path}: the index holds leaves that do not match its root"
                           ) from None
-        with self._leaves_lock:
-            self._leaves[key] = blob
-            self._leaves_bytes += len(blob)
-            while self._leaves_bytes > LEAVES_CACHE_BYTES and len(self._leaves) > 1:
-                _, old = self._leaves.popitem(last=False)
-                self._leaves_bytes -= len(old)
+        self._leaves.put(key, blob)
         return blob
 
     def _outboard_of(self, f: IndexedFile) -> bytes | None:
         """F's 64 KiB tree from level 4 up (proof.outboard layout), or None when its index
         row has no 64 KiB tree yet (an older index, not yet rescanned): no proof then."""
         key = (f.sha1, f.mtime_ns, f.inode)
-        with self._leaves_lock:
-            ob = self._outboards.get(key)
-            if ob is not None:
-                self._outboards.move_to_end(key)
-                return ob
+        ob = self._outboards.get(key)
+        if ob is not None:
+            return ob
         stored = self.index.pieces(f.sha1)
         if stored is None:
             return None
@@ -698,12 +715,7 @@ class Share:
             raise Refused(409, f"{f.path}: the index holds 64 KiB tree nodes that do not "
                           "match its root") from None
         ob = b"".join(b"".join(level) for level in levels)
-        with self._leaves_lock:
-            self._outboards[key] = ob
-            self._outboards_bytes += len(ob)
-            while self._outboards_bytes > OUTBOARD_CACHE_BYTES and len(self._outboards) > 1:
-                _, old = self._outboards.popitem(last=False)
-                self._outboards_bytes -= len(old)
+        self._outboards.put(key, ob)
         return ob
 
     def piece_proof(self, f: IndexedFile, real: str, want: protocol.WantProof | None,
