@@ -297,30 +297,44 @@ def websocket_url(relay_url: str) -> str:
     raise BadRequest(f"relay URL {relay_url!r} must start with http:// or https://")
 
 
-def check_relay_url(url: str) -> str:
-    """Return URL (`http(s)://HOST[:PORT]`, no final '/') if a share can connect to it,
-    else raise BadRequest with the reason.
+def relay_base_problem(url: str) -> tuple[str | None, str]:
+    """(what is wrong with URL as a relay's base URL, or None; the base `scheme://host[:port]`).
 
-    A relay answers at the root of its host: `/_control`, `/_upload/...`, `/s/...`. A URL
-    with a path (`http://host:8080/kbfs`) would reach none of them (the relay refuses the
-    websocket with a 403), so it is refused here, at start, in one line.
+    The one rule for every relay URL a user or a pointer gives (`kbfs share --relay`,
+    `kbfs prv create --relay`, source hints): http:// or https://, a host and optional port,
+    no user name or password, no path, query or fragment. A relay answers at the root of its
+    host (`/_control`, `/_upload/...`, `/s/...`): a URL with a path would reach none of them.
+    The reason never quotes the URL (a password it carries is not echoed); for a URL with a
+    path the base is still returned, for a message that says what to give instead.
     """
     from urllib.parse import urlsplit  # see share_url_path
 
-    base = url.strip().rstrip("/")
+    text = url.strip()
     try:
-        parts = urlsplit(base)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise BadRequest(f"relay URL {url[:100]!r} does not parse") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BadRequest(f"relay URL {url[:100]!r} must be http(s)://HOST[:PORT]")
-    if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
-        what = "a path" if parts.path else "a query" if parts.query else (
-            "a fragment" if parts.fragment else "a user name")
-        raise BadRequest(f"relay URL {url[:100]!r} has {what}: a relay answers at the root "
-                         f"of its host, give {parts.scheme}://{parts.netloc.rpartition('@')[2]}")
-    return base
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        return f"does not parse ({exc})", ""
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL", ""
+    if not parts.hostname or any(c.isspace() or c in "\\\0" for c in parts.netloc):
+        return "has no valid host", ""
+    if "@" in parts.netloc:
+        return "must not carry a user name or password", ""
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    base = f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in text or "#" in text:
+        return "has a path, query or fragment: a relay answers at the root of its host", base
+    return None, base
+
+
+def check_relay_url(url: str) -> str:
+    """The base of relay URL (see `relay_base_problem`), or BadRequest with the reason."""
+    problem, base = relay_base_problem(url)
+    if problem is None:
+        return base
+    shown = re.sub(r"//[^/@]*@", "//", url.strip())[:100]  # never a user name or password
+    raise BadRequest(f"relay URL {shown!r} {problem}" + (f", give {base}" if base else ""))
 
 
 def kbfs_url(relay_url: str, share_id: str, path: str = "") -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from blake3 import blake3
 
-from kbfs import tree
+from kbfs import protocol, tree
 from kbfs.errors import PointerError
 
 PRV_VERSION = "0.11"
@@ -116,34 +116,16 @@ class Pointer:
 def source_problem(url: object) -> tuple[str | None, str]:
     """(what is wrong with URL as a source hint or None, the normalised URL).
 
-    A hint is a relay's base URL: http:// or https://, a host and optional port, no user
-    name or password (a pointer must not carry credentials, nor make a reader send them),
-    no path, query or fragment, at most MAX_SOURCE_CHARS characters."""
+    A hint is a relay's base URL, by the one rule of `protocol.relay_base_problem` (no user
+    name or password: a pointer must not carry credentials, nor make a reader send them),
+    at most MAX_SOURCE_CHARS characters; `host:port` alone means http://."""
     if not isinstance(url, str):
         return "not a string", ""
     if len(url) > MAX_SOURCE_CHARS:
         return f"longer than {MAX_SOURCE_CHARS} characters", ""
-    # Loaded only when a pointer has hints (urllib.parse with ipaddress costs start-up).
-    from urllib.parse import urlsplit
-
     text = url.strip()
-    if "://" not in text:
-        text = "http://" + text
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        return f"not a URL ({exc})", ""
-    if parts.scheme not in ("http", "https"):
-        return "must be an http:// or https:// URL", ""
-    if not parts.hostname or any(c.isspace() or c in "\\\0" for c in parts.netloc):
-        return "has no valid host", ""
-    if "@" in parts.netloc:
-        return "must not carry a user name or password", ""
-    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in text or "#" in text:
-        return "must be a relay's base URL (no path, query or fragment)", ""
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    return None, f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+    problem, base = protocol.relay_base_problem(text if "://" in text else "http://" + text)
+    return (problem, "") if problem else (None, base)
 
 
 def source_hints(value: object, name: str = "<pointer>") -> list[str]:

@@ -275,6 +275,19 @@ def test_relay_url_with_a_path_is_refused_at_start(tmp_path: Path, bad: str) -> 
     assert "a relay answers at the root of its host, give http://127.0.0.1:" in lines[0]
 
 
+def test_relay_url_with_a_password_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    """The one relay-URL rule (protocol.relay_base_problem) refuses credentials, and the
+    message names the URL without them."""
+    (tmp_path / "data").mkdir()
+    got = netutil.run_kbfs("share", str(tmp_path / "data"), "--relay",
+                           f"http://me:s3cret@127.0.0.1:{_free_port()}",
+                           "--state-dir", str(tmp_path / "state"), timeout=20)
+    assert got.returncode == 1, (got.stdout, got.stderr)
+    lines = got.stderr.strip().splitlines()
+    assert len(lines) == 1 and "user name or password" in lines[0], got.stderr
+    assert "s3cret" not in got.stderr and "me:" not in got.stderr
+
+
 # ---------------------------------------------------------------- what to hand out
 
 
