@@ -140,10 +140,10 @@ def prv_group() -> None:
                    "hint (repeatable; default: the relays of the share of PATH's folder, if "
                    "this user shares it); readers try hints after their own relays.")
 @click.option("--no-hints", is_flag=True, help="Write no source hints.")
-@click.option("--block-size", "block_size", default=str(tree.BLOCK_SIZE), metavar="N",
-              help="Leaf size of the block tree: 65536 (or 64K) for 64 KiB pieces, readable in "
-                   "small verified pieces; 1048576 (1M, the default) for 1 MiB blocks. A power "
-                   "of two from 4096 to 2^30.")
+@click.option("--block-size", "block_size", default=str(prv.DEFAULT_BLOCK_SIZE), metavar="N",
+              help="Leaf size of the block tree: 65536 (64K, the default) for 64 KiB pieces, "
+                   "read in small verified pieces; 1048576 (1M) for 1 MiB blocks, as kbfs "
+                   "wrote before. A power of two from 4096 to 2^30.")
 def prv_create(path: str, out: str | None, relays: tuple[str, ...], no_hints: bool,
                block_size: str) -> None:
     """Hash PATH into NAME.prv (a file) or NAME.prvdir (a folder), in the current folder.

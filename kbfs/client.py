@@ -276,8 +276,8 @@ class _State:
 
 def _digest_at(path: str, block_size: int) -> tuple[str, str]:
     """(sha1, block tree root at BLOCK_SIZE) of the file at PATH, in one read."""
-    if block_size == tree.BLOCK_SIZE:
-        d = prv.digest_file(path)
+    if block_size in (tree.BLOCK_SIZE, tree.DEFAULT_BLOCK_SIZE):  # v1 and v2 pointers
+        d = prv.digest_file(path, None, block_size)
         return d.sha1, d.root
     import hashlib  # a local copy of a pointer with another block size: rare
 

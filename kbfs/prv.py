@@ -9,7 +9,9 @@ URLs where the content may be found (source hints, `source_hints`; never trusted
 byte is still verified, and a bad hint is dropped with one log line, never an error).
 
 `digest_file` reads a file once, in large reads, computing SHA-1, the fcs
-(`head1000-` + SHA-1 of the first 1000 bytes) and the block-tree leaves together.
+(`head1000-` + SHA-1 of the first 1000 bytes) and the block-tree root together. New
+pointers get 64 KiB leaves (`DEFAULT_BLOCK_SIZE`, "v2": read in proved pieces); a caller
+may name any power of two from 4 KiB to 1 GiB (1 MiB: the "v1" tree of older pointers).
 This module does no networking and knows nothing of caches or shares.
 """
 
@@ -34,6 +36,7 @@ MAX_POINTER_BYTES = 64 * 1024
 MAX_PRVDIR_BYTES = 64 * 1024 * 1024
 MAX_PRVDIR_DEPTH = 64
 READ_CHUNK = 16 * tree.BLOCK_SIZE
+DEFAULT_BLOCK_SIZE = tree.DEFAULT_BLOCK_SIZE  # what `prv create` and `create_pointer` write
 MIN_BLOCK_SIZE = 1 << 12  # the block sizes a pointer may name (docs/hash-tree.md)
 MAX_BLOCK_SIZE = 1 << 30
 _LEAF_PREFIX = b"\x00"  # leaf = BLAKE3(0x00 || block), as in kbfs.tree (hashed in parts here)
@@ -51,7 +54,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TreeRef:
-    """The `kbfs_tree` key: which tree algorithm, its block size and its root."""
+    """The `kbfs_tree` key: which tree algorithm, its block size and its root.
+
+    BLOCK_SIZE defaults to the v1 1 MiB for callers that predate 64 KiB pointers; new code
+    names it."""
 
     root: str
     block_size: int = tree.BLOCK_SIZE
@@ -187,14 +193,15 @@ class PrvDir:
 
 @dataclass(frozen=True)
 class FileDigest:
-    """What one pass over a file yields."""
+    """What one pass over a file yields. `leaves` only when asked for (`keep_leaves`):
+    a 1 TiB file has 16 M of them at 64 KiB."""
 
     sha1: str
     size: int
     fcs: str
-    leaves: list[bytes]
+    leaves: list[bytes] | None
     root: str
-    block_size: int = tree.BLOCK_SIZE
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     def pointer(self, original_path: str) -> Pointer:
         return Pointer(self.sha1, self.size, self.fcs, original_path, PRV_VERSION,
@@ -356,15 +363,19 @@ def load_prvdir(path: str | os.PathLike[str],
 
 def digest_file(
     path: str | os.PathLike[str], progress: Callable[[int], None] | None = None,
-    block_size: int = tree.BLOCK_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE, keep_leaves: bool = False,
 ) -> FileDigest:
-    """Read PATH once and return its SHA-1, fcs, block leaves and tree root at BLOCK_SIZE.
+    """Read PATH once and return its SHA-1, fcs and tree root at BLOCK_SIZE (64 KiB pieces
+    unless named; `tree.BLOCK_SIZE` for a v1 tree), and its leaves if KEEP_LEAVES.
 
     SHA-1 runs in a worker thread while this thread computes the BLAKE3 leaves of
     the same chunk (both release the GIL), so the pass costs about max(SHA-1, BLAKE3)
     rather than their sum. PROGRESS, if given, is called with each chunk's length.
     Any block size `check_block_size` accepts: a leaf is hashed incrementally, so a
     leaf may span reads (a short read, or blocks larger than a read) without a second pass.
+    Leaves fold into the root as they come (`tree.TreeBuilder`): memory stays small for
+    any file. One BLAKE3 call per 64 KiB leaf costs about what one per 1 MiB does here (the
+    pass is bound by SHA-1; bench/bench_prv.py --block-size, docs/benchmarks.md).
     """
     check_block_size(block_size)
     # Imported here: loading OpenSSL's hashes costs ~2 ms of start-up that reading a
@@ -373,7 +384,8 @@ def digest_file(
     from concurrent.futures import ThreadPoolExecutor
 
     sha1 = hashlib.sha1()
-    leaves: list[bytes] = []
+    leaves: list[bytes] | None = [] if keep_leaves else None
+    builder = tree.TreeBuilder()
     head = b""
     size = 0
     bs = block_size
@@ -407,10 +419,11 @@ def digest_file(
                 filled += take
                 pos = take
                 if filled == bs:
-                    leaves.append(partial.digest())
+                    _add(builder, leaves, partial.digest())
                     partial, filled = None, 0
             whole = pos + (n - pos) // bs * bs
-            leaves.extend(tree.leaf_hash(chunk[i : i + bs]) for i in range(pos, whole, bs))
+            for i in range(pos, whole, bs):
+                _add(builder, leaves, tree.leaf_hash(chunk[i : i + bs]))
             if whole < n:
                 partial = blake3(_LEAF_PREFIX)
                 partial.update(chunk[whole:])
@@ -425,11 +438,16 @@ def digest_file(
                 if f.read(1):
                     raise PointerError(f"{os.fspath(path)}: file grew or returned a short read while hashing")
                 break
-    if partial is not None or not leaves:
-        leaves.append(partial.digest() if partial is not None else tree.leaf_hash(b""))
+    if partial is not None or not builder.count:
+        _add(builder, leaves, partial.digest() if partial is not None else tree.leaf_hash(b""))
     fcs = "head1000-" + hashlib.sha1(head).hexdigest()
-    return FileDigest(sha1.hexdigest(), size, fcs, leaves,
-                      tree.root_from_leaves(leaves, size, bs), bs)
+    return FileDigest(sha1.hexdigest(), size, fcs, leaves, builder.root(size, bs), bs)
+
+
+def _add(builder: tree.TreeBuilder, leaves: list[bytes] | None, leaf: bytes) -> None:
+    builder.add(leaf)
+    if leaves is not None:
+        leaves.append(leaf)
 
 
 def check_block_size(block_size: object) -> int:
@@ -439,15 +457,15 @@ def check_block_size(block_size: object) -> int:
             or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
             or block_size & (block_size - 1)):
         raise PointerError(f"block size {block_size!r}: must be a power of two from "
-                           f"{MIN_BLOCK_SIZE} to 2^30 (65536 for 64 KiB pieces, "
-                           f"{tree.BLOCK_SIZE} for 1 MiB blocks)")
+                           f"{MIN_BLOCK_SIZE} to 2^30 (65536 for 64 KiB pieces, the "
+                           f"default; {tree.BLOCK_SIZE} for 1 MiB blocks)")
     return block_size
 
 
 def create_pointer(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None,
-                   block_size: int = tree.BLOCK_SIZE) -> Pointer:
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> Pointer:
     """Hash PATH and return its pointer (original_path is the absolute path), its tree
-    at BLOCK_SIZE (1 MiB by default; 65536 for a pointer of 64 KiB pieces)."""
+    at BLOCK_SIZE (64 KiB pieces by default; `tree.BLOCK_SIZE` for a v1 1 MiB tree)."""
     return digest_file(path, progress, block_size).pointer(os.path.abspath(path))
 
 
@@ -455,7 +473,7 @@ def create_prvdir(
     path: str | os.PathLike[str],
     progress: Callable[[int], None] | None = None,
     on_file: Callable[[str], None] | None = None,
-    block_size: int = tree.BLOCK_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> PrvDir:
     """Hash every regular, non-hidden file below PATH into a directory pointer (trees at
     BLOCK_SIZE)."""

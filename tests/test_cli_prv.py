@@ -57,8 +57,41 @@ def test_create_file_default_output(tmp_path: Path, make_file: MakeFile) -> None
     assert p.sha1 == hashlib.sha1(data).hexdigest()
     assert p.size == len(data)
     assert p.original_path == str(tmp_path / "x.bin")
-    assert p.tree is not None and p.tree.root == tree.tree_of_bytes(data)[1]
+    # The default tree: 64 KiB pieces (issue 15), not the 1 MiB of older pointers.
+    assert p.tree == prv.TreeRef(tree.tree_of_bytes(data, 65536)[1], 65536)
     assert not (tmp_path / "x.bin.prv.tmp").exists()
+
+
+def test_default_pointer_is_what_old_tools_read(tmp_path: Path, fixtures_dir: Path) -> None:
+    """The default (64 KiB) pointer of the fixture's content, less `kbfs_tree` (which the
+    original tools ignore) and with the fixture's original_path, is byte for byte the
+    ml-prv-create pointer in tests/fixtures; kbfs_tree comes last."""
+    (tmp_path / "legacy-content.bin").write_bytes((fixtures_dir / "legacy-content.bin").read_bytes())
+    r = run("prv", "create", "--no-hints", "legacy-content.bin", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    obj = json.loads((tmp_path / "legacy-content.bin.prv").read_text())
+    assert list(obj)[-1] == "kbfs_tree" and obj["kbfs_tree"]["block_size"] == 65536
+    fixture = fixtures_dir / "legacy-content.bin.prv"
+    old = {k: v for k, v in obj.items() if k != "kbfs_tree"}
+    old["original_path"] = json.loads(fixture.read_text())["original_path"]
+    assert json.dumps(old, indent=4).encode() == fixture.read_bytes()
+    # What an old tool reads from it: every key it knows, the same values.
+    legacy = prv.load_pointer(fixture)
+    ours = prv.load_pointer(tmp_path / "legacy-content.bin.prv")
+    assert (ours.sha1, ours.size, ours.fcs, ours.prv_version) == (
+        legacy.sha1, legacy.size, legacy.fcs, legacy.prv_version)
+
+
+@pytest.mark.parametrize("flag,bs", [("1048576", 1 << 20), ("1M", 1 << 20), ("4096", 4096),
+                                     ("256K", 1 << 18), ("1G", 1 << 30), ("65536", 65536)])
+def test_create_block_size_chooses(tmp_path: Path, make_file: MakeFile, flag: str, bs: int) -> None:
+    """--block-size still chooses any power of two from 4 KiB to 1 GiB; 1M is the v1 tree."""
+    data = make_file(tmp_path / "x.bin", 2 * tree.BLOCK_SIZE + 7, seed=5)
+    r = run("prv", "create", "--no-hints", "--block-size", flag, "x.bin", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    p = prv.load_pointer(tmp_path / "x.bin.prv")
+    assert p.tree == prv.TreeRef(tree.tree_of_bytes(data, bs)[1], bs)
+    assert run("prv", "verify", "x.bin.prv", "x.bin", cwd=tmp_path).returncode == 0
 
 
 def test_create_with_output(tmp_path: Path, make_file: MakeFile) -> None:
@@ -214,7 +247,8 @@ def _formula_bytes(size: int) -> bytes:
 @pytest.mark.parametrize("flag", ["65536", "64K", "64KiB"])
 def test_create_block_size_64k_matches_the_vectors(tmp_path: Path, fixtures_dir: Path, flag: str) -> None:
     """`prv create --block-size 65536` writes a 64 KiB tree whose root is the vector's; `prv
-    info` says so; a folder pointer gets 64 KiB trees for every file; the default stays 1 MiB."""
+    info` says so; a folder pointer gets 64 KiB trees for every file; so does the default;
+    `--block-size 1M` writes the 1 MiB tree of older pointers."""
     vectors = json.loads((fixtures_dir / "tree-vectors-64k.json").read_text())["vectors"]
     v = next(v for v in vectors if v["size"] == 1114115)
     (tmp_path / "d").mkdir()
@@ -238,9 +272,18 @@ def test_create_block_size_64k_matches_the_vectors(tmp_path: Path, fixtures_dir:
 
     r = run("prv", "create", "--no-hints", "-o", "default.prv", "d/v.bin", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    q = prv.load_pointer(tmp_path / "default.prv")
+    assert prv.load_pointer(tmp_path / "default.prv").tree == prv.TreeRef(v["root"], 65536)
+    r = run("prv", "create", "--no-hints", "-o", "default.prvdir", "d", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert prv.load_prvdir(tmp_path / "default.prvdir").files["v.bin"].tree == p.tree
+
+    r = run("prv", "create", "--no-hints", "--block-size", "1M", "-o", "v1.prv", "d/v.bin",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    q = prv.load_pointer(tmp_path / "v1.prv")
     assert q.tree is not None and q.tree.block_size == tree.BLOCK_SIZE
-    assert "1048576-byte blocks (1 MiB)" in run("prv", "info", "default.prv", cwd=tmp_path).stdout
+    assert q.tree.root == tree.tree_of_bytes(_formula_bytes(v["size"]))[1]
+    assert "1048576-byte blocks (1 MiB)" in run("prv", "info", "v1.prv", cwd=tmp_path).stdout
 
 
 @pytest.mark.parametrize("bad,needle", [

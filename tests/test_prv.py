@@ -71,8 +71,23 @@ def test_create_reproduces_original_tool_bytes(fixtures_dir: Path) -> None:
     assert as_old_tool.to_json().encode() == fixture.read_bytes()
 
 
-def test_our_pointer_keeps_the_old_keys_first(fixtures_dir: Path) -> None:
-    ours = prv.create_pointer(fixtures_dir / "legacy-content.bin")
+def test_create_v1_reproduces_original_tool_bytes(fixtures_dir: Path) -> None:
+    """A pointer with a 1 MiB tree (--block-size 1048576) is the same ml-prv-create JSON."""
+    fixture = fixtures_dir / "legacy-content.bin.prv"
+    original = prv.load_pointer(fixture)
+    ours = prv.create_pointer(fixtures_dir / "legacy-content.bin", block_size=tree.BLOCK_SIZE)
+    assert ours.tree is not None and ours.tree.block_size == 1048576
+    data = (fixtures_dir / "legacy-content.bin").read_bytes()
+    assert ours.tree.root == tree.tree_of_bytes(data, 1048576)[1]
+    as_old_tool = dataclasses.replace(ours, tree=None, original_path=original.original_path)
+    assert as_old_tool.to_json().encode() == fixture.read_bytes()
+
+
+@pytest.mark.parametrize("block_size", [None, 65536, 1048576])
+def test_our_pointer_keeps_the_old_keys_first(fixtures_dir: Path, block_size: int | None) -> None:
+    """Default (64 KiB pieces), 64 KiB named, 1 MiB named: old keys first, kbfs_tree last."""
+    ours = (prv.create_pointer(fixtures_dir / "legacy-content.bin") if block_size is None
+            else prv.create_pointer(fixtures_dir / "legacy-content.bin", block_size=block_size))
     obj = json.loads(ours.to_json())
     assert list(obj) == [
         "original_checksum",
@@ -83,15 +98,18 @@ def test_our_pointer_keeps_the_old_keys_first(fixtures_dir: Path) -> None:
         "kbfs_tree",
     ]
     assert obj["kbfs_tree"]["algorithm"] == tree.ALGORITHM
-    assert obj["kbfs_tree"]["block_size"] == tree.BLOCK_SIZE
+    want_bs = block_size or 65536  # the default is 64 KiB pieces
+    assert obj["kbfs_tree"]["block_size"] == want_bs
     data = (fixtures_dir / "legacy-content.bin").read_bytes()
-    assert obj["kbfs_tree"]["root"] == tree.tree_of_bytes(data)[1]
+    assert obj["kbfs_tree"]["root"] == tree.tree_of_bytes(data, want_bs)[1]
     assert ours.to_json().startswith('{\n    "original_checksum": ')
 
 
-def test_round_trip_with_tree(tmp_path: Path, make_file: Callable[..., bytes]) -> None:
+@pytest.mark.parametrize("block_size", [65536, 1048576])
+def test_round_trip_with_tree(tmp_path: Path, make_file: Callable[..., bytes], block_size: int) -> None:
     make_file(tmp_path / "a.bin", 3 * tree.BLOCK_SIZE + 17, seed=3)
-    p = prv.create_pointer(tmp_path / "a.bin")
+    p = prv.create_pointer(tmp_path / "a.bin", block_size=block_size)
+    assert p.tree is not None and p.tree.block_size == block_size
     (tmp_path / "a.bin.prv").write_text(p.to_json())
     back = prv.load_pointer(tmp_path / "a.bin.prv")
     assert back == p
@@ -307,20 +325,33 @@ SIZES = [
 ]
 
 
+@pytest.mark.parametrize("block_size", [65536, 1048576])
 @pytest.mark.parametrize("size", SIZES)
-def test_digest_file(tmp_path: Path, make_file: Callable[..., bytes], size: int) -> None:
+def test_digest_file(tmp_path: Path, make_file: Callable[..., bytes], size: int,
+                     block_size: int) -> None:
     data = make_file(tmp_path / "f.bin", size, seed=size)
     seen: list[int] = []
-    d = prv.digest_file(tmp_path / "f.bin", progress=seen.append)
+    d = prv.digest_file(tmp_path / "f.bin", progress=seen.append, block_size=block_size,
+                        keep_leaves=True)
     assert d.size == size
     assert sum(seen) == size
     assert d.sha1 == hashlib.sha1(data).hexdigest()
     assert d.fcs == "head1000-" + hashlib.sha1(data[:1000]).hexdigest()
-    leaves, root = tree.tree_of_bytes(data)
+    leaves, root = tree.tree_of_bytes(data, block_size)
     assert d.leaves == leaves
-    assert d.root == root
+    assert d.root == root and d.block_size == block_size
     p = d.pointer("/abs/f.bin")
-    assert p.tree is not None and p.tree.root == root and p.original_path == "/abs/f.bin"
+    assert p.tree == prv.TreeRef(root, block_size) and p.original_path == "/abs/f.bin"
+    # Without keep_leaves (the default) the leaves fold into the root as they come.
+    lean = prv.digest_file(tmp_path / "f.bin", block_size=block_size)
+    assert lean.leaves is None and (lean.sha1, lean.root) == (d.sha1, root)
+
+
+def test_digest_file_default_is_64k(tmp_path: Path, make_file: Callable[..., bytes]) -> None:
+    data = make_file(tmp_path / "f.bin", 3 * tree.BLOCK_SIZE + 5, seed=7)
+    d = prv.digest_file(tmp_path / "f.bin")
+    assert prv.DEFAULT_BLOCK_SIZE == d.block_size == 65536
+    assert d.root == tree.tree_of_bytes(data, 65536)[1] != tree.tree_of_bytes(data)[1]
 
 
 def test_create_pointer_uses_absolute_path(
@@ -331,9 +362,10 @@ def test_create_pointer_uses_absolute_path(
     assert prv.create_pointer("f.bin").original_path == os.path.join(str(tmp_path), "f.bin")
 
 
-def test_file_matches(tmp_path: Path, make_file: Callable[..., bytes]) -> None:
+@pytest.mark.parametrize("block_size", [65536, 1048576])
+def test_file_matches(tmp_path: Path, make_file: Callable[..., bytes], block_size: int) -> None:
     make_file(tmp_path / "f.bin", 5000, seed=1)
-    p = prv.create_pointer(tmp_path / "f.bin")
+    p = prv.create_pointer(tmp_path / "f.bin", block_size=block_size)
     assert prv.file_matches(tmp_path / "f.bin", p) == (True, "")
 
     make_file(tmp_path / "same-size.bin", 5000, seed=2)
@@ -390,16 +422,19 @@ def test_digest_file_64k_vectors(tmp_path: Path, fixtures_dir: Path, monkeypatch
         path = tmp_path / f"v{v['size']}.bin"
         data = _formula_bytes(v["size"])
         path.write_bytes(data)
-        d = prv.digest_file(path, block_size=65536)
+        d = prv.digest_file(path, block_size=65536, keep_leaves=True)
         assert d.root == v["root"], v["content"]
+        assert d.leaves is not None
         assert len(d.leaves) == v["pieces"], v["content"]
         assert d.leaves[0].hex() == v["first_leaf"] and d.leaves[-1].hex() == v["last_leaf"]
         assert d.sha1 == hashlib.sha1(data).hexdigest() and d.size == v["size"]
         p = prv.create_pointer(path, block_size=65536)
         assert p.tree == prv.TreeRef(v["root"], 65536)
+        assert prv.create_pointer(path).tree == p.tree  # 64 KiB pieces are the default
         assert prv.file_matches(path, p) == (True, "")
         if v["size"] == 40 * 65536:  # the same bytes as a 1 MiB tree: another root
-            assert prv.digest_file(path).root == doc["same_40_piece_content_with_1MiB_blocks_root"]
+            v1 = prv.digest_file(path, block_size=tree.BLOCK_SIZE).root
+            assert v1 == doc["same_40_piece_content_with_1MiB_blocks_root"]
 
 
 def test_digest_file_blocks_larger_than_a_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,6 +49,36 @@ def test_tree_vectors_64k(fixtures_dir: Path) -> None:
             tree.verify_leaves(leaves, v["size"], v["root"], 1 << 17)
 
 
+def test_tree_builder_matches_the_level_by_level_tree(fixtures_dir: Path) -> None:
+    """TreeBuilder (leaves folded as they come, O(log n) memory) gives the same root as
+    pairing whole levels, for every leaf count up to 300 (odd nodes at many levels) and for
+    the 64 KiB vectors; it refuses a leaf count that does not fit the size."""
+    rng = random.Random(3)
+    for n in range(1, 301):
+        leaves = [rng.randbytes(32) for _ in range(n)]
+        b = tree.TreeBuilder()
+        for leaf in leaves:
+            b.add(leaf)
+        size = n * 4096 - 1
+        assert b.root(size, 4096) == tree.root_from_leaves(leaves, size, 4096), n
+    doc = json.loads((fixtures_dir / "tree-vectors-64k.json").read_text())
+    period = bytes((31 * i + 7) % 251 for i in range(251))
+    for v in doc["vectors"]:
+        data = (period * (v["size"] // 251 + 1))[: v["size"]]
+        b = tree.TreeBuilder()
+        for leaf in tree.tree_of_bytes(data, 65536)[0]:
+            b.add(leaf)
+        assert b.root(v["size"], 65536) == v["root"], v["content"]
+        with pytest.raises(VerificationError, match="leaves for a file"):
+            b.root(v["size"] + 2 * 65536, 65536)
+    with pytest.raises(ValueError):
+        tree.TreeBuilder().top()
+
+
+def test_default_block_size_is_64k() -> None:
+    assert tree.DEFAULT_BLOCK_SIZE == 65536 and tree.BLOCK_SIZE == 1 << 20
+
+
 def test_three_blocks_by_hand() -> None:
     """The worked example of docs/hash-tree.md, computed straight from the definition."""
     bs = tree.BLOCK_SIZE
