@@ -521,7 +521,9 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
         from kbfs.piececache import PieceCache  # a mount of v1 pointers only never loads it
 
         block_cache.capacity = capacity - capacity // 2   # the configured size is shared
-        return PieceCache(os.path.join(opts.settings.cache_dir, "pieces"), fetcher, capacity // 2)
+        # read_around: neighbourhoods after local misses (kbfs/readahead2.py ReadAround).
+        return PieceCache(os.path.join(opts.settings.cache_dir, "pieces"), fetcher, capacity // 2,
+                          read_around=True)
 
     piece_reads = PieceReads(block_cache, make_pieces)
 

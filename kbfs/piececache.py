@@ -45,7 +45,7 @@ from kbfs import catalog
 from kbfs.errors import CacheError, KbfsError, SourceError, VerificationError
 from kbfs.flights import Flight, Flights
 from kbfs.piecestore import PieceStore
-from kbfs.readahead2 import LinkEstimate, Streams
+from kbfs.readahead2 import LinkEstimate, ReadAround, Streams
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,15 @@ class PieceCache:
 
     def __init__(self, directory: str, source: PieceSource, capacity: int,
                  min_free: int = 1 << 30, workers: int = 16, *, min_ahead: int = 4 << 20,
-                 max_ahead: int = 64 << 20, flush_interval: float = 1.0) -> None:
+                 max_ahead: int = 64 << 20, flush_interval: float = 1.0, read_around: bool = False) -> None:
         self.store = PieceStore(directory, capacity, min_free, flush_interval)
         self.source = source
         self.workers = workers
         self.link = LinkEstimate(min_ahead, max_ahead)
         self.flights = Flights()
         self.streams = Streams()
+        # Neighbourhoods after local misses (h5py's metadata); the mount turns it on.
+        self.around = ReadAround() if read_around and ReadAround.enabled() else None
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kbfs-piece")
         self._lock = threading.Lock()
         self._known: OrderedDict[str, dict[Node, bytes]] = OrderedDict()
@@ -116,6 +118,8 @@ class PieceCache:
         data = self.store.read(key, offset, end - offset)
         self._count(reads=1, hits=data is not None, misses=data is None)
         self._read_ahead(ref, offset, end)
+        if self.around is not None:
+            self._read_around(ref, first, last, data is None)
         if data is None:
             data = self._fetch_and_assemble(ref, offset, end, first, last)
         self._count(bytes_served=len(data))
@@ -192,6 +196,15 @@ class PieceCache:
         plan = self.streams.plan(ref.key, offset, end, ref.block_size, n, window, run)
         if plan is not None:
             self._start(ref, self.store.missing(ref.key, plan[0], plan[1] - 1), run, run)
+
+    def _read_around(self, ref: ContentRef, first: int, last: int, maybe_miss: bool) -> None:
+        """kbfs.readahead2.ReadAround's hook: on a true miss, its neighbourhood in the background."""
+        miss = maybe_miss and any(not self.flights.in_flight(ref.key, i)
+                                  for i in self.store.missing(ref.key, first, last - 1))
+        n = catalog.piece_count(ref.size, ref.block_size)
+        plan = self.around.plan(ref.key, first, last, miss, n, self.link, ref.block_size) if self.around else None
+        if plan is not None:
+            self._start(ref, self.store.missing(ref.key, plan[0], plan[1] - 1), RUN_MAX, 1)
 
     def _run_pieces(self, window: int, bs: int) -> int:
         """Pieces per read-ahead request: a power of two in [RUN_MIN, RUN_MAX], so that the
@@ -303,6 +316,8 @@ class PieceCache:
         stats.update(window=self.link.window(), bandwidth=self.link.bandwidth, delay=self.link.delay,
                      pieces_in_flight=self.flights.pieces_in_flight(), stream_jumps=self.streams.jumps,
                      store=self.store.statistics())
+        if self.around is not None:
+            stats.update(around_planned=self.around.planned, around_used=self.around.used)
         return stats
 
     def _count(self, **amounts: int) -> None:

@@ -40,13 +40,33 @@ what the stream already scheduled up to that allowance past its end, ending at a
 of `run` pieces, only once at least a whole run is free (so requests go out in full,
 aligned runs, not a piece at a time).
 
+`ReadAround` is the policy for a reader that is not a stream but reads *near* where it read
+before (h5py's and MATLAB's scattered metadata: an object header, then its B-tree node a
+few pieces on, then a chunk a few dozen pieces on, then the next header). On a true miss
+(a piece neither stored nor in flight) that lands within `LOCAL_SPAN` pieces of one of the
+content's recent misses, it asks for the link-sized neighbourhood after the reader's
+pieces: [last, last + K) with K = GAIN x bandwidth x delay in pieces (what the link carries
+in about two round trips, so it arrives in time for the reader's next dependent reads),
+at least `AROUND_MIN`. The caller fetches the reader's own pieces in their own request, and
+the neighbourhood in parallel requests: the reader never waits for bytes it did not ask
+for. A miss far from every recent one (a random reader: a 4 KiB read somewhere in a big
+file; the first read of a file) gets nothing around it, so random reads stay one piece
+per round trip. Each content keeps a score: a neighbourhood later read from (a hit or a
+joined flight) nets one, one never read from costs one (charged when it is planned), so a
+content whose neighbourhoods go unread stops getting them even when its misses are local
+(below `SCORE_MIN`), and one whose neighbourhoods keep paying gets them for far misses too
+(score above 0). Measured in docs/benchmarks.md ("read-around"): bench_wan's h5py A/B.
+`KBFS_READ_AROUND=0` in the environment turns it off (for that A/B).
+
 Not here: what is present or in flight (the caller filters the plan through the store and
 its flights), the fetching itself, several streams' windows sharing one link (each stream
-gets the whole window).
+gets the whole window), memory across processes of which regions were hot (a fresh cache
+starts with no history).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -59,6 +79,11 @@ MIN_READS = 3          # reads of one extent before it is a stream
 MIN_PIECES = 2         # ... and pieces it must cover more than
 STREAMS_PER_CONTENT = 4
 CONTENTS = 256
+AROUND_MIN = 4         # pieces: the smallest neighbourhood a local miss gets
+LOCAL_SPAN = 64        # pieces: a miss this close to a recent miss of its content is local
+RECENT_MISSES = 8      # misses remembered per content
+AROUND_REGIONS = 8     # neighbourhoods per content watched for being read
+SCORE_MIN, SCORE_MAX = -4, 4
 
 
 @dataclass
@@ -186,6 +211,77 @@ class Streams:
         streams.remove(s)
         streams.append(s)   # the most recently used last
         return s
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_key.clear()
+
+
+@dataclass
+class _Region:
+    first: int
+    last: int
+    used: bool = False
+
+
+@dataclass
+class _Near:
+    """One content's recent true misses and the neighbourhoods planned for it."""
+
+    misses: deque[int]
+    regions: deque[_Region]
+    score: int = 0
+
+
+class ReadAround:
+    """Neighbourhoods after local misses of non-sequential readers; see the module docstring."""
+
+    def __init__(self, min_pieces: int = AROUND_MIN, local_span: int = LOCAL_SPAN) -> None:
+        if min_pieces < 1 or local_span < 0:
+            raise ValueError("need min_pieces >= 1 and local_span >= 0")
+        self.min_pieces, self.local_span = min_pieces, local_span
+        self._lock = threading.Lock()
+        self._by_key: OrderedDict[str, _Near] = OrderedDict()
+        self.planned = 0   # neighbourhoods handed out
+        self.used = 0      # ... of which a later read used a piece
+
+    @staticmethod
+    def enabled() -> bool:
+        """False when KBFS_READ_AROUND=0 (a benchmark's A/B switch)."""
+        return os.environ.get("KBFS_READ_AROUND", "1").strip() != "0"
+
+    def plan(self, key: str, first: int, last: int, miss: bool, pieces: int, link: LinkEstimate,
+             piece_size: int) -> tuple[int, int] | None:
+        """Note a read of pieces [FIRST, LAST) of KEY (MISS: one of them was neither stored
+        nor in flight); the pieces [lo, hi) to fetch around it, or None."""
+        with self._lock:
+            st = self._by_key.get(key)
+            if st is None:
+                st = self._by_key[key] = _Near(deque(maxlen=RECENT_MISSES), deque(maxlen=AROUND_REGIONS))
+                while len(self._by_key) > CONTENTS:
+                    self._by_key.popitem(last=False)
+            self._by_key.move_to_end(key)
+            for r in st.regions:
+                if not r.used and r.first < last and first < r.last:
+                    r.used = True
+                    self.used += 1
+                    st.score = min(SCORE_MAX, st.score + 2)   # refunds its cost and earns one
+            if not miss:
+                return None
+            local = any(abs(first - q) <= self.local_span or abs(last - 1 - q) <= self.local_span
+                        for q in st.misses)
+            st.misses.append(first)
+            if not (st.score > 0 or (local and st.score > SCORE_MIN)):
+                return None
+            want = min(GAIN * link.bandwidth * link.delay, link.max_window)
+            k = max(self.min_pieces, int(want // piece_size))
+            lo, hi = last, min(pieces, last + k)
+            if hi <= lo:
+                return None
+            st.score -= 1
+            st.regions.append(_Region(lo, hi))
+            self.planned += 1
+            return lo, hi
 
     def clear(self) -> None:
         with self._lock:
