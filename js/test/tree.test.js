@@ -1,0 +1,132 @@
+// tree.js against the format's own vectors (tests/fixtures, the same files tests/test_tree.py
+// and tests/test_proof.py check kbfs/tree.py and kbfs/proof.py with) and hostile proofs.
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { test } from 'node:test';
+
+import {
+  Shape, leafHash, nodeHash, proofNodes, rootFromLeaves, rootHash, toHex, fromHex,
+  verifyBelow, verifyRange, lowestKnown,
+} from '../tree.js';
+
+const fixtures = new URL('../../tests/fixtures/', import.meta.url);
+const vectors = (name) => JSON.parse(readFileSync(new URL(name, fixtures), 'utf8'));
+
+const formula = (n) => {
+  const out = new Uint8Array(n);
+  for (let i = 0; i < n; i++) out[i] = (31 * i + 7) % 251;
+  return out;
+};
+
+function levels(data, bs) {
+  const shape = new Shape(data.length, bs);
+  const rows = [[]];
+  for (let i = 0; i < shape.leaves; i++) rows[0].push(leafHash(data.subarray(i * bs, Math.min((i + 1) * bs, data.length))));
+  while (rows[rows.length - 1].length > 1) {
+    const prev = rows[rows.length - 1];
+    const up = [];
+    for (let i = 0; i + 1 < prev.length; i += 2) up.push(nodeHash(prev[i], prev[i + 1]));
+    if (prev.length % 2) up.push(prev[prev.length - 1]);
+    rows.push(up);
+  }
+  return { shape, rows, root: rootHash(shape.size, bs, rows[rows.length - 1][0]) };
+}
+
+// The honest proof of [a, b) below ANCHOR, from the full levels.
+function makeProof(t, a, b, anchor = null) {
+  const nodes = proofNodes(t.shape, a, b, anchor);
+  const out = new Uint8Array(32 * nodes.length);
+  nodes.forEach(([l, j], k) => out.set(l < t.rows.length ? t.rows[l][j] : t.rows[t.rows.length - 1][0], 32 * k));
+  return out;
+}
+
+test('1 MiB vectors: leaves and roots as kbfs/tree.py', () => {
+  const v = vectors('tree-vectors.json');
+  for (const c of v.vectors) {
+    const data = new Uint8Array(c.size).fill(c.byte);
+    const t = levels(data, v.block_size);
+    assert.equal(t.rows[0].length, c.blocks, c.content);
+    assert.equal(toHex(t.rows[0][0]), c.first_leaf, c.content);
+    assert.equal(toHex(rootFromLeaves(t.shape, t.rows[0])), c.root, c.content);
+  }
+});
+
+test('64 KiB vectors: leaves, group nodes and roots as kbfs/proof.py', () => {
+  const v = vectors('tree-vectors-64k.json');
+  for (const c of v.vectors) {
+    const t = levels(formula(c.size), 65536);
+    assert.equal(t.shape.leaves, c.pieces, c.content);
+    assert.equal(toHex(t.rows[0][0]), c.first_leaf);
+    assert.equal(toHex(t.rows[0][t.rows[0].length - 1]), c.last_leaf);
+    assert.equal(toHex(t.root), c.root, c.content);
+    if (c.group_nodes_level4) {
+      const l4 = t.rows.length > 4 ? t.rows[4] : [t.rows[t.rows.length - 1][0]];
+      assert.deepEqual(l4.map(toHex), c.group_nodes_level4, c.content);
+    }
+  }
+  const forty = levels(formula(2621440), 1 << 20);
+  assert.equal(toHex(forty.root), v.same_40_piece_content_with_1MiB_blocks_root);
+});
+
+test('docs/pieces.md five-piece example: proof nodes in order, root', () => {
+  const t = levels(formula(4 * 65536 + 10), 65536);
+  assert.equal(toHex(t.root), 'd81e18b26d86434fd2cdd8555b6623910763843efe0aeddfd7a78b62a6d55ce9');
+  assert.deepEqual(proofNodes(t.shape, 2, 3), [[1, 0], [0, 3], [2, 1]]);
+  assert.deepEqual(proofNodes(t.shape, 0, 1), [[0, 1], [1, 1], [2, 1]]);
+  assert.deepEqual(proofNodes(t.shape, 1, 3), [[0, 0], [0, 3], [2, 1]]);
+  assert.deepEqual(proofNodes(t.shape, 4, 5), [[2, 0]]);
+  assert.deepEqual(proofNodes(t.shape, 0, 5), []);
+});
+
+test('every range of several shapes verifies; any flipped byte, node, length or position fails', () => {
+  for (const size of [1, 65536, 65537, 5 * 65536 + 10, 17 * 65536 + 3, 40 * 65536]) {
+    const data = formula(size);
+    const t = levels(data, 65536);
+    const n = t.shape.leaves;
+    for (let a = 0; a < n; a++) {
+      for (let b = a + 1; b <= n; b += Math.max(1, Math.floor(n / 5))) {
+        const [s, e] = t.shape.byteSpan(a, b);
+        const body = data.subarray(s, e);
+        const pf = makeProof(t, a, b);
+        verifyRange(t.root, t.shape, a, b, body, pf);
+        const bad = body.slice();
+        bad[bad.length - 1] ^= 1;
+        assert.throws(() => verifyRange(t.root, t.shape, a, b, bad, pf), /do not hash up/);
+        assert.throws(() => verifyRange(t.root, t.shape, a, b, body.subarray(1), pf), /bytes; got/);
+        if (pf.length) {
+          const badp = pf.slice();
+          badp[0] ^= 1;
+          assert.throws(() => verifyRange(t.root, t.shape, a, b, body, badp), /do not hash up/);
+          assert.throws(() => verifyRange(t.root, t.shape, a, b, body, pf.subarray(32)), /proof of pieces/);
+        }
+        if (b < n) {
+          // the same bytes claimed one piece later: wrong position
+          assert.throws(() => verifyRange(t.root, t.shape, a + 1, b + 1, body, makeProof(t, a + 1, b + 1)));
+        }
+      }
+    }
+    // another size or block size under the same top: the root binds both
+    const other = new Shape(size + 1, 65536);
+    if (other.leaves === n) assert.throws(() => verifyRange(t.root, other, 0, n, data.slice(0, size), new Uint8Array(0)));
+  }
+});
+
+test('proofs below a verified node are shorter and checked against it', () => {
+  const data = formula(40 * 65536);
+  const t = levels(data, 65536);
+  const first = verifyRange(t.root, t.shape, 0, 1, data.subarray(0, 65536), makeProof(t, 0, 1));
+  const known = new Map([...first].filter(([k]) => Number(k.split('.')[0]) >= 4));
+  const [anchor, h] = lowestKnown(known, t.shape, 3, 4);
+  assert.deepEqual(anchor, [4, 0]);
+  const below = makeProof(t, 3, 4, anchor);
+  assert.ok(below.length < makeProof(t, 3, 4).length);
+  verifyBelow(t.shape, anchor, h, 3, 4, data.subarray(3 * 65536, 4 * 65536), below);
+  const wrong = h.slice();
+  wrong[0] ^= 1;
+  assert.throws(() => verifyBelow(t.shape, anchor, wrong, 3, 4, data.subarray(3 * 65536, 4 * 65536), below));
+});
+
+test('hex helpers', () => {
+  assert.equal(toHex(fromHex('00ff10')), '00ff10');
+  assert.throws(() => fromHex('0'));
+});
