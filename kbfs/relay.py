@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from starlette.routing import Route, Router, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from kbfs import httpserve, protocol, prv, tree
+from kbfs import httpserve, protocol, prv, tree, webui
 from kbfs.errors import BadRequest, ConfigError, NotFound
 from kbfs.httpserve import Endpoint, HttpError, Receive, Scope, Send, header, send_json
 
@@ -253,11 +253,13 @@ class Relay:
             Route("/api/find/{sha1}", Endpoint(self._find), methods=get),
             Route("/sha1/{sha1}", Endpoint(self._sha1), methods=get),
             Route("/tree/{sha1}", Endpoint(self._tree), methods=get),
-            Route("/s/{share}/list", Endpoint(self._list), methods=get),
-            Route("/s/{share}/list/{path:path}", Endpoint(self._list), methods=get),
+            # a browser's navigation to a listing URL gets the web page (kbfs/webui.py)
+            Route("/s/{share}/list", Endpoint(webui.html_or(self._list)), methods=get),
+            Route("/s/{share}/list/{path:path}", Endpoint(webui.html_or(self._list)), methods=get),
             Route("/s/{share}/file/{path:path}", Endpoint(self._file), methods=get),
             Route("/_upload/{token}", Endpoint(self._upload), methods=["POST"]),
             WebSocketRoute(protocol.CONTROL_PATH, self._control),
+            *webui.routes(),
         ])
 
     def add_identity(self, url: str) -> None:

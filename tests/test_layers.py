@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kbfs"
 
 L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "piecefile", "catalog", "flights", "readahead2",
       "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread"}
-L1 = {"index", "httpserve", "piecestore"}
+L1 = {"index", "httpserve", "piecestore", "webui"}
 L2 = {"share", "relay", "fetch", "cache", "piececache"}
 L3 = {"fusefs", "reader"}
 L4 = {"mount", "client", "cli", "cliutil", "__main__", "demo", "bulk"}
