@@ -225,7 +225,8 @@ class Mounts:
         base = self.work / f"{kind}-{self.n}"
         base.mkdir()
         if kind in self.pointers:
-            m = start_mount(str(self.pointers[kind]), base, relays=[self.reader_url], extra=["--no-local"])
+            m = start_mount(str(self.pointers[kind]), base, relays=[self.reader_url], extra=["--no-local"],
+                            env_extra=MOUNT_ENV.get(kind))
             key = hashlib.sha1(os.path.abspath(m.mountpoint).encode()).hexdigest()[:16]
             self.status_file = base / "run" / "mounts" / f"{key}.json"  # isolated_env's runtime dir
             self.pid = m.pid
@@ -429,8 +430,13 @@ def timed_run(cmd: list[str], env: dict[str, str], out: Path, want: str, timeout
 # one run over one pair of links
 
 
-KBFS = ("kbfs", "kbfs2")  # the mount of v1 pointers (1 MiB blocks) and of v2 ones (64 KiB pieces)
+# The mount of v1 pointers (1 MiB blocks), of v2 ones (64 KiB pieces), and of v2 ones with
+# read-around off (KBFS_READ_AROUND=0: the A/B of kbfs/readahead2.py's ReadAround, for the
+# random, first-byte and h5py phases only).
+KBFS = ("kbfs", "kbfs2", "kbfs2off")
 MOUNTS = (*KBFS, "rclone")
+SEQ_MOUNTS = ("kbfs", "kbfs2", "rclone")
+MOUNT_ENV = {"kbfs2off": {"KBFS_READ_AROUND": "0"}}
 
 
 def run_links(name: str, base: Path, data: Path, sums: dict[str, str], trees: dict[str, dict[str, Any]],
@@ -461,11 +467,11 @@ def run_links(name: str, base: Path, data: Path, sums: dict[str, str], trees: di
         """What the status says of the piece cache (a v2 read that fell back shows here)."""
         pc = st.get("pieces") or {}
         keep = ("reads", "misses", "fetches", "pieces_fetched", "readahead_fetches", "joined",
-                "fallback_contents", "fallback_reads")
+                "around_planned", "around_used", "fallback_contents", "fallback_reads")
         return {k: pc[k] for k in keep if k in pc}
 
     with kbfs_wan(data, work, link_a, link_b) as kb, nginx_wan(data, work, link_a, link_b) as nginx_url:
-        pointers = {"kbfs": work / "pointers", "kbfs2": work / "pointers64"}
+        pointers = {"kbfs": work / "pointers", "kbfs2": work / "pointers64", "kbfs2off": work / "pointers64"}
         write_pointers(kb, pointers["kbfs"])
         write_pointers(kb, pointers["kbfs2"], trees)
         mounts = Mounts(work, pointers, kb.reader_url, nginx_url)
@@ -491,7 +497,7 @@ def run_links(name: str, base: Path, data: Path, sums: dict[str, str], trees: di
                     since = time.time()
                     return {"fresh": fresh, "first": firsts, "random": times, "random_requests": reqs,
                             "first_requests": (c1 - c0) if kind in KBFS else None,
-                            "pieces": pieces_of(mounts.status(since)) if kind == "kbfs2" else None}
+                            "pieces": pieces_of(mounts.status(since)) if kind.startswith("kbfs2") else None}
             phase(f"{kind}_small", 60 + args.random * 3 * slow, small)
         for rnd in range(args.h5_rounds):
             for kind in MOUNTS if rnd % 2 == 0 else MOUNTS[::-1]:
@@ -502,9 +508,9 @@ def run_links(name: str, base: Path, data: Path, sums: dict[str, str], trees: di
                         since = time.time()
                         return {"seconds": secs, "requests": count() - c0 if kind in KBFS else None,
                                 "daemon_cpu_s": round(proc_cpu(mounts.pid) - p0, 2) if kind in KBFS else None,
-                                "pieces": pieces_of(mounts.status(since)) if kind == "kbfs2" else None}
+                                "pieces": pieces_of(mounts.status(since)) if kind.startswith("kbfs2") else None}
                 phase(f"{kind}_h5_{rnd}", 60 + 6 * slow, h5)
-        for kind in MOUNTS:
+        for kind in SEQ_MOUNTS:
             def seq(kind: str = kind) -> float:
                 with mounts.fresh(kind) as mnt:
                     c0, s0 = proc_cpu(mounts.pid) if kind in KBFS else 0.0, servers()
@@ -612,7 +618,7 @@ def table(r: dict[str, Any]) -> str:
     kh = {k: _vals(r, f"{k}_h5_", "seconds") for k in MOUNTS}
     if kh["rclone"]:
         rm = statistics.median(kh["rclone"])
-        h1, h2 = (statistics.median(kh[k]) if kh[k] else None for k in KBFS)
+        h1, h2 = (statistics.median(kh[k]) if kh[k] else None for k in ("kbfs", "kbfs2"))
         row(f"h5py: open, slice 40 datasets (median of {len(kh['rclone'])})", h1, h2, rm,
             lambda v: f"{v:.2f} s", f"rclone {rm:.2f} s", "<= 0.4x rclone", lambda v: v / rm <= 0.4,
             lambda v: v / rm)
@@ -634,6 +640,28 @@ def table(r: dict[str, Any]) -> str:
             f"curl {cm:.2f} s = {mb / cm:.1f} MB/s ({mb / cm / narrow * 1e6:.0%})", ">= 0.95x curl",
             lambda v: cm / v >= 0.95, lambda v: cm / v)
     return "\n".join(rows)
+
+
+def ab_table(r: dict[str, Any]) -> str:
+    """Read-around on ("kbfs2") against off ("kbfs2off"), v2 pointers, same run."""
+    rows = [f"| read-around A/B ({r['name']}), v2 mount | on | off | on / off |", "| --- | ---: | ---: | ---: |"]
+
+    def add(measure: str, on: float | None, off: float | None, fmt: Callable[[float], str]) -> None:
+        if on is None or off is None:
+            return
+        rows.append(f"| {measure} | {fmt(on)} | {fmt(off)} | {on / off:.2f}x |")
+
+    son, soff = r.get("kbfs2_small"), r.get("kbfs2off_small")
+    if son and soff:
+        add("random 4 KiB cold, p50", statistics.median(son["random"]), statistics.median(soff["random"]), _rtt)
+        add("random 4 KiB cold, p90", _pct(son["random"], 0.9), _pct(soff["random"], 0.9), _rtt)
+        add("first byte, median", statistics.median(son["first"]), statistics.median(soff["first"]), _rtt)
+    hon, hoff = _vals(r, "kbfs2_h5_", "seconds"), _vals(r, "kbfs2off_h5_", "seconds")
+    if hon and hoff:
+        add(f"h5py, median of {len(hon)}", statistics.median(hon), statistics.median(hoff), lambda v: f"{v:.2f} s")
+        add("h5py, best", min(hon), min(hoff), lambda v: f"{v:.2f} s")
+        add("h5py, worst", max(hon), max(hoff), lambda v: f"{v:.2f} s")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def main() -> int:
@@ -681,6 +709,11 @@ def main() -> int:
               f"{r['load_after']:.1f} after.")
         print()
         print(table(r))
+        ab = ab_table(r)
+        if ab:
+            print()
+            print(ab)
+            print()
         for err in r["errors"]:
             print(f"- failed: {err}")
         if "round_trips" in r:
