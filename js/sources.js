@@ -83,8 +83,9 @@ export class Relays {
       } catch {
         await cancel(res);
       }
-      const msg = res.status === 401 ? 'private share: give its token'
-        : res.status === 403 ? 'did not accept the token given'
+      // A relay answers 401 to a private share's listing for a token it does not accept too.
+      const msg = (res.status === 401 && h.Authorization) || res.status === 403 ? 'did not accept the token given'
+        : res.status === 401 ? 'private share: give its token'
           : `HTTP ${res.status}`;
       throw new HTTPStatusError(res.status, detail ? `${msg} (${String(detail).slice(0, 200)})` : msg);
     }
