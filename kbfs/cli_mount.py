@@ -264,17 +264,14 @@ _cache_dir_option = click.option(
 
 
 def _open_cache(cache_dir: str | None, relays: tuple[str, ...] = (), timeout: float = 10.0) -> Any:
-    from kbfs import cache as kcache
     from kbfs.fetch import Fetcher
+    from kbfs.piececache import PieceCache
 
     settings = config.load_settings(relays=list(relays), cache_dir=cache_dir)
     fetcher = Fetcher(settings.relays, timeout=timeout, local_dirs=settings.search_dirs,
                       direct=settings.direct)
-    return (
-        settings,
-        fetcher,
-        kcache.BlockCache(settings.cache_dir, fetcher, settings.resolved_cache_size()),
-    )
+    pieces = os.path.join(settings.cache_dir, "pieces")  # kbfs.client.PIECES_DIR
+    return settings, fetcher, PieceCache(pieces, fetcher, settings.resolved_cache_size())
 
 
 @cache_group.command("stats")
@@ -285,6 +282,9 @@ def cache_stats(cache_dir: str | None, as_json: bool) -> None:
     settings, fetcher, block_cache = _open_cache(cache_dir)
     try:
         stats = block_cache.statistics()
+        store = stats.pop("store", {})
+        stats.update(used=store.get("used", 0), capacity=store.get("capacity", 0),
+                     contents=store.get("contents", 0))
     finally:
         block_cache.close()
         fetcher.close()
@@ -315,18 +315,17 @@ def cache_clear(cache_dir: str | None, force: bool) -> None:
             f"{settings.cache_dir} is used by the mount at {users[0]['mountpoint']}; "
             "unmount it first or use --force"
         )
-    _, fetcher, block_cache = _open_cache(cache_dir)
+    _, fetcher, block_cache = _open_cache(cache_dir)   # discards an old block cache too
     try:
         block_cache.clear()
+        import shutil
+
+        from kbfs import cachefiles
+
+        shutil.rmtree(cachefiles.copies_dir(block_cache), ignore_errors=True)  # realize's copies
     finally:
         block_cache.close()
         fetcher.close()
-    pieces_dir = os.path.join(settings.cache_dir, "pieces")  # v2 content (kbfs.client.PIECES_DIR)
-    if os.path.isdir(pieces_dir):
-        from kbfs.piecestore import PieceStore
-
-        with PieceStore(pieces_dir, settings.resolved_cache_size()) as store:
-            store.clear()
     click.echo(f"cleared {settings.cache_dir}")
 
 

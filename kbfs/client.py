@@ -61,13 +61,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from kbfs import protocol, prv, tree
-from kbfs.cache import DIRECT_ALIGN, BlockCache, FileRef, anonymous_memory
+from kbfs import cachefiles, protocol, prv, tree
+from kbfs.buffers import DIRECT_ALIGN, anonymous_memory
 from kbfs.config import Settings, load_settings
 from kbfs.errors import (
     BadRequest,
@@ -78,7 +77,9 @@ from kbfs.errors import (
     SourceError,
     VerificationError,
 )
-from kbfs.reader import KbfsFile, PieceReads, takes_pieces
+from kbfs.fileref import FileRef
+from kbfs.piececache import PieceCache
+from kbfs.reader import KbfsFile, takes_pieces
 
 if TYPE_CHECKING:
     from kbfs.fetch import Fetcher
@@ -452,27 +453,10 @@ class _Router:
 class _Shared:
     """What every Client of one cache folder shares (a plain class: see `_Tally`)."""
 
-    def __init__(self, cache: BlockCache, router: _Router, state: _State,
-                 pieces: PieceReads) -> None:
+    def __init__(self, cache: PieceCache, router: _Router, state: _State) -> None:
         self.cache = cache
         self.router = router
         self.state = state
-        self.pieces = pieces
-
-
-def _make_pieces(blocks: BlockCache, source: Any, cache_dir: str) -> Callable[[], Any]:
-    """The factory of a cache folder's piece cache (`PieceReads` calls it on the first v2
-    read): `CACHE_DIR/pieces/`, half the block cache's capacity, the other half left to the
-    block cache (the configured size is shared, not doubled)."""
-
-    def make() -> Any:
-        from kbfs.piececache import PieceCache  # only v2 readers pay for it
-
-        total = blocks.capacity
-        blocks.capacity = total - total // 2
-        return PieceCache(os.path.join(cache_dir, PIECES_DIR), source, total // 2)
-
-    return make
 
 
 _shared_lock = threading.Lock()
@@ -486,10 +470,9 @@ def _shared_for(settings: Settings) -> _Shared:
         sh = _shared.get(settings.cache_dir)
         if sh is None:
             router = _Router(settings.search_dirs, settings.direct)
-            cache = BlockCache(settings.cache_dir, router, settings.resolved_cache_size())
-            pieces = PieceReads(cache, _make_pieces(cache, router, settings.cache_dir))
-            sh = _Shared(cache, router, _State(os.path.join(settings.cache_dir, STATE_FILE)),
-                         pieces)
+            cache = PieceCache(os.path.join(settings.cache_dir, PIECES_DIR), router,
+                               settings.resolved_cache_size())
+            sh = _Shared(cache, router, _State(os.path.join(settings.cache_dir, STATE_FILE)))
             _shared[settings.cache_dir] = sh
         return sh
 
@@ -501,10 +484,6 @@ def _close_all() -> None:
         _shared.clear()
         _clients.clear()
     for sh in shared:
-        try:
-            sh.pieces.close()
-        except Exception as exc:  # noqa: BLE001 - closing at exit must not mask the real outcome
-            log.debug("closing piece cache: %s", exc)
         try:
             sh.cache.close()
         except Exception as exc:  # noqa: BLE001 - closing at exit must not mask the real outcome
@@ -569,14 +548,13 @@ class Client:
         self.settings = settings
         sh = _shared_for(settings)
         self.cache = sh.cache
-        self.pieces = sh.pieces
+        self.pieces = sh.cache    # the same one cache (older callers named it so)
         self._router = sh.router
         self._state = sh.state
 
-    def reads_of(self, ref: FileRef) -> BlockCache | PieceReads:
-        """The cache REF is read through: the piece cache's for v2 content, else the block
-        cache (see the module docstring)."""
-        return self.pieces if takes_pieces(ref) else self.cache
+    def reads_of(self, ref: FileRef) -> PieceCache:
+        """The cache REF is read through: the one piece cache, for every pointer kind."""
+        return self.cache
 
     @property
     def fetcher(self) -> Fetcher:
@@ -764,11 +742,7 @@ class Client:
             if copies:
                 return copies[0]
         self._check_sources(r, whole=True)
-        self.cache.open_file(r.ref)
-        try:
-            return self.cache.local_path(r.ref)
-        finally:
-            self.cache.close_file(r.ref)
+        return cachefiles.local_path(self.cache, r.ref)
 
     def locate(self, source: str | os.PathLike[str] | Resolved) -> Location:
         """Every place SOURCE's content can be had from, without fetching any of it."""
@@ -821,14 +795,7 @@ class Client:
         if copies:
             with _atomic_output(target) as fd, builtins.open(copies[0], "rb") as src:
                 _copy_range(src.fileno(), fd, 0, r.ref.size, progress)
-        elif r.ref.root is None:
-            # No root vouches for any tree: the cache checks the whole-file SHA-1 before
-            # any byte counts, so these go through the cache (see _fetch_legacy).
-            with _atomic_output(target) as fd:
-                before = self.cache.statistics().get("bytes_fetched", 0)
-                self._fetch_legacy(r.ref, fd, workers, progress)
-                tally.fetched = self.cache.statistics().get("bytes_fetched", 0) - before
-        elif takes_pieces(r.ref):
+        elif r.ref.root is None or takes_pieces(r.ref):
             tally = self._download_pieces(r.ref, target, progress)
         else:
             tally = self._download_blocks(r.ref, target, workers, progress)
@@ -837,17 +804,20 @@ class Client:
 
     def _download_pieces(self, ref: FileRef, target: str,
                          progress: Callable[[int], None] | None) -> _Tally:
-        """Fill TARGET with v2 REF's bytes, read through the piece cache in sequential
-        chunks of PIECE_DOWNLOAD_CHUNK (every piece verified by proof against the root, or by
-        the leaf list on the fall-back), written to a temporary file renamed into place once
-        the whole file matched the pointer's SHA-1 too.
+        """Fill TARGET with REF's bytes (v2, or root-less), read through the piece cache in
+        sequential chunks of PIECE_DOWNLOAD_CHUNK (every piece verified by proof against the
+        root, or by the leaf list), written to a temporary file renamed into place once the
+        whole file matched the pointer's SHA-1 too.
+
+        Root-less REF that never matched its SHA-1: the cache's whole-file pass hands its
+        bytes straight to the file as they come (one fetch, whatever the cache's size).
 
         Resuming: pieces fetched by a failed or interrupted run are in the piece cache and
         are read from there (the result's `cached_before`); no part file is kept."""
-        import hashlib  # v2 downloads only: a cached v1 download never loads it
+        import hashlib  # these downloads only: a cached v1 download never loads it
 
         tally = _Tally()
-        reads = self.pieces
+        reads = self.cache
         reported = 0
         before = reads.statistics().get("bytes_fetched", 0)
         digest = hashlib.sha1()
@@ -855,6 +825,14 @@ class Client:
         try:
             with _atomic_output(target) as fd:
                 os.ftruncate(fd, ref.size)
+
+                def sink(offset: int, data: memoryview) -> None:
+                    _pwrite_all(fd, data, offset)
+                    if progress is not None:
+                        progress(len(data))
+
+                if ref.root is None and reads.check_whole(ref, sink):
+                    return tally   # the pass matched the SHA-1 over exactly these bytes
                 pos = 0
                 while pos < ref.size:
                     n = min(PIECE_DOWNLOAD_CHUNK, ref.size - pos)
@@ -970,7 +948,7 @@ class Client:
         # for the disk). Memory: (workers + 1) runs.
         free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for _ in range(n_workers + 1):
-            free.put(anonymous_memory(min(run_blocks * bs, ref.size), huge_pages=False))
+            free.put(anonymous_memory(min(run_blocks * bs, ref.size)))
         writes: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
         results: queue.SimpleQueue[tuple[int, BaseException | None]] = queue.SimpleQueue()
         stop = threading.Event()
@@ -1049,80 +1027,19 @@ class Client:
 
     def _copy_cached(self, ref: FileRef, fd: int, todo: list[int], lock: threading.Lock,
                      progress: Callable[[int], None] | None, tally: _Tally) -> list[int]:
-        """Copy the blocks of TODO present in the cache into FD; return those still
-        missing, in order.
-
-        One thread: the copy is the kernel's (copy_file_range, as `cp` does), serialized
-        on the file's inode lock; two threads copying measured no faster, and without
-        LOCK they spun on that inode lock (more CPU, same time)."""
+        """Copy the blocks of TODO present in the piece cache into FD; return those still
+        missing, in order. One thread: writers of one file serialize on its inode lock."""
         missing: list[int] = []
         step = DOWNLOAD_CHUNK_BLOCKS
-        # Block files are opened and read in a span ahead of the copy, on a pool thread:
-        # off the copy's path (hinting the first span here, before copying, cost ~3.5 ms
-        # per download of page-cached content), and a disk read ahead when the blocks are
-        # not in memory. Read through, not hinted: see BlockCache._advise.
-        self.cache.advise(ref, todo[:step], read_through=True)
         for k in range(0, len(todo), step):
             span = todo[k:k + step]
-            self.cache.advise(ref, todo[k + step:k + 2 * step], read_through=True)
-            left = self.cache.copy_present(ref, fd, span, lock)
+            left = cachefiles.copy_present(self.cache, ref, fd, span, lock)
             missing.extend(left)
             n = _bytes_of(span, ref) - _bytes_of(left, ref)
             tally.copied += n
             if progress is not None and n:
                 progress(n)
         return missing
-
-    def _fetch_legacy(self, ref: FileRef, fd: int, workers: int,
-                      progress: Callable[[int], None] | None) -> None:
-        """Fill FD (a temporary file renamed into place only on success) with the bytes of
-        root-less REF through the cache.
-
-        No root vouches for any tree of such content: the cache reads it whole once and
-        checks its SHA-1 before any byte counts (`BlockCache.check_whole`). When this run
-        is that first read, its bytes go straight into FD as they come (one fetch whatever
-        the cache's size; a mismatch raises and FD is deleted). Otherwise the content has
-        matched before and its blocks are copied or fetched, each checked against the
-        leaves recorded then, several block runs at a time."""
-        assert ref.root is None
-        self.cache.open_file(ref)
-        try:
-            self.cache.enable_background_stores()
-            os.ftruncate(fd, ref.size)
-
-            def sink(offset: int, data: bytes | bytearray | memoryview) -> None:
-                _pwrite_all(fd, data, offset)
-                if progress is not None:
-                    progress(len(data))
-
-            if self.cache.check_whole(ref, sink):
-                return
-            n_blocks = ref.blocks
-            step = LEGACY_CHUNK_BLOCKS
-            spans = [(first, min(step, n_blocks - first)) for first in range(0, n_blocks, step)]
-
-            # One writer of OUT at a time: concurrent writers of a file spin on its inode
-            # lock in the kernel (measured: twice the CPU of the whole download).
-            out_lock = threading.Lock()
-
-            def fetch_span(first: int, count: int) -> int:
-                return self.cache.write_to(ref, fd, first, count, lock=out_lock)
-
-            with ThreadPoolExecutor(max(1, workers), thread_name_prefix="kbfs-dl") as pool:
-                futures: list[Future[int]] = [pool.submit(fetch_span, f, n) for f, n in spans]
-                pending = set(futures)
-                try:
-                    while pending:
-                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                        for fut in done:
-                            n = fut.result()  # re-raises the first failure
-                            if progress is not None:
-                                progress(n)
-                finally:
-                    for fut in pending:
-                        fut.cancel()
-        finally:
-            self.cache.close_file(ref)
 
     def cat(self, source: str | os.PathLike[str] | Resolved, offset: int = 0,
             length: int | None = None, *, local: bool = True,

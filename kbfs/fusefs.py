@@ -11,12 +11,11 @@
   relay's listing JSON, see docs/internals.md), run in a worker thread and kept for a while
   so that a relay outage does not empty the view.
 
-Reads of pointer files go through `cache.BlockCache.read` in worker threads (a
-`trio.CapacityLimiter` bounds them) so one slow fetch never blocks the trio loop; each open
-file has a `cache.ReadAhead`. v2 pointers (a root, 64 KiB leaves) go instead through the
-injected `piece_reads` (`kbfs.reader.PieceReads`: the piece cache, which has its own single
-flight and read-ahead, with its fall-back to the block cache): open pins, each read is one
-`piece_reads.read` in a worker thread under the same limiter, nothing is served inline.
+Reads of pointer files (every kind: v2, v1, root-less) go through the injected cache
+(`kbfs.piececache.PieceCache`, which has its own single flight and read-ahead): open holds
+the content against eviction, each read is one `cache.read` in a worker thread (a
+`trio.CapacityLimiter` bounds them) so one slow fetch never blocks the trio loop; nothing
+is served inline on the trio thread (measured: see docs/internals.md, fast paths).
 Every kbfs error becomes EIO with one log line naming the file
 and the source; every handler is guarded (`_guard_handlers`): no exception escapes one, so
 the mount never crashes, and every value packed into a kernel structure is clamped to its
@@ -30,7 +29,7 @@ writable. Other users reach the mount at all only with `allow_other`, which `kbf
 checks these modes).
 
 This module must not import `requests` or `kbfs.fetch` (layer L3: stdlib, pyfuse3, trio, L0
-modules and `kbfs.cache` only). What it needs of the fetcher (the last source used, local
+modules only; the cache is injected). What it needs of the fetcher (the last source used, local
 candidates) is injected as callables by `kbfs.mount`.
 """
 
@@ -50,9 +49,9 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from kbfs import cache as kcache
 from kbfs import prv
 from kbfs.errors import KbfsError
+from kbfs.fileref import Buffer, FileRef
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +66,9 @@ REMOTE_LISTING_TTL = 60.0
 MAX_PROBLEMS = 100  # pointers with a problem kept for `kbfs status`
 MAX_LAST_ERRORS = 8  # failed reads kept for `kbfs status`
 READ_THREADS = 32
-# Reads up to this size of cached blocks may wait for the disk on the trio thread;
-# larger ones are served there only from the page cache.
-INLINE_READ_MAX = 128 * 1024
 READ_AHEAD_KB = 4096
 
 ROOT_INODE = pyfuse3.ROOT_INODE
-DROP_BEHIND_SHARE = 4  # see drop_behind
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -115,35 +110,6 @@ def _folder_bits(mode: int) -> int:
     return r | (r >> 2)
 
 
-def drop_behind(size: int) -> bool:
-    """Whether a sequential stream of a SIZE-byte file releases the page cache of the block
-    files it has passed (`kcache.ReadAhead`). The FUSE file's page cache keeps what the
-    program read, so those pages are a second copy of the same bytes; but letting them go
-    costs the daemon ~0.1 CPU-s per GiB (measured: a 1 GiB warm stream ~10% slower), and
-    the kernel frees clean pages by itself, off the reader's path, when memory runs short.
-    So only a file larger than 1/DROP_BEHIND_SHARE of the available memory, whose second
-    copy would push other data out, releases them (measured, a warm 10 GiB stream on a
-    24 GiB machine: 657 -> 1144 MB/s, daemon CPU 17.4 -> 10.3 s, page cache after it
-    20.0 -> 10.1 GiB). KBFS_DROP_BEHIND=1 or 0 decides for every file."""
-    forced = os.environ.get("KBFS_DROP_BEHIND", "")
-    if forced in ("0", "1"):
-        return forced == "1"
-    available = _memory_available()
-    return available is not None and size * DROP_BEHIND_SHARE > available
-
-
-def _memory_available() -> int | None:
-    """The kernel's estimate of memory available without swapping (bytes), or None."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 @dataclass
 class Node:
     """One inode. Folders keep `children` (name -> inode), None until first listed."""
@@ -156,7 +122,7 @@ class Node:
     rel: str = ""  # remote: share-relative path; prvdir: path inside the .prvdir
     pointer: prv.Pointer | None = None
     prvdir: prv.PrvDir | None = None
-    ref: kcache.FileRef | None = None
+    ref: FileRef | None = None
     size: int = 0
     mode: int = stat.S_IFDIR | 0o555
     uid: int = 0
@@ -231,8 +197,6 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
 class _OpenFile:
     node: Node
     fd: int = -1
-    readahead: kcache.ReadAhead | None = None
-    pieces: bool = False     # read through piece_reads (v2 content)
 
 
 # Handlers whose failure the kernel is never told of: pyfuse3 ends its main loop when one
@@ -293,11 +257,11 @@ def _guard_handlers(cls: type[pyfuse3.Operations]) -> type[pyfuse3.Operations]:
     return cls
 
 
-def file_ref(pointer: prv.Pointer) -> kcache.FileRef:
+def file_ref(pointer: prv.Pointer) -> FileRef:
     """The cache key of a pointer's content."""
     if pointer.tree is None:
-        return kcache.FileRef(pointer.sha1, pointer.size, None)
-    return kcache.FileRef(pointer.sha1, pointer.size, pointer.tree.root, pointer.tree.block_size)
+        return FileRef(pointer.sha1, pointer.size, None)
+    return FileRef(pointer.sha1, pointer.size, pointer.tree.root, pointer.tree.block_size)
 
 
 @_guard_handlers
@@ -318,13 +282,12 @@ class KbfsOperations(pyfuse3.Operations):
 
     def __init__(
         self,
-        block_cache: kcache.BlockCache,
+        cache: Any,
         *,
         source_dir: str | None = None,
         list_dir: Callable[[str], dict[str, Any]] | None = None,
         source_of: Callable[[str], str | None] | None = None,
         on_pointer: Callable[[prv.Pointer, int, int], None] | None = None,
-        piece_reads: Any = None,
         read_threads: int = READ_THREADS,
         uid: int | None = None,
         gid: int | None = None,
@@ -332,18 +295,14 @@ class KbfsOperations(pyfuse3.Operations):
         super().__init__()
         if (source_dir is None) == (list_dir is None):
             raise ValueError("give exactly one of source_dir and list_dir")
-        self.cache = block_cache
-        # v2 content (kbfs.reader.PieceReads; None: every pointer through the block cache)
-        self.pieces = piece_reads
-        # A reader waits only for the verified bytes; block files are written behind it.
-        block_cache.enable_background_stores()
+        self.cache = cache   # kbfs.piececache.PieceCache: every pointer's reads
+        self.pieces = cache  # the same (older callers named it so)
         self.source_dir = os.path.abspath(source_dir) if source_dir is not None else None
         self.list_dir = list_dir
         self.source_of = source_of or (lambda sha1: None)
         self.on_pointer = on_pointer
         self.read_threads = read_threads
         self._limiter: trio.CapacityLimiter | None = None
-        self._inline_buf = bytearray(0)  # large inline reads land here (see read)
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.nodes: dict[int, Node] = {}
@@ -417,9 +376,6 @@ class KbfsOperations(pyfuse3.Operations):
             out = dict(self._stats)
         out["inodes"] = len(self.nodes)
         return out
-
-    def _takes_pieces(self, ref: kcache.FileRef) -> bool:
-        return self.pieces is not None and bool(self.pieces.takes(ref))
 
     def _node(self, inode: int) -> Node:
         node = self.nodes.get(inode)
@@ -772,24 +728,16 @@ class KbfsOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=False)
         assert node.ref is not None
         ref = node.ref
-        if self._takes_pieces(ref):
-            # In a thread: the first v2 open makes the piece cache (folders, its catalogue).
-            await trio.to_thread.run_sync(self.pieces.open_file, ref, limiter=self.limiter)
-            self._open[fh] = _OpenFile(node, pieces=True)
-            self._count("opens")
-            self._count("open_files")
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-        # Pinning is a counter under the cache's dictionary lock (no I/O): done inline.
-        self.cache.open_file(ref)
-        self._open[fh] = _OpenFile(node, readahead=kcache.ReadAhead(
-            self.cache, ref, drop_behind=drop_behind(ref.size)))
+        # In a thread: the first open of a content looks up its catalogue row.
+        await trio.to_thread.run_sync(self.cache.open_file, ref, limiter=self.limiter)
+        self._open[fh] = _OpenFile(node)
         self._count("opens")
         self._count("open_files")
         # The content is immutable: pages read once may stay in the page cache.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_guard
-    async def read(self, fh: int, off: int, size: int) -> kcache.Buffer:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> Buffer:  # type: ignore[override]
         # Any buffer will do: pyfuse3 copies it into its reply (a view saves a block copy).
         of = self._open.get(fh)
         if of is None:
@@ -806,58 +754,20 @@ class KbfsOperations(pyfuse3.Operations):
         length = min(size, node.size - off)
         ref = node.ref
         assert ref is not None
-        if of.pieces:
-            try:
-                data = await trio.to_thread.run_sync(self.pieces.read, ref, off, length,
-                                                     limiter=self.limiter)
-            except (KbfsError, OSError) as exc:
-                self._count("errors")
-                self._log_read_error(node, exc)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            self._count_read(len(data))
-            return data  # type: ignore[no-any-return]
         try:
-            # Blocks present and verified in this process: one pread through the cache's
-            # open descriptors, on the trio thread. Cheaper than the hop to a worker thread
-            # and back, which dominated the latency of random 4 KiB reads. A larger read
-            # is served here only from the page cache (RWF_NOWAIT), where the cached-block
-            # read-ahead puts a sequential reader's blocks: it never waits for the disk.
-            if length > INLINE_READ_MAX:
-                # Into one reused buffer: pyfuse3 copies what read() returns into its reply
-                # before any other task runs, so the next inline read may overwrite it; a
-                # fresh 1 MiB buffer per read cost its page faults and zeroing every time.
-                if len(self._inline_buf) < length:
-                    self._inline_buf = bytearray(length)
-                hit = self.cache.read_cached(ref, off, length, nowait=True,
-                                             into=memoryview(self._inline_buf))
-            else:
-                hit = self.cache.read_cached(ref, off, length)
-            if hit is not None:
-                if of.readahead is not None:
-                    of.readahead.on_read(off, length)  # keeps the sequential window growing
-                self._count_read(len(hit))
-                return hit
-            view = await trio.to_thread.run_sync(
-                self._read_blocking, of, off, length, limiter=self.limiter
-            )
+            data = await trio.to_thread.run_sync(self.cache.read, ref, off, length,
+                                                 limiter=self.limiter)
         except (KbfsError, OSError) as exc:
             self._count("errors")
             self._log_read_error(node, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        self._count_read(len(view))
-        return view
+        self._count_read(len(data))
+        return data  # type: ignore[no-any-return]
 
     def _count_read(self, n: int) -> None:
         with self._stats_lock:
             self._stats["reads"] += 1
             self._stats["bytes_served"] += n
-
-    def _read_blocking(self, of: _OpenFile, off: int, length: int) -> kcache.Buffer:
-        assert of.node.ref is not None
-        if of.readahead is not None:
-            # Told before the read so the window's fetches run while this block arrives.
-            of.readahead.on_read(off, length)
-        return self.cache.read_buffer(of.node.ref, off, length)
 
     def _log_read_error(self, node: Node, exc: BaseException) -> None:
         sha1 = node.pointer.sha1 if node.pointer else "?"
@@ -890,10 +800,7 @@ class KbfsOperations(pyfuse3.Operations):
                 os.close(of.fd)
             elif of.node.ref is not None:
                 self._count("open_files", -1)
-                if of.pieces:
-                    self.pieces.close_file(of.node.ref)  # a counter in memory: no I/O
-                else:
-                    self.cache.close_file(of.node.ref)
+                self.cache.close_file(of.node.ref)  # a counter in memory: no I/O
         except Exception:  # release has no caller to tell; never let it kill the loop
             log.exception("release of %s failed", of.node.display())
 
@@ -917,7 +824,7 @@ class KbfsOperations(pyfuse3.Operations):
             return pointer.sha1.encode()
         if name == XATTR_SIZE:
             return str(pointer.size).encode()
-        reads = self.pieces if self._takes_pieces(ref) else self.cache
+        reads = self.cache
         if name == XATTR_CACHED:
             n = await trio.to_thread.run_sync(reads.cached_bytes, ref, limiter=self.limiter)
             return str(n).encode()

@@ -1,9 +1,9 @@
-"""Wiring of a kbfs mount: Fetcher + BlockCache + fusefs operations, daemon, status, unmount.
+"""Wiring of a kbfs mount: Fetcher + piece cache + fusefs operations, daemon, status, unmount.
 
-v2 pointers (a root, 64 KiB leaves) are read through `reader.PieceReads`: a
-`piececache.PieceCache` in CACHE_DIR/pieces/ made on the first v2 open, with `_Sources` as
-its source (`fetch_pieces`); when it is made it gets half of the configured capacity and
-the block cache keeps the other half. Its counters are the status file's "pieces".
+Every pointer (v2, v1, root-less) is read through one `piececache.PieceCache` in
+CACHE_DIR/pieces/ with the whole configured capacity, `_Sources` as its source
+(`fetch_pieces`, `fetch_tree`, `fetch_blocks`). Its counters are the status file's "cache"
+(and "pieces", the same, for older readers of the status file).
 
 `run_mount` serves a mount in the foreground (SIGINT/SIGTERM unmount cleanly);
 `spawn_mount` re-executes `python -m kbfs mount ... -f` as a detached daemon whose output
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from kbfs import config, fusefs, protocol, prv
+from kbfs import config, fusefs, protocol, prv, tlsconf
 from kbfs import tree as tree_mod
 from kbfs.errors import BadRequest, ConfigError, KbfsError
 
@@ -462,9 +462,12 @@ def probe_relay(relay: str, timeout: float = PROBE_TIMEOUT) -> str | None:
     import requests
 
     try:
-        requests.get(relay + protocol.HEALTH_PATH, timeout=timeout, allow_redirects=False)
+        tlsconf.session().get(relay + protocol.HEALTH_PATH, timeout=timeout,
+                              allow_redirects=False)
     except requests.ConnectionError as exc:
         text = str(exc)
+        if tlsconf.advice(exc):
+            return tlsconf.advice(exc)
         if "refused" in text.lower():
             return "connection refused"
         if "name or service" in text.lower() or "resolve" in text.lower():
@@ -490,9 +493,8 @@ def probe_relays(relays: Sequence[str]) -> dict[str, str]:
 
 def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
     # Imported here: the fetch stack (requests) is only needed by a mount that runs.
-    from kbfs import cache as kcache
     from kbfs.fetch import Fetcher
-    from kbfs.reader import PieceReads
+    from kbfs.piececache import PieceCache
 
     src = opts.source
     relays = list(opts.settings.relays)
@@ -515,17 +517,9 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
 
     fetcher = _Sources(make, relays)
     capacity = opts.settings.resolved_cache_size()
-    block_cache = kcache.BlockCache(opts.settings.cache_dir, fetcher, capacity)
-
-    def make_pieces() -> Any:
-        from kbfs.piececache import PieceCache  # a mount of v1 pointers only never loads it
-
-        block_cache.capacity = capacity - capacity // 2   # the configured size is shared
-        # read_around: neighbourhoods after local misses (kbfs/readahead2.py ReadAround).
-        return PieceCache(os.path.join(opts.settings.cache_dir, "pieces"), fetcher, capacity // 2,
-                          read_around=True)
-
-    piece_reads = PieceReads(block_cache, make_pieces)
+    # read_around: neighbourhoods after local misses (kbfs/readahead2.py ReadAround).
+    cache = PieceCache(os.path.join(opts.settings.cache_dir, "pieces"), fetcher, capacity,
+                       read_around=True)
 
     def on_pointer(pointer: prv.Pointer, uid: int, gid: int) -> None:
         if src.local_dir:
@@ -555,14 +549,13 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
             return protocol.parse_listing(fetcher.list_share(relay, share, full))
 
     ops = fusefs.KbfsOperations(
-        block_cache,
+        cache,
         source_dir=src.local_dir,
         list_dir=list_dir,
         source_of=fetcher.last_source,
         on_pointer=on_pointer,
-        piece_reads=piece_reads,
     )
-    return fetcher, block_cache, ops
+    return fetcher, cache, ops
 
 
 _signalled: set[int] = set()
@@ -590,7 +583,7 @@ def run_mount(opts: MountOptions) -> None:
 
     ready_fd = opts.ready_fd
     try:
-        fetcher, block_cache, ops = _build(opts)
+        fetcher, cache, ops = _build(opts)
     except (KbfsError, OSError) as exc:
         _signal_ready(ready_fd, f"error: {exc}")
         raise
@@ -616,7 +609,7 @@ def run_mount(opts: MountOptions) -> None:
             raise KbfsError(f"{opts.mountpoint}: cannot mount ({exc}); see the log") from None
     except BaseException as exc:
         _signal_ready(ready_fd, f"error: {exc}")
-        block_cache.close()
+        cache.close()
         fetcher.close()
         raise
 
@@ -635,8 +628,8 @@ def run_mount(opts: MountOptions) -> None:
             "started": started,
             "updated": time.time(),
             "fs": ops.statistics(),
-            "cache": _safe(block_cache.statistics),
-            "pieces": _safe(ops.pieces.statistics),
+            "cache": _safe(cache.statistics),
+            "pieces": _safe(cache.statistics),
             "fetch": _safe(fetcher.statistics),
             "relays": fetcher.all_relays(),
             "warnings": warnings,
@@ -686,9 +679,7 @@ def run_mount(opts: MountOptions) -> None:
         with contextlib.suppress(OSError):
             os.unlink(status_file)
         _signal_ready(ready_fd, "error: the mount stopped before it was ready")
-        with contextlib.suppress(Exception):
-            ops.pieces.close()
-        block_cache.close()
+        cache.close()
         fetcher.close()
         log.info("unmounted %s", opts.mountpoint)
 

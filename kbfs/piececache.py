@@ -36,31 +36,29 @@ reads, source selection and proof checking (the source's), the page-cache tricks
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from kbfs import catalog
+from kbfs import catalog, piecefile
 from kbfs.errors import CacheError, KbfsError, SourceError, VerificationError
 from kbfs.flights import Flight, Flights
 from kbfs.piecestore import PieceStore
 from kbfs.readahead2 import LinkEstimate, ReadAround, Streams
+from kbfs.verifiers import Source, Verifiers, staging_dir
 
 log = logging.getLogger(__name__)
 
 Node = tuple[int, int]
-MAX_RUN = 256                 # pieces of one demand request (16 MiB of 64 KiB pieces)
+MAX_RUN_BYTES = 16 << 20      # bytes of one demand request (256 pieces of 64 KiB, 16 of 1 MiB)
 RUN_MIN, RUN_MAX = 4, 64      # pieces of one read-ahead request
 MAX_KNOWN_CONTENTS = 64
 MAX_KNOWN_NODES = 1024        # about 1024 x 150 bytes per content
 
 
-class PieceSource(Protocol):
-    """What the cache fetches from (kbfs.fetch.Fetcher; the cache never imports fetch)."""
-
-    def fetch_pieces(self, sha1: str, size: int, root: str, block_size: int, first: int,
-                     count: int, *, known: dict[Node, bytes] | None = None) -> bytes: ...
+PieceSource = Source   # what the cache fetches from (kbfs.verifiers.Source)
 
 
 class ContentRef(Protocol):
@@ -84,8 +82,15 @@ class PieceCache:
     def __init__(self, directory: str, source: PieceSource, capacity: int,
                  min_free: int = 1 << 30, workers: int = 16, *, min_ahead: int = 4 << 20,
                  max_ahead: int = 64 << 20, flush_interval: float = 1.0, read_around: bool = False) -> None:
-        self.store = PieceStore(directory, capacity, min_free, flush_interval)
-        self.source = source
+        self.directory = os.path.abspath(directory)
+        try:
+            parent = os.path.dirname(self.directory)
+            piecefile.private_folder(parent)      # the cache folder: ours, 0700
+            piecefile.discard_legacy(parent)      # the block cache's layout: one log line
+            self.store = PieceStore(directory, capacity, min_free, flush_interval)
+        except PermissionError as exc:
+            raise CacheError(f"cache folder {exc.filename}: {exc.strerror}; not using it") from None
+        self.verifiers = Verifiers(self.store, source, staging_dir(self.directory))
         self.workers = workers
         self.link = LinkEstimate(min_ahead, max_ahead)
         self.flights = Flights()
@@ -102,6 +107,15 @@ class PieceCache:
             ("reads", "hits", "misses", "bytes_served", "fetches", "pieces_fetched",
              "bytes_fetched", "readahead_fetches", "readahead_pieces", "joined",
              "fetch_errors", "max_calling_bytes"), 0)
+
+    @property
+    def source(self) -> PieceSource:
+        return self.verifiers.source
+
+    @source.setter
+    def source(self, source: PieceSource) -> None:
+        self.verifiers.source = source
+        self.verifiers.leaves.source = source
 
     # ---- the entry points
     def read(self, ref: ContentRef, offset: int, length: int) -> bytes:
@@ -129,7 +143,8 @@ class PieceCache:
         got: dict[int, memoryview] = {}    # pieces this read received from flights
         need = self.store.missing(ref.key, first, last - 1)
         for _ in range(4):
-            mine, theirs = self.flights.claim(ref.key, need, MAX_RUN, speculative=False)
+            mine, theirs = self.flights.claim(ref.key, need, max(1, MAX_RUN_BYTES // ref.block_size),
+                                              speculative=False)
             for flight in mine:
                 self._keep(got, flight, self._fetch(ref, flight), ref.block_size)
             for flight in theirs:
@@ -236,20 +251,20 @@ class PieceCache:
         were stored meanwhile). Raises the source's error after finishing the flight with it."""
         key, bs = ref.key, ref.block_size
         try:
+            if ref.root is None:
+                self.verifiers.prepare(ref)   # root-less: proven whole once (stores its pieces)
             if not self.store.missing(key, flight.first, flight.end - 1):
                 self.flights.finish(flight, None)   # another flight stored them meanwhile
                 return None
             start, stop = flight.first * bs, min(flight.end * bs, ref.size)
-            known = self._known_of(key)
+            known = self._known_of(key) if self.verifiers.by_proof(ref) else None
             with self._lock:
                 self._calling += stop - start
                 self._stats["max_calling_bytes"] = max(self._stats["max_calling_bytes"], self._calling)
             call = self.link.begin()
             got = 0
             try:
-                assert ref.root is not None
-                data = self.source.fetch_pieces(ref.sha1, ref.size, ref.root, bs, flight.first,
-                                                flight.count, known=known)
+                data = self.verifiers.fetch(ref, flight.first, flight.count, known)
                 if len(data) != stop - start:
                     raise SourceError(f"source sent {len(data)} bytes for pieces {flight.first}+"
                                       f"{flight.count} of {ref.sha1}; expected {stop - start}")
@@ -258,7 +273,8 @@ class PieceCache:
                 self.link.end(call, got)
                 with self._lock:
                     self._calling -= stop - start
-            self._merge_known(key, known)
+            if known:
+                self._merge_known(key, known)
             self._count(fetches=1, pieces_fetched=flight.count, bytes_fetched=got)
             try:
                 if not self.store.put(key, ref.size, bs, flight.first, data):
@@ -313,6 +329,9 @@ class PieceCache:
             stats: dict[str, Any] = dict(self._stats, calling_bytes=self._calling,
                                          known_contents=len(self._known),
                                          known_nodes=sum(len(n) for n in self._known.values()))
+        ver = self.verifiers.statistics()
+        stats["bytes_fetched"] += ver["whole_bytes"]
+        stats.update(ver)
         stats.update(window=self.link.window(), bandwidth=self.link.bandwidth, delay=self.link.delay,
                      pieces_in_flight=self.flights.pieces_in_flight(), stream_jumps=self.streams.jumps,
                      store=self.store.statistics())
@@ -326,9 +345,7 @@ class PieceCache:
                 self._stats[name] += int(n)
 
     def _check(self, ref: ContentRef) -> None:
-        """Refuse what this cache cannot prove, or a size/block size its root does not bind."""
-        if ref.root is None:
-            raise ValueError(f"the piece cache reads only pointers with a root ({ref.sha1} has none)")
+        """Refuse a size/block size the content's key does not bind."""
         if ref.block_size <= 0 or ref.size < 0:
             raise ValueError(f"content {ref.key}: bad size {ref.size} or block size {ref.block_size}")
         shape = (ref.key, ref.size, ref.block_size)
@@ -338,16 +355,41 @@ class PieceCache:
         row = self.store.catalog.row(ref.key)
         if row is not None and (row.size, row.piece_size) != (ref.size, ref.block_size):
             raise VerificationError(
-                f"the pointer says {ref.size} bytes in pieces of {ref.block_size}, but its root "
+                f"the pointer says {ref.size} bytes in pieces of {ref.block_size}, but its key "
                 f"{ref.key} is cached as {row.size} bytes in pieces of {row.piece_size}")
         with self._lock:
             self._checked[shape] = None
             while len(self._checked) > 4096:
                 self._checked.popitem(last=False)
 
+    # ---- what readers other than read() need
+    def takes(self, ref: ContentRef) -> bool:
+        """Every content is read here (kept for callers that asked which cache reads REF)."""
+        return True
+
+    def leaves(self, ref: ContentRef) -> list[bytes]:
+        """REF's verified leaves at its block size (fetched once: a download fetching blocks
+        itself checks them against these); root-less REF is proven whole first."""
+        self._check(ref)
+        return self.verifiers.leaves.get(ref) if ref.root is not None else self.verifiers.prepare(ref)
+
+    def check_whole(self, ref: ContentRef, sink: Any = None) -> bool:
+        """Root-less REF: make sure it matched its SHA-1 once; True when this call ran that
+        pass (SINK(offset, bytes) then received all of it, in order). False otherwise."""
+        if ref.root is not None:
+            return False
+        self._check(ref)
+        ran: list[bool] = []
+        self.verifiers.prepare(ref, sink, lambda: ran.append(True))
+        return bool(ran)
+
+    def verified(self, ref: ContentRef) -> str:
+        return self.verifiers.verified(ref)
+
     def clear(self) -> None:
         """Forget every piece and node (open files stay held)."""
         self.store.clear()
+        self.verifiers.leaves.forget()
         with self._lock:
             self._known.clear()
             self._checked.clear()

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from kbfs import proof, tree
-from kbfs.cache import FileRef
+from kbfs.fileref import FileRef
 from kbfs.errors import NotFound
 
 P = 64 * 1024

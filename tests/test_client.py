@@ -22,7 +22,7 @@ from httpsource import HTTPSource
 
 import kbfs
 from kbfs import client, prv
-from kbfs.cache import FileRef
+from kbfs.fileref import FileRef
 from kbfs.errors import BadRequest, ConfigError, KbfsError, NotFound
 from kbfs.reader import KbfsFile
 

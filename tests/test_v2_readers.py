@@ -4,9 +4,10 @@ A real `kbfs relay` and `kbfs share` (tests/netutil.py) serve a file; pointers t
 with `prv.create_pointer(block_size=65536)` (v2) and the default 1 MiB (v1), whose original
 path is gone, are read through the mount (tests/mountutil.py), `kbfs download`, `kbfs cat`
 and `kbfs.open`. v2 reads go through the piece cache (one piece-sized, proven request for a
-cold 4 KiB read); v1 reads stay on the block cache. tests/httpsource.py plays the sources
-the share cannot: one that lies in its proofs (an error, never wrong bytes), one with no
-proofs at all (the fall-back to the block cache at 64 KiB still reads right).
+cold 4 KiB read); v1 reads go through the same cache at their 1 MiB block size, by their
+leaf list. tests/httpsource.py plays the sources the share cannot: one that lies in its
+proofs (an error, never wrong bytes), one with no proofs at all (the leaf-list path at
+64 KiB still reads right).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Any:
     content = random.Random(15).randbytes(SIZE)
     (data_dir / "f.bin").write_bytes(content)
     p64 = _pointer_file(ptrs, data_dir / "f.bin", "f64.bin", PIECE)
-    p1m = _pointer_file(ptrs, data_dir / "f.bin", "f1m.bin", None)
+    p1m = _pointer_file(ptrs, data_dir / "f.bin", "f1m.bin", MiB)
     assert p64.tree is not None and p64.tree.block_size == PIECE
     assert p1m.tree is not None and p1m.tree.block_size == MiB
     with netutil.start_relay(base) as relay, netutil.start_share(data_dir, relay.url, base):
@@ -117,21 +118,27 @@ def test_open_v2_reads_one_piece_cold_and_seeks(net: Any, tmp_path: Path, env: A
             assert f.read(5000) == content[off:off + 5000]
         f.seek(0)
         assert f.read() == content
-    assert c.cache.statistics()["bytes_fetched"] == 0       # the block cache was not used
+    assert c.cache.statistics()["leaf_fetches"] == 0        # no leaf list was needed
     assert (tmp_path / "cache" / "pieces" / "catalog.sqlite").exists()
     assert c.pieces.statistics()["fallback_contents"] == 0
 
 
-def test_v1_pointer_of_the_same_file_stays_on_the_block_cache(net: Any, tmp_path: Path, env: Any) -> None:
-    """The 1 MiB pointer of the same file reads through the block cache (1 MiB blocks); no
-    piece cache is even made."""
+def test_v1_pointer_of_the_same_file_reads_by_its_1mib_blocks(net: Any, tmp_path: Path, env: Any) -> None:
+    """The 1 MiB pointer of the same file reads through the same piece cache, in pieces of
+    its own block size (1 MiB), by its leaf list (fetched once, checked against the root,
+    kept as a store hint), never asking for proofs."""
     c = _client(net["relay"], tmp_path)
+    p1m = net["p1m"]
     with c.open(str(net["ptrs"] / "f1m.bin.prv"), local=False) as f:
         f.seek(MiB + 100)
         assert f.read(4096) == net["content"][MiB + 100:MiB + 4196]
-    assert c.cache.statistics()["bytes_fetched"] >= MiB
-    assert c.pieces._pieces is None
-    assert not (tmp_path / "cache" / "pieces").exists()
+        st = c.cache.statistics()
+        assert st["bytes_fetched"] == MiB and st["proof_fetches"] == 0, st
+        assert st["leaf_lists_fetched"] == 1
+        f.seek(0)
+        assert f.read() == net["content"]
+    assert c.cache.store.ranges(p1m.tree.root) == [(0, 3)]
+    assert c.cache.store.get_nodes(p1m.tree.root, "leaves") is not None
 
 
 def test_cat_offset_length_v2(net: Any, tmp_path: Path, env: dict[str, str]) -> None:
@@ -163,7 +170,7 @@ def test_download_v2_file_and_resumed_from_the_piece_cache(net: Any, tmp_path: P
     c = client.get_client([net["relay"]], str(tmp_path / "cache2"))
     with c.open(ptr, local=False) as f:
         assert f.read(SIZE // 2) == content[:SIZE // 2]
-    c.pieces.pieces.store.flush()
+    c.cache.store.flush()
     before = _wire_bytes(c)
     result = c.download(ptr, str(tmp_path / "out2.bin"), local=False)
     assert (tmp_path / "out2.bin").read_bytes() == content
@@ -206,7 +213,7 @@ def test_mount_v2_random_and_sequential(net: Any, tmp_path: Path) -> None:
             assert pieces["fetches"] == 1 and pieces["bytes_fetched"] == PIECE, pieces
             wire = sum(s.get("bytes", 0) for s in st["fetch"]["sources"].values())
             assert PIECE <= wire <= PIECE + 2048, st["fetch"]
-            assert st["cache"].get("bytes_fetched", 0) == 0
+            assert st["cache"].get("leaf_fetches", 0) == 0
             rng = random.Random(4)
             for _ in range(40):
                 o = rng.randrange(0, SIZE - 4096) & ~4095
@@ -219,9 +226,9 @@ def test_mount_v2_random_and_sequential(net: Any, tmp_path: Path) -> None:
         assert int(os.getxattr(path, "user.kbfs.cached")) == SIZE
         with open(m.path("f1m.bin"), "rb") as f:
             assert f.read() == content
-        st = _status(m, lambda st: (st.get("cache") or {}).get("bytes_fetched", 0) >= SIZE)
-        assert st["cache"]["bytes_fetched"] >= SIZE        # v1: its own blocks
-        assert st["pieces"]["bytes_fetched"] <= SIZE       # v2: never more than the file
+        st = _status(m, lambda st: (st.get("cache") or {}).get("bytes_fetched", 0) >= 2 * SIZE)
+        assert st["cache"]["bytes_fetched"] <= 2 * SIZE    # each file once: v2 and v1 pieces
+        assert st["cache"]["leaf_lists_fetched"] == 1      # v1: by its leaf list
         text = m.kbfs("status", m.mountpoint).stdout
         assert "pieces: served" in text, text
 
@@ -264,16 +271,16 @@ def test_lying_source_gives_an_error_never_wrong_bytes(tmp_path: Path, env: Any,
             assert not (tmp_path / "o").exists() and b"Traceback" not in res.stderr
 
 
-def test_no_proof_falls_back_to_the_block_cache(tmp_path: Path, env: Any,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_no_proof_falls_back_to_the_leaf_list(tmp_path: Path, env: Any,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     """A source with no proofs (before issue 15): v2 content is read by its leaf list at
-    64 KiB blocks through the block cache, correctly, with one log line for the content."""
+    64 KiB blocks, correctly, with one log line for the content."""
     data = random.Random(8).randbytes(MiB + 3 * PIECE + 5)
     with HTTPSource() as src:
         ptr = _v2_at(src, tmp_path, data)
         src.proofs = "none"
         c = _client(src.url, tmp_path)
-        with caplog.at_level("WARNING", logger="kbfs.reader"):
+        with caplog.at_level("WARNING", logger="kbfs.verifiers"):
             with c.open(ptr, local=False) as f:
                 f.seek(PIECE + 10)
                 assert f.read(4096) == data[PIECE + 10:PIECE + 4106]
