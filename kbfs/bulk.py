@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kbfs import config, prv
+from kbfs import config, prv, tlsconf
 from kbfs.client import Client, Resolved, parse_kbfs_uri
 from kbfs.errors import BadRequest, KbfsError, NotFound, SourceError, SourceUnavailable
 
@@ -140,12 +140,13 @@ def _shares_answer(relay: str, token: str | None) -> list[Entry]:
     url = relay + "/api/shares"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with requests.get(url, timeout=10, stream=True, allow_redirects=False,
-                          headers=headers) as r:
+        with tlsconf.session().get(url, timeout=10, stream=True, allow_redirects=False,
+                                   headers=headers) as r:
             body = r.raw.read(SHARES_LIMIT + 1, decode_content=True)
             status = r.status_code
     except requests.RequestException as exc:
-        raise SourceUnavailable(f"relay {relay} is unreachable ({type(exc).__name__})") from None
+        raise SourceUnavailable(tlsconf.advice(exc, f"relay {relay}")
+                                or f"relay {relay} is unreachable ({type(exc).__name__})") from None
     if status != 200:
         raise SourceError(f"relay {relay}: HTTP {status} for its list of shares")
     if len(body) > SHARES_LIMIT:

@@ -10,6 +10,7 @@ Errors are raised as kbfs exceptions; the root group prints them as one line.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import trio
 
 from kbfs import relay as relay_mod
 from kbfs import share as share_mod
-from kbfs import sharestate, tokens
+from kbfs import sharestate, tlsconf, tokens
 from kbfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,16 @@ def _info_logging(*names: str) -> None:
               help="The URL shares connect to, e.g. http://relay.example.org:8080 "
                    "(repeatable). Shares are admitted only when they connected to one of "
                    "these. Needed with a wildcard --host; default: http://HOST:PORT.")
+@click.option("--certfile", type=click.Path(dir_okay=False), metavar="PEM",
+              help="Serve HTTPS/WSS with this certificate chain (with --keyfile).")
+@click.option("--keyfile", type=click.Path(dir_okay=False), metavar="PEM",
+              help="The private key of --certfile.")
+@click.option("--trust-proxy", is_flag=True,
+              help="Behind a reverse proxy: take client addresses from its X-Forwarded-For "
+                   "(and the scheme from X-Forwarded-Proto). Never without such a proxy.")
 def relay_command(host: str, port: int, state_dir: str | None, allow_shares: str | None,
-                  public_urls: tuple[str, ...]) -> None:
+                  public_urls: tuple[str, ...], certfile: str | None, keyfile: str | None,
+                  trust_proxy: bool) -> None:
     """Run a relay: shares connect out to it, anyone reads their files through it.
 
     \b
@@ -97,13 +106,19 @@ def relay_command(host: str, port: int, state_dir: str | None, allow_shares: str
         raise ConfigError(f"--host {host} listens on every address: give --public-url URL, "
                           "the URL shares connect to (e.g. http://relay.example.org:8080), "
                           "or a specific --host")
+    if bool(certfile) != bool(keyfile):
+        raise ConfigError("--certfile and --keyfile go together")
+    if certfile and keyfile:
+        tlsconf.check_server_files(certfile, keyfile)
     if state_dir:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
     _info_logging("kbfs.relay")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(relay_mod.serve, relay, host, port)
+            url = await nursery.start(functools.partial(
+                relay_mod.serve, certfile=certfile, keyfile=keyfile, trust_proxy=trust_proxy),
+                relay, host, port)
             _say(f"kbfs relay listening on {url}")
 
     trio.run(_until_signal, main)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import select
 import socket
 import threading
@@ -31,9 +30,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 
-from kbfs import protocol, tree
+from kbfs import protocol, tlsconf, tree
 from kbfs.errors import BadRequest
 from kbfs.sourceurls import origin as _origin
 
@@ -202,6 +200,9 @@ def _reason(status: int, body: bytes) -> str:
 
 def _net_why(exc: BaseException) -> str:
     """A network failure in plain words: 'connection refused', 'host not found', ..."""
+    tls = tlsconf.advice(exc)  # a refused certificate says what to do about it
+    if tls:
+        return tls
     seen: BaseException | None = exc
     texts = []
     while seen is not None:
@@ -251,10 +252,9 @@ class HttpPlumbing:
             # on every request: with trust_env requests re-reads the environment and
             # stats ~/.netrc per request, a few tenths of a millisecond of each 4 KiB read.
             s.trust_env = False
-            # What trust_env would have taken from the environment besides proxies.
-            s.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get(
-                "CURL_CA_BUNDLE") or True
-            adapter = HTTPAdapter(pool_connections=POOL_SIZE, pool_maxsize=POOL_SIZE, max_retries=0)
+            # The CAs: tlsconf's context (system store, SSL_CERT_FILE, REQUESTS_CA_BUNDLE).
+            adapter = tlsconf.Adapter(pool_connections=POOL_SIZE, pool_maxsize=POOL_SIZE,
+                                      max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
             self._tls.session = s

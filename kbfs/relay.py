@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from starlette.routing import Route, Router, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from kbfs import httpserve, protocol, prv, tree, webui
+from kbfs import httpserve, protocol, proxyfix, prv, tree, webui
 from kbfs.errors import BadRequest, ConfigError, NotFound
 from kbfs.httpserve import Endpoint, HttpError, Receive, Scope, Send, header, send_json
 
@@ -713,7 +713,7 @@ class Relay:
     async def _sha1(self, scope: Scope, receive: Receive, send: Send) -> None:
         sha1, candidates, size = await self._content_candidates(scope)
         await self._serve_content(scope, receive, send, candidates, sha1, size,
-                                  protocol.CACHE_CONTROL_IMMUTABLE)
+                                  _cache_control(scope, candidates, protocol.CACHE_CONTROL_IMMUTABLE))
 
     async def _file(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = protocol.safe_relpath(scope["path_params"]["path"])
@@ -722,7 +722,7 @@ class Relay:
         if entry is None:
             raise NotFound(f"no file {path!r} in share {conn.id}")
         await self._serve_content(scope, receive, send, [(conn, path)], entry.sha1, entry.size,
-                                  "no-cache")
+                                  _cache_control(scope, [(conn, path)], "no-cache"))
 
     async def _tree(self, scope: Scope, receive: Receive, send: Send) -> None:
         sha1, candidates, size = await self._content_candidates(scope)
@@ -731,7 +731,8 @@ class Relay:
             (b"content-type", b"application/octet-stream"),
             (b"content-length", str(length).encode()),
             (b"etag", f'"{sha1}-tree"'.encode()),
-            (b"cache-control", protocol.CACHE_CONTROL_IMMUTABLE.encode()),
+            (b"cache-control",
+             _cache_control(scope, candidates, protocol.CACHE_CONTROL_IMMUTABLE).encode()),
         ]
         if scope["method"] == "HEAD":
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -1032,6 +1033,19 @@ class Relay:
                 return "complete" if p.complete else "short upload"
 
 
+PRIVATE_CACHE_CONTROL = "private, no-store"
+
+
+def _cache_control(scope: Scope, candidates: list[tuple[ShareConn, str]], public: str) -> str:
+    """PUBLIC for an answer any cache may keep and give to anyone; "private, no-store"
+    when the request carried a token or a private share may answer: a shared cache
+    (nginx proxy_cache, squid) must never hand a private share's bytes, or the fact that
+    it holds them, to a reader without the token (docs/deploy.md)."""
+    if header(scope, b"authorization") is not None or any(c.private for c, _ in candidates):
+        return PRIVATE_CACHE_CONTROL
+    return public
+
+
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
 
 
@@ -1042,24 +1056,32 @@ def needs_public_url(relay: Relay, host: str) -> bool:
 
 
 async def serve(relay: Relay, host: str, port: int,
-                task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED, *,
+                certfile: str | None = None, keyfile: str | None = None,
+                trust_proxy: bool = False) -> None:
     """Serve RELAY on HOST:PORT until cancelled; reports the bound base URL when ready.
 
     A relay without a public URL admits shares that connect to the address it is bound
     to (`http://HOST:PORT`, and `localhost:PORT` on a loopback address); on a wildcard
-    address it needs one (ConfigError)."""
+    address it needs one (ConfigError). CERTFILE/KEYFILE: serve HTTPS and WSS (HTTP/1.1
+    only); TRUST_PROXY: client addresses from X-Forwarded-For (`kbfs.proxyfix`)."""
     if needs_public_url(relay, host):
         raise ConfigError(f"listening on {host or 'every address'} needs --public-url URL "
                           "(the URL shares connect to, e.g. http://relay.example.org:8080)")
     config = httpserve.hypercorn_config(host, port, max_ws_message=MAX_CONTROL_MESSAGE)
+    if certfile and keyfile:
+        config.certfile, config.keyfile = certfile, keyfile
+        config.alpn_protocols = ["http/1.1"]  # the pipes and splices are HTTP/1.1's
+    app = proxyfix.TrustProxy(relay.app) if trust_proxy else relay.app
 
     async def serving(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        await httpserve.serve(relay.app, config, host, port, task_status=task_status)
+        await httpserve.serve(app, config, host, port, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         url: str = await nursery.start(serving)
         if not relay.identities:
             relay.add_identity(url)
             if host in ("127.0.0.1", "::1", "localhost"):
-                relay.add_identity(f"http://localhost:{protocol.url_host(url).rpartition(':')[2]}")
+                scheme = url.partition("://")[0]
+                relay.add_identity(f"{scheme}://localhost:{protocol.url_host(url).rpartition(':')[2]}")
         task_status.started(url)

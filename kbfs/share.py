@@ -67,7 +67,7 @@ import trio
 import trio_websocket
 from starlette.routing import Route, Router
 
-from kbfs import httpserve, proof, protocol, tree
+from kbfs import httpserve, proof, protocol, proxyconf, tlsconf, tree
 from kbfs.config import normalize_relay
 from kbfs.errors import (
     BadRequest,
@@ -173,6 +173,9 @@ def _relay_url(url: str) -> str:
 def _failure_reason(exc: BaseException) -> str:
     """Why connecting failed, in a few plain words (`connection refused`, `HTTP 403`,
     `Name or service not known`), from the innermost exception that says something."""
+    tls = tlsconf.advice(exc)  # a refused certificate: what to do, not "errno 1"
+    if tls:
+        return tls
     todo: list[BaseException] = [exc]
     said = ""
     for _ in range(20):
@@ -379,8 +382,7 @@ class _Uploader:
         self.conn: http.client.HTTPConnection | None = None
 
     def _connect(self) -> socket.socket:
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=UPLOAD_TIMEOUT)
+        conn = proxyconf.http_connection(self.https, self.host, self.port, UPLOAD_TIMEOUT)
         conn.connect()
         assert conn.sock is not None
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -891,7 +893,7 @@ class Share:
     async def _connect_once(self, relay: str, admitted: list[bool]) -> None:
         """One connection to RELAY, until it ends; ADMITTED[0] is set once welcomed."""
         url = protocol.websocket_url(relay)
-        async with trio_websocket.open_websocket_url(
+        async with proxyconf.open_websocket(  # wss verified; HTTPS_PROXY/NO_PROXY honoured
             url, max_message_size=MAX_CONTROL_MESSAGE, connect_timeout=HANDSHAKE_TIMEOUT,
             disconnect_timeout=2,
         ) as ws:

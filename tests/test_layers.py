@@ -26,7 +26,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kbfs"
 
 L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "piecefile", "catalog", "flights", "readahead2",
       "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread",
-      "fileref", "buffers", "leaflists", "rootless", "verifiers", "cachefiles"}
+      "fileref", "buffers", "leaflists", "rootless", "verifiers", "cachefiles",
+      "tlsconf", "proxyconf", "proxyfix"}
 L1 = {"index", "httpserve", "piecestore", "webui"}
 L2 = {"share", "relay", "fetch", "cache", "piececache"}
 L3 = {"fusefs", "reader"}
