@@ -44,6 +44,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "cat": ("kbfs.cli_get", "cat"),
     "locate": ("kbfs.cli_get", "locate"),
     "ls": ("kbfs.cli_ls", "ls"),
+    "mirror": ("kbfs.cli_mirror", "mirror_group"),
 }
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from kbfs import client
+from kbfs.cli_mirror import mirror_option
 from kbfs.cliutil import SIZE, progress_bar
 from kbfs.config import format_size
 
@@ -39,12 +40,17 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
                           "comma-separated, or \"tokens\" in the config file).")(f)
     f = click.option("-r", "--relay", "relays", multiple=True, metavar="URL",
                      help="Relay to ask (repeatable; default: KBFS_RELAY or the config file).")(f)
+    f = mirror_option(f)
     return f
+
 
 
 def _client(relays: tuple[str, ...], cache_dir: str | None,
             cache_size: int | None, tokens: tuple[str, ...] = ()) -> client.Client:
-    return client.get_client(list(relays) or None, cache_dir, cache_size, tokens=list(tokens))
+    ctx = click.get_current_context(silent=True)
+    mirrors = ctx.meta.get("kbfs_mirrors") if ctx is not None else None
+    return client.get_client(list(relays) or None, cache_dir, cache_size, tokens=list(tokens),
+                             mirrors=mirrors)
 
 
 def register(group: click.Group) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from kbfs import config, prv
+from kbfs.cli_mirror import mirror_option
 from kbfs.cliutil import progress_bar
 from kbfs.config import format_size
 from kbfs.errors import ConfigError, KbfsError
@@ -70,6 +71,7 @@ PREFETCH_THREADS = 4
     help="Bound in seconds of an uncached read when no source answers (default 30).",
 )
 @click.option("--ready-fd", type=int, hidden=True)
+@mirror_option
 @click.pass_context
 def mount_cmd(
     ctx: click.Context,
@@ -96,7 +98,8 @@ def mount_cmd(
 
     try:
         settings = config.load_settings(
-            relays=list(relays), cache_dir=cache_dir, cache_size=cache_size, tokens=list(tokens)
+            relays=list(relays), cache_dir=cache_dir, cache_size=cache_size, tokens=list(tokens),
+            mirrors=ctx.meta.get("kbfs_mirrors"),
         )
         src = mount.parse_source(source)
         mnt = mount.check_mountpoint(mountpoint)
@@ -135,6 +138,8 @@ def mount_cmd(
     ]
     for relay in settings.relays:
         argv += ["--relay", relay]
+    for mirror in settings.mirrors:
+        argv += ["--mirror", mirror]
     if settings.cache_size is not None:
         argv += ["--cache-size", str(settings.cache_size)]
     if timeout is not None:

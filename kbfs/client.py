@@ -573,6 +573,7 @@ class Client:
         """Tell the router where R's content is read from: the relays R names (a kbfs://
         URL's), the configured relays, then R's hints; tokens only where they may go."""
         relays = [*r.relays, *self.settings.relays, *r.hints]
+        relays = mirror_route(self.settings.mirrors, relays, r.pointer)  # docs/mirrors.md
         self._router.route(r.ref.sha1, relays, self._tokens(relays, r.relays), named)
 
     # ---- resolving
@@ -708,7 +709,7 @@ class Client:
 
     def _check_sources(self, r: Resolved, whole: bool) -> None:
         """Say plainly when nothing could supply missing blocks (rather than a fetch error)."""
-        if r.relays or r.hints or self.settings.relays:
+        if r.relays or r.hints or self.settings.relays or self.settings.mirrors:
             return
         cached = self.reads_of(r.ref).cached_bytes(r.ref)
         if cached < r.ref.size if whole else cached == 0:
@@ -1338,12 +1339,23 @@ def _copy_range(src: int, dst: int, offset: int, length: int,
 # ---------------------------------------------------------------- module-level API
 
 
+def mirror_route(mirrors: Sequence[str], relays: Sequence[str],
+                 pointer: prv.Pointer | None) -> list[str]:
+    """RELAYS with the configured MIRRORS first and the pointer's mirror hints last, each
+    `mirrorurl.mark`ed (the Fetcher splits them out; no token is ever given to one)."""
+    from kbfs.mirrorurl import mark
+
+    hinted = pointer.mirror_hints() if pointer is not None else []
+    return [*map(mark, mirrors), *relays, *map(mark, hinted)]
+
+
 def get_client(
     relays: Sequence[str] | None = None,
     cache_dir: str | None = None,
     cache_size: str | int | None = None,
     search_dirs: Sequence[str] | None = None,
     tokens: Sequence[str] | str | None = None,
+    mirrors: Sequence[str] | None = None,
 ) -> Client:
     """The shared Client for these settings (command line > environment > config file).
 
@@ -1353,9 +1365,11 @@ def get_client(
         tokens = [tokens]
     s = load_settings(list(relays) if relays else None, cache_dir, cache_size,
                       list(search_dirs) if search_dirs is not None else None,
-                      tokens=list(tokens) if tokens else None)
+                      tokens=list(tokens) if tokens else None,
+                      mirrors=list(mirrors) if mirrors else None)
     key = (tuple(s.relays), s.cache_dir, s.cache_size, tuple(s.search_dirs), s.direct,
-           tuple(s.tokens), tuple((r, tuple(t)) for r, t in sorted(s.relay_tokens.items())))
+           tuple(s.tokens), tuple((r, tuple(t)) for r, t in sorted(s.relay_tokens.items())),
+           tuple(s.mirrors))
     with _shared_lock:
         c = _clients.get(key)
     if c is None:

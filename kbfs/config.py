@@ -2,7 +2,8 @@
 
 Precedence, highest first: command-line options (passed in by the caller), the
 environment (`KBFS_RELAY` comma-separated, `KBFS_CACHE_DIR`, `KBFS_CACHE_SIZE`,
-`KBFS_SEARCH_DIRS` colon-separated, `KBFS_DIRECT` 0/1), then the JSON config file
+`KBFS_SEARCH_DIRS` colon-separated, `KBFS_DIRECT` 0/1,
+`KBFS_MIRRORS` comma-separated: static mirrors, docs/mirrors.md), then the JSON config file
 `$XDG_CONFIG_HOME/kbfs/config.json` (default `~/.config/kbfs/config.json`), e.g.
 
     {"relays": ["http://relay.example.org:8080"], "cache_dir": "/scratch/kbfs-cache",
@@ -120,6 +121,8 @@ class Settings:
     # Tokens the config file's map files under a relay URL: sent to that relay only (and
     # the only ones sent to a relay that is not configured).
     relay_tokens: dict[str, list[str]] = field(default_factory=dict)
+    # Static mirrors (docs/mirrors.md), nearest first: asked before the relays; never tokens.
+    mirrors: list[str] = field(default_factory=list)
 
     def tokens_for(self, relays: list[str] | tuple[str, ...],
                    named: tuple[str, ...] | list[str] = ()) -> dict[str, tuple[str, ...]]:
@@ -217,6 +220,7 @@ def load_settings(
     search_dirs: list[str] | None = None,
     direct: bool | None = None,
     tokens: list[str] | tuple[str, ...] | None = None,
+    mirrors: list[str] | tuple[str, ...] | None = None,
 ) -> Settings:
     """Merge command-line values over the environment over the config file (tokens:
     gathered from all three, command line first)."""
@@ -250,4 +254,27 @@ def load_settings(
               if t.strip()]
     general, s.relay_tokens = _file_tokens(file["tokens"], path) if "tokens" in file else ([], {})
     s.tokens = list(dict.fromkeys(given + general))
+    s.mirrors = _mirrors(mirrors, env.get("KBFS_MIRRORS", ""), file.get("mirrors"), path)
     return s
+
+
+def _mirrors(given: list[str] | tuple[str, ...] | None, env: str, file: object,
+             path: str) -> list[str]:
+    """The mirrors (`--mirror` > KBFS_MIRRORS, comma-separated > the file's "mirrors"),
+    each checked (`mirrorurl.check_mirror`): a bad one is a ConfigError naming its place."""
+    from kbfs import mirrorurl
+
+    if given:
+        urls, where = list(given), "--mirror"
+    elif env.strip():
+        urls, where = [u for u in env.split(",") if u.strip()], "KBFS_MIRRORS"
+    elif file is not None:
+        if not isinstance(file, list):
+            raise ConfigError(f"{path}: mirrors: expected a list of URLs")
+        urls, where = file, f"{path}: mirrors"
+    else:
+        return []
+    try:
+        return list(dict.fromkeys(mirrorurl.check_mirror(u, where) for u in urls))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -74,7 +74,7 @@ from typing import Any
 
 import requests
 
-from kbfs import piecewire, proof, protocol, tree
+from kbfs import mirrorsource, mirrorurl, piecewire, proof, protocol, tree
 from kbfs.errors import (
     AccessDenied,
     BadRequest,
@@ -131,6 +131,7 @@ class FindResult:
     urls: list[str]
     shares: list[dict[str, Any]] = field(default_factory=list)
     token: str | None = None  # the token the question was asked with (None: none)
+    mirrors: list[str] = field(default_factory=list)  # mirrors the relay advertises (checked)
 
 
 @dataclass
@@ -155,6 +156,7 @@ class _Source:
     local: bool = False
     direct: bool = False  # a URL a share advertised (through /api/find), not a relay's own
     auth: str | None = None  # the bearer token sent with requests to it, if any
+    mirror: mirrorsource.Target | None = None  # a static mirror (kbfs.mirrorsource); no auth
 
 
 class Fetcher(HttpPlumbing):
@@ -164,7 +166,8 @@ class Fetcher(HttpPlumbing):
                  local_dirs: Sequence[str] = (), direct: bool = True,
                  first_byte_timeout: float = FIRST_BYTE_TIMEOUT,
                  tokens: Mapping[str, Sequence[str]] | None = None) -> None:
-        self.relays = [r.rstrip("/") for r in relays]
+        # RELAYS may hold mirrors (`mirrorurl.mark`ed): the order of both is the user's.
+        self.relays, self._order = mirrorsource.split([r.rstrip("/") for r in relays])
         # relay URL -> bearer tokens that may be sent to it (`config.Settings.tokens_for`
         # decides; see "Tokens" in the module docstring). Never sent anywhere else but to a
         # direct URL /api/find says is the token's own share's.
@@ -294,7 +297,8 @@ class Fetcher(HttpPlumbing):
                     if body.get("found"):
                         urls = [u for u in body.get("urls", []) if isinstance(u, str)]
                         shares = [e for e in body.get("shares", []) if isinstance(e, dict)]
-                        result = FindResult(relay, int(body.get("size", 0)), urls, shares, auth)
+                        result = FindResult(relay, int(body.get("size", 0)), urls, shares, auth,
+                                            mirrorurl.mirror_hints(body.get("mirrors"), relay))
                         ttl = FIND_TTL
                         break
                     ttl = FIND_TTL / 10
@@ -321,9 +325,10 @@ class Fetcher(HttpPlumbing):
         seen = {s.url for s in sources}
         suffix = protocol.SHA1_PATH.format(sha1=sha1)
         own = [_Source(relay + suffix, _origin(relay), auth=self._relay_auth(relay, sha1, until))
-               for relay in self.relays]
+               if m is None else _mirror_source(m, sha1) for relay, m in self._order]
         seen.update(s.url for s in own)
         advertised: list[_Source] = []
+        listed: dict[str, list[_Source]] = {}  # relay's /sha1/ URL -> mirrors it advertises
         for relay in self.relays:
             if not self.direct:
                 break
@@ -332,6 +337,8 @@ class Fetcher(HttpPlumbing):
             found = self._find_at(relay, sha1, until, cached_only=(
                 time.monotonic() >= until or (self._penalised(_origin(relay)) if ask_find is None
                                               else relay not in ask_find)))
+            listed[relay + suffix] = [_mirror_source(mirrorsource.mirror_for(u), sha1)
+                                      for u in (found.mirrors if found else ())]
             for url in found.urls if found else []:
                 base, why = direct_base(url, sha1)
                 if base is None:
@@ -347,6 +354,9 @@ class Fetcher(HttpPlumbing):
                     seen.add(base + suffix)
                     advertised.append(_Source(base + suffix, _origin(base), direct=True,
                                               auth=_direct_auth(found, base, sha1) if found else None))
+        # A relay's mirrors go just before it (the relay asks readers to use them first).
+        own = [x for s in own for x in (*listed.get(s.url, ()), s)]
+        own = [s for i, s in enumerate(own) if all(s.key != t.key for t in own[:i])]
         # sorted() is stable: within one rank the order above holds.
         return sorted(sources + own + advertised, key=self._rank)
 
@@ -436,7 +446,7 @@ class Fetcher(HttpPlumbing):
                     reasons.append(f"{src.url}: {exc}")
                     continue
                 return blob
-            base = _tree_url(src.url, sha1)
+            base = _tree_url(src.url, sha1) if src.mirror is None else src.key
             if base is None or (base in seen_trees and not patient):
                 continue
             seen_trees.add(base)
@@ -444,7 +454,9 @@ class Fetcher(HttpPlumbing):
             try:
                 t = max(0.1, min(self.timeout, until - t0))
                 head = t if patient else min(t, self.first_byte_timeout)
-                status, body = self._get_small(base, t, want, head, auth=src.auth)
+                status, body = (self._get_small(base, t, want, head, auth=src.auth)
+                                if src.mirror is None else
+                                src.mirror.get_leaves(self, size, block_size, t, head))
             except requests.RequestException as exc:
                 if isinstance(exc, _SlowAnswer) and not patient:
                     work.append((src, True))
@@ -494,6 +506,8 @@ class Fetcher(HttpPlumbing):
         """'relay http://h:p is unreachable (...)', 'share URL http://h:p: HTTP 404: ...'."""
         origin = _origin(src.url)
         who = ("relay " if origin in {_origin(r) for r in self.relays} else "share URL ") + origin
+        if src.mirror is not None:
+            who = "mirror " + src.mirror.mirror.url
         return f"{who} {why}" if why.startswith("is ") else f"{who}: {why}"
 
     def _known_sizes(self, sha1: str) -> set[int]:
@@ -854,9 +868,14 @@ class Fetcher(HttpPlumbing):
 
         t0 = time.monotonic()
         try:
-            self._stream(src.url, start, end, shape.size, a, None, bs, out, until, head,
-                         src.auth, extra, on_head)
-            verified = piecewire.check_pieces(root, shape, a, b, out, nodes[0], anchor)
+            if src.mirror is not None:  # a static mirror: the proof is made of its stored nodes
+                verified, plen = src.mirror.read_pieces(self, shape, root, a, b, out, until,
+                                                        head, anchor)
+                nodes.append(b"\0" * plen)
+            else:
+                self._stream(src.url, start, end, shape.size, a, None, bs, out, until, head,
+                             src.auth, extra, on_head)
+                verified = piecewire.check_pieces(root, shape, a, b, out, nodes[0], anchor)
         except (_Lie, VerificationError) as exc:
             self._record(src.key, False, end - start, time.monotonic() - t0, lie=True)
             if isinstance(exc, _Lie):
@@ -988,6 +1007,12 @@ def _direct_auth(found: FindResult, base: str, sha1: str) -> str | None:
         if entry.get("id") == share and isinstance(url, str) and direct_base(url, sha1)[0] == base:
             return found.token
     return None
+
+
+def _mirror_source(mirror: mirrorsource.Mirror, sha1: str) -> _Source:
+    """The source of SHA1 on MIRROR: its data URL, health under the mirror's name, no token."""
+    target = mirror.target(sha1)
+    return _Source(target.data_url, mirror.key, mirror=target)
 
 
 def _piece_shape(size: int, block_size: int, first: int, count: int) -> proof.Shape:

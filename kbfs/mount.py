@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from kbfs import config, fusefs, protocol, prv, tlsconf
+from kbfs import config, fusefs, mirrorurl, protocol, prv, tlsconf
 from kbfs import tree as tree_mod
 from kbfs.errors import BadRequest, ConfigError, KbfsError
 
@@ -511,7 +511,9 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
     def make(relay_list: list[str]) -> Fetcher:
         # Tokens only where they may go (Settings.tokens_for): never to a relay only a
         # pointer's hint named.
-        return Fetcher(relay_list, timeout=opts.timeout, deadline=opts.deadline,
+        # Mirrors first (docs/mirrors.md): marked entries the Fetcher splits out.
+        return Fetcher([*map(mirrorurl.mark, opts.settings.mirrors), *relay_list],
+                       timeout=opts.timeout, deadline=opts.deadline,
                        local_dirs=opts.settings.search_dirs, direct=opts.settings.direct,
                        tokens=opts.settings.tokens_for(relay_list, named))
 
@@ -524,7 +526,8 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
     def on_pointer(pointer: prv.Pointer, uid: int, gid: int) -> None:
         if src.local_dir:
             # Hints of a remote share's listing are not needed: its relay is known.
-            fetcher.add_hints(pointer.sha1, pointer.source_hints())
+            fetcher.add_hints(pointer.sha1, [*pointer.source_hints(), *map(
+                mirrorurl.mark, pointer.mirror_hints())])
         # A local pointer's original_path may name a copy on this machine (checked block by
         # block, like any source); a remote share's paths are of the share's machine. The
         # daemon may read more than the pointer's author (UID, GID: the pointer file's

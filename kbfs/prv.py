@@ -103,6 +103,14 @@ class Pointer:
         """The pointer's `kbfs_sources`, validated (see `source_hints`)."""
         return source_hints(self.extra.get(SOURCES_KEY), self.original_path or self.sha1)
 
+    def mirror_hints(self) -> list[str]:
+        """The pointer's `kbfs_mirrors` (static mirrors, docs/mirrors.md), validated like
+        `kbfs_sources` (`mirrorurl.mirror_hints`: a bad one is dropped with a log line)."""
+        from kbfs import mirrorurl
+
+        return mirrorurl.mirror_hints(self.extra.get(mirrorurl.MIRRORS_KEY),
+                                      self.original_path or self.sha1)
+
     def with_sources(self, urls: list[str]) -> Pointer:
         """This pointer with `kbfs_sources` set to URLS (checked, normalised); an empty
         list removes the key."""

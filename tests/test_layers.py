@@ -27,11 +27,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kbfs"
 L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "piecefile", "catalog", "flights", "readahead2",
       "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread",
       "fileref", "buffers", "leaflists", "rootless", "verifiers", "cachefiles",
-      "tlsconf", "proxyconf", "proxyfix"}
+      "tlsconf", "proxyconf", "proxyfix",
+      "mirrorurl", "mirrorsource"}
 L1 = {"index", "httpserve", "piecestore", "webui"}
 L2 = {"share", "relay", "fetch", "cache", "piececache"}
 L3 = {"fusefs", "reader"}
-L4 = {"mount", "client", "cli", "cliutil", "__main__", "demo", "bulk"}
+L4 = {"mount", "client", "cli", "cliutil", "__main__", "demo", "bulk", "mirror", "mirrorstore", "mirrorverify"}
 ROOT_NAMES = {"__version__", "__all__", "open", "realize"}  # names of the package root itself
 
 
