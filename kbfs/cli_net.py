@@ -24,9 +24,9 @@ from typing import Any
 import click
 import trio
 
+from kbfs import mirrorurl, sharestate, tlsconf, tokens
 from kbfs import relay as relay_mod
 from kbfs import share as share_mod
-from kbfs import sharestate, tlsconf, tokens
 from kbfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,15 @@ def _info_logging(*names: str) -> None:
               help="Serve HTTPS/WSS with this certificate chain (with --keyfile).")
 @click.option("--keyfile", type=click.Path(dir_okay=False), metavar="PEM",
               help="The private key of --certfile.")
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL",
+              help="A static mirror (docs/mirrors.md) /api/find lists for readers to use "
+                   "before this relay (repeatable).")
 @click.option("--trust-proxy", is_flag=True,
               help="Behind a reverse proxy: take client addresses from its X-Forwarded-For "
                    "(and the scheme from X-Forwarded-Proto). Never without such a proxy.")
 def relay_command(host: str, port: int, state_dir: str | None, allow_shares: str | None,
                   public_urls: tuple[str, ...], certfile: str | None, keyfile: str | None,
-                  trust_proxy: bool) -> None:
+                  trust_proxy: bool, mirrors: tuple[str, ...] = ()) -> None:
     """Run a relay: shares connect out to it, anyone reads their files through it.
 
     \b
@@ -102,6 +105,10 @@ def relay_command(host: str, port: int, state_dir: str | None, allow_shares: str
     """
     relay = relay_mod.Relay(allow_shares_file=allow_shares, state_dir=state_dir,
                             public_urls=public_urls)
+    try:
+        relay.mirrors = [mirrorurl.check_mirror(m, "--mirror") for m in mirrors]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if relay_mod.needs_public_url(relay, host):
         raise ConfigError(f"--host {host} listens on every address: give --public-url URL, "
                           "the URL shares connect to (e.g. http://relay.example.org:8080), "

@@ -236,6 +236,7 @@ class Relay:
         for url in public_urls:
             self.add_identity(url)
         self.sha1_shares: dict[str, set[str]] = {}
+        self.mirrors: list[str] = []  # `--mirror`: listed in /api/find (docs/mirrors.md)
         self.pending: dict[str, Pending] = {}
         self.allow_shares_file = allow_shares_file
         self.state_dir = state_dir
@@ -659,7 +660,7 @@ class Relay:
         if shares:
             direct.append(self._base_url(scope) + protocol.SHA1_PATH.format(sha1=sha1))
         await send_json(send, 200, {"found": bool(shares), "size": size, "shares": shares,
-                                     "urls": direct})
+                                     "urls": direct, "mirrors": self.mirrors if shares else []})
 
     def _holders(self, sha1: str) -> list[ShareConn]:
         """Connected shares that list SHA1: those that have answered first (fewest
