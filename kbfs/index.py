@@ -51,7 +51,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from kbfs import filehash, prv
+from kbfs import filehash, prv, tree
 from kbfs.errors import KbfsError, NotFound
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 )
 
 _COLUMNS = "path, size, mtime_ns, ctime_ns, inode, sha1, fcs, root"
+_SELECT = _COLUMNS + ", root64"  # what an IndexedFile is read from
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     path     TEXT PRIMARY KEY,
@@ -100,7 +101,9 @@ StatKey = tuple[int, int, int, int]  # (size, mtime_ns, ctime_ns, inode)
 
 @dataclass(frozen=True)
 class IndexedFile:
-    """One indexed file. `path` is relative to the shared folder, '/'-separated."""
+    """One indexed file. `path` is relative to the shared folder, '/'-separated. `root`:
+    its 1 MiB tree's root; `root64`: its 64 KiB tree's ("" for a row from an index before
+    it, until the next scan hashes the file again)."""
 
     path: str
     size: int
@@ -110,12 +113,20 @@ class IndexedFile:
     sha1: str
     fcs: str
     root: str
+    root64: str = ""
+
+    def tree_ref(self) -> prv.TreeRef:
+        """The tree a pointer to this file names: 64 KiB pieces when the row has that tree
+        (what the share proves), else the 1 MiB tree (read through the leaf list)."""
+        if self.root64:
+            return prv.TreeRef(self.root64, prv.DEFAULT_BLOCK_SIZE)
+        return prv.TreeRef(self.root, tree.BLOCK_SIZE)
 
     def pointer(self, root_dir: str) -> prv.Pointer:
-        """The file's pointer; original_path is its absolute path under ROOT_DIR."""
+        """The file's pointer (`tree_ref`); original_path is its absolute path under ROOT_DIR."""
         original = os.path.join(os.path.abspath(root_dir), *self.path.split("/"))
         return prv.Pointer(
-            self.sha1, self.size, self.fcs, original, prv.PRV_VERSION, prv.TreeRef(self.root)
+            self.sha1, self.size, self.fcs, original, prv.PRV_VERSION, self.tree_ref()
         )
 
     def stat_key(self) -> StatKey:
@@ -152,9 +163,10 @@ def _from_sql_int(n: int) -> int:
     return n + (1 << 64) if n < 0 else n
 
 
-def _row_to_file(row: tuple[str, int, int, int, int, str, str, str]) -> IndexedFile:
-    path, size, mtime_ns, ctime_ns, inode, sha1, fcs, root = row
-    return IndexedFile(path, size, mtime_ns, ctime_ns, _from_sql_int(inode), sha1, fcs, root)
+def _row_to_file(row: tuple[str, int, int, int, int, str, str, str, str | None]) -> IndexedFile:
+    path, size, mtime_ns, ctime_ns, inode, sha1, fcs, root, root64 = row
+    return IndexedFile(path, size, mtime_ns, ctime_ns, _from_sql_int(inode), sha1, fcs, root,
+                       root64 or "")
 
 
 def _clean_relpath(relpath: str) -> str:
@@ -290,14 +302,14 @@ class ShareIndex:
     def lookup_path(self, relpath: str) -> IndexedFile | None:
         """The indexed file at RELPATH ('/'-separated, relative to the folder), if any."""
         row = self._db().execute(
-            f"SELECT {_COLUMNS} FROM files WHERE path = ?", (_clean_relpath(relpath),)
+            f"SELECT {_SELECT} FROM files WHERE path = ?", (_clean_relpath(relpath),)
         ).fetchone()
         return _row_to_file(row) if row else None
 
     def lookup_sha1(self, sha1: str) -> IndexedFile | None:
         """A file with this SHA-1: the first (by path) still current on disk, else the first."""
         rows = self._db().execute(
-            f"SELECT {_COLUMNS} FROM files WHERE sha1 = ? ORDER BY path", (sha1.lower(),)
+            f"SELECT {_SELECT} FROM files WHERE sha1 = ? ORDER BY path", (sha1.lower(),)
         ).fetchall()
         files = [_row_to_file(r) for r in rows]
         # Copies of one content are common in data folders; prefer one that has not
@@ -345,11 +357,11 @@ class ShareIndex:
         while True:
             if end is None:
                 cur = db.execute(
-                    f"SELECT {_COLUMNS} FROM files WHERE path >= ? ORDER BY path", (start,)
+                    f"SELECT {_SELECT} FROM files WHERE path >= ? ORDER BY path", (start,)
                 )
             else:
                 cur = db.execute(
-                    f"SELECT {_COLUMNS} FROM files WHERE path >= ? AND path < ? ORDER BY path",
+                    f"SELECT {_SELECT} FROM files WHERE path >= ? AND path < ? ORDER BY path",
                     (start, end),
                 )
             next_start = None

@@ -262,6 +262,10 @@ CONTROL_PATH = "/_control"  # the share's websocket
 UPLOAD_PATH = "/_upload/{token}"  # the share POSTs one response body here
 UPLOAD_SECRET_HEADER = "X-Kbfs-Upload-Secret"
 CONTROL_VERSION = 1
+# In the welcome's "features": this relay takes catalogue entries with a 7th field, the root
+# of the file's 64 KiB tree (or null), and lists such files with 64 KiB-piece pointers. A
+# share sends 6-field entries to a relay that does not say so (an older relay refuses 7).
+FEATURE_ROOT64 = "root64"
 HANDSHAKE_CONTEXT = b"kbfs-relay-admission-v1"
 SHARE_TOKEN_PREFIX = "kbfs1."  # bearer tokens issued by `kbfs share token`
 

@@ -38,6 +38,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -80,13 +81,21 @@ class FileEntry(NamedTuple):
     mtime: float
     fcs: str
     root: str
+    root64: str = ""  # the 64 KiB tree's root ("": a share before it; listed with 1 MiB)
+
+
+_ROOT64_RE = re.compile(r"[0-9a-f]{64}\Z")
 
 
 def parse_entry(item: Any) -> FileEntry:
-    """Validate one catalogue entry `[path, sha1, size, mtime, fcs, root]` from a share."""
-    if not isinstance(item, list) or len(item) != 6:
-        raise BadRequest("catalogue entry must be [path, sha1, size, mtime, fcs, root]")
-    path, sha1, size, mtime, fcs, root = item
+    """Validate one catalogue entry `[path, sha1, size, mtime, fcs, root(, root64)]` from a
+    share; root64 (protocol.FEATURE_ROOT64) is 64 lowercase hex digits or null."""
+    if not isinstance(item, list) or len(item) not in (6, 7):
+        raise BadRequest("catalogue entry must be [path, sha1, size, mtime, fcs, root, root64]")
+    path, sha1, size, mtime, fcs, root = item[:6]
+    root64 = item[6] if len(item) == 7 else None
+    if root64 is not None and (not isinstance(root64, str) or not _ROOT64_RE.match(root64)):
+        raise BadRequest("catalogue root64 must be 64 lowercase hex digits or null")
     if not isinstance(path, str) or not path or protocol.safe_relpath(path) != path:
         raise BadRequest(f"unsafe catalogue path {str(path)[:80]!r}")
     if not isinstance(sha1, str) or not protocol.SHA1_RE.match(sha1):
@@ -97,7 +106,7 @@ def parse_entry(item: Any) -> FileEntry:
         raise BadRequest("catalogue mtime must be a number")
     if not isinstance(fcs, str) or not isinstance(root, str) or len(root) != 64:
         raise BadRequest("catalogue fcs/root malformed")
-    return FileEntry(path, sha1, size, float(mtime), fcs, root.lower())
+    return FileEntry(path, sha1, size, float(mtime), fcs, root.lower(), root64 or "")
 
 
 def _loggable(value: object) -> str:
@@ -490,7 +499,7 @@ class Relay:
         self.shares[share_id] = conn
         await ws.send_text(json.dumps({
             "type": "welcome", "id": share_id, "upload_secret": conn.upload_secret,
-            "upload_path": protocol.UPLOAD_PATH,
+            "upload_path": protocol.UPLOAD_PATH, "features": [protocol.FEATURE_ROOT64],
         }))
         log.info("share %s (%r) connected from %s%s", share_id, conn.name, peer,
                  " [private]" if conn.private else "")
@@ -690,7 +699,10 @@ class Relay:
             e = conn.files[f"{path}/{name}" if path else name]
             # original_path: the file's path inside the share, never the share's folder
             # on its machine (which the relay does not know).
-            pointer = prv.Pointer(e.sha1, e.size, e.fcs, e.path, tree=prv.TreeRef(e.root))
+            # A share that sent its 64 KiB tree proves pieces of it: hand out that pointer.
+            ref = (prv.TreeRef(e.root64, prv.DEFAULT_BLOCK_SIZE) if e.root64
+                   else prv.TreeRef(e.root, tree.BLOCK_SIZE))
+            pointer = prv.Pointer(e.sha1, e.size, e.fcs, e.path, tree=ref)
             files.append({"name": name, "size": e.size, "mtime": e.mtime, "prv": pointer.to_dict()})
         await send_json(send, 200, {
             "share": conn.id, "path": path, "dirs": sorted(conn.dir_subdirs.get(path, ())),

@@ -679,7 +679,9 @@ class Share:
             dirs, files = self.index.list_dir(folder)
             for f in files:
                 if self._servable(f.path) is not None:
-                    out[f.path] = [f.path, f.sha1, f.size, f.mtime_ns / 1e9, f.fcs, f.root]
+                    # root64 last: a relay without FEATURE_ROOT64 gets the first six.
+                    out[f.path] = [f.path, f.sha1, f.size, f.mtime_ns / 1e9, f.fcs, f.root,
+                                   f.root64 or None]
             stack.extend(f"{folder}/{d}" if folder else d for d in dirs)
         return out
 
@@ -922,6 +924,8 @@ class Share:
             if welcome.get("type") != "welcome" or welcome.get("id") != self.id:
                 raise BadRequest("relay did not welcome this share")
             secret = str(welcome.get("upload_secret", ""))
+            features = welcome.get("features")
+            root64 = isinstance(features, list) and protocol.FEATURE_ROOT64 in features
             self._refusals.pop(relay, None)
             admitted[0] = True
             listing = protocol.share_url_path(protocol.SHARE_LIST_PATH, share=self.id, path="")
@@ -935,15 +939,16 @@ class Share:
             last_pong = [trio.current_time()]
             self._relay_sockets.add(ws)
             try:
-                await self._serve_relay(ws, relay, secret, last_pong)
+                await self._serve_relay(ws, relay, secret, last_pong, root64)
             finally:
                 self._relay_sockets.discard(ws)
 
     async def _serve_relay(self, ws: trio_websocket.WebSocketConnection, relay: str,
-                           secret: str, last_pong: list[float]) -> None:
-        """Answer one admitted relay connection's messages until it ends."""
+                           secret: str, last_pong: list[float], root64: bool = False) -> None:
+        """Answer one admitted relay connection's messages until it ends (ROOT64: the
+        relay takes catalogue entries with the 64 KiB tree's root)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._sync_catalogue, ws)
+            nursery.start_soon(self._sync_catalogue, ws, root64)
             nursery.start_soon(self._heartbeat, ws, last_pong)
             while True:
                 msg = await self._receive(ws, None)
@@ -982,7 +987,10 @@ class Share:
             if trio.current_time() - last_pong[0] > PONG_TIMEOUT:
                 raise trio.TooSlowError("relay stopped answering pings")
 
-    async def _sync_catalogue(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _sync_catalogue(self, ws: trio_websocket.WebSocketConnection,
+                              root64: bool = False) -> None:
+        """Send the catalogue, then its changes; entries of 7 fields when ROOT64, else the
+        first 6 (what a relay before 64 KiB pointers takes)."""
         sent: dict[str, list[Any]] = {}
         reset = True
         sent_scanning: bool | None = None
@@ -990,7 +998,7 @@ class Share:
             changed = self._changed
             snap, scanning = self.snapshot, self.scanning
             if reset or snap is not sent or scanning != sent_scanning:
-                add = [v for k, v in snap.items() if sent.get(k) != v]
+                add = [v if root64 else v[:6] for k, v in snap.items() if sent.get(k) != v]
                 remove = [k for k in sent if k not in snap]
                 batches = [add[i:i + CATALOGUE_BATCH] for i in range(0, len(add), CATALOGUE_BATCH)]
                 batches = batches or [[]]

@@ -221,7 +221,10 @@ def test_queries(index: ShareIndex, share: Path, make_file: MakeFile) -> None:
     assert f is not None
     p = f.pointer(str(share))
     assert p.original_path == str(share / "b.bin")
-    assert p.tree is not None and p.tree.root == f.root
+    # The pointer a share hands out names its 64 KiB tree (issue 15); root stays the 1 MiB one.
+    data_b = (share / "b.bin").read_bytes()
+    assert p.tree == prv.TreeRef(tree.tree_of_bytes(data_b, 65536)[1], 65536)
+    assert f.root64 == p.tree.root and f.root == tree.tree_of_bytes(data_b)[1]
     assert prv.file_matches(share / "b.bin", p) == (True, "")
     assert len(index.leaves(f.sha1)) == 2 * tree.LEAF_BYTES
 
@@ -473,7 +476,8 @@ def test_index_written_by_older_code_is_rehashed_once(
     state = tmp_path / "state"
     state.mkdir()
     st = os.stat(share / "a.bin")
-    d = prv.digest_file(share / "a.bin")
+    d = prv.digest_file(share / "a.bin", block_size=tree.BLOCK_SIZE, keep_leaves=True)
+    assert d.leaves is not None
     conn = sqlite3.connect(state / "index.sqlite")
     conn.executescript(_OLD_SCHEMA)
     conn.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -486,12 +490,17 @@ def test_index_written_by_older_code_is_rehashed_once(
     try:
         lines = [r.getMessage() for r in caplog.records if "older kbfs" in r.getMessage()]
         assert len(lines) == 1 and "1 files are hashed again" in lines[0]
-        assert ix.lookup_sha1(d.sha1) is not None  # still served as before, by 1 MiB blocks
+        old = ix.lookup_sha1(d.sha1)
+        assert old is not None  # still served as before, by 1 MiB blocks
         assert ix.pieces(d.sha1) is None  # never proofs from data that is not there
+        # ... so its pointer is the 1 MiB one, until the rescan gives it the 64 KiB tree.
+        assert old.root64 == "" and old.pointer(str(share)).tree == prv.TreeRef(d.root, 1 << 20)
         s = ix.scan()
         assert (s.updated, s.unchanged, s.hashed_bytes) == (1, 0, len(data))
         got = ix.pieces(d.sha1)
         assert got is not None and got[0] == _group_nodes(data)
+        new = ix.lookup_sha1(d.sha1)
+        assert new is not None and new.pointer(str(share)).tree == prv.TreeRef(got[1], 65536)
         assert ix.scan().hashed_bytes == 0
     finally:
         ix.close()

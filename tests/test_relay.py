@@ -20,7 +20,7 @@ import netutil
 import pytest
 import requests
 
-from kbfs import prv
+from kbfs import prv, tree
 
 SIZE_A = 3 * (1 << 20) + 12345  # several blocks, the last one short
 
@@ -47,8 +47,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
     try:
         share = netutil.start_share(data, relay.url, tmp / "logs", listen=True,
                                     state_dir=tmp / "state")
-        digest = prv.digest_file(data / "a.bin")
+        # The 1 MiB tree: what /tree/ serves (listings name the 64 KiB one, digest64).
+        digest = prv.digest_file(data / "a.bin", block_size=tree.BLOCK_SIZE, keep_leaves=True)
+        digest64 = prv.digest_file(data / "a.bin", block_size=prv.DEFAULT_BLOCK_SIZE)
         yield {"relay": relay, "share": share, "data": data, "a": a, "digest": digest,
+               "digest64": digest64,
                "sha_a": digest.sha1, "tmp": tmp}
     finally:
         if share is not None:
@@ -227,7 +230,8 @@ def test_list_root_and_sub(world: Any) -> None:
     assert a["size"] == SIZE_A and isinstance(a["mtime"], float)
     pointer = prv.pointer_from_dict(a["prv"])
     assert pointer.sha1 == world["sha_a"] and pointer.size == SIZE_A
-    assert pointer.tree is not None and pointer.tree.root == world["digest"].root
+    # A share that knows the 64 KiB tree (this one) is listed with 64 KiB-piece pointers.
+    assert pointer.tree == prv.TreeRef(world["digest64"].root, 65536)
     # the path inside the share, never the share's folder on its machine
     assert pointer.original_path == "a.bin"
     assert str(world["data"]) not in str(top)
