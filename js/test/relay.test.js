@@ -128,7 +128,7 @@ describe('kbfs.js against a real relay', { skip }, () => {
 
   // Each lie: refused alone (nothing returned), and the next relay gives the true bytes.
   const lies = [
-    ['flip-byte', 'v2', 'bytes'], ['flip-proof', 'v2', 'proof node'], ['proof-label', 'v2', 'proof label'],
+    ['flip-byte', 'v2', 'bytes'], ['flip-proof', 'v2', 'proof node'], ['proof-label', 'v2', 'proof label'], ['bs-label', 'v2', 'proof block size'],
     ['short-proof', 'v2', 'proof length'], ['drop-proof', 'v2', 'missing proof'], ['garbage-proof', 'v2', 'proof encoding'],
     ['short-body', 'v2', 'short body'], ['long-body', 'v2', 'long body'], ['shift', 'v2', 'position'],
     ['content-range', 'v2', 'Content-Range'], ['flip-byte', 'v1', 'v1 bytes'], ['short-body', 'v1', 'v1 length'],
@@ -149,4 +149,21 @@ describe('kbfs.js against a real relay', { skip }, () => {
       liar.mode = 'ok';
     });
   }
+
+  test('a lie on a proof below a known node (the second read of a file) is refused too', async () => {
+    for (const mode of ['flip-byte', 'flip-proof', 'shift']) {
+      liar.mode = 'ok';
+      const f = await openContent(W.files.big.v2, { relays: [liar.url] });
+      await f.read(2 * 65536, 10);
+      assert.ok(f.reader.known.size > 0);
+      liar.mode = mode;
+      await assert.rejects(f.read(5 * 65536, 10), (e) => e.name === 'ReadError', mode);
+      liar.mode = 'ok';
+      const g = await openContent(W.files.big.v2, { relays: [liar.url, W.relay] });
+      await g.read(2 * 65536, 10);
+      liar.mode = mode;
+      same(await g.read(5 * 65536, 10), big.subarray(5 * 65536, 5 * 65536 + 10), `${mode} below a known node`);
+      liar.mode = 'ok';
+    }
+  });
 });

@@ -8,6 +8,7 @@ export const MODES = [
   'flip-byte', // one body byte flipped, same length
   'flip-proof', // one byte of one Kbfs-Proof node flipped
   'proof-label', // the proof relabelled as pieces A+1-B+1
+  'bs-label', // the proof relabelled as bs=2N
   'short-proof', // the proof minus its last node
   'drop-proof', // no Kbfs-Proof header
   'garbage-proof', // nodes=:not base64!:
@@ -68,6 +69,7 @@ export async function startLiar(upstream, mode = 'ok') {
       if (md === 'short-proof') out['kbfs-proof'] = b64flip(out['kbfs-proof'], (r) => r.subarray(0, Math.max(0, r.length - 32)));
       if (md === 'garbage-proof') out['kbfs-proof'] = out['kbfs-proof'].replace(/nodes=:[^:]*:/, 'nodes=:not base64!:');
       if (md === 'drop-proof') delete out['kbfs-proof'];
+      if (md === 'bs-label') out['kbfs-proof'] = out['kbfs-proof'].replace(/bs=(\d+)/, (_, n) => `bs=${2 * Number(n)}`);
       if (md === 'proof-label') {
         out['kbfs-proof'] = out['kbfs-proof'].replace(/pieces=(\d+)-(\d+)/, (_, a, b) => `pieces=${Number(a) + 1}-${Number(b) + 1}`);
       }
