@@ -7,7 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config curl gcc python3-dev python3-venv
-BENCH_APT_PACKAGES := rclone nginx-light
+BENCH_APT_PACKAGES := rclone nginx-light chromium chromium-driver
+# kbfs.js (js/): its npm packages, from the committed package-lock.json
+JS_STAMP := js/node_modules/.installed
 
 
 .PHONY: all deps venv demo demo-stop test soak lint typecheck bench clean help
@@ -46,13 +48,18 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy kbfs
 
-test: venv lint typecheck
+$(JS_STAMP): js/package.json js/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm; }
+	cd js && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+test: venv lint typecheck $(JS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=600 tests
 
 soak: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m soak --timeout=1800 tests
 
-bench: venv
+bench: venv $(JS_STAMP)
 	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 	$(PY) bench/run_all.py
