@@ -66,7 +66,9 @@ class KbfsFile(io.RawIOBase):
         self.mode = "rb"
         cache.open_file(ref)
         self._pinned = True
-        self._piece = ref.block_size   # reads end at piece boundaries (module docstring)
+        # v2: reads end at piece boundaries (module docstring); v1 blocks are 1 MiB, as
+        # large as a buffer, so their reads are not cut.
+        self._piece = ref.block_size if takes_pieces(ref) else 0
 
     # ------------------------------------------------------------ properties
 

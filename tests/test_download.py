@@ -469,7 +469,7 @@ def test_cached_download_loads_no_hashlib_nor_http_stack(src: HTTPSource, tmp_pa
     assert out.read_bytes() == data
     lines = [ln for ln in proc.stderr.decode().splitlines() if ln.startswith("import time:")]
     imported = {ln.rsplit("|", 1)[1].strip() for ln in lines}
-    assert "kbfs.client" in imported and "kbfs.cache" in imported  # the listing is complete
+    assert "kbfs.client" in imported and "kbfs.piececache" in imported  # the listing is complete
     for name in ("hashlib", "_hashlib", "kbfs.fetch", "requests", "http.client", "trio",
                  "urllib.parse", "ipaddress"):
         assert name not in imported, name

@@ -19,9 +19,9 @@ from fakepieces import Content, HonestSource, LyingSource, P
 from httpsource import HTTPSource
 
 from kbfs import fetch, piececache, proof
-from kbfs.fileref import FileRef
 from kbfs.errors import SourceError, VerificationError
 from kbfs.fetch import Fetcher
+from kbfs.fileref import FileRef
 from kbfs.flights import Flights
 from kbfs.piececache import PieceCache
 from kbfs.piecestore import PieceStore

@@ -3,7 +3,10 @@ with real processes where the attack needs them.
 
 - a pointer with a real file's SHA-1, another size and its own root, served by a fake
   source, must not poison what the real pointer reads afterwards on the same cache;
-- a forged or copied block mark must not make a tampered block file count as verified;
+- a leaf list kept in the cache and changed on disk must not make a wrong byte count (the
+  block cache's keyed marks went with its block files: the piece store's crash rule, bits
+  committed only after the bytes are durable, replaces them);
+- a cache folder of the block cache's layout is discarded with one log line;
 - root-less content from a source lying consistently (tree and blocks agree, SHA-1 does
   not) gives no byte at all, and the honest source works afterwards;
 - a local copy is used only once it matched everything the pointer says;
@@ -13,7 +16,6 @@ with real processes where the attack needs them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -30,9 +32,10 @@ from httpsource import HTTPSource
 from netutil import start_relay, start_share
 
 from kbfs import client, prv, tree
-from kbfs.cache import XATTR_MARK, BlockCache, FileRef
 from kbfs.errors import CacheError, KbfsError, VerificationError
 from kbfs.fetch import Fetcher
+from kbfs.fileref import FileRef
+from kbfs.piececache import PieceCache
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -56,9 +59,15 @@ def one_line(proc: subprocess.CompletedProcess[bytes]) -> str:
 
 
 def block_files_of(cache_dir: Path) -> list[Path]:
-    """Every block file under CACHE_DIR/blocks (whatever the layout names its folders)."""
-    root = cache_dir / "blocks"
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.isdigit())
+    """Every data file of the piece store under CACHE_DIR/pieces/data (a content that got
+    pieces) and every staging file (a root-less pass under way)."""
+    root = cache_dir / "pieces"
+    return sorted(p for sub in ("data", "staging") for p in (root / sub).rglob("*") if p.is_file())
+
+
+def BlockCache(directory: str, source: object, capacity: int) -> PieceCache:  # noqa: N802
+    """The one cache over DIRECTORY (its store in DIRECTORY/pieces, as kbfs.client makes it)."""
+    return PieceCache(os.path.join(directory, "pieces"), source, capacity, min_free=0)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- item 1: same SHA-1
@@ -119,56 +128,26 @@ def test_a_real_root_with_another_size_fails_and_spares_the_real_blocks(tmp_path
         again.close()
 
 
-def _xattrs_work(directory: Path) -> bool:
-    probe = directory / "xattr-probe"
-    probe.write_bytes(b"")
-    try:
-        os.setxattr(probe, "user.kbfs.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
-
-
-def test_forged_or_copied_marks_do_not_make_a_tampered_block_count(tmp_path: Path) -> None:
-    """Attack: replace a cached block file with wrong bytes and give it what a mark looks
-    like (the public boot id, as the old `user.kbfs.boot`; the mark of the real file,
-    copied; a value of the right length). Before the fix the boot id made it count as
-    verified and a new process served the wrong bytes."""
-    if not _xattrs_work(tmp_path):
-        pytest.skip("no user xattrs on this file system")
-    boot = Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()
-    data = os.urandom(4 * BS)
+def test_a_stored_leaf_list_changed_on_disk_is_refetched_never_trusted(tmp_path: Path) -> None:
+    """Attack: the leaf list a v1 read kept in the cache (a store node hint) is replaced by
+    the leaves of other bytes served by a source that agrees with them. A new process must
+    check the hint against the pointer's root, fetch the real list and serve X's bytes."""
+    x, y = os.urandom(3 * MiB + 5), os.urandom(3 * MiB + 5)
     with HTTPSource() as src, Fetcher([src.url], deadline=3) as f:
-        info = src.add(data, block_size=BS)
-        ref = FileRef(info.sha1, info.size, info.root, BS)
+        info = src.add(x)
+        ref = FileRef(info.sha1, info.size, info.root, MiB)
         cache = BlockCache(str(tmp_path / "c"), f, 1 << 30)
-        assert cache.read(ref, 0, len(data)) == data
+        assert cache.read(ref, 0, 10) == x[:10]
+        assert cache.store.get_nodes(ref.key, "leaves") is not None
+        forged = b"".join(tree.leaf_hash(y[i:i + MiB]) for i in range(0, len(y), MiB))
+        cache.store.put_nodes(ref.key, "leaves", forged)
         cache.close()
-        blocks = block_files_of(tmp_path / "c")
-        assert len(blocks) == 4
-        forged = {0: None, 1: "copy", 2: "junk", 3: "boot"}
-        for i, how in forged.items():
-            path = blocks[i]
-            real_mark = None
-            with contextlib.suppress(OSError):
-                real_mark = os.getxattr(path, XATTR_MARK)
-            path.unlink()
-            path.write_bytes(bytes(b ^ 0x5A for b in data[i * BS:(i + 1) * BS]))  # a new inode
-            os.setxattr(path, "user.kbfs.boot", boot)  # the old, public shortcut
-            if how == "copy" and real_mark is not None:
-                os.setxattr(path, XATTR_MARK, real_mark)
-            elif how == "junk":
-                os.setxattr(path, XATTR_MARK, os.urandom(16))
-            elif how == "boot":
-                os.setxattr(path, XATTR_MARK, boot)
+        src.add(y, sha1=info.sha1)     # the source now serves Y under X's SHA-1 ...
+        src.add(x)                     # ... and X again (the last added wins the tree)
         again = BlockCache(str(tmp_path / "c"), f, 1 << 30)
-        assert again.read(ref, 0, len(data)) == data  # each hashed, found bad, fetched again
-        assert again.statistics()["errors"] >= 4
+        assert again.read(ref, MiB, 2 * MiB + 5) == x[MiB:]
+        assert again.store.get_nodes(ref.key, "leaves") != forged   # replaced by the real one
         again.close()
-        assert [p.read_bytes() for p in block_files_of(tmp_path / "c")] == \
-            [data[i * BS:(i + 1) * BS] for i in range(4)]
 
 
 def test_a_cache_of_the_old_layout_is_discarded(tmp_path: Path,
@@ -184,9 +163,13 @@ def test_a_cache_of_the_old_layout_is_discarded(tmp_path: Path,
     (d / "complete" / sha1).write_bytes(b"")
     with HTTPSource() as src, Fetcher([src.url], deadline=3) as f:
         info = src.add(data, block_size=BS)
-        with caplog.at_level(logging.WARNING, logger="kbfs.cache"):
+        (d / "layout").write_bytes(b"kbfs-cache 2")
+        (d / "mark.key").write_bytes(os.urandom(32))
+        with caplog.at_level(logging.INFO):
             cache = BlockCache(str(d), f, 1 << 30)
-        assert [r for r in caplog.records if "old cache layout" in r.getMessage()]
+        lines = [r for r in caplog.records if "old block cache" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.WARNING, caplog.text
+        assert sorted(os.listdir(d)) == ["pieces"]
         assert not (d / "blocks" / sha1[:2] / sha1).exists()
         assert not (d / "complete" / sha1).exists()
         assert cache.read(FileRef(sha1, len(data), None, BS), 0, 10) == data[:10]
