@@ -5,40 +5,18 @@ import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 
 import {
-  Shape, leafHash, nodeHash, proofNodes, rootFromLeaves, rootHash, toHex, fromHex,
+  Shape, proofNodes, rootFromLeaves, toHex, fromHex,
   verifyBelow, verifyRange, lowestKnown,
 } from '../tree.js';
+import * as T from '../tree.js';
+import * as U from '../testlib/treeutil.js';
 
 const fixtures = new URL('../../tests/fixtures/', import.meta.url);
 const vectors = (name) => JSON.parse(readFileSync(new URL(name, fixtures), 'utf8'));
 
-const formula = (n) => {
-  const out = new Uint8Array(n);
-  for (let i = 0; i < n; i++) out[i] = (31 * i + 7) % 251;
-  return out;
-};
-
-function levels(data, bs) {
-  const shape = new Shape(data.length, bs);
-  const rows = [[]];
-  for (let i = 0; i < shape.leaves; i++) rows[0].push(leafHash(data.subarray(i * bs, Math.min((i + 1) * bs, data.length))));
-  while (rows[rows.length - 1].length > 1) {
-    const prev = rows[rows.length - 1];
-    const up = [];
-    for (let i = 0; i + 1 < prev.length; i += 2) up.push(nodeHash(prev[i], prev[i + 1]));
-    if (prev.length % 2) up.push(prev[prev.length - 1]);
-    rows.push(up);
-  }
-  return { shape, rows, root: rootHash(shape.size, bs, rows[rows.length - 1][0]) };
-}
-
-// The honest proof of [a, b) below ANCHOR, from the full levels.
-function makeProof(t, a, b, anchor = null) {
-  const nodes = proofNodes(t.shape, a, b, anchor);
-  const out = new Uint8Array(32 * nodes.length);
-  nodes.forEach(([l, j], k) => out.set(l < t.rows.length ? t.rows[l][j] : t.rows[t.rows.length - 1][0], 32 * k));
-  return out;
-}
+const levels = (data, bs) => U.levels(T, data, bs);
+const makeProof = (t, a, b, anchor = null) => U.makeProof(T, t, a, b, anchor);
+const { formula } = U;
 
 test('1 MiB vectors: leaves and roots as kbfs/tree.py', () => {
   const v = vectors('tree-vectors.json');
