@@ -709,7 +709,8 @@ class Client:
 
     def _check_sources(self, r: Resolved, whole: bool) -> None:
         """Say plainly when nothing could supply missing blocks (rather than a fetch error)."""
-        if r.relays or r.hints or self.settings.relays or self.settings.mirrors:
+        if r.relays or r.hints or self.settings.relays or self.settings.mirrors or (
+                r.pointer is not None and r.pointer.mirror_hints()):
             return
         cached = self.reads_of(r.ref).cached_bytes(r.ref)
         if cached < r.ref.size if whole else cached == 0:

@@ -107,7 +107,7 @@ def check_mirror(url: object, where: str) -> str:
     """The normalised URL, or ValueError saying WHERE it came from and what is wrong."""
     problem, norm = mirror_problem(url)
     if problem is not None:
-        raise ValueError(f"{where}: mirror {_shown(url)!r}: {problem}")
+        raise ValueError(f"{where}: mirror {shown(url)!r}: {problem}")
     return norm
 
 
@@ -125,7 +125,7 @@ def mirror_hints(value: object, name: str = "<pointer>") -> list[str]:
     for item in value:
         problem, norm = mirror_problem(item)
         if problem is not None:
-            dropped.append(f"{_shown(item)!r} ({problem})")
+            dropped.append(f"{shown(item)!r} ({problem})")
         elif norm not in out:
             if len(out) >= MAX_HINTS:
                 dropped.append(f"{norm!r} (more than {MAX_HINTS} mirrors)")
@@ -137,7 +137,7 @@ def mirror_hints(value: object, name: str = "<pointer>") -> list[str]:
     return out
 
 
-def _shown(url: object) -> str:
+def shown(url: object) -> str:
     # Never echo a password a URL carried.
     return re.sub(r"//[^/@]*@", "//***@", str(url))[:60]
 

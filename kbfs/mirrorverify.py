@@ -56,7 +56,7 @@ class _Unreadable(Exception):
 def open_mirror(url: str) -> Mirror:
     problem, norm = mirrorurl.mirror_problem(url)
     if problem is not None:
-        raise ConfigError(f"{url[:80]}: not a mirror URL ({problem}); give "
+        raise ConfigError(f"{mirrorurl.shown(url)}: not a mirror URL ({problem}); give "
                           "http(s)://HOST[:PORT][/PREFIX] or s3://BUCKET[/PREFIX]")
     return Mirror(norm)
 
