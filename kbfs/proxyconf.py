@@ -126,24 +126,25 @@ async def open_websocket(url: str, *, max_message_size: int, connect_timeout: fl
     tls = parts.scheme == "wss"
     ctx = tlsconf.client_context() if tls else None
     proxy = proxy_for(url)
-    if proxy is None:
-        async with trio_websocket.open_websocket_url(
-                url, ssl_context=ctx, max_message_size=max_message_size,
-                connect_timeout=connect_timeout, disconnect_timeout=disconnect_timeout) as ws:
-            yield ws
-        return
     host = parts.hostname or ""
     port = parts.port or (443 if tls else 80)
     host_header = host if port == (443 if tls else 80) else f"{host}:{port}"
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     async with trio.open_nursery() as nursery:
         with trio.fail_after(connect_timeout):
-            tcp = await open_tunnel(proxy, host, port)
+            tcp = (await open_tunnel(proxy, host, port) if proxy is not None
+                   else await trio.open_tcp_stream(host, port))
             stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
             if ctx is not None:
+                # The handshake here, not left to trio-websocket: there a refused
+                # certificate surfaces only as a connect timeout.
                 ssl_stream = trio.SSLStream(tcp, ctx, server_hostname=host,
                                             https_compatible=True)
-                await ssl_stream.do_handshake()
+                try:
+                    await ssl_stream.do_handshake()
+                except BaseException:
+                    await tcp.aclose()
+                    raise
                 stream = ssl_stream
             ws = await trio_websocket.wrap_client_stream(
                 nursery, stream, host_header, resource, max_message_size=max_message_size)

@@ -125,7 +125,7 @@ def session() -> Any:
 
 def _verify_error(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
     seen: set[int] = set()
-    todo = [exc]
+    todo: list[BaseException | None] = [exc]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -133,7 +133,8 @@ def _verify_error(exc: BaseException | None) -> ssl.SSLCertVerificationError | N
         seen.add(id(e))
         if isinstance(e, ssl.SSLCertVerificationError):
             return e
-        todo.extend([e.__cause__, e.__context__, *getattr(e, "args", ())[:3]])
+        todo.extend([e.__cause__, e.__context__])
+        todo.extend(a for a in getattr(e, "args", ())[:3] if isinstance(a, BaseException))
         if isinstance(e, BaseExceptionGroup):
             todo.extend(e.exceptions)
         reason = getattr(e, "reason", None)
