@@ -25,9 +25,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "kbfs"
 
 L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "piecefile", "catalog", "flights", "readahead2",
-      "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread",
-      "fileref", "buffers", "leaflists", "rootless", "verifiers", "cachefiles",
+      "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread", "osio",
       "tlsconf", "proxyconf", "proxyfix",
+      "fileref", "buffers", "leaflists", "rootless", "verifiers", "cachefiles",
       "mirrorurl", "mirrorsource"}
 L1 = {"index", "httpserve", "piecestore", "webui"}
 L2 = {"share", "relay", "fetch", "cache", "piececache"}
