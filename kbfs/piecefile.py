@@ -14,15 +14,14 @@ What this module does NOT do: it knows nothing of which pieces are present or va
 catalogue does), verifies nothing, and takes no locks. A byte read from a data file means
 something only when the catalogue says its piece is there.
 
-Linux-only calls (fallocate PUNCH_HOLE, copy_file_range, posix_fadvise) sit behind one
-seam: `LINUX_CALLS` is true on Linux unless `KBFS_PORTABLE=1` is set in the environment
-(or a test sets the flag); otherwise each has a portable fallback (`punch` frees nothing and
-returns False, `copy_range` copies through a buffer, `advise` does nothing).
+Linux-only calls (fallocate PUNCH_HOLE, copy_file_range, posix_fadvise, fdatasync) go
+through `kbfs.osio`, the seam with a portable fallback for each (`punch` frees nothing and
+returns False, `copy_range` copies through a buffer, `advise` does nothing, `sync` is fsync);
+`KBFS_PORTABLE=1` forces the fallbacks. `LINUX_CALLS` says which way this process went.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -30,21 +29,18 @@ import re
 import secrets
 import shutil
 import stat
-import sys
 import time
+
+from kbfs import osio
 
 log = logging.getLogger(__name__)
 
-# The seam: every Linux-only call below checks this flag first.
-LINUX_CALLS: bool = sys.platform.startswith("linux") and os.environ.get("KBFS_PORTABLE", "") != "1"
+# Which way the seam (kbfs.osio) went at import: kept for the callers that ask.
+LINUX_CALLS: bool = osio.linux()
 
 MAX_KEY = 100  # a root is 64 hex digits; s1-<40 hex>-<size> at most 64 characters
 _KEY_RE = re.compile(rf"[0-9a-z][0-9a-z-]{{2,{MAX_KEY - 1}}}")
-_COPY_CHUNK = 1 << 20
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-_fallocate = None  # resolved on first use (ctypes), False when libc lacks it
 
 
 def check_key(key: str) -> str:
@@ -178,74 +174,28 @@ def read_at(fd: int, offset: int, length: int) -> bytes:
 
 
 def sync(fd: int) -> None:
-    """fdatasync FD: what was written to it is durable when this returns."""
-    os.fdatasync(fd)
-
-
-def _fallocate_fn():  # type: ignore[no-untyped-def]
-    global _fallocate
-    if _fallocate is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = getattr(libc, "fallocate64", None) or libc.fallocate
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-            fn.restype = ctypes.c_int
-            _fallocate = fn
-        except (OSError, AttributeError):
-            _fallocate = False
-    return _fallocate
+    """fdatasync FD (fsync where there is none): what was written to it is durable when
+    this returns."""
+    osio.datasync(fd)
 
 
 def punch(fd: int, offset: int, length: int) -> bool:
     """Free the disk blocks of [OFFSET, OFFSET+LENGTH) (they read as zeros after), keeping
     the file's size. False when the seam is off or the file system cannot (nothing freed,
     the bytes stay)."""
-    if not LINUX_CALLS or length <= 0:
-        return False
-    fn = _fallocate_fn()
-    if not fn:
-        return False
-    if fn(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return False
-        raise OSError(err, os.strerror(err))
-    return True
+    return osio.punch(fd, offset, length)
 
 
 def copy_range(src: int, dst: int, offset: int, length: int, dst_offset: int) -> int:
     """Copy LENGTH bytes at OFFSET of SRC to DST_OFFSET of DST; bytes copied (fewer only at
     the end of SRC). copy_file_range (in-kernel, maybe reflinked) behind the seam."""
-    done = 0
-    if LINUX_CALLS and hasattr(os, "copy_file_range"):
-        try:
-            while done < length:
-                n = os.copy_file_range(src, dst, length - done, offset + done, dst_offset + done)
-                if n == 0:
-                    return done
-                done += n
-            return done
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-    while done < length:
-        chunk = os.pread(src, min(_COPY_CHUNK, length - done), offset + done)
-        if not chunk:
-            break
-        write_at(dst, dst_offset + done, chunk)
-        done += len(chunk)
-    return done
+    return osio.copy_range(src, dst, offset, length, dst_offset)
 
 
 def advise(fd: int, offset: int, length: int, dontneed: bool) -> None:
     """Tell the kernel the range will be read soon (WILLNEED) or not again (DONTNEED).
     A hint only: nothing when the seam is off or the call fails."""
-    if not LINUX_CALLS or not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED if dontneed else os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
+    osio.advise(fd, offset, length, "dontneed" if dontneed else "willneed")
 
 
 def remove(directory: str, key: str) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kbfs import catalog, piecefile, piecestore
+from kbfs import catalog, osio, piecefile, piecestore
 from kbfs.catalog import Catalog
 from kbfs.piecestore import PieceStore, discard_legacy
 
@@ -94,7 +94,7 @@ def test_symlinks_and_foreign_files_refused(tmp_path: Path) -> None:
 def test_seam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, linux: bool) -> None:
     if linux and not sys.platform.startswith("linux"):
         pytest.skip("Linux calls")
-    monkeypatch.setattr(piecefile, "LINUX_CALLS", linux)
+    monkeypatch.setattr(osio, "_linux", linux)  # the seam (kbfs.osio) both ways
     d = str(tmp_path)
     fd, tmp = piecefile.create_unpublished(d, K1, 4 * P)
     data = content(K1, 4 * P)
