@@ -10,7 +10,8 @@ need no wait, no extra copies in h11, a cheaper idle timer).
 
 It also offers one operation hypercorn has no interface for: `BodySplice` moves the
 rest of one request's body straight into another connection's response body with
-`os.splice` (socket -> pipe -> socket, the bytes never enter Python), when both are
+`os.splice` (socket -> pipe -> socket, the bytes never enter Python; through kbfs.osio, off
+with KBFS_PORTABLE=1, when the ordinary path carries the body), when both are
 plain HTTP/1.1 over TCP on Linux; it keeps both connections' h11 state consistent, so
 both stay keep-alive. The relay uses it to pipe a share's upload into a client's
 download. Everything it touches of hypercorn and h11 (pinned in setup.cfg) is here.
@@ -20,8 +21,6 @@ Nothing here knows shares, relays, files or ranges.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 
-from kbfs import protocol
+from kbfs import osio, protocol
 from kbfs.errors import BadRequest, ConfigError, KbfsError, NotFound, RangeError
 
 log = logging.getLogger(__name__)
@@ -224,13 +223,7 @@ def tune_process() -> None:
             patch()
         except AttributeError as exc:  # other hypercorn/h11 internals (setup.cfg pins them)
             log.warning("hypercorn/h11 patch %s not applied: %s", patch.__name__, exc)
-    try:
-        libc = ctypes.CDLL(None)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 32 << 20)
-        libc.mallopt(m_trim_threshold, 128 << 20)
-    except (OSError, AttributeError):  # not glibc: only slower
-        pass
+    osio.tune_malloc(32 << 20, 128 << 20)  # not glibc (or KBFS_PORTABLE=1): only slower
 
 
 def _h11_fewer_copies() -> None:
@@ -492,14 +485,13 @@ HTTP1_EXTENSION = "kbfs.http1"  # scope["extensions"] key of a request's Http1Co
 SPLICE_PIPE_BYTES = 1 << 20  # kernel pipe between the two sockets: bytes in flight per splice
 SPLICE_MIN_BYTES = 256 << 10  # less body than this left unread: not worth taking the socket
 SPLICE_WAKE_BYTES = 256 << 10  # a splice waiting for its source wakes for this much (or the rest)
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_SPLICE_FLAGS = osio.SPLICE_FLAGS
 
 
 def splice_enabled() -> bool:
     """Whether body splices may be used: Linux's os.splice, unless KBFS_SPLICE=0 (the
     tests use that to keep the ordinary path covered)."""
-    return (hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
-            and os.environ.get("KBFS_SPLICE", "1") != "0")
+    return osio.splice_ok() and os.environ.get("KBFS_SPLICE", "1") != "0"
 
 
 class _ReadHold:
@@ -748,13 +740,9 @@ class BodySplice:
                 or not isinstance(writer, h11._writers.ContentLengthWriter)
                 or writer._length != reader._remaining):
             return "unspliced"
-        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Over the per-user pipe limit the pipe keeps its default 64 KiB: slower only.
+        rfd, wfd, room = osio.pipe(SPLICE_PIPE_BYTES)
         try:
-            try:
-                fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, SPLICE_PIPE_BYTES)
-            except OSError:  # over the per-user pipe limit: the default 64 KiB is slower only
-                pass
-            room = fcntl.fcntl(wfd, fcntl.F_GETPIPE_SZ)
             async with self.dst.server.send_lock:  # nothing else writes to DST meanwhile
                 return await self._splice_loop(reader, writer, rfd, wfd, room, stall_timeout)
         finally:
@@ -782,8 +770,8 @@ class BodySplice:
             progress = dst_blocked = False
             if reader._remaining and in_pipe < room:
                 try:
-                    n = os.splice(src_sock.fileno(), wfd, min(reader._remaining, room - in_pipe),
-                                  flags=_SPLICE_FLAGS)
+                    n = osio.splice(src_sock.fileno(), wfd, min(reader._remaining, room - in_pipe),
+                                    flags=_SPLICE_FLAGS)
                 except BlockingIOError:  # nothing to read, or the pipe is full
                     n = -1
                 except OSError:
@@ -796,7 +784,7 @@ class BodySplice:
                     progress = True
             if in_pipe:
                 try:
-                    n = os.splice(rfd, dst_sock.fileno(), in_pipe, flags=_SPLICE_FLAGS)
+                    n = osio.splice(rfd, dst_sock.fileno(), in_pipe, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     n, dst_blocked = 0, True
                 except OSError:  # EPIPE, ECONNRESET: the destination is gone
