@@ -65,7 +65,8 @@ export class Relays {
 
   // GET relay.base + PATH with HEADERS (plus the token for a trusted relay); an answer
   // that is not 2xx is an HTTPStatusError (its body dropped).
-  async get(relay, path, headers = {}) {
+  // EXPECT: the body's size, which adds a second per MB to the timeout (a slow link).
+  async get(relay, path, headers = {}, expect = 0) {
     const h = { ...headers };
     if (this.token && relay.trusted) h.Authorization = `Bearer ${this.token}`;
     this.stats.requests++;
@@ -73,7 +74,7 @@ export class Relays {
       headers: h,
       cache: 'no-store', // our own LRU holds verified bytes; a cached 206 may carry another range's proof
       redirect: 'error',
-      signal: AbortSignal.timeout(this.timeout),
+      signal: AbortSignal.timeout(this.timeout + expect / 1000),
     });
     if (res.status < 200 || res.status > 299) {
       let detail = '';

@@ -105,6 +105,7 @@ async function listingPointer(relays, src) {
 export async function openContent(source, opts = {}) {
   const src = parseSource(source);
   const token = checkToken(opts.token);
+  if (opts.relays !== undefined && !Array.isArray(opts.relays)) throw new SourceError('relays: a list of http(s)://HOST[:PORT] URLs');
   const given = (opts.relays ?? []).map(checkRelay);
   const trusted = src.kind === 'kbfs' ? [src.relay, ...given] : given;
   const list = [...new Set(trusted)].map((base) => ({ base, trusted: true }));

@@ -139,7 +139,7 @@ class BlockReader {
 
   // Range GET of bytes [s, e) from RELAY, checked to be exactly that range; returns [res].
   async getRange(relay, s, e, headers = {}) {
-    const res = await this.relays.get(relay, `/sha1/${this.ref.sha1}`, { Range: `bytes=${s}-${e - 1}`, ...headers });
+    const res = await this.relays.get(relay, `/sha1/${this.ref.sha1}`, { Range: `bytes=${s}-${e - 1}`, ...headers }, e - s);
     checkAnswer(res, s, e, this.ref.size);
     return res;
   }
@@ -201,7 +201,7 @@ export class LeafReader extends BlockReader {
   leaves() {
     if (!this.leavesPromise) {
       this.leavesPromise = this.relays.attempt(`block list of ${this.ref.sha1}`, async (relay) => {
-        const res = await this.relays.get(relay, `/tree/${this.ref.sha1}`);
+        const res = await this.relays.get(relay, `/tree/${this.ref.sha1}`, {}, this.shape.leaves * HASH_BYTES);
         if (res.status !== 200) throw new VerificationError(`answered ${res.status} for the block list`);
         const blob = await readExactly(res, this.shape.leaves * HASH_BYTES);
         const leaves = [];
@@ -250,7 +250,7 @@ export class WholeReader {
           + `${this.limit} (option rootlessLimit); use a pointer with kbfs_tree (kbfs prv create) or a kbfs:// path`);
       }
       this.whole = this.relays.attempt(`${sha1} (read whole to check its SHA-1)`, async (relay) => {
-        const res = await this.relays.get(relay, `/sha1/${sha1}`);
+        const res = await this.relays.get(relay, `/sha1/${sha1}`, {}, size);
         checkAnswer(res, 0, size, size);
         const data = await readExactly(res, size);
         this.relays.stats.bytes += data.length;
