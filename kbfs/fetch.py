@@ -13,6 +13,13 @@ A `Fetcher` knows where content can be had and gets byte ranges of it:
   one log line. `direct=False` (config `direct`, env `KBFS_DIRECT=0`) ignores them all:
   only the relays' own URLs are contacted.
 
+- static mirrors (`kbfs.mirrorsource`, docs/mirrors.md): entries of RELAYS marked
+  `mirrorurl.mark`, kept in their place in the list (the user's order of mirrors and
+  relays), and the mirrors a relay's /api/find lists, just before that relay. A mirror is
+  read as static objects: `fetch_blocks` Range-GETs its data object, `fetch_tree` reads the
+  leaf list from its outboard, `fetch_pieces` builds the proof from its stored nodes
+  (`Target.read_pieces`). It never gets a token. Its health is kept under `mirror URL`.
+
 That is the order for a source nothing is known of. What the Fetcher has seen moves
 sources (per origin, `scheme://host:port`): an origin that has delivered verified data
 (blocks that matched their leaves, or a tree that matched a known root) goes before
