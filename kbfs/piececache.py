@@ -218,8 +218,8 @@ class PieceCache:
                                   for i in self.store.missing(ref.key, first, last - 1))
         n = catalog.piece_count(ref.size, ref.block_size)
         plan = self.around.plan(ref.key, first, last, miss, n, self.link, ref.block_size) if self.around else None
-        if plan is not None:
-            self._start(ref, self.store.missing(ref.key, plan[0], plan[1] - 1), RUN_MAX, 1)
+        for lo, hi in plan or ():
+            self._start(ref, self.store.missing(ref.key, lo, hi - 1), hi - lo, 1)
 
     def _run_pieces(self, window: int, bs: int) -> int:
         """Pieces per read-ahead request: a power of two in [RUN_MIN, RUN_MAX], so that the

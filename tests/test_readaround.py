@@ -20,7 +20,7 @@ from fakepieces import Content, HonestSource, P
 
 from kbfs import proof, prv, tree
 from kbfs.piececache import PieceCache
-from kbfs.readahead2 import SCORE_MIN, LinkEstimate, ReadAround
+from kbfs.readahead2 import AROUND_GAIN, SCORE_MIN, LinkEstimate, ReadAround
 
 KB = 1024
 
@@ -35,21 +35,37 @@ def link_of(bandwidth: float, delay: float) -> LinkEstimate:
     return link
 
 
+def span(runs: list[tuple[int, int]] | None) -> tuple[int, int] | None:
+    """The pieces a plan covers, checking its runs: adjacent, nearest first, doubling."""
+    if runs is None:
+        return None
+    for (a0, a1), (b0, b1) in zip(runs, runs[1:], strict=False):
+        assert a1 == b0 and b1 - b0 <= 2 * (a1 - a0)
+    return runs[0][0], runs[-1][1]
+
+
 def test_local_misses_get_a_link_sized_neighbourhood_after_the_reader() -> None:
     ra = ReadAround()
-    link = link_of(12.5e6, 0.07)           # 100 Mbit/s, 70 ms: 2 x bw x delay = 1.75 MB
-    k = int(2 * 12.5e6 * 0.07 // P)        # 26 pieces
+    link = link_of(12.5e6, 0.07)           # 100 Mbit/s, 70 ms: 4 x bw x delay = 3.5 MB
+    k = int(AROUND_GAIN * 12.5e6 * 0.07 // P)        # 53 pieces
     assert ra.plan("c", 0, 1, True, 1000, link, P) is None        # first miss: no history
-    assert ra.plan("c", 26, 27, True, 1000, link, P) == (27, 27 + k)   # local: what follows it
+    runs = ra.plan("c", 26, 27, True, 1000, link, P)
+    assert span(runs) == (27, 27 + k)                             # local: what follows it
+    assert runs is not None and runs[0] == (27, 31)               # the nearest 256 KiB first
     assert ra.plan("c", 990, 992, True, 1000, link, P) is None    # far from every recent miss
-    assert ra.plan("c", 985, 986, True, 1000, link, P) == (986, 1000)  # near 990: cut at the end
+    assert span(ra.plan("c", 985, 986, True, 1000, link, P)) == (986, 1000)  # near 990: cut at the end
     assert ra.plan("c", 999, 1000, True, 1000, link, P) is None   # nothing after the last piece
-    fast = link_of(125e6, 0.07)            # 1 Gbit/s: 267 pieces, under max_window (1024)
+    fast = link_of(125e6, 0.07)            # 1 Gbit/s: 534 pieces, under max_window (1024)
     assert ra.plan("d", 0, 1, True, 4000, fast, P) is None
-    assert ra.plan("d", 30, 32, True, 4000, fast, P) == (32, 32 + int(2 * 125e6 * 0.07 // P))
+    runs = ra.plan("d", 30, 32, True, 4000, fast, P)
+    assert span(runs) == (32, 32 + int(AROUND_GAIN * 125e6 * 0.07 // P))
+    assert runs is not None and max(b - a for a, b in runs) == 64   # 4 MiB at most per request
     none = LinkEstimate(4 << 20, 64 << 20)  # nothing measured yet: the minimum
     assert ra.plan("e", 0, 1, True, 4000, none, P) is None
-    assert ra.plan("e", 5, 6, True, 4000, none, P) == (6, 6 + ra.min_pieces)
+    assert ra.plan("e", 5, 6, True, 4000, none, P) == [(6, 10)]
+    mib = ReadAround()                      # 1 MiB pieces (v1 trees): whole pieces, at least one
+    assert mib.plan("m", 0, 1, True, 100, none, 1 << 20) is None
+    assert mib.plan("m", 3, 4, True, 100, none, 1 << 20) == [(4, 5)]
 
 
 def test_random_misses_and_hits_plan_nothing() -> None:
@@ -76,10 +92,10 @@ def test_unread_neighbourhoods_stop_and_read_ones_go_on() -> None:
     # A reader that keeps reading what was planned keeps getting it, far misses included.
     ra2 = ReadAround()
     assert ra2.plan("h", 0, 1, True, 100000, link, P) is None
-    lo, hi = ra2.plan("h", 10, 11, True, 100000, link, P) or (0, 0)
+    lo, hi = span(ra2.plan("h", 10, 11, True, 100000, link, P)) or (0, 0)
     assert ra2.plan("h", lo + 3, lo + 4, False, 100000, link, P) is None   # read from it: a hit
     assert ra2.used == 1
-    far = ra2.plan("h", 50000, 50001, True, 100000, link, P)   # score > 0: far misses too
+    far = span(ra2.plan("h", 50000, 50001, True, 100000, link, P))   # score > 0: far misses too
     assert far == (50001, 50001 + (hi - lo))
 
 
