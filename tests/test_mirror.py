@@ -221,3 +221,33 @@ def test_export_resumes_and_refuses_bad_input(content: dict[str, object], tmp_pa
         assert b"p@" not in r.stderr
     r = kbfs(tmp_path, "cat", "--mirror", "http://a/../b", str(ptr / "small.prv"))
     assert r.returncode == 1 and r.stderr.startswith(b"kbfs: error: --mirror"), r.stderr
+
+
+def test_relay_advertises_its_mirror(content: dict[str, object], tmp_path: Path) -> None:
+    """`kbfs relay --mirror URL`: /api/find lists it, and a reader of the relay takes the
+    bytes from the mirror (nginx), not from the share behind the relay."""
+    from tests.netutil import get_json, start_relay, start_share
+
+    share_dir = tmp_path / "shared"
+    share_dir.mkdir()
+    shutil.copy(content["dir"] / "data.bin", share_dir / "data.bin")  # type: ignore[operator]
+    p = prv.load_pointer(content["ptr"] / "v1.prv")  # type: ignore[operator]
+    with Nginx(content["out"], tmp_path) as web:  # type: ignore[arg-type]
+        relay = start_relay(tmp_path, "--mirror", web.url)
+        try:
+            share = start_share(share_dir, relay.url, tmp_path)
+            try:
+                found = get_json(f"{relay.url}/api/find/{p.sha1}")
+                assert found["mirrors"] == [web.url]
+                before = get_json(relay.url + "/api/health")["bytes_out"]
+                r = kbfs(tmp_path, "cat", "--relay", relay.url, f"sha1://{p.sha1}")
+                assert r.returncode == 0, r.stderr
+                assert r.stdout == content["data"]
+                assert get_json(relay.url + "/api/health")["bytes_out"] == before
+                assert any(f"/data/{p.sha1[:2]}/{p.sha1}" in x for x in web.requests())
+            finally:
+                share.stop()
+        finally:
+            relay.stop()
+    r = kbfs(tmp_path, "relay", "--host", "127.0.0.1", "--port", "0", "--mirror", "ftp://x")
+    assert r.returncode == 1 and r.stderr.startswith(b"kbfs: error: --mirror"), r.stderr
