@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from kbfs import prv
+from kbfs import osio, prv
 from kbfs.errors import KbfsError
 from kbfs.fileref import Buffer, FileRef
 
@@ -911,35 +911,10 @@ def fuse_conf_allows_other() -> bool:
 
 
 def mount_device(mountpoint: str) -> str | None:
-    """'major:minor' of the file system mounted at MOUNTPOINT, from /proc/self/mountinfo.
-
-    Read from mountinfo rather than stat() so the daemon can call it without a round trip
-    through its own file system.
-    """
-    target = os.path.realpath(mountpoint)
-    found = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
-                    found = parts[2]  # the last (topmost) mount on this point wins
-    except OSError:
-        return None
-    return found
-
-
-def _unescape_mountinfo(text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 4 <= len(text) and text[i + 1 : i + 4].isdigit():
-            out.append(chr(int(text[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+    """'major:minor' of the file system mounted at MOUNTPOINT (from /proc/self/mountinfo,
+    not stat(), so the daemon can ask without a round trip through its own file system);
+    None off Linux or with KBFS_PORTABLE=1 (kbfs.osio)."""
+    return osio.mount_device(mountpoint)
 
 
 def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> bool:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from kbfs import config, fusefs, mirrorurl, protocol, prv, tlsconf
+from kbfs import config, fusefs, mirrorurl, osio, protocol, prv, tlsconf
 from kbfs import tree as tree_mod
 from kbfs.errors import BadRequest, ConfigError, KbfsError
 
@@ -215,30 +215,26 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def process_start_time(pid: int) -> int | None:
-    """When PID started (clock ticks after boot, /proc/PID/stat field 22), or None.
+def process_start_time(pid: int) -> int | str | None:
+    """When PID started (Linux: clock ticks after boot, /proc/PID/stat field 22; elsewhere or
+    with KBFS_PORTABLE=1: `ps`'s start date; kbfs.osio), or None.
 
     With the pid it names one process for good: a pid is reused, a start time with it not."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[19])  # fields[0] is field 3 (state)
-    except (OSError, IndexError, ValueError):
-        return None
+    return osio.process_start(pid)
 
 
 def _runs_mount_of(pid: int, mountpoint: str) -> bool:
     """Whether PID's command line is a `kbfs ... mount ... MOUNTPOINT` (as spawn_mount runs
     it: python -m kbfs mount SRC MNT -f ..., or the kbfs script)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
+    got = osio.process_args(pid)
+    if got is None:
         return False
+    args, cwd = got
     is_kbfs = any(a == "kbfs" or os.path.basename(a) == "kbfs" for a in args[:3])
     target = os.path.normpath(mountpoint)
-    names_it = any(os.path.normpath(os.path.join(cwd, a)) == target for a in args)
+    # Without its working folder (not Linux) only absolute arguments can name the mountpoint.
+    names_it = any(os.path.normpath(os.path.join(cwd or "/", a)) == target for a in args
+                   if cwd is not None or os.path.isabs(a))
     return is_kbfs and "mount" in args and names_it
 
 
@@ -252,10 +248,7 @@ def daemon_pid(status: dict[str, Any]) -> int:
         return 0
     if pid <= 0 or pid == os.getpid() or not pid_alive(pid):
         return 0
-    try:
-        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-            return 0
-    except OSError:
+    if osio.process_uid(pid) != os.getuid():
         return 0
     recorded = status.get("pid_start")
     if recorded is not None and process_start_time(pid) != recorded:
@@ -273,11 +266,7 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie child of ours still answers kill(0); it is not serving.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
+    return osio.process_zombie(pid) is not True
 
 
 def read_statuses(mountpoint: str | None = None) -> list[dict[str, Any]]:
