@@ -74,7 +74,7 @@ export class Relays {
       headers: h,
       cache: 'no-store', // our own LRU holds verified bytes; a cached 206 may carry another range's proof
       redirect: 'error',
-      signal: AbortSignal.timeout(this.timeout + expect / 1000),
+      signal: AbortSignal.timeout(Math.ceil(this.timeout + expect / 1000)), // an integer, or it throws
     });
     if (res.status < 200 || res.status > 299) {
       let detail = '';
