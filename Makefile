@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config curl gcc python3-dev python3-venv chromium chromium-driver nginx-light
+# issue 17 (tests/test_deploy_*.py): a forward proxy, Caddy, and ip(8) for network namespaces
+APT_PACKAGES += tinyproxy caddy iproute2 openssl
 BENCH_APT_PACKAGES := rclone nginx-light
 # kbfs.js (js/): its npm packages, from the committed package-lock.json
 JS_STAMP := js/node_modules/.installed
