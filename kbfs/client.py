@@ -65,7 +65,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from kbfs import cachefiles, protocol, prv, tree
+from kbfs import cachefiles, osio, protocol, prv, tree
 from kbfs.buffers import DIRECT_ALIGN, anonymous_memory
 from kbfs.config import Settings, load_settings
 from kbfs.errors import (
@@ -1166,11 +1166,8 @@ class _PartWriter:
         self.fd = fd
         self.lock = lock
         self.dfd = -1
-        if hasattr(os, "O_DIRECT") and block_size % DIRECT_ALIGN == 0:
-            try:
-                self.dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError as exc:
-                log.debug("no O_DIRECT writes: %s", exc)
+        if block_size % DIRECT_ALIGN == 0:
+            self.dfd = osio.reopen_direct(fd)  # -1: not Linux, KBFS_PORTABLE=1 or refused
 
     def write(self, view: memoryview, offset: int) -> None:
         with self.lock:
@@ -1258,12 +1255,9 @@ def _check_part(fd: int, ref: FileRef, leaves: Sequence[bytes], candidates: list
     for i in candidates:
         start, end = tree.block_span(i, ref.size, ref.block_size)
         view = memoryview(buf)[:end - start]
-        if os.preadv(fd, [view], start) == end - start and tree.block_matches(view, leaves[i]):
+        if osio.readinto(fd, view, start) == end - start and tree.block_matches(view, leaves[i]):
             good.add(i)
     return [i for i in range(ref.blocks) if i not in good]
-
-
-_fallocate: Any = None  # fallocate(2) through ctypes once looked up; False: not to be had
 
 
 def _preallocate(fd: int, size: int) -> bool:
@@ -1279,31 +1273,7 @@ def _preallocate(fd: int, size: int) -> bool:
     most FUSE file systems) glibc's posix_fallocate writes a byte into every 4 KiB of the
     range instead, which would cost more than the whole copy.
     """
-    global _fallocate
-    if _fallocate is None:
-        _fallocate = False
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            # fallocate64 takes 64-bit offsets everywhere; plain fallocate (musl) only
-            # where off_t is 64 bits, which a 64-bit process's is.
-            fn = getattr(libc, "fallocate64", None)
-            if fn is None and ctypes.sizeof(ctypes.c_void_p) == 8:
-                fn = getattr(libc, "fallocate", None)
-            if fn is not None:
-                fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-                fn.restype = ctypes.c_int
-                _fallocate = (fn, ctypes.get_errno)
-        except (ImportError, OSError) as exc:
-            log.debug("no fallocate: %s", exc)
-    if not _fallocate or size <= 0:
-        return False
-    fn, get_errno = _fallocate
-    if fn(fd, 0, 0, size) == 0:
-        return True
-    log.debug("fallocate of %d bytes refused: %s", size, os.strerror(get_errno()))
-    return False
+    return osio.allocate(fd, size)
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -1322,16 +1292,9 @@ def _copy_range(src: int, dst: int, offset: int, length: int,
     step = 64 << 20
     while pos < end:
         n = min(step, end - pos)
-        try:
-            done = os.copy_file_range(src, dst, n, pos, pos)
-        except OSError:
-            done = 0
+        done = osio.copy_range(src, dst, pos, n)  # copy_file_range, or through a buffer
         if done <= 0:
-            data = os.pread(src, n, pos)
-            if not data:
-                raise VerificationError(f"local copy ended at {pos}, expected {end} bytes")
-            _pwrite_all(dst, data, pos)
-            done = len(data)
+            raise VerificationError(f"local copy ended at {pos}, expected {end} bytes")
         pos += done
         if progress is not None:
             progress(done)
