@@ -81,7 +81,7 @@ from typing import Any
 
 import requests
 
-from kbfs import mirrorsource, mirrorurl, piecewire, proof, protocol, tree
+from kbfs import mirrorsource, mirrorurl, osio, piecewire, proof, protocol, tree
 from kbfs.errors import (
     AccessDenied,
     BadRequest,
@@ -685,7 +685,7 @@ class Fetcher(HttpPlumbing):
             try:
                 got = 0
                 while got < end - start:
-                    more = os.preadv(fd, [out[got: end - start]], start + got)
+                    more = osio.readinto(fd, out[got: end - start], start + got)
                     if not more:
                         break
                     got += more

@@ -67,7 +67,7 @@ import trio
 import trio_websocket
 from starlette.routing import Route, Router
 
-from kbfs import httpserve, proof, protocol, proxyconf, tlsconf, tree
+from kbfs import httpserve, osio, proof, protocol, proxyconf, tlsconf, tree
 from kbfs.config import normalize_relay
 from kbfs.errors import (
     BadRequest,
@@ -268,7 +268,7 @@ class _VerifiedReader:
         want = min(tree.BLOCK_SIZE, self.f.size - offset)
         got = 0
         while got < want:
-            n = os.preadv(self.fd, [self.view[got:want]], offset + got)
+            n = osio.readinto(self.fd, self.view[got:want], offset + got)
             if n <= 0:
                 raise Refused(409, f"{self.f.path} is shorter than when it was indexed")
             got += n
