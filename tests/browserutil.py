@@ -13,6 +13,7 @@ to a dead proxy (127.0.0.1:9), so the browser reaches nothing but the test's own
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -86,15 +87,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "c
     raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
 
 
-def shot(driver: Any, name: str) -> Path:
-    """Save a screenshot of the page as docs/screenshots/NAME.png (the whole page height)."""
+def shot(driver: Any, name: str, max_height: int = 1400) -> Path:
+    """Save docs/screenshots/NAME.png: the page 1280 px wide and as tall as its content
+    (at most MAX_HEIGHT), through DevTools' device metrics (a window resize stops short)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     height = driver.execute_script(
-        "return Math.min(2400, Math.max(document.body.scrollHeight, document.documentElement.scrollHeight))")
-    driver.set_window_size(1280, max(700, int(height) + 40))
+        "return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)")
+    height = max(600, min(max_height, int(height)))
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        data = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})["data"]
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     path = SCREENSHOTS / f"{name}.png"
-    driver.save_screenshot(str(path))
-    driver.set_window_size(1280, 900)
+    path.write_bytes(base64.b64decode(data))
     return path
 
 

@@ -45,7 +45,7 @@ export const viewer = {
     el.append(h('form', { class: 'controls', onsubmit: go },
       h('button', { type: 'button', id: 'hex-prev', onclick: () => show(page - 1) }, '◀ previous'),
       h('button', { type: 'button', id: 'hex-next', onclick: () => show(page + 1) }, 'next ▶'),
-      input, h('button', { type: 'submit', id: 'hex-go' }, 'go'), ' ', where), pre);
+      input, h('button', { type: 'submit', id: 'hex-go' }, 'go'), ' ', where), h('div', { class: 'scroller' }, pre));
     await show(0);
   },
 };
