@@ -50,7 +50,8 @@ def make_pointer(tmp_path: Path, data: bytes, name: str = "data.bin",
     orig = tmp_path / "orig" / name
     orig.parent.mkdir(parents=True, exist_ok=True)
     orig.write_bytes(data)
-    p = prv.create_pointer(orig)
+    # v1 (1 MiB blocks): the HTTPSource sources here serve the 1 MiB leaf list, no proofs.
+    p = prv.create_pointer(orig, block_size=1 << 20)
     p = prv.Pointer(p.sha1, p.size, p.fcs,
                     str(orig) if original_path is None else original_path,
                     p.prv_version, p.tree if tree else None)

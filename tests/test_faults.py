@@ -58,7 +58,9 @@ def serve_pointer(sources: list[HTTPSource], folder: Path, name: str, data: byte
     original.write_bytes(data)
     for src in sources:
         src.add(path=str(original))
-    pointer = dataclasses.replace(prv.create_pointer(original), original_path="")
+    # v1 (1 MiB): the faulty sources here (tests/httpsource.py) serve leaf lists, no proofs.
+    pointer = dataclasses.replace(prv.create_pointer(original, block_size=tree.BLOCK_SIZE),
+                                  original_path="")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.prv").write_text(pointer.to_json())
     return pointer
@@ -583,7 +585,8 @@ def test_file_changed_after_indexing_same_size_and_mtime(tmp_path: Path) -> None
     with start_relay(tmp_path) as relay, \
             start_share(data, relay.url, tmp_path, "--rescan-interval", "600",
                         listen=True) as sh:
-        pointer = dataclasses.replace(prv.create_pointer(data / "f.bin"), original_path="")
+        pointer = dataclasses.replace(prv.create_pointer(data / "f.bin", block_size=tree.BLOCK_SIZE),
+                                      original_path="")  # v1, as the other mounts here
         folder = tmp_path / "ptrs"
         folder.mkdir()
         (folder / "f.bin.prv").write_text(pointer.to_json())

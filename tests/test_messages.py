@@ -113,7 +113,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path, bytes]]:
     data = os.urandom(3 * MiB + 17)
     (data_dir / "rec.bin").write_bytes(data)
     pointer = tmp_path / "rec.bin.prv"
-    pointer.write_text(prv.create_pointer(data_dir / "rec.bin").to_json())
+    # v1 (1 MiB): the wording below is the leaf-list path's (a v2 read says what its proofs do).
+    pointer.write_text(prv.create_pointer(data_dir / "rec.bin", block_size=tree.BLOCK_SIZE).to_json())
     with start_relay(tmp_path) as relay, start_share(data_dir, relay.url, tmp_path):
         yield relay.url, pointer, data
 
@@ -178,7 +179,7 @@ def test_ctrl_c_during_download_says_rerun_resumes(tmp_path: Path, env: dict[str
     data = os.urandom(8 * MiB)
     (tmp_path / "big.bin").write_bytes(data)
     pointer = tmp_path / "big.bin.prv"
-    ptr = prv.create_pointer(tmp_path / "big.bin")
+    ptr = prv.create_pointer(tmp_path / "big.bin", block_size=tree.BLOCK_SIZE)  # HTTPSource: no proofs
     pointer.write_text(dataclasses.replace(ptr, original_path="").to_json())
     out = tmp_path / "out" / "big.bin"
     out.parent.mkdir()

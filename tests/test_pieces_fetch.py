@@ -339,7 +339,7 @@ def test_real_relay_and_share_serve_proofs(tmp_path) -> None:
     content = os.urandom(3 * (1 << 20) + 12345)
     (data_dir / "f.bin").write_bytes(content)
     p64 = prv.create_pointer(data_dir / "f.bin", block_size=65536)
-    p1m = prv.create_pointer(data_dir / "f.bin")
+    p1m = prv.create_pointer(data_dir / "f.bin", block_size=tree.BLOCK_SIZE)  # v1: 1 MiB
     assert p64.tree is not None and p1m.tree is not None
     n = tree.block_count(len(content), 65536)
     with netutil.start_relay(tmp_path) as relay, \

@@ -336,7 +336,8 @@ def test_index_from_before_is_rescanned_then_proves(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     st = os.stat(data_dir / "old.bin")
-    d = prv.digest_file(data_dir / "old.bin")
+    d = prv.digest_file(data_dir / "old.bin", block_size=MiB, keep_leaves=True)  # the v1 row
+    assert d.leaves is not None
     conn = sqlite3.connect(state / "index.sqlite")
     conn.executescript(_OLD_SCHEMA)
     conn.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -66,10 +66,13 @@ def env_of(tmp_path: Path, **extra: str) -> dict[str, str]:
     return e
 
 
-def write_pointer(tmp_path: Path, data: bytes, name: str, rooted: bool = True) -> tuple[str, Any]:
+def write_pointer(tmp_path: Path, data: bytes, name: str, rooted: bool = True,
+                  block_size: int = tree.BLOCK_SIZE) -> tuple[str, Any]:
+    """A pointer file to DATA, its original gone. A 1 MiB (v1) tree unless BLOCK_SIZE says
+    otherwise: these tests' HTTPSource sources serve the 1 MiB leaf list and no proofs."""
     f = tmp_path / f"hash-{name}"
     f.write_bytes(data)
-    p = prv.create_pointer(f)
+    p = prv.create_pointer(f, block_size=block_size)
     f.unlink()
     p = prv.Pointer(p.sha1, p.size, p.fcs, "/nonexistent/" + name, p.prv_version,
                     p.tree if rooted else None)
@@ -149,7 +152,7 @@ def net(tmp_path: Path) -> Iterator[dict[str, Any]]:
     data_dir.mkdir()
     a = os.urandom(2 * tree.BLOCK_SIZE + 4321)
     (data_dir / "a.bin").write_bytes(a)
-    digest = prv.digest_file(data_dir / "a.bin")
+    digest = prv.digest_file(data_dir / "a.bin", block_size=tree.BLOCK_SIZE, keep_leaves=True)  # v1
     relay = netutil.start_relay(tmp_path / "logs")
     try:
         share = netutil.start_share(data_dir, relay.url, tmp_path / "logs")
