@@ -10,7 +10,7 @@
 // What it does not do: verify anything (readers.js does, then reports a lie here).
 
 import { VerificationError } from './tree.js';
-import { NoProof, cancel } from './wire.js';
+import { NoProof, cancel, readText } from './wire.js';
 
 const FAIL_MS = 10_000;
 const LIAR_MS = 300_000;
@@ -79,8 +79,7 @@ export class Relays {
     if (res.status < 200 || res.status > 299) {
       let detail = '';
       try {
-        const text = (await res.text()).slice(0, 300);
-        detail = JSON.parse(text).error ?? '';
+        detail = JSON.parse(await readText(res, 16384)).error ?? ''; // bounded: a liar's error page
       } catch {
         await cancel(res);
       }

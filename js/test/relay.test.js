@@ -166,4 +166,14 @@ describe('kbfs.js against a real relay', { skip }, () => {
       liar.mode = 'ok';
     }
   });
+
+  test('an error answer is read with a bound (a 64 MiB error page is cut short)', async () => {
+    liar.mode = 'error-flood';
+    const before = liar.flooded;
+    const f = await openContent(W.files.big.v2, { relays: [liar.url] });
+    await assert.rejects(f.read(0, 10), /HTTP 500/);
+    await new Promise((r) => setTimeout(r, 300));
+    assert.ok(liar.flooded - before < 32 << 20, `the liar wrote ${liar.flooded - before} bytes`);
+    liar.mode = 'ok';
+  });
 });

@@ -19,6 +19,7 @@ export const MODES = [
   'tree-flip', // /tree/: one leaf byte flipped
   'tree-short', // /tree/: the last leaf missing
   'whole-flip', // a body without Range (root-less content) with one byte flipped
+  'error-flood', // a 500 whose body is 64 MiB of JSON-looking bytes (counted in `flooded`)
 ];
 
 function b64flip(value, edit) {
@@ -31,9 +32,21 @@ const FORWARD = ['range', 'kbfs-want-proof', 'authorization'];
 
 // Start a liar in front of UPSTREAM; returns {url, mode (settable), seen, close()}.
 export async function startLiar(upstream, mode = 'ok') {
-  const state = { mode, seen: [] };
+  const state = { mode, seen: [], flooded: 0 };
   const server = createServer(async (req, res) => {
     state.seen.push({ url: req.url, headers: req.headers });
+    if (state.mode === 'error-flood') {
+      res.writeHead(500, { 'content-type': 'application/json', 'access-control-allow-origin': '*' });
+      const chunk = Buffer.alloc(65536, 0x20);
+      let closed = false;
+      res.on('close', () => { closed = true; });
+      for (let sent = 0; sent < 64 << 20 && !closed; sent += chunk.length) {
+        state.flooded += chunk.length;
+        if (!res.write(chunk)) await new Promise((r) => { res.once('drain', r); res.once('close', r); });
+      }
+      res.end();
+      return;
+    }
     const headers = {};
     for (const h of FORWARD) if (req.headers[h]) headers[h] = req.headers[h];
     let range = req.headers.range;
@@ -106,6 +119,9 @@ export async function startLiar(upstream, mode = 'ok') {
     },
     get mode() {
       return state.mode;
+    },
+    get flooded() {
+      return state.flooded;
     },
     close: () => new Promise((r) => { server.closeAllConnections?.(); server.close(r); }),
   };
