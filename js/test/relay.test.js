@@ -176,4 +176,15 @@ describe('kbfs.js against a real relay', { skip }, () => {
     assert.ok(liar.flooded - before < 32 << 20, `the liar wrote ${liar.flooded - before} bytes`);
     liar.mode = 'ok';
   });
+
+  test('the LRU of verified pieces stays within cacheBytes, reads larger than it still whole', async () => {
+    const f = await openContent(W.files.big.v2, { relays: relays(), cacheBytes: 3 * 65536 });
+    same(await f.read(0, 1 << 20), big.subarray(0, 1 << 20), 'a read of 16 pieces through a 3-piece cache');
+    assert.ok(f.reader.lru.bytes <= 3 * 65536 && f.reader.lru.map.size <= 3, `${f.reader.lru.bytes} bytes kept`);
+    const n = f.stats.requests;
+    await f.read(15 * 65536, 10); // the last piece read is kept
+    assert.equal(f.stats.requests, n);
+    await f.read(0, 10); // the first was evicted
+    assert.equal(f.stats.requests, n + 1);
+  });
 });

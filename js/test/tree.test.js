@@ -108,3 +108,17 @@ test('hex helpers', () => {
   assert.equal(toHex(fromHex('00ff10')), '00ff10');
   assert.throws(() => fromHex('0'));
 });
+
+test('shapes above 2^31 pieces: no 32-bit arithmetic', () => {
+  const s = new Shape(2 ** 50, 65536); // 2^34 pieces
+  assert.equal(s.leaves, 2 ** 34);
+  assert.equal(s.height, 34);
+  const a = 2 ** 33 + 5;
+  const nodes = proofNodes(s, a, a + 1);
+  assert.equal(nodes.length, 34);
+  assert.deepEqual(nodes[0], [33, 0]); // left to right: the left half first ...
+  assert.ok(nodes.some(([l, j]) => l === 0 && j === a - 1)); // ... piece a's sibling ...
+  assert.deepEqual(nodes[nodes.length - 1], [32, 3]); // ... the last quarter last
+  assert.deepEqual(s.covering(2 ** 32 - 1, 2 ** 32 + 1), [33, 0]);
+  assert.throws(() => new Shape(2 ** 53, 65536));
+});
