@@ -3,9 +3,12 @@
 A yardstick for bench_mount.py, not part of kbfs: it shows what a FUSE read costs in
 pyfuse3 and trio alone (request from /dev/fuse, a task, the reply), so the mount's
 random-read latency can be told apart from that floor. It has no cache, no
-verification, no threads; reads are answered on the trio thread from the backing file.
+verification; reads are answered on the trio thread from the backing file, or with
+`--thread` by a worker thread (`trio.to_thread.run_sync(os.pread, ...)`, as kbfs's mount
+answers every read): the difference between the two is what one thread hop per read costs,
+i.e. the most an inline fast path could save (bench_mount's A/B).
 
-Usage: minifuse.py FILE MOUNTPOINT   (foreground; SIGINT/SIGTERM unmount and exit)
+Usage: minifuse.py [--thread] FILE MOUNTPOINT   (foreground; SIGINT/SIGTERM unmount and exit)
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ FILE_INODE = pyfuse3.ROOT_INODE + 1
 class OneFile(pyfuse3.Operations):
     """The root folder holding one file, NAME, whose bytes are those of the file at FD."""
 
-    def __init__(self, fd: int, name: bytes) -> None:
+    def __init__(self, fd: int, name: bytes, thread: bool = False) -> None:
         super().__init__()
         self.fd, self.name, self.size = fd, name, os.fstat(fd).st_size
+        self.thread = thread
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
@@ -51,6 +55,8 @@ class OneFile(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if self.thread:
+            return await trio.to_thread.run_sync(os.pread, self.fd, size, off)
         return os.pread(self.fd, size, off)
 
 
@@ -73,12 +79,15 @@ async def _serve(ops: OneFile, mountpoint: str) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    thread = "--thread" in args
+    args = [a for a in args if a != "--thread"]
+    if len(args) != 2:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
-    path, mountpoint = sys.argv[1], sys.argv[2]
+    path, mountpoint = args
     fd = os.open(path, os.O_RDONLY)
-    trio.run(_serve, OneFile(fd, os.path.basename(path).encode()), mountpoint)
+    trio.run(_serve, OneFile(fd, os.path.basename(path).encode(), thread), mountpoint)
     return 0
 
 
