@@ -97,8 +97,9 @@ def test_find(world: Any) -> None:
                                 "url": f"{world['share'].direct_url}/sha1/{world['sha_a']}"}]
     assert found["urls"] == [f"{world['share'].direct_url}/sha1/{world['sha_a']}",
                              f"{world['relay'].url}/sha1/{world['sha_a']}"]
+    assert found["mirrors"] == []   # a relay without --mirror advertises none (docs/mirrors.md)
     missing = _get(world, "/api/find/" + "0" * 40).json()
-    assert missing == {"found": False, "size": 0, "shares": [], "urls": []}
+    assert missing == {"found": False, "size": 0, "shares": [], "urls": [], "mirrors": []}
     assert _get(world, "/api/find/xyz").status_code == 400
 
 
