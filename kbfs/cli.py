@@ -71,6 +71,12 @@ class KbfsGroup(click.Group):
                 raise
             click.echo(f"kbfs: error: {_describe(exc)}", err=True)
             ctx.exit(1)
+        except ModuleNotFoundError as exc:
+            if exc.name != "pyfuse3" or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            # pyfuse3 is the mount extra: everything else works without it.
+            click.echo("kbfs: error: mounting needs pyfuse3 and libfuse 3: pip install 'kbfs[mount]'", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("kbfs: interrupted", err=True)
             ctx.exit(130)

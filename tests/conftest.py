@@ -49,6 +49,8 @@ def make_file() -> Callable[..., bytes]:
 # `mounted` itself.
 PORTABLE_RUN = os.environ.get("KBFS_PORTABLE", "") == "1"
 PORTABLE_SKIP = "FUSE test: runs in the first pass, not the KBFS_PORTABLE=1 pass"
+# Files whose subject is not behind the seam: once is enough (the package build, the units).
+PORTABLE_ONCE = {"test_package.py", "test_services.py", "test_layers.py"}
 _portable_skipped: list[str] = []
 
 
@@ -66,6 +68,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if _uses_fuse(item):
             item.add_marker(pytest.mark.skip(reason=PORTABLE_SKIP))
             _portable_skipped.append(item.nodeid)
+        elif item.path.name in PORTABLE_ONCE:
+            item.add_marker(pytest.mark.skip(reason="runs in the first pass only (nothing behind kbfs.osio)"))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
