@@ -80,9 +80,11 @@ echo "   recording.mda verified by: $xattr_verified"
 sleep 2.5  # the daemon refreshes its status file every 2 s
 "$KBFS" status "$DEMO/mnt" | sed 's/^/   /' || true
 
+share_id=$(curl -fs "$RELAY/api/shares" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 cat <<MSG
 
 Done: $ok files read through the mount, every SHA-1 matches.
+  web page:      $RELAY/          (this share: $RELAY/s/$share_id/list)
   data shared:   $DEMO/data        (kbfs share, log $DEMO/share.log)
   relay:         $RELAY            (log $DEMO/relay.log)
   pointers:      $DEMO/pointers
