@@ -164,7 +164,8 @@ def test_walk_through_the_page(site: dict[str, Any]) -> None:
     assert urllib.parse.urlsplit(driver.current_url).path == f"/s/{share.id}/list"
     dirs = [a.text for a in driver.find_elements("css selector", "a.dir-link")]
     assert dirs == ["arrays/", "figures/", "raw/", "tables/"]
-    row = [r for r in driver.find_elements("css selector", "tr.file") if r.get_attribute("data-name") == "README.txt"][0]
+    row = [r for r in driver.find_elements("css selector", "tr.file")
+           if r.get_attribute("data-name") == "README.txt"][0]
     assert "41 B" in row.text and "20" in row.text  # size and a date
     shot(driver, "02-folder")
 

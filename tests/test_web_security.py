@@ -161,7 +161,8 @@ INJECT = """
 const done = arguments[arguments.length - 1];
 const foreign = arguments[0];
 window.violations = [];
-document.addEventListener('securitypolicyviolation', (e) => window.violations.push([e.violatedDirective, e.blockedURI]));
+document.addEventListener('securitypolicyviolation',
+  (e) => window.violations.push([e.violatedDirective, e.blockedURI]));
 const s = document.createElement('script');
 s.textContent = 'window.inlineRan = 1;';
 document.head.append(s);
