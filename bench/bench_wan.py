@@ -13,6 +13,9 @@ given in units of it. The contenders read the same bytes over the same two links
   copy, `--no-local`), through the relay at link A, twice: of the share's own (v1) pointers,
   1 MiB blocks, and of v2 pointers of the same files (the tree `kbfs prv create --block-size
   65536` writes: 64 KiB pieces, each verified by a proof that comes with it);
+- the kbfs mount of the v2 pointers once more with read-around off (`KBFS_READ_AROUND=0`,
+  kbfs/readahead2.py `ReadAround`): the A/B of that policy, in the random, first-byte and
+  h5py phases, printed as a table of its own (on / off);
 - rclone mount: `rclone mount :http: --vfs-cache-mode full` of nginx through the links;
 - `kbfs download` of the v1 and of the v2 pointer, and `curl -o` of the same file from nginx.
 
