@@ -187,4 +187,15 @@ describe('kbfs.js against a real relay', { skip }, () => {
     await f.read(0, 10); // the first was evicted
     assert.equal(f.stats.requests, n + 1);
   });
+
+  test('a silent relay costs the first-byte timeout, then the next relay answers', async () => {
+    liar.mode = 'stall';
+    const t0 = Date.now();
+    const f = await openContent(W.files.big.v2, { relays: [liar.url, W.relay], firstByteTimeout: 300 });
+    same(await f.read(1000, 10), big.subarray(1000, 1010), 'after the silent relay');
+    assert.ok(Date.now() - t0 < 3000, `took ${Date.now() - t0} ms`);
+    const alone = await openContent(W.files.big.v2, { relays: [liar.url], firstByteTimeout: 300 });
+    await assert.rejects(alone.read(0, 1), /no answer within the first-byte timeout/);
+    liar.mode = 'ok';
+  });
 });

@@ -19,6 +19,7 @@ export const MODES = [
   'tree-flip', // /tree/: one leaf byte flipped
   'tree-short', // /tree/: the last leaf missing
   'whole-flip', // a body without Range (root-less content) with one byte flipped
+  'stall', // accepts the request and never answers
   'error-flood', // a 500 whose body is 64 MiB of JSON-looking bytes (counted in `flooded`)
 ];
 
@@ -35,6 +36,7 @@ export async function startLiar(upstream, mode = 'ok') {
   const state = { mode, seen: [], flooded: 0 };
   const server = createServer(async (req, res) => {
     state.seen.push({ url: req.url, headers: req.headers });
+    if (state.mode === 'stall') return; // closed by close()
     if (state.mode === 'error-flood') {
       res.writeHead(500, { 'content-type': 'application/json', 'access-control-allow-origin': '*' });
       const chunk = Buffer.alloc(65536, 0x20);

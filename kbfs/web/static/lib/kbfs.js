@@ -99,7 +99,8 @@ async function listingPointer(relays, src) {
 
 // Open SOURCE for reading; see the module comment. Options: relays (list of
 // http(s)://HOST:PORT), token (a private share's), fetch (default globalThis.fetch),
-// name, timeout (ms per request, 30000), cacheBytes (LRU of verified pieces, 64 MiB),
+// name, timeout (ms per request, 30000, plus 1 s per MB asked), firstByteTimeout (ms to
+// the answer's head, 5000: then the next relay), cacheBytes (LRU of verified pieces, 64 MiB),
 // rootlessLimit (largest root-less content read whole, 256 MiB), maxRequestBytes (8 MiB),
 // parallel (requests at once per file, 4).
 export async function openContent(source, opts = {}) {
@@ -109,7 +110,7 @@ export async function openContent(source, opts = {}) {
   const given = (opts.relays ?? []).map(checkRelay);
   const trusted = src.kind === 'kbfs' ? [src.relay, ...given] : given;
   const list = [...new Set(trusted)].map((base) => ({ base, trusted: true }));
-  const common = { token, fetch: opts.fetch, timeout: opts.timeout };
+  const common = { token, fetch: opts.fetch, timeout: opts.timeout, firstByteTimeout: opts.firstByteTimeout };
   let ref;
   if (src.kind === 'pointer') {
     ref = src.pointer;

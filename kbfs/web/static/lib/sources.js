@@ -43,18 +43,19 @@ export function checkToken(token) {
 
 function why(e) {
   if (e instanceof HTTPStatusError || e instanceof VerificationError || e instanceof NoProof) return e.message;
-  if (e?.name === 'TimeoutError' || e?.name === 'AbortError') return 'timed out';
+  if (e?.name === 'TimeoutError' || e?.name === 'AbortError') return e.message === 'no answer' ? 'no answer within the first-byte timeout' : 'timed out';
   const cause = e?.cause?.code || e?.cause?.message;
   return cause ? `unreachable (${cause})` : `unreachable (${e?.message ?? e})`;
 }
 
 export class Relays {
   // LIST: [{base, trusted}] in preference order; TOKEN: '' or a checked token.
-  constructor(list, { token = '', fetch, timeout = 30_000 } = {}) {
+  constructor(list, { token = '', fetch, timeout = 30_000, firstByteTimeout = 5_000 } = {}) {
     this.list = list.map((r, i) => ({ ...r, i, until: 0, rank: 0 }));
     this.token = token;
     this.fetchFn = fetch ? (url, init) => fetch.call(globalThis, url, init) : (url, init) => globalThis.fetch(url, init);
     this.timeout = timeout;
+    this.firstByteTimeout = firstByteTimeout;
     this.stats = { requests: 0, bytes: 0, failovers: 0, lies: 0 };
   }
 
@@ -71,12 +72,25 @@ export class Relays {
     const h = { ...headers };
     if (this.token && relay.trusted) h.Authorization = `Bearer ${this.token}`;
     this.stats.requests++;
-    const res = await this.fetchFn(relay.base + path, {
-      headers: h,
-      cache: 'no-store', // our own LRU holds verified bytes; a cached 206 may carry another range's proof
-      redirect: 'error',
-      signal: AbortSignal.timeout(Math.ceil(this.timeout + expect / 1000)), // an integer, or it throws
-    });
+    // Two deadlines on one signal: the answer's head within firstByteTimeout (a silent relay
+    // costs seconds, then the next is asked), the whole body within timeout (+1 s per MB).
+    // A timer firing after the body was read aborts nothing.
+    const ctl = new AbortController();
+    const stop = (why) => () => ctl.abort(new DOMException(why, 'TimeoutError'));
+    const head = setTimeout(stop('no answer'), this.firstByteTimeout);
+    const all = setTimeout(stop('timed out'), Math.ceil(this.timeout + expect / 1000));
+    all.unref?.(); // Node: a pending deadline does not keep the process alive
+    let res;
+    try {
+      res = await this.fetchFn(relay.base + path, {
+        headers: h,
+        cache: 'no-store', // our own LRU holds verified bytes; a cached 206 may carry another range's proof
+        redirect: 'error',
+        signal: ctl.signal,
+      });
+    } finally {
+      clearTimeout(head);
+    }
     if (res.status < 200 || res.status > 299) {
       let detail = '';
       try {
