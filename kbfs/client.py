@@ -801,6 +801,10 @@ class Client:
             tally = self._download_pieces(r.ref, target, progress)
         else:
             tally = self._download_blocks(r.ref, target, workers, progress)
+        if copies or r.ref.root is None or takes_pieces(r.ref):
+            # These paths resume from the cache, not from `.NAME.kbfs-part`; one left by a
+            # 1 MiB run (or an older kbfs) is obsolete now that TARGET is whole and verified.
+            _drop_part(target)
         return DownloadResult(target, r.ref.size, copies[0] if copies else None, cached_before,
                               time.monotonic() - started, tally.fetched, tally.resumed)
 
@@ -1192,6 +1196,15 @@ class _PartWriter:
             if self.dfd >= 0:
                 os.close(self.dfd)
                 self.dfd = -1
+
+
+def _drop_part(target: str) -> None:
+    """Remove TARGET's `.NAME.kbfs-part` (never followed: a symlink there is removed, not its target)."""
+    folder, name = os.path.split(target)
+    part = os.path.join(folder, f".{name}.kbfs-part")
+    if os.path.lexists(part):
+        _unlink_quiet(part)
+        log.info("removed %s: %s is complete", part, target)
 
 
 def _unlink_quiet(path: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netutil import start_relay, start_share
+from tests.netutil import get_json, start_relay, start_share
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,17 +113,26 @@ def test_download_share_folder_once_then_resumes(world, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out)
     check_tree(out, contents)
-    # A rerun skips what is complete, redoes what changed, and resumes a part file.
+    # A rerun skips what is complete, redoes what changed, and resumes: a share lists 64 KiB
+    # pointers, whose downloads resume from the piece cache (not from a part file), so the
+    # rerun asks the relay for no byte. A part file a 1 MiB run left is obsolete once its
+    # file is whole: removed (a symlink planted there is removed, never followed).
     (out / "a.bin").write_bytes(b"damaged")
     os.unlink(out / "sub" / "b.bin")
     part = out / "sub" / ".b.bin.kbfs-part"
     part.write_bytes(contents["sub/b.bin"][:1 << 20])
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not kbfs's")
+    os.symlink(outside, out / ".a.bin.kbfs-part")
     mtime = (out / "sub" / "deeper" / "c.txt").stat().st_mtime_ns
+    sent = get_json(relay.url + "/api/health")["bytes_out"]
     r = kbfs(base, "-v", "download", "--no-local", url, "-o", str(out))
     assert r.returncode == 0, r.stderr
     check_tree(out, contents)
     assert (out / "sub" / "deeper" / "c.txt").stat().st_mtime_ns == mtime  # skipped
-    assert not part.exists()
+    assert get_json(relay.url + "/api/health")["bytes_out"] == sent     # all from the cache
+    assert not part.exists() and not os.path.lexists(out / ".a.bin.kbfs-part")
+    assert outside.read_bytes() == b"not kbfs's"
     # One subfolder of the share.
     r = kbfs(base, "download", "--no-local", url + "sub", "-o", str(tmp_path / "sub"))
     assert r.returncode == 0, r.stderr
