@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -309,6 +310,16 @@ class PieceCache:
             self._known.move_to_end(key)
             while len(self._known) > MAX_KNOWN_CONTENTS:
                 self._known.popitem(last=False)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no fetch (a reader's or read-ahead) is in flight, at most TIMEOUT
+        seconds; whether it is idle. For tests and benchmarks that count what is stored."""
+        deadline = time.monotonic() + timeout
+        while self.flights.pieces_in_flight():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     # ---- pins, sizes, statistics
     def open_file(self, ref: ContentRef) -> None:
