@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from kbfs import __version__, prv, tree
+from kbfs import __version__, prv, service, tree
 from kbfs.cliutil import progress_bar
 from kbfs.config import format_size
 from kbfs.errors import KbfsError
@@ -128,7 +128,7 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    service.configure(level)  # one line per record, with its level (the journal's too)
 
 
 @cli.group("prv")

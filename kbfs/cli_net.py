@@ -24,7 +24,7 @@ from typing import Any
 import click
 import trio
 
-from kbfs import mirrorurl, sharestate, tlsconf, tokens
+from kbfs import mirrorurl, service, sharestate, tlsconf, tokens
 from kbfs import relay as relay_mod
 from kbfs import share as share_mod
 from kbfs.errors import ConfigError
@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def _say(line: str) -> None:
-    click.echo(line)
-    sys.stdout.flush()
+    service.say(line)  # one line, `<6>` under the journal
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -323,7 +322,9 @@ def share_command(directory: str, relays: tuple[str, ...], name: str, listen: st
         raise ConfigError(f"--rescan-interval {rescan_interval!r}: expected seconds") from None
     if interval <= 0:
         raise ConfigError("--rescan-interval must be positive")
+    service.check_share_folder(directory)  # unusable folders: one line, before anything runs
     choice = _state_dir(directory, state_dir)
+    service.check_state_folder(choice.path, given=bool(state_dir))
     options = share_mod.ShareOptions(
         root_dir=directory, relays=list(relays), name=name,
         listen=_parse_listen(listen) if listen else None, public_url=public_url,

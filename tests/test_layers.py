@@ -25,8 +25,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kbfs"
 
-L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "piecefile", "catalog", "flights", "readahead2",
-      "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread", "osio",
+L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "kbfsurl", "piecefile", "catalog", "flights", "readahead2",
+      "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread", "osio", "service",
       "tlsconf", "proxyconf", "proxyfix",
       "fileref", "buffers", "leaflists", "rootless", "verifiers", "cachefiles",
       "mirrorurl", "mirrorsource"}
