@@ -6,7 +6,9 @@ A folder source is one of:
     DIR                              a local folder of .prv / .prvdir pointers (recursively)
     NAME.prvdir                      a folder pointer
     kbfs://HOST:PORT/SHARE_ID[/PATH] a share, or a folder of it, as its relay lists it
-    kbfs://HOST:PORT/ or http(s)://HOST:PORT   a relay: the shares it lists (`ls` only)
+                                     (kbfs+https://HOST[:PORT]/... on an https relay)
+    kbfs://HOST:PORT/, kbfs+https://HOST[:PORT]/ or http(s)://HOST:PORT
+                                     a relay: the shares it lists (`ls` only)
 
 `list_folder` returns one level as `Entry`s; `walk_files` every file below, with the
 pointer that names it; `download_folder` writes them under a target folder through
@@ -28,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kbfs import config, prv, tlsconf
+from kbfs import config, kbfsurl, prv, tlsconf
 from kbfs.client import Client, Resolved, parse_kbfs_uri
 from kbfs.errors import BadRequest, KbfsError, NotFound, SourceError, SourceUnavailable
 
@@ -71,13 +73,13 @@ class FolderResult:
 def _is_relay_url(source: str) -> bool:
     if source.startswith(("http://", "https://")):
         return True
-    return source.startswith("kbfs://") and "/" not in source[len("kbfs://"):].rstrip("/")
+    return kbfsurl.names_relay(source)
 
 
 def is_folder_source(c: Client, source: str) -> bool:
     """Whether SOURCE names a folder (a local folder, a .prvdir, a share or a folder of
     one) rather than one file."""
-    if source.startswith("kbfs://"):
+    if kbfsurl.is_link(source):
         if _is_relay_url(source):
             return True
         relay, share, relpath = parse_kbfs_uri(source)
@@ -101,7 +103,7 @@ def list_folder(c: Client, source: str) -> list[Entry]:
     """The entries of folder SOURCE, folders first then files, each sorted by name."""
     if _is_relay_url(source):
         entries = _relay_shares(c, source)
-    elif source.startswith("kbfs://"):
+    elif kbfsurl.is_link(source):
         relay, share, relpath = parse_kbfs_uri(source)
         entries = _share_entries(c, relay, share, relpath)
     elif source.endswith(".prvdir") and os.path.isfile(source):
@@ -122,8 +124,8 @@ def list_folder(c: Client, source: str) -> list[Entry]:
 def _relay_shares(c: Client, source: str) -> list[Entry]:
     """The relay's shares: the public ones, and each private one a token given for this
     relay opens (the relay lists a private share only to its own token)."""
-    base = source[len("kbfs://"):] if source.startswith("kbfs://") else source
-    relay = config.normalize_relay(base.rstrip("/"))
+    relay = (kbfsurl.parse(source, want_share=False).relay if kbfsurl.is_link(source)
+             else config.normalize_relay(source.rstrip("/")))
     tokens = c.settings.tokens_for([relay], (relay,)).get(relay, ())
     seen: dict[str, Entry] = {}
     for token in (None, *tokens):
@@ -165,7 +167,7 @@ def _shares_answer(relay: str, token: str | None) -> list[Entry]:
                          float(since) if isinstance(since, (int, float)) else None,
                          info={"share_name": str(s.get("name", ""))[:200],
                                "files": s.get("files"), "private": bool(s.get("private")),
-                               "url": f"kbfs://{relay.split('://', 1)[1]}/{s['id']}/"}))
+                               "url": kbfsurl.link(relay, s["id"])}))
     return out
 
 
@@ -220,7 +222,7 @@ def _checked(rel: str) -> str:
 
 def walk_files(c: Client, source: str) -> Iterator[tuple[str, Resolved]]:
     """(relative path, resolved content) of every file below folder SOURCE."""
-    if source.startswith("kbfs://") and not _is_relay_url(source):
+    if kbfsurl.is_link(source) and not _is_relay_url(source):
         relay, share, relpath = parse_kbfs_uri(source)
         yield from _walk_share(c, relay, share, relpath.strip("/"), "")
     elif source.endswith(".prvdir") and os.path.isfile(source):
@@ -230,7 +232,7 @@ def walk_files(c: Client, source: str) -> Iterator[tuple[str, Resolved]]:
         yield from _walk_local(c, source, "")
     else:
         raise BadRequest(f"{source}: not a folder to download (a folder of pointers, a "
-                         ".prvdir, or kbfs://HOST:PORT/SHARE_ID/FOLDER/)")
+                         ".prvdir, or kbfs[+https]://HOST:PORT/SHARE_ID/FOLDER/)")
 
 
 def _walk_share(c: Client, relay: str, share: str, path: str, prefix: str

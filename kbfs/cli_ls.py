@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from kbfs import bulk, cli_get
+from kbfs import bulk, cli_get, kbfsurl
 from kbfs.config import format_size
 
 
@@ -37,9 +37,10 @@ def ls(source: str, as_json: bool, **opts: Any) -> None:
     """List SOURCE: size, date, name (folders end with '/').
 
     \b
-    SOURCE is kbfs://HOST:PORT/SHARE_ID[/FOLDER] (a share or a folder of it),
-    kbfs://HOST:PORT/ or http://HOST:PORT (the shares a relay lists; private ones only
-    with their token), a local folder of .prv/.prvdir pointers, or a .prvdir.
+    SOURCE is kbfs://HOST:PORT/SHARE_ID[/FOLDER] (a share or a folder of it;
+    kbfs+https://HOST[:PORT]/... on an https relay), kbfs://HOST:PORT/,
+    kbfs+https://HOST[:PORT]/ or http(s)://HOST:PORT (the shares a relay lists; private
+    ones only with their token), a local folder of .prv/.prvdir pointers, or a .prvdir.
     """
     c = make_client(opts)
     entries = bulk.list_folder(c, source)
@@ -70,7 +71,7 @@ def download_folder_if(c: Any, source: str, out: str | None, jobs: int, local: b
     name = os.path.basename(source.rstrip("/"))
     if name.endswith(".prvdir"):
         name = name[: -len(".prvdir")]
-    if source.startswith("kbfs://") and "/" not in source[len("kbfs://"):].rstrip("/"):
+    if kbfsurl.names_relay(source):
         raise KbfsError(f"{source}: names a relay; download one of its shares "
                         "(kbfs ls shows them)")
     target = out or (name if name not in ("", ".", "..") else "download")

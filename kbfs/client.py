@@ -4,7 +4,8 @@ Sources a user can name:
 
     path/to/NAME.prv                    a pointer file
     sha1://SHA1[/NAME]                  the original KBucket URI (size asked of the relays)
-    kbfs://HOST:PORT/SHARE_ID/a/b.h5    a file in a share, as listed by that relay
+    kbfs://HOST:PORT/SHARE_ID/a/b.h5    a file in a share, as listed by that (http) relay
+    kbfs+https://HOST[:PORT]/SHARE_ID/a/b.h5   the same on an https relay (`kbfs.kbfsurl`)
 
 Where the bytes come from, in order: the pointer's `original_path` when that file
 still exists with the right size, SHA-1 and (when the pointer has one) block tree root at
@@ -15,7 +16,8 @@ in a configured search folder (checked the same way), the block cache, then the 
 once it matched everything the pointer says.
 
 Public functions: `resolve`, `open`, `realize`, `locate`, `download`; and the fsspec
-file systems `Sha1FileSystem` ("sha1") and `KbfsFileSystem` ("kbfs"), made and registered
+file systems `Sha1FileSystem` ("sha1"), `KbfsFileSystem` ("kbfs") and `KbfsHttpsFileSystem`
+("kbfs+https"), made and registered
 with fsspec on first use of their names (fsspec's entry points do that), or when this
 module is imported after fsspec. One `BlockCache` per cache folder and one
 `Fetcher` per relay list are shared by every call in the process.
@@ -65,7 +67,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from kbfs import cachefiles, osio, protocol, prv, tree
+from kbfs import cachefiles, kbfsurl, osio, protocol, prv, tree
 from kbfs.buffers import DIRECT_ALIGN, anonymous_memory
 from kbfs.config import Settings, load_settings
 from kbfs.errors import (
@@ -99,6 +101,7 @@ __all__ = [
     "download",
     "Sha1FileSystem",  # noqa: F822 - made on first use by the module's __getattr__
     "KbfsFileSystem",  # noqa: F822
+    "KbfsHttpsFileSystem",  # noqa: F822
 ]
 
 STATE_FILE = "client-state.json"
@@ -519,23 +522,9 @@ def parse_sha1_uri(source: str) -> tuple[str, str]:
 
 
 def parse_kbfs_uri(source: str) -> tuple[str, str, str]:
-    """`kbfs://HOST:PORT/SHARE_ID/path` -> (relay URL, share id, share-relative path)."""
-    from urllib.parse import unquote, urlsplit  # see parse_sha1_uri
-
-    rest = source[len("kbfs://"):] if source.startswith("kbfs://") else source
-    host, _, path = rest.partition("/")
-    share, _, relpath = path.partition("/")
-    if not host or not share:
-        raise BadRequest(f"{source}: expected kbfs://HOST:PORT/SHARE_ID/path/in/share")
-    try:
-        relay = f"http://{host}"
-        port = urlsplit(relay).port  # raises ValueError on a bad port
-        if port is None:
-            raise ValueError("no port")
-    except ValueError:
-        raise BadRequest(f"{source}: HOST:PORT {host!r} is not a host and port") from None
-    protocol.check_share_id(share)
-    return relay, share, protocol.safe_relpath(unquote(relpath))
+    """`kbfs://HOST:PORT/SHARE_ID/path` or `kbfs+https://HOST[:PORT]/SHARE_ID/path` ->
+    (relay URL, share id, share-relative path); BadRequest saying why not (`kbfs.kbfsurl`)."""
+    return kbfsurl.parse(source)
 
 
 # ---------------------------------------------------------------- the client
@@ -583,16 +572,16 @@ class Client:
         text = os.fspath(source)
         if text.startswith("sha1://"):
             r = self._resolve_sha1(text)
-        elif text.startswith("kbfs://"):
+        elif kbfsurl.is_link(text):
             r = self._resolve_kbfs(text)
         elif _SCHEME_RE.match(text) and not os.path.exists(text):
             raise BadRequest(
                 f"{text}: unknown kind of source; name a .prv file, sha1://SHA1[/NAME] "
-                "or kbfs://HOST:PORT/SHARE_ID/PATH"
+                f"or {kbfsurl.SYNTAX}"
             )
         else:
             r = self._resolve_pointer_file(text)
-        self._route(r, parse_kbfs_uri(text) if text.startswith("kbfs://") else None)
+        self._route(r, parse_kbfs_uri(text) if kbfsurl.is_link(text) else None)
         return r
 
     def _resolve_pointer_file(self, path: str) -> Resolved:
@@ -1515,7 +1504,7 @@ def _define_fsspec() -> dict[str, Any]:
 
         def _listing(self, path: str) -> dict[str, Any]:
             with _fs_errors(path):
-                relay, share, relpath = parse_kbfs_uri("kbfs://" + path)
+                relay, share, relpath = parse_kbfs_uri(self._source(path))
                 return _list_share(self.client._fetcher_for([relay], [relay]), relay, share,
                                    relpath)
 
@@ -1538,7 +1527,7 @@ def _define_fsspec() -> dict[str, Any]:
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
             path = self._strip_protocol(path)
             with _fs_errors(path):
-                relay, share, relpath = parse_kbfs_uri("kbfs://" + path)
+                relay, share, relpath = parse_kbfs_uri(self._source(path))
             if not relpath:
                 return {"name": path, "size": 0, "type": "directory"}
             parent, _, name = relpath.rpartition("/")
@@ -1553,17 +1542,25 @@ def _define_fsspec() -> dict[str, Any]:
             return {"name": path, "size": int(entry["size"]), "type": "file",
                     "sha1": (entry.get("prv") or {}).get("original_checksum")}
 
-    classes: dict[str, Any] = {"Sha1FileSystem": Sha1FileSystem, "KbfsFileSystem": KbfsFileSystem}
+    class KbfsHttpsFileSystem(KbfsFileSystem):
+        """fsspec "kbfs+https": `kbfs+https://HOST[:PORT]/SHARE_ID/path`, a share on an
+        https relay (port 443 unless written); otherwise as "kbfs"."""
+
+        protocol = "kbfs+https"
+
+    classes: dict[str, Any] = {"Sha1FileSystem": Sha1FileSystem, "KbfsFileSystem": KbfsFileSystem,
+                               "KbfsHttpsFileSystem": KbfsHttpsFileSystem}
     for cls_name, cls in classes.items():
         cls.__qualname__ = cls_name  # pickled by name, as a module-level class would be
     # Entry points in setup.cfg register these when kbfs is installed; registering here too
     # keeps `fsspec.open("sha1://...")` working from a source checkout once the classes exist.
     fsspec.register_implementation("sha1", Sha1FileSystem, clobber=True)
     fsspec.register_implementation("kbfs", KbfsFileSystem, clobber=True)
+    fsspec.register_implementation("kbfs+https", KbfsHttpsFileSystem, clobber=True)
     return classes
 
 
-_FSSPEC_NAMES = ("Sha1FileSystem", "KbfsFileSystem")
+_FSSPEC_NAMES = ("Sha1FileSystem", "KbfsFileSystem", "KbfsHttpsFileSystem")
 _fsspec_lock = threading.Lock()
 
 

@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kbfs import protocol
+from kbfs import kbfsurl, protocol
 from kbfs.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -81,7 +81,9 @@ def default_state_dir(name: str) -> str:
 
 
 def normalize_relay(url: str) -> str:
-    """'host:port' or 'http://host:port/' -> 'http://host:port'."""
+    """'host:port' or 'http://host:port/' -> 'http://host:port'; a scheme's default port
+    dropped ('https://h:443' -> 'https://h'), the spelling `kbfsurl.parse` gives a link's relay,
+    so tokens filed under a relay URL meet the links that name it."""
     url = url.strip().rstrip("/")
     if not url:
         raise ConfigError("empty relay URL")
@@ -89,7 +91,7 @@ def normalize_relay(url: str) -> str:
         url = "http://" + url
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"relay URL {url!r} must be http:// or https://")
-    return url
+    return kbfsurl.canonical_relay(url)
 
 
 _TRUE = {"1", "true", "yes", "on"}

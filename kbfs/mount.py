@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from kbfs import config, fusefs, mirrorurl, osio, protocol, prv, tlsconf
+from kbfs import config, fusefs, kbfsurl, mirrorurl, osio, protocol, prv, tlsconf
 from kbfs import tree as tree_mod
 from kbfs.errors import BadRequest, ConfigError, KbfsError
 
@@ -75,19 +75,14 @@ class Source:
 
 
 def parse_source(text: str) -> Source:
-    """Check SOURCE: a local folder, or `kbfs://HOST:PORT/SHARE_ID[/sub/path]`."""
-    if text.startswith(KBFS_SCHEME):
-        rest = text[len(KBFS_SCHEME) :]
-        host, _, path = rest.partition("/")
-        share, _, sub = path.partition("/")
-        if not host or not share:
-            raise ConfigError(f"{text}: expected kbfs://HOST:PORT/SHARE_ID[/sub/path]")
+    """Check SOURCE: a local folder, or `kbfs://HOST:PORT/SHARE_ID[/sub/path]`
+    (`kbfs+https://HOST[:PORT]/...` for an https relay; `kbfs.kbfsurl`)."""
+    if kbfsurl.is_link(text):
         try:
-            protocol.check_share_id(share)
-            sub = protocol.safe_relpath(sub)
+            relay, share, sub = kbfsurl.parse(text)
         except BadRequest as exc:
-            raise ConfigError(f"{text}: {exc}") from None
-        return Source(text, relay=config.normalize_relay(host), share=share, subpath=sub)
+            raise ConfigError(str(exc)) from None
+        return Source(text, relay=relay, share=share, subpath=sub)
     path = os.path.abspath(os.path.expanduser(text))
     if not os.path.exists(path):
         raise ConfigError(f"{text}: no such folder")

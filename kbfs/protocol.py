@@ -342,16 +342,12 @@ def check_relay_url(url: str) -> str:
 
 
 def kbfs_url(relay_url: str, share_id: str, path: str = "") -> str:
-    """`kbfs://HOST:PORT/SHARE_ID/PATH` for a share on the relay at RELAY_URL (the port is
-    always written: readers take `kbfs://` hosts as plain http with an explicit port)."""
-    from urllib.parse import quote, urlsplit  # see share_url_path
+    """The link readers are given to PATH of share SHARE_ID on the relay at RELAY_URL:
+    `kbfs://HOST:PORT/...` for an http relay (port always written), `kbfs+https://HOST[:PORT]/...`
+    for an https one (`kbfs.kbfsurl`, which also parses them)."""
+    from kbfs import kbfsurl  # (lazily: only the share and token commands write links)
 
-    parts = urlsplit(relay_url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"kbfs://{host}:{port}/{share_id}/{quote(path, safe='/')}"
+    return kbfsurl.link(relay_url, share_id, path)
 
 
 def websocket_host_header(relay_url: str) -> str:
