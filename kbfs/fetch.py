@@ -507,7 +507,7 @@ class Fetcher(HttpPlumbing):
             raise VerificationError(
                 f"the pointer does not match what any source has (sha1 {sha1}, size {size}"
                 + (f", root {root[:16]}…" if root else "") + f"){other}: {detail}")
-        raise _no_source(sha1, statuses, len(reasons), detail, bool(self._tokens))
+        raise _no_source(sha1, statuses, len(reasons), detail, bool(self._tokens), reasons)
 
     def _said(self, src: _Source, why: str) -> str:
         """'relay http://h:p is unreachable (...)', 'share URL http://h:p: HTTP 404: ...'."""
@@ -642,7 +642,7 @@ class Fetcher(HttpPlumbing):
         last = list(statuses.values())
         detail = "; ".join(dict.fromkeys(reasons[-4:])) or "no sources"
         if last and all(last) and len(set(last) - {401, 403, 404, 409, 410}) == 0:
-            raise _no_source(sha1, last, len(last), detail, bool(self._tokens))
+            raise _no_source(sha1, last, len(last), detail, bool(self._tokens), reasons)
         raise SourceUnavailable(
             f"cannot read this file (sha1 {sha1}): no source delivered blocks "
             f"{first}-{first + count - 1} within {self.deadline:g} s: {detail}")
@@ -840,7 +840,7 @@ class Fetcher(HttpPlumbing):
                                     f"verification: {detail}")
         last = list(statuses.values())
         if last and all(last) and len(set(last) - {401, 403, 404, 409, 410}) == 0:
-            raise _no_source(sha1, last, len(last), detail, bool(self._tokens))
+            raise _no_source(sha1, last, len(last), detail, bool(self._tokens), reasons)
         raise SourceUnavailable(f"cannot read {what}: no source delivered them within "
                                 f"{self.deadline:g} s: {detail}")
 
@@ -979,12 +979,17 @@ class Fetcher(HttpPlumbing):
 
 
 def _no_source(sha1: str, statuses: list[int], answered: int, detail: str,
-               tokens: bool) -> Exception:
+               tokens: bool, reasons: Sequence[str] = ()) -> Exception:
     """The error for content no source delivered, from how the sources answered: every
     one refused access (AccessDenied), every one said it has not got it (NotFound), or
-    they failed (SourceUnavailable)."""
+    they failed (SourceUnavailable). REASONS all from mirrors: a refusal is about
+    credentials, not tokens."""
     what = f"this file (sha1 {sha1})"
-    if statuses and len(statuses) == answered and set(statuses) <= {401, 403}:
+    refused = statuses and len(statuses) == answered and set(statuses) <= {401, 403}
+    if refused and reasons and all(r.startswith("mirror ") for r in reasons):
+        return AccessDenied(f"the mirrors refused to serve {what} ({mirrorurl.REFUSED_HINT}): "
+                            f"{detail}")
+    if refused:
         return AccessDenied(f"{what} is in a private share that refused "
                             + ("the tokens given" if tokens else "to serve it without a token")
                             + f" ({TOKEN_HINT}): {detail}")

@@ -36,6 +36,11 @@ MIRRORS_KEY = "kbfs_mirrors"
 MAX_MIRROR_CHARS = 512
 MAX_HINTS = 8
 BLOCK_SIZES = (1 << 20, 1 << 16)
+REFUSED_HINT = ("a private bucket or server needs credentials, not a token: for an s3:// "
+                "mirror configure AWS credentials (environment or ~/.aws) and install boto3 "
+                "(pip install 'kbfs[s3]') so its requests are signed; an http(s) mirror must "
+                "serve its objects to anyone")
+"""What to do when every mirror asked refused (401/403): tokens are not the answer."""
 """The trees an export writes an outboard for: v1 (1 MiB) and v2 (64 KiB) pointers."""
 
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
