@@ -1,9 +1,10 @@
 """`kbfs download`, `kbfs cat` and `kbfs locate`: verified reads without FUSE.
 
-Each command names one SOURCE (a .prv file, sha1://SHA1[/NAME] or
-kbfs://HOST:PORT/SHARE_ID/PATH) and goes through `kbfs.client`, which reads through the
-shared block cache. A private share's token comes from `--token` (repeatable),
-`KBFS_TOKEN` or the config file (`kbfs.config` says where each is sent). This module only
+Each command names one SOURCE (a .prv file, sha1://SHA1[/NAME],
+kbfs://HOST:PORT/SHARE_ID/PATH or kbfs+https://HOST[:PORT]/SHARE_ID/PATH) and goes through
+`kbfs.client`, which reads through the shared block cache. A private share's token comes
+from `--token` (repeatable), `KBFS_TOKEN` or the config file (`kbfs.config` says where
+each is sent). This module only
 parses options and prints; it raises kbfs errors and leaves turning them into one line
 to the root group in `kbfs.cli`, except for an interrupted download, whose line says that
 the same command again resumes (exit status 130).

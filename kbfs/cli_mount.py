@@ -91,7 +91,8 @@ def mount_cmd(
 
     \b
     SOURCE is a folder of .prv/.prvdir pointers (other files pass through read-only),
-    or kbfs://HOST:PORT/SHARE_ID[/sub/path] for a whole share through its relay.
+    or kbfs://HOST:PORT/SHARE_ID[/sub/path] for a whole share through its relay
+    (kbfs+https://HOST[:PORT]/SHARE_ID[/sub/path] for an https relay).
     Returns once the mount is ready; stop it with `kbfs umount MOUNTPOINT`.
     """
     from kbfs import mount

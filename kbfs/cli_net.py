@@ -3,8 +3,9 @@
 Wiring only: parse options, build a `relay.Relay` or a `share.Share`, run it under
 trio until SIGINT/SIGTERM, and print the lines people (and tests) wait for, flushed:
 `kbfs relay listening on URL`, `kbfs share id ID`, `kbfs share connected to URL ...`,
-`kbfs share link kbfs://HOST:PORT/ID/`. `kbfs share token` prints the token alone on
-stdout (for scripts) and, on stderr, the lines a reader pastes.
+`kbfs share link kbfs://HOST:PORT/ID/` (`kbfs+https://...` for an https relay). `kbfs share
+token` prints the token alone on stdout (for scripts) and, on stderr, the lines a reader
+pastes.
 Errors are raised as kbfs exceptions; the root group prints them as one line.
 """
 

@@ -25,9 +25,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kbfs"
 
-L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "kbfsurl", "piecefile", "catalog", "flights", "readahead2",
+L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "piecefile", "catalog", "flights", "readahead2",
       "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread", "osio", "service",
-      "tlsconf", "proxyconf", "proxyfix",
+      "tlsconf", "proxyconf", "proxyfix", "kbfsurl",
       "fileref", "buffers", "leaflists", "rootless", "verifiers", "cachefiles",
       "mirrorurl", "mirrorsource"}
 L1 = {"index", "httpserve", "piecestore"}
