@@ -23,12 +23,10 @@ or log above debug level. It imports nothing of kbfs (layer 0).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import mmap
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -239,6 +237,8 @@ def _fallocate_fn() -> Any:
     global _fallocate
     if _fallocate is None:
         _fallocate = False
+        import ctypes  # here, not at import: every kbfs command imports this module
+
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             # fallocate64 takes 64-bit offsets everywhere; plain fallocate (musl) only
@@ -265,6 +265,8 @@ def allocate(fd: int, size: int) -> bool:
         return False
     if fn(fd, 0, 0, size) == 0:
         return True
+    import ctypes
+
     log.debug("fallocate of %d bytes refused: %s", size, os.strerror(ctypes.get_errno()))
     return False
 
@@ -276,6 +278,8 @@ def punch(fd: int, offset: int, length: int) -> bool:
     if not fn:
         return False
     if fn(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        import ctypes
+
         err = ctypes.get_errno()
         if err in _NOT_SUPPORTED:
             return False
@@ -329,6 +333,8 @@ def tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
     unmapped each time); False where libc is not glibc or the seam is off."""
     if not _linux:
         return False
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None)
         m_trim_threshold, m_mmap_threshold = -1, -3
@@ -410,6 +416,8 @@ def _unescape_mountinfo(text: str) -> str:
 
 def _run(args: list[str]) -> str | None:
     """ARGS' standard output, or None when it failed or is not there."""
+    import subprocess
+
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False,
                               env={**os.environ, "LC_ALL": "C"})
