@@ -45,6 +45,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "locate": ("kbfs.cli_get", "locate"),
     "ls": ("kbfs.cli_ls", "ls"),
     "mirror": ("kbfs.cli_mirror", "mirror_group"),
+    "view": ("kbfs.cli_view", "view_group"),
 }
 
 

@@ -761,6 +761,9 @@ class Relay:
         headers = [
             (b"content-type", b"application/octet-stream"),
             (b"accept-ranges", b"bytes"),
+            # shared bytes never render as a page of this origin (HTML, SVG): issue 18
+            (b"x-content-type-options", b"nosniff"),
+            (b"content-security-policy", b"sandbox"),
             (b"etag", etag.encode()),
             (b"cache-control", cache_control.encode()),
         ]

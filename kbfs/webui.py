@@ -33,6 +33,7 @@ from kbfs.httpserve import ASGIApp, Endpoint, Message, Receive, Scope, Send, hea
 WEB_DIR = Path(__file__).resolve().parent / "web"
 STATIC_DIR = WEB_DIR / "static"
 PAGE = WEB_DIR / "index.html"
+VIEW_PAGE = WEB_DIR / "view.html"  # `/v/#src=...`: a view link (static/view.js)
 UI_PREFIX = "/ui/"
 
 CSP = ("default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
@@ -103,6 +104,11 @@ async def page(scope: Scope, receive: Receive, send: Send) -> None:
     await _send_file(scope, send, PAGE, TYPES[".html"], [(b"vary", b"Accept")])
 
 
+async def view_page(scope: Scope, receive: Receive, send: Send) -> None:
+    """The view page: the same bytes for every view (the view is in the URL's fragment)."""
+    await _send_file(scope, send, VIEW_PAGE, TYPES[".html"])
+
+
 def static_file(rel: str) -> Path | None:
     """The file under STATIC_DIR that the URL path REL (after /ui/) names, or None.
     Only plain names (letters, digits, `_.-`, not starting with a dot), a known file type,
@@ -155,5 +161,6 @@ def routes() -> list[Route]:
     get = ["GET", "HEAD"]
     return [
         Route("/", Endpoint(page), methods=get),
+        Route("/v/", Endpoint(view_page), methods=get),
         Route(UI_PREFIX + "{path:path}", Endpoint(static), methods=get),
     ]

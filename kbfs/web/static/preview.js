@@ -11,12 +11,13 @@ import { fill, fmtSize, h } from './dom.js';
 import { viewer as csv } from './viewers/csv.js';
 import { viewer as hex } from './viewers/hex.js';
 import { viewer as image } from './viewers/image.js';
+import { viewer as mda } from './viewers/mda.js';
 import { viewer as npy } from './viewers/npy.js';
 import { viewer as raw } from './viewers/raw.js';
 import { viewer as text } from './viewers/text.js';
 
 // Order: the first that matches a name is the default; text, hex, raw match anything.
-export const VIEWERS = [csv, npy, image, text, hex, raw];
+export const VIEWERS = [csv, npy, mda, image, text, hex, raw];
 
 let generation = 0;
 
@@ -65,6 +66,7 @@ export async function showPreview(el, share, f) {
   const run = async (viewer) => {
     const my = ++generation;
     const ctx = { file, read, name: f.name, alive: () => my === generation && el.isConnected,
+      share: share.id, private: !!share.private, token: share.token || '', // for mda.js's view links
       status: (t) => { if (ctx.alive()) status.textContent = t; } };
     fill(body);
     body.dataset.viewer = viewer.id;
