@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kbfs import config, kbfsurl, prv, tlsconf
+from kbfs import config, kbfsurl, prv
 from kbfs.client import Client, Resolved, parse_kbfs_uri
 from kbfs.errors import BadRequest, KbfsError, NotFound, SourceError, SourceUnavailable
 
@@ -138,6 +138,8 @@ def _shares_answer(relay: str, token: str | None) -> list[Entry]:
     import json
 
     import requests
+
+    from kbfs import tlsconf  # here, not at the top: it loads requests (a cached download never needs it)
 
     url = relay + "/api/shares"
     headers = {"Authorization": f"Bearer {token}"} if token else {}

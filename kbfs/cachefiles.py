@@ -15,7 +15,6 @@ Not here: fetching (through `cache.read` only), verification (the cache's).
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +39,8 @@ def local_path(cache: Any, ref: Any) -> str:
             return path
     except FileNotFoundError:
         pass
-    tmp = os.path.join(folder, f".{ref.key}.{secrets.token_hex(6)}")
+    # os.urandom, not secrets: secrets loads hashlib (OpenSSL), which a cached read never needs
+    tmp = os.path.join(folder, f".{ref.key}.{os.urandom(6).hex()}")
     cache.open_file(ref)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -26,7 +26,6 @@ import errno
 import logging
 import os
 import re
-import secrets
 import shutil
 import stat
 import time
@@ -101,7 +100,8 @@ def create_unpublished(directory: str, key: str, size: int) -> tuple[int, str]:
     path = data_path(directory, key)
     private_folder(os.path.join(directory, "data"))
     private_folder(os.path.dirname(path))
-    tmp = os.path.join(os.path.dirname(path), f".{key}.{secrets.token_hex(8)}")
+    # os.urandom, not secrets: secrets loads hashlib (OpenSSL), which a cached read never needs
+    tmp = os.path.join(os.path.dirname(path), f".{key}.{os.urandom(8).hex()}")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
