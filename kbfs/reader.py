@@ -5,10 +5,10 @@ semantics of `io.RawIOBase` (wrap it in `io.BufferedReader`, as `kbfs.client.ope
 does, for small reads); every byte it returns comes from the cache's `read`
 (`kbfs.piececache.PieceCache`, the one cache of every pointer kind), so every byte has
 been verified against the pointer. The cache has its own single flight and link-sized
-read-ahead. A read ends at a piece boundary when it can (a short read, which
-BufferedReader completes), so that a buffer's fill after a seek asks for one piece, not
-the two it would straddle. The file is held in the cache (`open_file` / `close_file`)
-while it is open.
+read-ahead. A read of at least a piece ends at a piece boundary when it can (a short
+read, which BufferedReader completes), so that a buffer's fill after a seek asks for one
+piece, not the two it would straddle (for v1's 1 MiB blocks too); a smaller read is
+whole. The file is held in the cache (`open_file` / `close_file`) while it is open.
 
 `takes_pieces(ref)`: whether REF is a v2 pointer (a root, 64 KiB leaves), for callers
 that size buffers or choose a download path by it.
@@ -66,9 +66,10 @@ class KbfsFile(io.RawIOBase):
         self.mode = "rb"
         cache.open_file(ref)
         self._pinned = True
-        # v2: reads end at piece boundaries (module docstring); v1 blocks are 1 MiB, as
-        # large as a buffer, so their reads are not cut.
-        self._piece = ref.block_size if takes_pieces(ref) else 0
+        # Reads end at piece boundaries (module docstring), v1's 1 MiB blocks too: a buffer
+        # of 1 MiB filled after a seek straddles two of them, and both were fetched for a
+        # 4 KiB read.
+        self._piece = ref.block_size
 
     # ------------------------------------------------------------ properties
 
@@ -165,7 +166,7 @@ class KbfsFile(io.RawIOBase):
             length = min(size, self._ref.size - start)
             if length <= 0:
                 return b""
-            if self._piece:
+            if length >= self._piece:   # a buffer's fill; a smaller read needs both pieces anyway
                 cut = (start + length) // self._piece * self._piece
                 if cut > start:
                     length = cut - start if start + length < self._ref.size else length
