@@ -125,6 +125,7 @@ LIST_LIMIT = 64 << 20     # bytes of a folder listing: ~0.5 KB per file (its poi
                           # so about 100,000 files in one folder
 LOCAL_TREE_LIMIT = 1 << 30  # hash a local candidate for its tree before asking the
                             # network only when it is at most this big
+CERT_REFUSED = "is unreachable (TLS certificate refused"  # how httpread._net_why says it
 NOPROOF_TTL = 60.0        # seconds an origin that answered a piece request without a proof
                           # goes after every other for pieces (it still serves fetch_blocks)
 
@@ -191,6 +192,7 @@ class Fetcher(HttpPlumbing):
         self._local: dict[str, list[str]] = {}
         self._local_checked: dict[tuple[str, str], tuple[int, int] | None] = {}
         self._find_cache: dict[tuple[str, str], tuple[float, FindResult | None]] = {}
+        self._find_refused: dict[str, str] = {}  # relay -> its last find's refused certificate
         self._failed_at: dict[str, float] = {}
         self._lied_at: dict[str, float] = {}
         self._proven: set[str] = set()  # origins that delivered verified data
@@ -273,6 +275,12 @@ class Fetcher(HttpPlumbing):
             res = self._find_at(relay, sha1, time.monotonic() + self.timeout)
             if res is not None:
                 return res
+        with self._lock:
+            refused = [f"relay {r} {self._find_refused[r]}" for r in self.relays
+                       if r in self._find_refused]
+        if refused and len(refused) == len(self.relays):
+            # Not "nobody knows it": nobody could be asked, and a retry would not change that.
+            raise SourceUnavailable(f"cannot ask where sha1 {sha1} is: " + "; ".join(refused))
         return None
 
     def _find_at(self, relay: str, sha1: str, until: float,
@@ -286,6 +294,7 @@ class Fetcher(HttpPlumbing):
             return None
         result: FindResult | None = None
         ttl = FIND_FAIL_TTL
+        refused = ""
         # A private share answers only a question carrying its token, and one request
         # carries one: each token that may go to this relay is tried in turn (only the
         # one of the share SHA1 was named through, when that is known) until one finds it.
@@ -316,9 +325,15 @@ class Fetcher(HttpPlumbing):
                 break
             except (requests.RequestException, ValueError, TypeError) as exc:
                 log.debug("find %s at %s failed: %s", sha1, relay, exc)
+                if isinstance(exc, Unreachable) and _cert_refused(str(exc)):
+                    refused = str(exc)
                 break
         with self._lock:
             self._find_cache[(relay, sha1)] = (now + ttl, result)
+            if refused:
+                self._find_refused[relay] = refused
+            else:
+                self._find_refused.pop(relay, None)
         return result
 
     def _sources(self, sha1: str, size: int, until: float,
@@ -573,7 +588,8 @@ class Fetcher(HttpPlumbing):
             return
         view = out
         done = 0  # blocks verified so far, counted from FIRST
-        until = time.monotonic() + self.deadline
+        began = time.monotonic()
+        until = began + self.deadline
         reasons: list[str] = []
         lied = answered = 0
         statuses: dict[str, int] = {}  # source URL -> status of its last failure (0: no answer)
@@ -586,6 +602,7 @@ class Fetcher(HttpPlumbing):
         attempt = 0
         while True:
             slow = False  # a source of this round was passed over for starting too slowly
+            refused = transient = False  # a certificate refused / another failure, this round
             # The first round gives each source first_byte_timeout to start its answer;
             # later rounds the whole timeout (a slow source is better than none).
             head = self.first_byte_timeout if attempt == 0 else self.timeout
@@ -611,6 +628,10 @@ class Fetcher(HttpPlumbing):
                 except _Failed as exc:
                     got = exc.args[1]
                     slow = slow or isinstance(exc, _SlowStart)
+                    if _cert_refused(exc.args[0]):
+                        refused = True
+                    else:
+                        transient = True
                     if exc.args[2]:
                         answered += 1
                     statuses[src.url] = exc.args[3] if len(exc.args) > 3 else 0
@@ -623,6 +644,8 @@ class Fetcher(HttpPlumbing):
                 done += got
             if done == count or (answered and lied == answered):
                 break
+            if refused and not transient:
+                break  # a refused certificate stays refused: no retry rounds
             if slow and attempt == 0 and time.monotonic() < until:
                 attempt, tried = 1, set()  # at once: the patient round
                 continue
@@ -643,9 +666,11 @@ class Fetcher(HttpPlumbing):
         detail = "; ".join(dict.fromkeys(reasons[-4:])) or "no sources"
         if last and all(last) and len(set(last) - {401, 403, 404, 409, 410}) == 0:
             raise _no_source(sha1, last, len(last), detail, bool(self._tokens), reasons)
+        if refused and not transient:  # the certificate is the whole story, said at once
+            raise SourceUnavailable(f"cannot read this file (sha1 {sha1}): {detail}")
         raise SourceUnavailable(
             f"cannot read this file (sha1 {sha1}): no source delivered blocks "
-            f"{first}-{first + count - 1} within {self.deadline:g} s: {detail}")
+            f"{first}-{first + count - 1} {_gave_up(began, until, self.deadline)}: {detail}")
 
     def _attempt(self, src: _Source, sha1: str, size: int, first: int, count: int,
                  leaves: Sequence[bytes], block_size: int, out: memoryview, until: float,
@@ -768,7 +793,8 @@ class Fetcher(HttpPlumbing):
             if known is not None:
                 piecewire.remember(known, nodes)
             return
-        until = time.monotonic() + self.deadline
+        began = time.monotonic()
+        until = began + self.deadline
         reasons: list[str] = []
         lied = answered = unproven = 0
         statuses: dict[str, int] = {}  # source URL -> status of its last failure (0: no answer)
@@ -780,7 +806,7 @@ class Fetcher(HttpPlumbing):
         # (their /sha1/ failing below is what sends us to find, so it must not forbid it).
         findable = frozenset(r for r in self.relays if not self._penalised(_origin(r)))
         while True:
-            slow = transient = False
+            slow = transient = refused = False
             head = self.first_byte_timeout if attempt == 0 else self.timeout
             asked: set[str] = set()  # URLs asked in this round
             # First what is known without a round trip: each relay's own /sha1/ (a relay
@@ -810,7 +836,12 @@ class Fetcher(HttpPlumbing):
                         log.info("%s: source %s has no proof of pieces %d-%d", sha1, src.url, a, b)
                     except _Failed as exc:
                         slow = slow or isinstance(exc, _SlowStart)
-                        transient = True  # as for blocks: a 404 may be a share reconnecting
+                        # As for blocks: a 404 may be a share reconnecting; a refused
+                        # certificate stays refused.
+                        if _cert_refused(exc.args[0]):
+                            refused = True
+                        else:
+                            transient = True
                         answered += bool(exc.args[2])
                         statuses[src.url] = exc.args[3] if len(exc.args) > 3 else 0
                         reasons.append(self._said(src, exc.args[0]))
@@ -841,8 +872,10 @@ class Fetcher(HttpPlumbing):
         last = list(statuses.values())
         if last and all(last) and len(set(last) - {401, 403, 404, 409, 410}) == 0:
             raise _no_source(sha1, last, len(last), detail, bool(self._tokens), reasons)
-        raise SourceUnavailable(f"cannot read {what}: no source delivered them within "
-                                f"{self.deadline:g} s: {detail}")
+        if refused and not transient:  # the certificate is the whole story, said at once
+            raise SourceUnavailable(f"cannot read {what}: {detail}")
+        raise SourceUnavailable(f"cannot read {what}: no source delivered them "
+                                f"{_gave_up(began, until, self.deadline)}: {detail}")
 
     def _piece_sources(self, sha1: str, size: int, until: float,
                        ask_find: Collection[str]) -> list[_Source]:
@@ -976,6 +1009,22 @@ class Fetcher(HttpPlumbing):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cert_refused(why: str) -> bool:
+    """Is WHY (a `_Failed` / `Unreachable` reason) a refused TLS certificate? Not transient:
+    asking again cannot help, so the retry rounds stop. Only kbfs's own wording for a
+    connection that failed starts so (a source's error answer reads "HTTP ...")."""
+    return why.startswith(CERT_REFUSED)
+
+
+def _gave_up(began: float, until: float, deadline: float) -> str:
+    """How long the sources were tried, as the error says it: the read's deadline only
+    when it was what ended the retries (the retry window usually ends them first)."""
+    now = time.monotonic()
+    if now >= until:
+        return f"within the read's {deadline:g} s deadline"
+    return f"in {now - began:.1f} s of retries"
 
 
 def _no_source(sha1: str, statuses: list[int], answered: int, detail: str,
