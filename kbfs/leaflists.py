@@ -134,6 +134,15 @@ class LeafLists:
         self.store.put_nodes(ref.key, NODES_PROVEN, b"".join(leaves))
         self.remember(ref, leaves)
 
+    def keep(self, ref: Any, leaves: list[bytes]) -> None:
+        """Keep LEAVES of REF, which has a root, found by the caller (`kbfs.rootless.prove_root`
+        checked them against it): in memory, and as the store's hint (checked on load)."""
+        self.remember(ref, leaves)
+        try:
+            self.store.put_nodes(ref.key, NODES_LEAVES, b"".join(leaves))
+        except Exception as exc:  # noqa: BLE001 - a hint: kept in memory all the same
+            log.info("cannot store the leaves of %s: %s", ref.sha1, exc)
+
     def remember(self, ref: Any, leaves: list[bytes]) -> None:
         shape = (ref.key, ref.size, ref.block_size)
         n = len(leaves) * tree.LEAF_BYTES
@@ -146,6 +155,10 @@ class LeafLists:
             while self._mem and (self._bytes > self.memory or len(self._mem) > MEMORY_ENTRIES):
                 _, gone = self._mem.popitem(last=False)
                 self._bytes -= len(gone) * tree.LEAF_BYTES
+
+    def in_memory(self, ref: Any) -> list[bytes] | None:
+        """REF's leaves if they are in memory (no I/O), else None."""
+        return self._cached((ref.key, ref.size, ref.block_size))
 
     def known(self, ref: Any) -> bool:
         """Whether REF's leaves are in memory (no I/O)."""

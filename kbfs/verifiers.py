@@ -11,6 +11,11 @@ content REF, `fetch(ref, first, count, known)` returns the verified bytes of pie
 - a root and any other block size (v1: 1 MiB), or v2 without proofs: the leaf list
   (`kbfs.leaflists`, fetched once, checked against the root, kept as a store hint), then
   `source.fetch_blocks`, each block checked against its leaf.
+- v2 without proofs whose sources serve no leaf list at its block size either (shares serve
+  1 MiB leaves; a plain web server none): the whole content is read once and checked
+  against the root by hashing (`kbfs.rootless.prove_root`, single flight), which yields its
+  leaves; up to `whole_limit` bytes (WHOLE_LIMIT, 4 GiB: a small read costs the whole
+  file). A larger file fails with one line saying so.
 - no root (the original tools): `prepare` first runs the whole-SHA-1 pass
   (`kbfs.rootless`) once per content, single flight; then blocks are checked against the
   leaves recorded from the bytes that matched.
@@ -30,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from kbfs import piecefile, rootless
+from kbfs.errors import SourceError, VerificationError
 from kbfs.leaflists import LeafLists
 from kbfs.piecewire import NoProof
 
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PIECE_SIZE = 64 * 1024       # the leaf size shares prove (v2 pointers)
 MAX_FALLBACKS = 4096         # contents remembered as read by their leaf list
+WHOLE_LIMIT = 4 << 30        # bytes: the largest v2 file read whole when nothing proves it
 
 
 class Source(Protocol):
@@ -59,6 +66,7 @@ class Verifiers:
         piecefile.private_folder(staging)
         rootless.sweep(staging)
         self.leaves = LeafLists(store, source)
+        self.whole_limit = WHOLE_LIMIT
         self._lock = threading.Lock()
         self._fallback: OrderedDict[str, None] = OrderedDict()
         self._proving: dict[str, cf.Future[list[bytes]]] = {}
@@ -83,13 +91,39 @@ class Verifiers:
             except NoProof as exc:
                 self._fall_back(ref, exc)
         if ref.root is not None:
-            leaves = self.leaves.get(ref)
+            leaves = self._leaves_of(ref)
+            if ref.block_size == PIECE_SIZE:
+                # Just proven whole? Its pieces are stored: no second fetch of these bytes.
+                stored = self.store.read(ref.key, first * ref.block_size,
+                                         min((first + count) * ref.block_size, ref.size) - first * ref.block_size)
+                if stored is not None:
+                    return stored
         else:
             leaves = self.prepare(ref)
         self._count("leaf_fetches")
         if ref.root is not None and ref.block_size == PIECE_SIZE:
             self._count("fallback_reads")
         return self.source.fetch_blocks(ref.sha1, ref.size, first, count, leaves, ref.block_size)
+
+    def _leaves_of(self, ref: Any) -> list[bytes]:
+        """REF's (with a root) verified leaves: its leaf list, else (v2) the whole pass."""
+        try:
+            return self.leaves.get(ref)
+        except (SourceError, VerificationError) as exc:
+            if ref.block_size != PIECE_SIZE:
+                raise    # v1: /tree/ is what every share and relay serves; its error says why
+            why = exc
+        if ref.size > self.whole_limit:
+            raise SourceError(
+                f"sha1 {ref.sha1}: no source proves its {ref.block_size >> 10} KiB pieces or "
+                f"serves their leaf list, and checking it against its root means reading all "
+                f"{ref.size} bytes, more than the limit of {self.whole_limit}; read it from a "
+                f"share or relay that proves pieces (a current kbfs) ({why})")
+        log.warning("sha1 %s: no source serves its %d KiB leaf list (%s); reading the whole "
+                    "file once to check it against its root", ref.sha1, ref.block_size >> 10, why)
+        return self._once(ref, lambda: rootless.prove_root(
+            ref, self.source, self.store, self.leaves, self.staging, None,
+            lambda n: self._count("whole_bytes", n)), lambda: self.leaves.in_memory(ref))
 
     def prepare(self, ref: Any, sink: rootless.Sink | None = None,
                 ran: Callable[[], None] | None = None) -> list[bytes]:
@@ -98,6 +132,18 @@ class Verifiers:
         got = self.leaves.proven(ref)
         if got is not None:
             return got
+
+        def run() -> list[bytes]:
+            if ran is not None:
+                ran()
+            return rootless.prove(ref, self.source, self.store, self.leaves, self.staging,
+                                  sink, lambda n: self._count("whole_bytes", n))
+        return self._once(ref, run, lambda: self.leaves.proven(ref))
+
+    def _once(self, ref: Any, run: Callable[[], list[bytes]],
+              done: Callable[[], Any]) -> list[bytes]:
+        """RUN REF's whole pass, one at a time per content (others wait for its result);
+        DONE() gives the leaves when another process or call has done it meanwhile."""
         with self._lock:
             flight = self._proving.get(ref.key)
             owner = flight is None
@@ -106,13 +152,10 @@ class Verifiers:
         if not owner:
             return flight.result()
         try:
-            got = self.leaves.proven(ref)   # another process may have proven it meanwhile
+            got = done()   # another process or call may have done it meanwhile
             if got is None:
-                if ran is not None:
-                    ran()
                 self._count("whole_passes")
-                got = rootless.prove(ref, self.source, self.store, self.leaves, self.staging,
-                                     sink, lambda n: self._count("whole_bytes", n))
+                got = run()
             flight.set_result(got)
             return got
         except BaseException as exc:

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 from httpsource import HTTPSource, wait_until
 
-from kbfs import prv
+from kbfs import leaflists, prv
+from kbfs import tree as kbfs_tree
+from kbfs.piecestore import PieceStore
 
 MiB = 1 << 20
 
@@ -49,11 +51,14 @@ def run(env: dict[str, str], *args: str, cwd: Path | None = None,
 
 
 def pointer(tmp_path: Path, data: bytes, name: str = "data.bin", tree: bool = True,
-            original_path: str = "/nonexistent/data.bin") -> tuple[str, prv.Pointer]:
-    """A pointer to DATA whose original is gone (so the network must serve it)."""
+            original_path: str = "/nonexistent/data.bin",
+            block_size: int = MiB) -> tuple[str, prv.Pointer]:
+    """A pointer to DATA whose original is gone (so the network must serve it). v1 (1 MiB
+    blocks) unless BLOCK_SIZE says otherwise: HTTPSource serves the 1 MiB leaf list and
+    no proofs, and most tests here are about 1 MiB blocks and part files."""
     f = tmp_path / "hash-me"
     f.write_bytes(data)
-    p = prv.create_pointer(f)
+    p = prv.create_pointer(f, block_size=block_size)
     f.unlink()
     p = prv.Pointer(p.sha1, p.size, p.fcs, original_path, p.prv_version, p.tree if tree else None)
     path = tmp_path / (name + ".prv")
@@ -66,10 +71,21 @@ def content_key(p: prv.Pointer) -> str:
     return p.tree.root if p.tree is not None else f"s1-{p.sha1}-{p.size}"
 
 
-def cached_block_files(cache: Path, p: prv.Pointer) -> list[str]:
-    key = content_key(p)
-    folder = cache / "blocks" / (key[3:5] if key.startswith("s1-") else key[:2]) / key
-    return sorted(n for n in os.listdir(folder) if n.isdigit()) if folder.is_dir() else []
+def cached_pieces(cache: Path, p: prv.Pointer) -> list[int]:
+    """The pieces (blocks) of P's content the cache holds: its piece store's bitmap, as
+    another process sees it (committed pieces only)."""
+    if not (cache / "pieces").is_dir():
+        return []
+    with PieceStore(str(cache / "pieces"), 1 << 40, 0) as store:
+        return [i for a, b in store.ranges(content_key(p)) for i in range(a, b + 1)]
+
+
+def cached_nodes(cache: Path, p: prv.Pointer, name: str) -> bytes | None:
+    """The nodes record NAME (kbfs.leaflists.NODES_*) the cache keeps for P's content."""
+    if not (cache / "pieces").is_dir():
+        return None
+    with PieceStore(str(cache / "pieces"), 1 << 40, 0) as store:
+        return store.get_nodes(content_key(p), name)
 
 
 def part_of(out: Path) -> Path:
@@ -125,10 +141,10 @@ def test_download_prv_default_name_and_stats(src: HTTPSource, tmp_path: Path, en
     # Several range requests were in flight, not one stream.
     assert src.counts()["sha1"] >= 3
     # A download keeps no second copy of what it fetched in the cache.
-    assert cached_block_files(tmp_path / "cache", p) == []
+    assert cached_pieces(tmp_path / "cache", p) == []
     # Already cached (here by `kbfs cat`): a download fetches nothing.
     assert run(env, "cat", ptr, "--relay", src.url).stdout == data
-    assert len(cached_block_files(tmp_path / "cache", p)) == 34
+    assert cached_pieces(tmp_path / "cache", p) == list(range(34))
     src.reset_counts()
     proc = run(env, "download", ptr, "--relay", src.url, "-o", str(tmp_path / "again.bin"))
     assert proc.returncode == 0, proc.stderr.decode()
@@ -145,7 +161,9 @@ def test_download_sha1_uri_into_folder(src: HTTPSource, tmp_path: Path, env: dic
     proc = run(env, "download", f"sha1://{info.sha1}/firings.mda", "-r", src.url, "-o", str(outdir))
     assert proc.returncode == 0, proc.stderr.decode()
     assert (outdir / "firings.mda").read_bytes() == data
-    assert (tmp_path / "cache" / "complete" / f"s1-{info.sha1}-{info.size}").exists()  # SHA-1 checked
+    # The SHA-1 matched: its leaves are recorded (what later reads are checked against).
+    p = prv.Pointer(info.sha1, info.size, "", "", "0.1", None)
+    assert cached_nodes(tmp_path / "cache", p, leaflists.NODES_PROVEN) == info.leaves_blob
 
 
 def test_resume_after_kill(src: HTTPSource, tmp_path: Path, env: dict[str, str],
@@ -234,7 +252,7 @@ def test_download_copies_cached_blocks_and_fetches_the_rest(
     cache = tmp_path / "cache"
     proc = run(env, "cat", ptr, "-r", src.url, "--offset", str(2 * MiB), "--length", str(3 * MiB))
     assert proc.stdout == data[2 * MiB:5 * MiB]
-    assert cached_block_files(cache, p) == ["2", "3", "4"]
+    assert cached_pieces(cache, p) == [2, 3, 4]
     src.reset_counts()
     out = tmp_path / "out.bin"
     proc = run(env, "download", ptr, "-r", src.url, "-o", str(out))
@@ -244,7 +262,7 @@ def test_download_copies_cached_blocks_and_fetches_the_rest(
     for a, b in fetched_ranges(src):
         got.update(range(a // MiB, -(-b // MiB)))
     assert got == {0, 1, 5, 6, 7}
-    assert cached_block_files(cache, p) == ["2", "3", "4"]  # nothing stored by the download
+    assert cached_pieces(cache, p) == [2, 3, 4]  # nothing stored by the download
 
 
 def test_two_downloads_to_one_file(src: HTTPSource, tmp_path: Path, env: dict[str, str],
@@ -276,7 +294,83 @@ def test_lying_source_fails_cleanly(src: HTTPSource, tmp_path: Path, env: dict[s
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith("out.bin")]
     assert not part_of(out).exists()  # nothing verified: nothing worth keeping
-    assert cached_block_files(tmp_path / "cache", p) == []
+    assert cached_pieces(tmp_path / "cache", p) == []
+
+
+# ---------------------------------------------------------------- v2 pointers, no proofs
+# HTTPSource proves no piece and serves the 1 MiB leaf list only: for a 64 KiB pointer it is
+# what an older share, or a web server with a /tree/ beside the bytes, looks like.
+
+
+def test_v2_pointer_from_a_source_that_proves_nothing(src: HTTPSource, tmp_path: Path,
+                                                      env: dict[str, str], make_file: Any) -> None:
+    """Read whole once, checked against the root by hashing, then served from the cache."""
+    data = make_file(tmp_path / "x", 5 * MiB + 77, seed=26)
+    ptr, p = pointer(tmp_path, data, block_size=64 << 10)
+    src.add(data)
+    cache = tmp_path / "cache"
+    proc = run(env, "cat", ptr, "-r", src.url, "--offset", str(3 * MiB + 5), "--length", "100")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == data[3 * MiB + 5:3 * MiB + 105]
+    assert "Traceback" not in proc.stderr.decode()
+    # The whole file once (the 64 KiB request is the proof attempt, closed unread).
+    assert sum(b - a for a, b in fetched_ranges(src) if b - a != 64 << 10) == len(data)
+    assert cached_pieces(cache, p) == list(range(81))     # 80 whole pieces and a short one
+    leaves, root = kbfs_tree.tree_of_bytes(data, 64 << 10)
+    assert root == p.tree.root                            # type: ignore[union-attr]
+    assert cached_nodes(cache, p, leaflists.NODES_LEAVES) == b"".join(leaves)
+    src.reset_counts()
+    out = tmp_path / "out.bin"
+    proc = run(env, "download", ptr, "-r", src.url, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert out.read_bytes() == data
+    assert src.counts().get("sha1", 0) == 0
+
+
+def test_v2_pointer_read_whole_refuses_wrong_content(src: HTTPSource, tmp_path: Path,
+                                                     env: dict[str, str], make_file: Any) -> None:
+    """Self-consistent wrong bytes (their own 1 MiB leaves agree) under the pointer's SHA-1:
+    the whole pass finds they do not hash to the root; one line, nothing kept."""
+    data = make_file(tmp_path / "x", 3 * MiB + 9, seed=27)
+    ptr, p = pointer(tmp_path, data, block_size=64 << 10)
+    src.add(data[:-1] + bytes([data[-1] ^ 1]), sha1=p.sha1)
+    out = tmp_path / "out.bin"
+    line = one_line_error(run(env, "download", ptr, "-r", src.url, "-o", str(out)))
+    assert "does not hash to the pointer's root" in line
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out.bin")]
+    cache = tmp_path / "cache"
+    assert cached_pieces(cache, p) == []
+    assert cached_nodes(cache, p, leaflists.NODES_LEAVES) is None
+    assert not os.listdir(cache / "pieces" / "staging")    # the staged bytes are gone
+    # The pointer's root matches the bytes, its SHA-1 does not: the pointer contradicts itself.
+    fake = "ab" * 20
+    src.add(data, sha1=fake)
+    p2 = prv.Pointer(fake, p.size, p.fcs, "/nonexistent/data.bin", p.prv_version, p.tree)
+    (tmp_path / "self-contradicting.prv").write_text(p2.to_json())
+    line = one_line_error(run(env, "cat", str(tmp_path / "self-contradicting.prv"), "-r", src.url))
+    assert "SHA-1" in line and cached_pieces(cache, p2) == []
+
+
+def test_v2_pointer_read_whole_is_bounded(src: HTTPSource, tmp_path: Path, make_file: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above verifiers.WHOLE_LIMIT a proof-less v2 read is one line, not a whole-file read."""
+    import kbfs
+    from kbfs import verifiers
+    from kbfs.errors import SourceError
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for var in ("KBFS_RELAY", "KBFS_CACHE_DIR", "KBFS_CACHE_SIZE", "KBFS_SEARCH_DIRS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(verifiers, "WHOLE_LIMIT", 2 * MiB)
+    data = make_file(tmp_path / "x", 2 * MiB + 1, seed=28)
+    ptr, p = pointer(tmp_path, data, block_size=64 << 10)
+    src.add(data)
+    with kbfs.open(ptr, relays=[src.url], cache_dir=str(tmp_path / "cache"), local=False) as f:
+        with pytest.raises(SourceError, match="more than the limit of 2097152") as err:
+            f.read(10)
+    assert "\n" not in str(err.value)
+    assert sum(b - a for a, b in fetched_ranges(src)) <= 64 << 10   # the one proof request
+    assert cached_pieces(tmp_path / "cache", p) == []
 
 
 def test_self_consistent_wrong_content_fails_on_sha1(src: HTTPSource, tmp_path: Path,
@@ -291,9 +385,9 @@ def test_self_consistent_wrong_content_fails_on_sha1(src: HTTPSource, tmp_path: 
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith("out.bin")]
     cache = tmp_path / "cache"
-    assert cached_block_files(cache, p) == []
-    assert not (cache / "complete" / content_key(p)).exists()
-    assert not (cache / "trees" / p.sha1[:2] / content_key(p)).exists()
+    assert cached_pieces(cache, p) == []
+    assert cached_nodes(cache, p, leaflists.NODES_PROVEN) is None     # never "matched"
+    assert cached_nodes(cache, p, leaflists.NODES_LEAVES) is None
 
 
 def test_failover_to_the_next_source(tmp_path: Path, env: dict[str, str], make_file: Any) -> None:
