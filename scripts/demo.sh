@@ -35,7 +35,11 @@ def write(rel, size):
         left = size
         while left:
             n = min(left, 1 << 20); f.write(rng.randbytes(n)); left -= n
-write("recording.mda", 48 << 20)
+with open(os.path.join(root, "recording.mda"), "wb") as f:  # .mda: int16, 16 channels x N
+    f.write(__import__("struct").pack("<iiiii", -4, 2, 2, 16, (48 << 20) // 32))
+write_to = f.name
+with open(write_to, "ab") as f:
+    f.write(rng.randbytes(48 << 20))
 write("session1/spikes.bin", 5 * (1 << 20) + 12345)
 with open(os.path.join(root, "session1", "notes.csv"), "w") as f:
     f.write("channel,rate\n" + "".join(f"{i},{rng.random():.4f}\n" for i in range(1000)))
@@ -81,10 +85,12 @@ sleep 2.5  # the daemon refreshes its status file every 2 s
 "$KBFS" status "$DEMO/mnt" | sed 's/^/   /' || true
 
 share_id=$(curl -fs "$RELAY/api/shares" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+view_link=$("$KBFS" view link "kbfs://127.0.0.1:$port/$share_id/recording.mda" --state 'ch=0-15' 2>/dev/null || echo "(kbfs view link failed)")
 cat <<MSG
 
 Done: $ok files read through the mount, every SHA-1 matches.
   web page:      $RELAY/          (this share: $RELAY/s/$share_id/list)
+  view link:     $view_link
   data shared:   $DEMO/data        (kbfs share, log $DEMO/share.log)
   relay:         $RELAY            (log $DEMO/relay.log)
   pointers:      $DEMO/pointers

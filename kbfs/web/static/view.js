@@ -90,13 +90,19 @@ export async function showView(main, view, opts) {
 /** The page's entry for a view: parse the fragment (and an exported page's defaults). */
 export function startView(main, opts, defaults = '') {
   try {
-    const fragment = location.hash.length > 1 ? location.hash : defaults;
-    const view = parseView(fragment);
-    if (defaults && location.hash.length > 1) {  // an exported page: its content, the link's state
-      const base = parseView(defaults);
-      if (view.sha1 !== base.sha1) throw new Error('this exported page shows one content only');
+    const hash = location.hash.replace(/^#/, '');
+    let view;
+    if (!defaults) {
+      view = parseView(hash);
+    } else {  // an exported page: its own content; the address's fragment may change the state
+      view = parseView(defaults);
+      if (hash) {
+        const given = /(^|&)src=/.test(hash) ? parseView(hash) : { sha1: view.sha1, state: parseState(hash) };
+        if (given.sha1 !== view.sha1) throw new Error('this exported page shows one content only');
+        const st = Object.fromEntries(Object.entries(given.state).filter(([, v]) => v !== null));
+        view.state = { ...view.state, ...st };
+      }
     }
-    view.state = { ...parseState(''), ...view.state };
     return showView(main, view, opts);
   } catch (err) {
     fill(main, h('p', { class: 'error', id: 'view-error' }, String(err.message || err)));

@@ -35,7 +35,10 @@ export const viewer = {
   match: (name) => ext(name) === 'mda',
   async render(el, ctx) {
     const file = ctx.file;
-    const hdr = parseHeader(await ctx.read(0, Math.min(file.size, HEADER_READ)), file.size);
+    // At t = 0 (a recording opened from its start) the first window follows the header in
+    // the same pieces: one request for both saves a round trip before the first screen.
+    const head = !(ctx.state && ctx.state.t) ? FIRST_SCREEN + HEADER_READ : HEADER_READ;
+    const hdr = parseHeader(await ctx.read(0, Math.min(file.size, head)), file.size);
     if (!ctx.alive()) return;
     const M = hdr.channels;
     const N = hdr.samples;
@@ -117,6 +120,7 @@ export const viewer = {
     }
 
     const log = (kind, r) => reads.append(h('li', { dataset: { kind, offset: r.offset, length: r.length } }));
+    log('header', { offset: 0, length: Math.min(file.size, head) });
     let pending = 0; // reads under way (data-pending: a test waits for 0)
     const load = async (r, kind) => {
       log(kind, r);
