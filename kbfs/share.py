@@ -1181,6 +1181,14 @@ class Share:
         config = httpserve.hypercorn_config(host, port)
         await httpserve.serve(app, config, host, port, task_status=task_status)
 
+    def _direct_cache_control(self, scope: Scope) -> bytes:
+        """As the relay's rule: immutable for anyone, except a private share's answer or
+        one to a request with a token, which no shared cache in front of --listen may
+        keep (it would hand the bytes to the next reader without the token)."""
+        if self.options.private or header(scope, b"authorization") is not None:
+            return b"private, no-store"
+        return protocol.CACHE_CONTROL_IMMUTABLE.encode()
+
     def _direct_lookup(self, scope: Scope) -> tuple[IndexedFile, str]:
         sha1 = protocol.check_sha1(scope["path_params"]["sha1"])
         if not self.authorized(header(scope, b"authorization")):
@@ -1199,7 +1207,7 @@ class Share:
             (b"content-type", b"application/octet-stream"),
             (b"content-length", str(len(blob)).encode()),
             (b"etag", f'"{f.sha1}-tree"'.encode()),
-            (b"cache-control", protocol.CACHE_CONTROL_IMMUTABLE.encode())]})
+            (b"cache-control", self._direct_cache_control(scope))]})
         await send({"type": "http.response.body", "body": blob})
 
     def _direct_open(self, scope: Scope) -> tuple[IndexedFile, int, _VerifiedReader | None,
@@ -1209,7 +1217,7 @@ class Share:
         etag = f'"{f.sha1}"'
         headers = [(b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes"),
                    (b"etag", etag.encode()),
-                   (b"cache-control", protocol.CACHE_CONTROL_IMMUTABLE.encode())]
+                   (b"cache-control", self._direct_cache_control(scope))]
         inm = header(scope, b"if-none-match")
         if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
             return f, 304, None, headers
