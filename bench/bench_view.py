@@ -93,7 +93,8 @@ def one_round(kb: Any, frag: str, tmp: Path, k: int, sha1: str) -> dict[str, flo
         out["unseen"] = jump(driver, (N // 5) * (1 + k % 4) + 777 * k)
         draws = int(body(driver, "draws"))
         browserutil.wait_for(lambda: body(driver, "pending") in (None, "0"), timeout=60, what="prefetch done")
-        start = driver.execute_script("const t = performance.now(); document.querySelector('#mda-next').click(); return t;")
+        start = driver.execute_script(
+            "const t = performance.now(); document.querySelector('#mda-next').click(); return t;")
         out["prefetched"] = wait_draw(driver, draws) - start
         # a 128 KiB window (w=2048), then an unseen jump with it
         driver.get("about:blank")

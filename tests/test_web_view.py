@@ -51,7 +51,8 @@ def bad_headers() -> dict[str, tuple[bytes, str]]:
     """Hostile .mda files -> (bytes, what the viewer's error says)."""
     body = bytes(4096)
     return {
-        "code.mda": ((-9).to_bytes(4, "little", signed=True) + header("int16", [2, 8])[4:] + body, "unknown .mda type code"),
+        "code.mda": ((-9).to_bytes(4, "little", signed=True) + header("int16", [2, 8])[4:] + body,
+                     "unknown .mda type code"),
         "old.mda": ((2).to_bytes(4, "little") + header("int16", [2, 8])[4:] + body, "pre-2016"),
         "bpe.mda": (header("int16", [2, 8])[:4] + (4).to_bytes(4, "little") + header("int16", [2, 8])[8:] + body,
                     "bytes per entry"),
@@ -119,8 +120,8 @@ def fragment_of(e: dict[str, Any], state: str = "", share: str = "") -> str:
 
 def drawn(driver: Any, after: int = 0) -> dict[str, str]:
     """Wait for the viewer's draw number AFTER+1 (or later) and its reads to end; its data-*."""
-    body = wait_for(lambda: [b for b in driver.find_elements("css selector", "#preview-body[data-draws]")
-                             if int(b.get_attribute("data-draws")) > after], what="a drawn screen")[0]
+    wait_for(lambda: [b for b in driver.find_elements("css selector", "#preview-body[data-draws]")
+                      if int(b.get_attribute("data-draws")) > after], what="a drawn screen")[0]
     wait_idle(driver)
     keys = ["t0", "w", "ch", "amp", "mode", "probe", "screenBytes", "draws"]
     return {k: driver.execute_script(f"return document.querySelector('#preview-body').dataset.{k}") for k in keys}
