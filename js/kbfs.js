@@ -6,14 +6,16 @@
 //   f.size; f.sha1; f.name; await f.read(offset, length);     // -> Uint8Array, verified
 //
 // SOURCE: a .prv pointer (JSON text or the parsed object, with or without kbfs_tree), a
-// `sha1://SHA1[/NAME]` URI (query ignored) or `kbfs://HOST:PORT/SHARE_ID/PATH`. Reading:
+// `sha1://SHA1[/NAME]` URI (query ignored) or a kbfs link, `kbfs://HOST:PORT/SHARE_ID/PATH`
+// (http relay) or `kbfs+https://HOST[:PORT]/SHARE_ID/PATH` (kbfsurl.js). Reading:
 // 64 KiB pointers by range proofs, 1 MiB pointers by the leaf list, root-less content read
 // whole and checked against its SHA-1 (readers.js). Relays are tried in order, the next one
 // on any error (sources.js). The token goes to the relays given and to the relay a
-// kbfs:// path names, never to a pointer's source hints.
+// kbfs link names, never to a pointer's source hints.
 //
 // What it does not do: write, list folders, cache on disk, or use direct share URLs.
 
+import { kbfsLink } from './kbfsurl.js';
 import { SourceError, checkRelay, parsePointer, parseSource } from './pointer.js';
 import { LeafReader, ProofReader, WholeReader, checkEmptyRoot } from './readers.js';
 import { ReadError, Relays, checkToken } from './sources.js';
@@ -79,10 +81,10 @@ async function findSize(relays, sha1) {
   });
 }
 
-// The pointer of a kbfs:// path: the entry of its folder's listing at the relay it names.
+// The pointer of a kbfs link's path: the entry of its folder's listing at the relay it names.
 async function listingPointer(relays, src) {
   const parent = src.path.split('/').slice(0, -1).map(encodeURIComponent).join('/');
-  const what = `kbfs://${src.relay.split('://')[1]}/${src.share}/${src.path}`;
+  const what = kbfsLink(src.relay, src.share, src.path); // kbfs+https:// for an https relay
   return relays.attempt(what, async (relay) => {
     const res = await relays.get(relay, `/s/${src.share}/list/${parent}`);
     const listing = json(await readText(res, MAX_LISTING), 'listing');

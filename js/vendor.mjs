@@ -18,7 +18,7 @@ import { fileURLToPath } from 'node:url';
 const JS = dirname(fileURLToPath(import.meta.url));
 const LIB = join(JS, '..', 'kbfs', 'web', 'static', 'lib');
 const HW = join(JS, 'node_modules', 'hash-wasm');
-const MODULES = ['kbfs.js', 'pointer.js', 'readers.js', 'sources.js', 'tree.js', 'wire.js', 'hashes.js'];
+const MODULES = ['kbfs.js', 'kbfsurl.js', 'pointer.js', 'readers.js', 'sources.js', 'tree.js', 'wire.js', 'hashes.js'];
 const BARE = "from 'hash-wasm'";
 const VENDORED = "from './hash-wasm/index.esm.min.js'";
 

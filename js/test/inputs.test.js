@@ -1,9 +1,11 @@
 // Hostile values for every check of kbfs.js's inputs: sources, pointers, relay URLs, tokens,
 // Kbfs-Proof headers, Content-Range and body lengths. No network.
 import assert from 'node:assert/strict';
+import { createServer } from 'node:net';
 import { test } from 'node:test';
 
 import { openContent } from '../kbfs.js';
+import { kbfsLink, linkPrefix, parseLink } from '../kbfsurl.js';
 import { parsePointer, parseSource, relayBase } from '../pointer.js';
 import { checkToken } from '../sources.js';
 import { checkAnswer, parseProof, readExactly } from '../wire.js';
@@ -49,18 +51,116 @@ test('relay URLs: http(s)://host[:port] only', () => {
   return assert.rejects(openContent(good, { relays: ['http://u:p@h'] }), /not http\(s\)/);
 });
 
-test('sources: sha1://, kbfs:// and pointers, hostile forms refused', () => {
+test('sources: sha1://, kbfs links and pointers, hostile forms refused', () => {
   assert.deepEqual(parseSource(`sha1://${SHA}/dir/x%20y.bin?label=1#f`), { kind: 'sha1', sha1: SHA, name: 'x y.bin' });
   assert.equal(parseSource(`sha1://${SHA}`).name, SHA);
   assert.deepEqual(parseSource(`kbfs://h:8080/${ID}/a/b%20c.bin`), { kind: 'kbfs', relay: 'http://h:8080', share: ID, path: 'a/b c.bin', name: 'b c.bin' });
+  assert.deepEqual(parseSource(` kbfs+https://h/${ID}/a/b%20c.bin\n`), { kind: 'kbfs', relay: 'https://h', share: ID, path: 'a/b c.bin', name: 'b c.bin' });
   assert.equal(parseSource(JSON.stringify(good)).kind, 'pointer');
   const bad = [
     [`sha1://${SHA.slice(1)}`, /40 hex/], ['sha1://', /40 hex/], [`sha1://${SHA}/%zz`, /percent/],
-    [`kbfs://h/${ID}/x`, /HOST:PORT/], [`kbfs://u@h:1/${ID}/x`, /HOST:PORT/], [`kbfs://h:1/NOTANID/x`, /not a share id/],
-    [`kbfs://h:1/${ID}/`, /top folder/], [`kbfs://h:1/${ID}/a/../../x`, /unsafe path/], [`kbfs://h:1/${ID}/%2e%2e/x`, /unsafe path/],
-    [`kbfs://h:1/${ID}/a%00b`, /unsafe path/], [`kbfs://h:1/${ID}/x?y`, /no query/], ['http://h/x', /unknown kind/], [42, /a source is/],
+    [`kbfs://h:1/${ID}/`, /top folder/], [`kbfs+https://h/${ID}`, /top folder/],
+    ['http://h/x', /unknown kind of source/], ['http://u:hunter2@h/x', /^SourceError: http:\/\/h\/x: unknown kind/], [42, /a source is/],
   ];
   for (const [value, why] of bad) assert.throws(() => parseSource(value), why, String(value));
+});
+
+test('kbfs links: kbfs://HOST:PORT (http) and kbfs+https://HOST[:PORT], as kbfs/kbfsurl.py', () => {
+  const links = {
+    [`kbfs://h:8080/${ID}/a%20b/c`]: ['http://h:8080', 'a b/c'],
+    [`kbfs://h:80/${ID}/x`]: ['http://h', 'x'], // canonical: no default port (kbfsurl.canonical_relay)
+    [`kbfs+https://h/${ID}/a%20b/c`]: ['https://h', 'a b/c'],
+    [`kbfs+https://h:443/${ID}/x`]: ['https://h', 'x'],
+    [`kbfs+https://relay.example.org:8443/${ID}/d/%2e.zarray`]: ['https://relay.example.org:8443', 'd/..zarray'],
+    [`kbfs+https://[::1]:8443/${ID}//x//y/`]: ['https://[::1]:8443', 'x/y'],
+    [`kbfs+https://127.0.0.1:65535/${ID}/%E2%82%AC`]: ['https://127.0.0.1:65535', '\u20ac'],
+  };
+  for (const [link, [relay, path]] of Object.entries(links)) assert.deepEqual(parseLink(link), { relay, share: ID, path }, link);
+  assert.deepEqual(parseLink('kbfs+https://h/', false), { relay: 'https://h', share: '', path: '' });
+  assert.deepEqual(parseLink('kbfs://h:1', false), { relay: 'http://h:1', share: '', path: '' });
+  // the words of kbfsurl.py's line for each (tests/test_kbfs_https.py BAD); never the password
+  const bad = [
+    [`kbfs://alice:hunter2@127.0.0.1:1/${ID}/x`, 'no user name or password'],
+    [`kbfs+https://alice@127.0.0.1/${ID}/x`, 'no user name or password'],
+    [`kbfs+https://alice:hunter2@127.0.0.1/`, 'no user name or password'],
+    [`kbfs://127.0.0.1/${ID}/x`, 'writes its port'],
+    [`kbfs://127.0.0.1:0/${ID}/x`, "port '0'"],
+    [`kbfs+https://127.0.0.1:65536/${ID}/x`, "port '65536'"],
+    [`kbfs://127.0.0.1:+80/${ID}/x`, "port '+80'"],
+    [`kbfs://127.0.0.1:\uff18\uff10/${ID}/x`, 'is not a number'],
+    [`kbfs+https://127.0.0.1:/${ID}/x`, "port ''"],
+    [`kbfs://127.0.0.1:1:2/${ID}/x`, "port '1:2'"],
+    ['kbfs://127.0.0.1:1/../x', 'malformed share id'],
+    [`kbfs://127.0.0.1:1/${ID.toUpperCase()}/x`, 'malformed share id'],
+    [`kbfs+https://127.0.0.1/${ID}/a/../../x`, "'..'"],
+    [`kbfs+https://127.0.0.1/${ID}/%2e%2e/%2E%2E/x`, "'..'"],
+    [`kbfs+https://127.0.0.1/${ID}/a/%2E/x`, "'.'"],
+    [`kbfs://127.0.0.1:1/${ID}/a%00b`, 'NUL'],
+    [`kbfs://127.0.0.1:1/${ID}/a%5cb`, 'backslash'],
+    [`kbfs://127.0.0.1:1/${ID}/${'a/'.repeat(300)}x`, 'too deep'],
+    [`kbfs://127.0.0.1:1/${ID}/${'a'.repeat(5000)}`, 'too long'],
+    [`KBFS://127.0.0.1:1/${ID}/x`, 'lower case, kbfs://'],
+    [`Kbfs+Https://127.0.0.1/${ID}/x`, 'lower case, kbfs+https://'],
+    [`kbfs+http://127.0.0.1:1/${ID}/x`, 'an http relay is kbfs://HOST:PORT/...'],
+    [`kbfs+wss://127.0.0.1/${ID}/x`, 'unknown kind of kbfs link'],
+    [`kbfs://127.0.0.1\n:1/${ID}/x`, 'control character'],
+    [`kbfs+https://127.0.0.1\t/${ID}/x`, 'control character'],
+    [`kbfs+https://127.0.0.1\u200b/${ID}/x`, 'control character'],
+    [`kbfs://[::1/${ID}/x`, 'not HOST:PORT'],
+    [`kbfs://[::1]x:1/${ID}/x`, 'not HOST:PORT'],
+    ['kbfs+https:///', 'no host'],
+    [`kbfs+https://h//x`, 'no share id'],
+    [`kbfs+https://h%/${ID}/x`, 'has no valid host'],
+    // stricter than Python: what its writer %-encodes, raw
+    [`kbfs://127.0.0.1:1/${ID}/x?y`, 'no query'], [`kbfs://127.0.0.1:1/${ID}/a b`, 'no query'],
+    [`kbfs://127.0.0.1:1/${ID}/%zz`, 'bad percent-encoding'],
+  ];
+  for (const [link, words] of bad) {
+    for (const parse of [parseLink, parseSource]) {
+      let msg = null;
+      try {
+        parse(link);
+      } catch (e) {
+        assert.equal(e.name, 'SourceError', link);
+        msg = e.message;
+      }
+      assert.ok(msg !== null, `${JSON.stringify(link.slice(0, 80))} was taken`);
+      assert.ok(msg.includes(words) && !msg.includes('\n') && !msg.includes('hunter2') && !msg.includes('alice'), `${link.slice(0, 80)}: ${msg}`);
+    }
+  }
+});
+
+test('kbfs links written: kbfs+https://HOST[:PORT] for https (no :443), kbfs://HOST:PORT for http (80 written)', () => {
+  const cases = {
+    'https://h': `kbfs+https://h/${ID}/a%20b/c`,
+    'https://h:443/': `kbfs+https://h/${ID}/a%20b/c`,
+    'https://h:8443': `kbfs+https://h:8443/${ID}/a%20b/c`,
+    'https://[::1]:8443': `kbfs+https://[::1]:8443/${ID}/a%20b/c`,
+    'http://h:8080': `kbfs://h:8080/${ID}/a%20b/c`,
+    'http://h': `kbfs://h:80/${ID}/a%20b/c`, // `kbfs://h/...` would be refused (no port)
+    'http://127.0.0.1:80': `kbfs://127.0.0.1:80/${ID}/a%20b/c`,
+  };
+  for (const [relay, link] of Object.entries(cases)) {
+    assert.equal(kbfsLink(relay, ID, 'a b/c'), link, relay);
+    assert.deepEqual(parseLink(link), { relay: relayBase(relay), share: ID, path: 'a b/c' }, link);
+  }
+  // Python's quote(path, safe='/'): only letters, digits and _.-~ stay
+  assert.equal(kbfsLink('https://h', ID, "d/it's (1)!*~_.-€ #?%.bin"), `kbfs+https://h/${ID}/d/it%27s%20%281%29%21%2A~_.-%E2%82%AC%20%23%3F%25.bin`);
+  assert.equal(kbfsLink('https://h', ID, 'd/'), `kbfs+https://h/${ID}/d/`);
+  assert.equal(kbfsLink('https://h', ID), `kbfs+https://h/${ID}/`);
+  assert.equal(linkPrefix('https://h:444'), 'kbfs+https://h:444');
+  for (const relay of ['ftp://h', 'h:80', '', 'file:///x']) assert.throws(() => linkPrefix(relay), /must be http:\/\/ or https:\/\//, relay);
+});
+
+test('an https relay is named kbfs+https:// in the error of a kbfs link', async () => {
+  const server = createServer();
+  await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+  const { port } = server.address();
+  await new Promise((ok) => server.close(ok)); // nothing listens there now: the request fails
+  await assert.rejects(openContent(`kbfs+https://127.0.0.1:${port}/${ID}/d/a%20b.bin`, { timeout: 5000 }),
+    (e) => e.message.startsWith(`kbfs+https://127.0.0.1:${port}/${ID}/d/a%20b.bin: https://127.0.0.1:${port}: `) || assert.fail(e.message));
+  await assert.rejects(openContent(`kbfs://127.0.0.1:${port}/${ID}/x`, { timeout: 5000 }),
+    (e) => e.message.startsWith(`kbfs://127.0.0.1:${port}/${ID}/x: http://127.0.0.1:${port}: `) || assert.fail(e.message));
 });
 
 test('tokens: only kbfs1 tokens, nothing that could split a header', () => {

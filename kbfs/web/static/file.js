@@ -1,17 +1,18 @@
-// One file's panel: its download link, the sha1:// URI and kbfs:// URL to copy, its .prv
+// One file's panel: its download link, the sha1:// URI and kbfs link to copy, its .prv
 // pointer to download, the `kbfs download` / `kbfs mount` lines, and a preview.
 import { filePath } from './api.js';
 import { copyButton, fill, fmtDate, fmtSize, h, shellQuote, visible } from './dom.js';
+import { kbfsLink } from './lib/kbfsurl.js';
 import { showPreview } from './preview.js';
-
-const enc = (path) => path.split('/').map(encodeURIComponent).join('/');
 
 export function showFile(panel, share, f) {
   const path = share.folder ? `${share.folder}/${f.name}` : f.name;
   const sha1 = f.prv.original_checksum;
   const sha1Uri = `sha1://${sha1}/${encodeURIComponent(f.name)}`;
-  const kbfsUrl = `kbfs://${location.host}/${share.id}/${enc(path)}`;
-  const folderUrl = `kbfs://${location.host}/${share.id}/${share.folder ? enc(share.folder) + '/' : ''}`;
+  // The relay is this page's origin: kbfs+https://HOST[:PORT] on an https page, and
+  // kbfs://HOST:PORT, the port written even when it is 80, on an http one.
+  const kbfsUrl = kbfsLink(location.origin, share.id, path);
+  const folderUrl = kbfsLink(location.origin, share.id, share.folder ? `${share.folder}/` : '');
   const pointer = { ...f.prv, kbfs_sources: [location.origin] };
   const prvUrl = URL.createObjectURL(new Blob([JSON.stringify(pointer, null, 4) + '\n'],
     { type: 'application/json' }));

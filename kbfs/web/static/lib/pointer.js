@@ -1,25 +1,21 @@
 // Copied from js/pointer.js by js/vendor.mjs: edit js/pointer.js, then run `node js/vendor.mjs`.
 // What a kbfs.js source names, checked: a .prv pointer (text or object), a sha1:// URI or
-// a kbfs:// path; and relay base URLs. Mirrors kbfs/prv.py (pointer_from_dict),
-// kbfs/client.py (parse_sha1_uri, parse_kbfs_uri) and kbfs/protocol.py (relay_base_problem).
+// a kbfs link (kbfs://HOST:PORT/... or kbfs+https://HOST[:PORT]/..., read by kbfsurl.js);
+// and relay base URLs. Mirrors kbfs/prv.py (pointer_from_dict), kbfs/client.py
+// (parse_sha1_uri) and kbfs/kbfsurl.py.
 //
-// What it does not do: no network (kbfs.js resolves sha1:// sizes and kbfs:// listings),
+// What it does not do: no network (kbfs.js resolves sha1:// sizes and kbfs link listings),
 // no hashing. Every failure is a SourceError with one line saying what is wrong.
 
+import { SourceError, isLink, parseLink, relayBase, shown } from './kbfsurl.js';
 import { ALGORITHM, MAX_SIZE } from './tree.js';
+
+export { SourceError, relayBase };
 
 export const MAX_POINTER_CHARS = 64 * 1024; // as prv.MAX_POINTER_BYTES
 const SHA1_RE = /^[0-9a-fA-F]{40}$/;
 const ROOT_RE = /^[0-9a-fA-F]{64}$/;
-const SHARE_ID_RE = /^[a-z2-7]{16,64}$/; // protocol.SHARE_ID_RE
 const MAX_HINTS = 8;
-
-export class SourceError extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'SourceError';
-  }
-}
 
 const isInt = (v) => typeof v === 'number' && Number.isInteger(v);
 
@@ -66,23 +62,6 @@ export function parsePointer(src, what = 'pointer') {
   return { sha1: sha1.toLowerCase(), size, root, blockSize, path, hints };
 }
 
-// `http(s)://host[:port]` with no user info, path, query or fragment -> its base, else null.
-export function relayBase(url) {
-  if (typeof url !== 'string') return null;
-  const text = url.trim();
-  if (/[\s\\\0]/.test(text) || text.includes('?') || text.includes('#')) return null;
-  let u;
-  try {
-    u = new URL(text);
-  } catch {
-    return null;
-  }
-  if ((u.protocol !== 'http:' && u.protocol !== 'https:') || !u.hostname || u.username || u.password) return null;
-  if (u.pathname !== '/' && u.pathname !== '') return null;
-  if (!/^https?:\/\/[^/]+\/?$/.test(text)) return null; // e.g. "http://h/." normalised by URL
-  return `${u.protocol}//${u.host}`;
-}
-
 export function checkRelay(url) {
   const base = relayBase(url);
   if (!base) throw new SourceError(`relay ${JSON.stringify(String(url).slice(0, 100))} is not http(s)://HOST[:PORT] (no user, path, query or fragment)`);
@@ -102,48 +81,33 @@ function decode(text, what) {
   }
 }
 
-// A share-relative path: no '.', '..', empty parts, NUL or backslash (protocol.safe_relpath).
-function safeRelpath(path, what) {
-  const parts = path.split('/').filter((p) => p !== '');
-  for (const p of parts) {
-    if (p === '.' || p === '..' || p.includes('\0') || p.includes('\\')) throw new SourceError(`${what}: unsafe path`);
-  }
-  return parts.join('/');
-}
-
 // What a source names, without touching the network:
 //   {kind: 'pointer', pointer, name}
 //   {kind: 'sha1', sha1, name}                      sha1://SHA1[/NAME][?...] (query ignored)
-//   {kind: 'kbfs', relay, share, path, name}        kbfs://HOST:PORT/SHARE_ID/PATH
+//   {kind: 'kbfs', relay, share, path, name}        kbfs://HOST:PORT/SHARE_ID/PATH or
+//                                                   kbfs+https://HOST[:PORT]/SHARE_ID/PATH
 export function parseSource(source) {
   if (source !== null && typeof source === 'object') {
     const pointer = parsePointer(source);
     return { kind: 'pointer', pointer, name: basename(pointer.path) || pointer.sha1 };
   }
-  if (typeof source !== 'string') throw new SourceError('a source is a pointer (JSON text or object), sha1://SHA1 or kbfs://HOST:PORT/SHARE_ID/PATH');
+  if (typeof source !== 'string') throw new SourceError('a source is a pointer (JSON text or object), sha1://SHA1 or a kbfs link (kbfs://HOST:PORT/SHARE_ID/PATH, kbfs+https://HOST[:PORT]/SHARE_ID/PATH)');
   const text = source.trim();
   if (text.startsWith('sha1://')) {
     const rest = text.slice(7).split(/[?#]/)[0];
     const [sha1, ...nameParts] = rest.split('/');
-    if (!SHA1_RE.test(sha1)) throw new SourceError(`${text.slice(0, 100)}: expected sha1://SHA1[/NAME] with 40 hex digits`);
+    if (!SHA1_RE.test(sha1)) throw new SourceError(`${shown(text)}: expected sha1://SHA1[/NAME] with 40 hex digits`);
     const name = basename(decode(nameParts.join('/'), 'sha1:// name'));
     return { kind: 'sha1', sha1: sha1.toLowerCase(), name: name || sha1.toLowerCase() };
   }
-  if (text.startsWith('kbfs://')) {
-    const rest = text.slice(7);
-    if (/[?#\s]/.test(rest)) throw new SourceError(`${text.slice(0, 100)}: a kbfs:// path has no query, fragment or spaces`);
-    const [host, share, ...pathParts] = rest.split('/');
-    const what = text.slice(0, 100);
-    const relay = host && /:[0-9]{1,5}$/.test(host) ? relayBase(`http://${host}`) : null;
-    if (!relay || !share) throw new SourceError(`${what}: expected kbfs://HOST:PORT/SHARE_ID/path/in/share`);
-    if (!SHARE_ID_RE.test(share)) throw new SourceError(`${what}: ${JSON.stringify(share.slice(0, 40))} is not a share id`);
-    const path = safeRelpath(decode(pathParts.join('/'), what), what);
-    if (!path) throw new SourceError(`${what}: names the share's top folder, not a file`);
+  if (isLink(text)) {
+    const { relay, share, path } = parseLink(text);
+    if (!path) throw new SourceError(`${shown(text)}: names the share's top folder, not a file`);
     return { kind: 'kbfs', relay, share, path, name: basename(path) };
   }
   if (text.startsWith('{')) {
     const pointer = parsePointer(text);
     return { kind: 'pointer', pointer, name: basename(pointer.path) || pointer.sha1 };
   }
-  throw new SourceError(`${text.slice(0, 100)}: unknown kind of source; give pointer JSON, sha1://SHA1[/NAME] or kbfs://HOST:PORT/SHARE_ID/PATH`);
+  throw new SourceError(`${shown(text)}: unknown kind of source; give pointer JSON, sha1://SHA1[/NAME] or a kbfs link (kbfs://HOST:PORT/SHARE_ID/PATH, kbfs+https://HOST[:PORT]/SHARE_ID/PATH)`);
 }
