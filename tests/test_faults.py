@@ -1,8 +1,8 @@
 """Faults the mount must survive, each with real processes and a real FUSE mount.
 
 The promise under test: a program reading through kbfs gets the original bytes or EIO,
-within a bound, never wrong bytes and never a hang; and the block cache never holds a
-block that fails its leaf. Faults: `kill -9` of the mount daemon mid-read (repeated, then
+within a bound, never wrong bytes and never a hang; and the piece cache never counts a
+piece whose bytes fail its leaf. Faults: `kill -9` of the mount daemon mid-read (repeated, then
 a remount over the same cache and the dead mountpoint), the relay and the share killed and
 restarted in the middle of a cold 64 MiB sequential read, sources that lie (other bytes,
 a short body, a wrong tree, 200 without range, a stall, 1 KB/s trickle) ahead of a good
@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from kbfs import prv, tree
+from kbfs import catalog, prv, tree
 from tests.httpsource import HTTPSource
 from tests.mountutil import NEEDS_FUSE, Mount, alive, force_unmount, is_mounted, isolated_env, mounted, run_kbfs
 from tests.netutil import ShareProc, start_relay, start_share, wait_share_ready
@@ -66,28 +67,70 @@ def serve_pointer(sources: list[HTTPSource], folder: Path, name: str, data: byte
     return pointer
 
 
-def check_cache(cache_dir: str | Path, truths: dict[str, bytes],
-                block_size: int = tree.BLOCK_SIZE) -> int:
-    """Assert that every block file under CACHE_DIR/blocks belongs to a known SHA-1 in
-    TRUTHS and holds exactly its block's bytes (so it matches its leaf); return the count.
-    Temporary files (leading '.') are skipped: they are never taken for blocks."""
-    root = Path(cache_dir) / "blocks"
-    # Block folders are named by content key (the root, or s1-SHA1-SIZE): see kbfs.cache.
+def check_cache(cache_dir: str | Path, truths: dict[str, bytes]) -> int:
+    """Assert that every piece the piece store under CACHE_DIR counts as present (its
+    committed bitmap, as any other process sees it) belongs to a known content in TRUTHS and
+    holds exactly that piece's bytes (so it matches its leaf); return the count. A kill may
+    lose pieces (absent: fine), never add one (a bit over wrong or missing bytes: fails).
+    Read-only (the catalogue opened mode=ro, data files read): the disk may be full."""
+    folder = Path(cache_dir) / "pieces"
+    if not (folder / "catalog.sqlite").is_file():
+        return 0
+    # Contents are keyed by their root at the pointer's block size (v1 1 MiB, v2 64 KiB),
+    # or s1-SHA1-SIZE without one: kbfs.fileref.FileRef.key.
     keyed = {k: (sha1, d) for sha1, d in truths.items()
-             for k in (tree.tree_of_bytes(d, block_size)[1], f"s1-{sha1}-{len(d)}")}
+             for k in (tree.tree_of_bytes(d, tree.BLOCK_SIZE)[1], tree.tree_of_bytes(d, 64 << 10)[1],
+                       f"s1-{sha1}-{len(d)}")}
+    db = sqlite3.connect(f"file:{folder / 'catalog.sqlite'}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = db.execute("SELECT key, size, piece_size, ino, bitmap FROM contents").fetchall()
+    finally:
+        db.close()
     n = 0
-    for f in root.glob("*/*/*") if root.is_dir() else []:
-        if f.name.startswith(".") or not f.is_file():
+    for key, size, bs, ino, bitmap in rows:
+        present = catalog.ranges(bytes(bitmap), catalog.piece_count(size, bs))
+        if not present:
             continue
-        assert f.parent.name in keyed, f"block of unknown content in the cache: {f}"
-        sha1, data = keyed[f.parent.name]
-        i = int(f.name)
-        want = data[i * block_size:(i + 1) * block_size]
-        got = f.read_bytes()
-        assert got == want, f"{f}: {len(got)} bytes that do not match block {i} of {sha1}"
-        assert tree.leaf_hash(got) == tree.leaf_hash(want)
-        n += 1
+        assert key in keyed, f"pieces of unknown content in the cache: {key} {present}"
+        sha1, data = keyed[key]
+        assert size == len(data), (key, size)
+        try:
+            fd = os.open(folder / "data" / key[:2] / key, os.O_RDONLY)
+        except FileNotFoundError:
+            continue   # removed (evicted, or the folder deleted): its bits describe no file
+        try:
+            if os.fstat(fd).st_ino != ino:
+                continue   # bits name another inode: no reader counts them (kbfs.catalog)
+            for a, b in present:
+                for i in range(a, b + 1):
+                    want = data[i * bs:(i + 1) * bs]
+                    got = os.pread(fd, len(want), i * bs)
+                    assert got == want, f"piece {i} of {sha1} is present with other bytes"
+                    assert tree.leaf_hash(got) == tree.leaf_hash(want)
+                    n += 1
+        finally:
+            os.close(fd)
     return n
+
+
+def test_check_cache_catches_a_wrong_or_foreign_piece(tmp_path: Path) -> None:
+    """The checker above is what every fault test relies on: it must see a piece counted
+    present over wrong bytes, and a content nobody served."""
+    from kbfs.piecestore import PieceStore
+
+    data = data_of(3 * MiB + 5, 7)
+    root = tree.tree_of_bytes(data, tree.BLOCK_SIZE)[1]
+    with PieceStore(str(tmp_path / "pieces"), 1 << 40, 0) as store:
+        store.put(root, len(data), MiB, 0, data[:2 * MiB])
+    truths = {_sha1(data): data}
+    assert check_cache(tmp_path, truths) == 2
+    with open(tmp_path / "pieces" / "data" / root[:2] / root, "r+b") as f:
+        f.seek(MiB + 7)
+        f.write(b"\xff" if data[MiB + 7] != 0xFF else b"\0")
+    with pytest.raises(AssertionError, match="piece 1 of .* other bytes"):
+        check_cache(tmp_path, truths)
+    with pytest.raises(AssertionError, match="unknown content"):
+        check_cache(tmp_path, {_sha1(b"x"): b"x"})
 
 
 @dataclasses.dataclass
