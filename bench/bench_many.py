@@ -1,6 +1,6 @@
 """Many readers of one dataset at once, through a site HTTP cache or a static mirror.
 
-Usage: bench_many.py [--size 1G] [--readers 32] [--scenario NAME]... [--keep]
+Usage: bench_many.py [--size 1G] [--readers 32] [--scenario NAME]... [--aligned-runs] [--keep]
 
 One real share and relay on 127.0.0.1; in front of the relay, nginx running
 docs/deploy.md's own block (proxy_cache + proxy_cache_lock; plain http here: TLS is not
@@ -98,7 +98,9 @@ def cache_block(relay_port: int, port: int, cache_dir: Path, sliced: bool = Fals
         sliced_text = doc_block("nginx-slice.conf")
         head, _, body = sliced_text.partition("# in the server block:\n")
         conf = head + conf[:loc.start()] + "\n" + body + conf[loc.end():]
-        conf = conf.replace("proxy_set_header Range $http_range;", "proxy_set_header Range $kbfs_range;")
+        conf = conf.replace("proxy_set_header Range $http_range;",
+                            "proxy_set_header Range $kbfs_range;\n"
+                            "    proxy_set_header Kbfs-Want-Proof $kbfs_want_proof;")
     for old, new in (("/var/cache/nginx/kbfs", str(cache_dir)),
                      ("server 127.0.0.1:8080;", f"server 127.0.0.1:{relay_port};"),
                      ("listen 443 ssl;", f"listen 127.0.0.1:{port};")):
@@ -175,10 +177,14 @@ class DiskWatch:
         return self.peak
 
 
-def run_readers(n: int, args: list[str], shm: Path) -> tuple[float, list[int], float]:
-    """N `kbfs cat ARGS > /dev/null` at once; (wall s, exit codes, their CPU s)."""
+def run_readers(n: int, args: list[str], shm: Path,
+                aligned: bool = False) -> tuple[float, list[int], float]:
+    """N `kbfs cat ARGS > /dev/null` at once (ALIGNED: KBFS_ALIGNED_RUNS=1); (wall s, exit
+    codes, their CPU s)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KBFS_", "HTTP", "http"))}
     env.update(PYTHONPATH=str(REPO), XDG_CONFIG_HOME=str(shm / "config"))
+    if aligned:
+        env["KBFS_ALIGNED_RUNS"] = "1"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "kbfs", "cat", "--no-local",
@@ -211,6 +217,8 @@ def main() -> int:
     ap.add_argument("--readers", type=int, default=32)
     ap.add_argument("--scenario", action="append", choices=SCENARIOS)
     ap.add_argument("--workdir", default=None, help="where the dataset, caches and mirror go")
+    ap.add_argument("--aligned-runs", action="store_true",
+                    help="readers with KBFS_ALIGNED_RUNS=1 (aligned 1 MiB requests)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -283,11 +291,12 @@ def main() -> int:
                 mirror0 = mirror.totals()["sent"] if mirror else 0
                 load0 = os.getloadavg()[0]
                 wall, codes, cpu = run_readers(args.readers, [*reader_args, str(ptrs / f"{version}.prv")],
-                                               shm)
+                                               shm, args.aligned_runs)
                 time.sleep(1)  # the access log's last lines
                 c = cache.totals()
                 row = {
-                    "scenario": name, "readers": args.readers, "size": size,
+                    "scenario": name + (" aligned" if args.aligned_runs else ""),
+                    "readers": args.readers, "size": size,
                     "ok": sum(1 for x in codes if x == 0), "wall_s": round(wall, 1),
                     # Readers that failed are not counted (their bytes are partial).
                     "aggregate_MBps": round(sum(1 for x in codes if x == 0) * size / wall / 1e6, 1),

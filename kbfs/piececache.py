@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 
 Node = tuple[int, int]
 MAX_RUN_BYTES = 16 << 20      # bytes of one demand request (256 pieces of 64 KiB, 16 of 1 MiB)
+# KBFS_ALIGNED_RUNS=1: every request is whole aligned 1 MiB groups, whatever the link
+# estimate, so that readers behind one shared HTTP cache ask the same ranges and its lock
+# joins them (docs/deploy.md, "Many readers at once"; docs/benchmarks.md, bench_many).
+ALIGNED_RUN_BYTES = (1 << 20) if os.environ.get("KBFS_ALIGNED_RUNS") == "1" else 0
 RUN_MIN, RUN_MAX = 4, 64      # pieces of one read-ahead request
 MAX_KNOWN_CONTENTS = 64
 MAX_KNOWN_NODES = 1024        # about 1024 x 150 bytes per content
@@ -144,8 +148,9 @@ class PieceCache:
         got: dict[int, memoryview] = {}    # pieces this read received from flights
         need = self.store.missing(ref.key, first, last - 1)
         for _ in range(4):
-            mine, theirs = self.flights.claim(ref.key, need, max(1, MAX_RUN_BYTES // ref.block_size),
-                                              speculative=False)
+            run = max(1, (ALIGNED_RUN_BYTES or MAX_RUN_BYTES) // ref.block_size)
+            mine, theirs = self.flights.claim(ref.key, need, run, speculative=False,
+                                              align=run if ALIGNED_RUN_BYTES else 1)
             for flight in mine:
                 self._keep(got, flight, self._fetch(ref, flight), ref.block_size)
             for flight in theirs:
@@ -225,6 +230,8 @@ class PieceCache:
     def _run_pieces(self, window: int, bs: int) -> int:
         """Pieces per read-ahead request: a power of two in [RUN_MIN, RUN_MAX], so that the
         window is about half the workers' worth of requests."""
+        if ALIGNED_RUN_BYTES:
+            return max(1, ALIGNED_RUN_BYTES // bs)
         want = max(1, window // max(1, self.workers // 2) // bs)
         return min(RUN_MAX, max(RUN_MIN, 1 << (want.bit_length() - 1)), max(1, window // bs))
 

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx (nginx-
 
 REPO = str(Path(__file__).resolve().parent.parent)
 SIZE = 5 * (1 << 20) + 777
+MANY_SIZE = 48 << 20
 
 
 def _cat(tmp: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -117,3 +118,53 @@ def test_a_cache_in_front_of_a_mirror_is_a_mirror_url(content: dict[str, object]
             assert seen[0] > 0 and seen[1] == seen[0]  # the second reader: all from the cache
         finally:
             cache.stop()
+
+
+def test_many_readers_at_once_cost_the_share_one_copy(tmp_path: Path) -> None:
+    """Readers started together through the sliced block with KBFS_ALIGNED_RUNS=1 (v2:
+    proof requests keyed by their range and `bs` alone) all read correct bytes, and the
+    relay sends the cache at most 1.1x the file (docs/benchmarks.md: without aligned runs
+    readers ask different ranges and the share sends several copies)."""
+    # Big enough for read-ahead to size runs by the link (a small file is one `cat` read).
+    data = tmp_path / "many"
+    data.mkdir()
+    blob = os.urandom(MANY_SIZE)
+    (data / "m.bin").write_bytes(blob)
+    ptr = tmp_path / "m.prv"
+    obj = json.loads(prv.create_pointer(data / "m.bin", block_size=1 << 16).to_json())
+    obj["original_path"] = "/nonexistent/m.bin"
+    ptr.write_text(json.dumps(obj))
+    port, relay_port = free_port(), free_port()
+    relay = start_relay(tmp_path, "--public-url", f"http://127.0.0.1:{port}",
+                        "--public-url", f"http://127.0.0.1:{relay_port}", port=relay_port)
+    cache = Nginx(tmp_path / "nginx", cache_block(relay_port, port, tmp_path / "c", sliced=True))
+    try:
+        wait_port(port)
+        share = start_share(data, relay.url, tmp_path)
+        try:
+            e = {k: v for k, v in os.environ.items() if not k.startswith("KBFS_")
+                 and k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")}
+            e.update(PYTHONPATH=REPO, XDG_CONFIG_HOME=str(tmp_path / "config"),
+                     KBFS_ALIGNED_RUNS="1")
+            outs = [tmp_path / f"out{i}" for i in range(4)]
+            procs = [subprocess.Popen(
+                [sys.executable, "-m", "kbfs", "cat", "--no-local", "--relay",
+                 f"http://127.0.0.1:{port}", "--cache-dir", str(tmp_path / f"rc{i}"),
+                 str(ptr)], stdout=open(out, "wb"), stderr=subprocess.PIPE,  # noqa: SIM115
+                env=e, stdin=subprocess.DEVNULL) for i, out in enumerate(outs)]
+            try:
+                errs = [p.communicate(timeout=90)[1] for p in procs]
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+            assert [p.returncode for p in procs] == [0] * 4, errs
+            assert all(out.read_bytes() == blob for out in outs)
+            sent = get_json(relay.url + "/api/health")["bytes_out"]
+            assert sent <= 1.1 * MANY_SIZE, (sent, MANY_SIZE)
+        finally:
+            share.stop()
+    finally:
+        cache.stop()
+        relay.stop()
