@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from typing import Any
 
 from kbfs import kbfsurl
 from kbfs.errors import BadRequest
@@ -56,7 +57,7 @@ def _python(link: str) -> dict[str, str]:
     return {"relay": relay, "share": share, "path": path}
 
 
-def _js(links: list[str], written: list[tuple[str, str]]) -> dict[str, list]:  # type: ignore[type-arg]
+def _js(links: list[str], written: list[tuple[str, str]]) -> dict[str, list[Any]]:
     node = _need_node()
     arg = json.dumps({"links": links, "written": written, "id": ID})
     run = subprocess.run([node, "--input-type=module", "-e", _SCRIPT, arg], cwd=REPO,
