@@ -160,7 +160,8 @@ export const viewer = {
       const note = plan.mode === 'sparse'
         ? `overview: ${plan.reads.length} sparse reads of one piece each (a screen reads at most ${SCREEN_BUDGET >> 20} MiB); zoom in to see every timepoint`
         : '';
-      drawTraces(canvas, { dec, labels: chans.map((c) => `ch ${c}`), amp: st.a, t0: st.t, w: st.w, note });
+      drawTraces(canvas, { dec, labels: chans.map((c) => `ch ${c}`), amp: st.a, t0: st.t, w: st.w, note,
+        gaps: plan.mode === 'sparse' });
       const screenBytes = plan.reads.reduce((n, r) => n + r.length, 0);
       const first = plan.mode === 'full' && chunks.length ? chans.map((c) => String(chunks[0].values[c])).join(',') : '';
       Object.assign(el.dataset, { t0: st.t, w: st.w, ch: `${st.ch[0]}-${st.ch[1]}`, amp: st.a, mode: plan.mode,

@@ -18,9 +18,9 @@ function niceStep(span, target) {
 }
 
 /** Draw on CANVAS (already sized): DEC = {min, max} per shown channel (mdaformat.decimate),
- * LABELS per channel, AMP = the value that fills half a lane, T0 / W the window, NOTE a
+ * LABELS per channel, GAPS: leave columns without data empty (else join across them), AMP = the value that fills half a lane, T0 / W the window, NOTE a
  * line drawn over the traces (e.g. the overview's caveat). */
-export function drawTraces(canvas, { dec, labels, amp, t0, w, note }) {
+export function drawTraces(canvas, { dec, labels, amp, t0, w, note, gaps = false }) {
   const g = canvas.getContext('2d');
   const width = canvas.width - GUTTER;
   const height = canvas.height - AXIS;
@@ -44,7 +44,7 @@ export function drawTraces(canvas, { dec, labels, amp, t0, w, note }) {
     const lo = dec.min[c];
     const hi = dec.max[c];
     for (let x = 0; x < width; x++) {
-      if (Number.isNaN(lo[x])) { open = false; continue; }
+      if (Number.isNaN(lo[x])) { if (gaps) open = false; continue; } // zoomed in: join samples
       const y1 = Math.max(mid - lane / 2, Math.min(mid + lane / 2, mid - hi[x] * k));
       const y2 = Math.max(mid - lane / 2, Math.min(mid + lane / 2, mid - lo[x] * k));
       const px = GUTTER + x + 0.5;
