@@ -767,9 +767,9 @@ class Fetcher(HttpPlumbing):
         except: /api/find is not asked before the first request (each round first tries the
         sources known without a round trip: the relays' own /sha1/ and the direct URLs of
         cached find answers; only when none served is find asked of the relays that were
-        not failing when the call began, and the new direct URLs tried in that round), local
-        candidates are not used (a local file has no proof; the caller
-        verifies a local copy another way), and an origin that answers without a proof
+        not failing when the call began, and the new direct URLs tried in that round), a
+        local candidate of the right size makes it raise `NoProof` before any request (a
+        local file has no proof; the caller's leaf path reads and checks it), and an origin that answers without a proof
         goes after every other for pieces for NOPROOF_TTL seconds (it is not penalised: it
         still serves blocks). A wrong proof, wrong bytes, a proof for other pieces or
         another block size, or an oversized header is a lie (`LIE_PENALTY`), and the next
@@ -793,6 +793,12 @@ class Fetcher(HttpPlumbing):
             if known is not None:
                 piecewire.remember(known, nodes)
             return
+        if self._local_sources(sha1, size):
+            # A local copy (a pointer's original_path) comes before any network source, as
+            # for blocks. It has no proof: the caller takes the leaf path, where the file's
+            # own leaves are checked against the root and each block against its leaf.
+            raise piecewire.NoProof(f"sha1 {sha1}: a local copy is on this machine; it is "
+                                    "read by its leaves")
         began = time.monotonic()
         until = began + self.deadline
         reasons: list[str] = []

@@ -27,7 +27,6 @@ import random
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -37,7 +36,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from kbfs import catalog, prv, tree
+from kbfs import prv, tree
+from tests.cachecheck import check_cache
 from tests.httpsource import HTTPSource
 from tests.mountutil import NEEDS_FUSE, Mount, alive, force_unmount, is_mounted, isolated_env, mounted, run_kbfs
 from tests.netutil import ShareProc, start_relay, start_share, wait_share_ready
@@ -65,52 +65,6 @@ def serve_pointer(sources: list[HTTPSource], folder: Path, name: str, data: byte
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.prv").write_text(pointer.to_json())
     return pointer
-
-
-def check_cache(cache_dir: str | Path, truths: dict[str, bytes]) -> int:
-    """Assert that every piece the piece store under CACHE_DIR counts as present (its
-    committed bitmap, as any other process sees it) belongs to a known content in TRUTHS and
-    holds exactly that piece's bytes (so it matches its leaf); return the count. A kill may
-    lose pieces (absent: fine), never add one (a bit over wrong or missing bytes: fails).
-    Read-only (the catalogue opened mode=ro, data files read): the disk may be full."""
-    folder = Path(cache_dir) / "pieces"
-    if not (folder / "catalog.sqlite").is_file():
-        return 0
-    # Contents are keyed by their root at the pointer's block size (v1 1 MiB, v2 64 KiB),
-    # or s1-SHA1-SIZE without one: kbfs.fileref.FileRef.key.
-    keyed = {k: (sha1, d) for sha1, d in truths.items()
-             for k in (tree.tree_of_bytes(d, tree.BLOCK_SIZE)[1], tree.tree_of_bytes(d, 64 << 10)[1],
-                       f"s1-{sha1}-{len(d)}")}
-    db = sqlite3.connect(f"file:{folder / 'catalog.sqlite'}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = db.execute("SELECT key, size, piece_size, ino, bitmap FROM contents").fetchall()
-    finally:
-        db.close()
-    n = 0
-    for key, size, bs, ino, bitmap in rows:
-        present = catalog.ranges(bytes(bitmap), catalog.piece_count(size, bs))
-        if not present:
-            continue
-        assert key in keyed, f"pieces of unknown content in the cache: {key} {present}"
-        sha1, data = keyed[key]
-        assert size == len(data), (key, size)
-        try:
-            fd = os.open(folder / "data" / key[:2] / key, os.O_RDONLY)
-        except FileNotFoundError:
-            continue   # removed (evicted, or the folder deleted): its bits describe no file
-        try:
-            if os.fstat(fd).st_ino != ino:
-                continue   # bits name another inode: no reader counts them (kbfs.catalog)
-            for a, b in present:
-                for i in range(a, b + 1):
-                    want = data[i * bs:(i + 1) * bs]
-                    got = os.pread(fd, len(want), i * bs)
-                    assert got == want, f"piece {i} of {sha1} is present with other bytes"
-                    assert tree.leaf_hash(got) == tree.leaf_hash(want)
-                    n += 1
-        finally:
-            os.close(fd)
-    return n
 
 
 def test_check_cache_catches_a_wrong_or_foreign_piece(tmp_path: Path) -> None:
