@@ -202,7 +202,7 @@ def daemon_figures(pid: int) -> dict[str, int]:
         except OSError:
             continue
         fds += 1
-        block_fds += "/blocks/" in target  # the cache's bounded cache of open block files
+        block_fds += "/pieces/data/" in target  # the piece store's open data files (bounded: MAX_OPEN)
     return {"rss": rss, "fds": fds, "block_fds": block_fds, "other_fds": fds - block_fds,
             "threads": threads}
 
