@@ -1,12 +1,18 @@
-"""Micro-benchmark of the block cache over a running relay (no FUSE, no CLI).
+"""Micro-benchmark of the piece cache over a running relay or source (no FUSE, no CLI).
 
 Usage: bench_cache.py --relay URL --sha1 SHA1 --size BYTES [--root ROOT]
-       [--read 131072] [--run N] [--workers N] [--window N] [--random 100]
+       [--block-size 65536] [--read 131072] [--workers 16] [--random 100]
 
-Measures, each with a fresh cache folder: cold sequential MB/s (reads of --read bytes with a
-`ReadAhead`, the way the FUSE daemon reads), cold random 4 KiB median latency (`read`), warm
-random 4 KiB median latency (`read_cached`, page cache not dropped), and one plain
-`fetch_blocks_into` latency for a single block (the network floor of a cold random read).
+Measures `kbfs.piececache.PieceCache`, each part with a fresh cache folder: cold sequential
+MB/s (reads of --read bytes in order: the cache's own link-sized read-ahead), cold random
+4 KiB median latency (`read`), warm random 4 KiB median latency (the same offsets again,
+from the piece store, page cache not dropped), and one plain source call for the piece of a
+random offset (`fetch_pieces` for 64 KiB pieces, else `fetch_blocks` with the leaf list:
+the network floor of a cold random read). The pointer: ROOT and BLOCK_SIZE as it says
+(without ROOT the first read is the whole-SHA-1 pass).
+
+It replaces the BlockCache's micro-benchmark (kbfs/cache.py, retired): its knobs
+(--run, --window, --sync-stores) belonged to that cache and are gone.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kbfs import cache as kcache  # noqa: E402
-from kbfs import tree  # noqa: E402
 from kbfs.fetch import Fetcher  # noqa: E402
+from kbfs.fileref import FileRef  # noqa: E402
+from kbfs.piececache import PieceCache  # noqa: E402
+
+PIECE = 64 << 10
 
 
 def main() -> int:
@@ -32,57 +40,51 @@ def main() -> int:
     ap.add_argument("--sha1", required=True)
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--root", default=None)
+    ap.add_argument("--block-size", type=int, default=PIECE)
     ap.add_argument("--read", type=int, default=128 << 10)
-    ap.add_argument("--run", type=int, default=kcache.PREFETCH_RUN)
-    ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=16)
     ap.add_argument("--random", type=int, default=100)
-    ap.add_argument("--sync-stores", action="store_true")
     args = ap.parse_args()
-    kcache.PREFETCH_RUN = args.run
-    ref = kcache.FileRef(args.sha1, args.size, args.root)
+    ref = FileRef(args.sha1, args.size, args.root, args.block_size)
+    bs = ref.block_size
     rng = random.Random(3)
-    offsets = [rng.randrange(0, args.size - 4096) for _ in range(args.random)]
+    offsets = [rng.randrange(0, max(1, args.size - 4096)) for _ in range(args.random)]
     with tempfile.TemporaryDirectory(prefix="kbfs-bench-cache-") as d, Fetcher([args.relay]) as f:
-        c = kcache.BlockCache(d + "/seq", f, 1 << 40, min_free=0, workers=args.workers,
-                              background_stores=not args.sync_stores)
-        c.read(ref, 0, 1)  # the tree and a warm connection, as after open()
-        ra = kcache.ReadAhead(c, ref, max_window=args.window)
-        t0 = time.perf_counter()
-        for off in range(0, args.size, args.read):
-            ra.on_read(off, args.read)
-            c.read(ref, off, args.read)
-        seq = args.size / (time.perf_counter() - t0) / 1e6
-        c.close()
-        c = kcache.BlockCache(d + "/rand", f, 1 << 40, min_free=0, workers=args.workers,
-                              background_stores=not args.sync_stores)
-        c.read(ref, 0, 1)
-        cold = []
-        for off in offsets:
-            t = time.perf_counter()
-            c.read(ref, off, 4096)
-            cold.append(time.perf_counter() - t)
-        c.wait_idle(30)
-        warm = []
-        for off in offsets:
-            t = time.perf_counter()
-            got = c.read_cached(ref, off, 4096)
-            warm.append(time.perf_counter() - t)
-            assert got is not None and len(got) == 4096
-        leaves = tree.split_leaves(f.fetch_tree(args.sha1, args.size))
-        buf = memoryview(bytearray(tree.BLOCK_SIZE))
+        with PieceCache(d + "/seq/pieces", f, 1 << 40, min_free=0, workers=args.workers) as c:
+            c.read(ref, 0, 1)  # a warm connection (and the leaf list or the SHA-1 pass), as after open()
+            t0 = time.perf_counter()
+            for off in range(0, args.size, args.read):
+                c.read(ref, off, args.read)
+            seq = args.size / (time.perf_counter() - t0) / 1e6
+            ahead = c.statistics()["readahead_pieces"]
+        with PieceCache(d + "/rand/pieces", f, 1 << 40, min_free=0, workers=args.workers) as c:
+            c.read(ref, 0, 1)
+            cold = []
+            for off in offsets:
+                t = time.perf_counter()
+                c.read(ref, off, 4096)
+                cold.append(time.perf_counter() - t)
+            c.wait_idle(30)
+            warm = []
+            for off in offsets:
+                t = time.perf_counter()
+                got = c.read(ref, off, 4096)
+                warm.append(time.perf_counter() - t)
+                assert len(got) == min(4096, args.size - off)
+            leaves = c.leaves(ref) if bs != PIECE or ref.root is None else None
         net = []
         for off in offsets[:50]:
             t = time.perf_counter()
-            f.fetch_blocks_into(args.sha1, args.size, off // tree.BLOCK_SIZE, 1, leaves, buf)
+            if leaves is None:
+                f.fetch_pieces(args.sha1, args.size, args.root, bs, off // bs, 1)
+            else:
+                f.fetch_blocks(args.sha1, args.size, off // bs, 1, leaves, bs)
             net.append(time.perf_counter() - t)
-        c.close()
-    print(f"run={args.run} workers={args.workers} window={args.window} read={args.read} "
-          f"stores={'sync' if args.sync_stores else 'background'}")
-    print(f"  cold sequential        {seq:8.0f} MB/s")
+    print(f"block_size={bs} workers={args.workers} read={args.read} root={'yes' if args.root else 'no'}")
+    print(f"  cold sequential        {seq:8.0f} MB/s ({ahead} pieces read ahead)")
     print(f"  cold random 4 KiB      {statistics.median(cold) * 1e3:8.2f} ms median")
-    print(f"  one block fetch        {statistics.median(net) * 1e3:8.2f} ms median")
-    print(f"  warm random 4 KiB      {statistics.median(warm) * 1e6:8.1f} us median (read_cached)")
+    print(f"  one piece fetch        {statistics.median(net) * 1e3:8.2f} ms median")
+    print(f"  warm random 4 KiB      {statistics.median(warm) * 1e6:8.1f} us median (piece store)")
     return 0
 
 
