@@ -390,6 +390,32 @@ http {{
         self.nginx.stop()
 
 
+def direct_pieces(relay_url: str, sha1: str, size: int, offsets: list[int]) -> float:
+    """Median seconds of one 64 KiB piece with its proof asked of the relay directly (one
+    kept-alive connection of this process, no mount, no verification): what the relay and
+    the share cost per cold v2 read, to tell from what the mount adds."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(relay_url)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=30)
+    times = []
+    try:
+        for off in offsets:
+            first = off // 65536 * 65536
+            t0 = time.perf_counter()
+            conn.request("GET", f"/sha1/{sha1}", headers={
+                "Range": f"bytes={first}-{min(first + 65536, size) - 1}", "Kbfs-Want-Proof": "bs=65536"})
+            resp = conn.getresponse()
+            resp.read()
+            times.append(time.perf_counter() - t0)
+            if resp.status != 206 or not resp.getheader("Kbfs-Proof"):
+                raise RuntimeError(f"piece at {first}: {resp.status}, no proof")
+    finally:
+        conn.close()
+    return statistics.median(times)
+
+
 def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system) process PID has used so far (0.0 when it is gone)."""
     try:
@@ -578,6 +604,9 @@ def main() -> int:
                     side = kb if name == "kbfs" else kb2
                     results[name] = measure(side, fname, want, offsets, can_drop)
                     shutil.rmtree(side.cache, ignore_errors=True)
+            if "kbfs2" in results:   # the relay + share alone, other offsets (cold there too)
+                others = [(o + size // 2) % (size - 4096) for o in offsets[:50]]
+                results["kbfs2"]["direct_piece"] = direct_pieces(kb.relay_url, want, size, others)
             if rss_size:
                 big = KbfsSide(base, data, env, name="kbfs2rss", trees=trees, of=kb, cache_size="4G")
                 rss = rss_pass(big, "sparse.bin")
@@ -614,6 +643,11 @@ def main() -> int:
         + "; ".join(f"{n} warm {results[n]['rand_warm'] * 1e6:.0f} us" for n in ("kbfs", "kbfs2") if n in results)
         + "."
     )
+    if "kbfs2" in results and "direct_piece" in results["kbfs2"]:
+        k2 = results["kbfs2"]
+        print(f"- kbfs v2 cold random read {k2['rand_cold'] * 1e3:.2f} ms through the mount; one piece with "
+              f"its proof asked of the relay directly {k2['direct_piece'] * 1e3:.2f} ms (relay + share; "
+              f"the rest is the mount: FUSE, thread hop, verification, store)")
     for name, res in results.items():
         cpu = {k.removeprefix("cold_seq_cpu_"): v for k, v in res.items() if k.startswith("cold_seq_cpu_")}
         print(f"- {name}: CPU seconds during the cold sequential pass {cpu} "
