@@ -4,8 +4,9 @@
 periodically), keeps one outbound websocket per relay for control only (challenge
 signed with the share's Ed25519 key, catalogue updates, pings, small requests), and
 answers each request by POSTing the body to the relay's `/_upload/{id}` from one of its
-upload threads, over that thread's keep-alive `http.client` connection. Every block it
-sends is first checked against the index's BLAKE3 leaves, and the file's stat against
+upload threads, over a keep-alive `http.client` connection of that relay's pool
+(`kbfs.uploadpool`: shared by the threads, one kept open ahead of the next request).
+Every block it sends is first checked against the index's BLAKE3 leaves, and the file's stat against
 the index (`is_current`): a file that changed since it was indexed is never served
 under its old SHA-1; the upload is refused or cut short and a rescan is started. With
 `--listen` the same verified reads are also served directly over HTTP (`/sha1/`,
@@ -104,6 +105,7 @@ from kbfs.tokens import (  # noqa: F401 - moved there; still importable from her
     revoke_token,
     token_id,
 )
+from kbfs.uploadpool import UploadPool
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,15 @@ PONG_TIMEOUT = 20.0
 HANDSHAKE_TIMEOUT = 10.0
 UPLOAD_TIMEOUT = 60.0  # a relay not taking upload bytes for this long ends the upload
 MAX_UPLOADS = 32  # concurrent uploads (worker threads)
-WORKER_IDLE = 10.0  # an upload thread idle this long ends (and closes its connections)
+WORKER_IDLE = 10.0  # an upload thread idle this long ends
+# Upload connections (kbfs.uploadpool): kept per relay, not per thread; POOL_SPARE kept open
+# ahead of the next requests, checked every POOL_CHECK s; closed after POOL_IDLE s unused
+# (below the relay's and nginx's 75 s keep-alive timeouts).
+POOL_IDLE = 30.0
+POOL_CHECK = 2.0
+# Kept open: a request right after another may come before the one just used is given back
+# (and a viewer asks for a window and its two neighbours at once).
+POOL_SPARE = 2
 CATALOGUE_BATCH = 1000
 SCAN_REFRESH = 2.0  # how often the catalogue is republished during a long scan
 BACKOFF_MIN = 0.5
@@ -389,17 +399,44 @@ class _Uploader:
         self.conn = conn
         return conn.sock  # type: ignore[no-any-return]
 
+    def alive(self) -> bool:
+        """Connected and not closed by the relay (never blocks)."""
+        if self.conn is None or self.conn.sock is None:
+            return False
+        sock: socket.socket = self.conn.sock
+        # An idle keep-alive connection with something to read has been closed by the
+        # relay (its idle timeout): do not send into it.
+        poller = select.poll()  # not select(): file descriptors may be above 1023
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
+            return True
+        if not self.https:
+            return False
+        # TLS: what is there may be records with no data (TLS 1.3's session tickets, sent
+        # after the handshake: a connection opened ahead of use has them unread).
+        import ssl
+        try:
+            sock.setblocking(False)
+            try:
+                sock.recv(1)
+            finally:
+                sock.settimeout(UPLOAD_TIMEOUT)
+        except ssl.SSLWantReadError:
+            return True  # records only, no data, no close
+        except OSError:
+            return False
+        return False  # the end of the stream, or bytes nobody asked for
+
+    def open(self) -> None:
+        """Connect now unless the kept-alive connection is still open."""
+        self._socket()
+
     def _socket(self) -> socket.socket:
         """A connected socket: the kept-alive one unless the relay has closed it."""
-        if self.conn is not None and self.conn.sock is not None:
-            sock: socket.socket = self.conn.sock
-            # An idle keep-alive connection with something to read has been closed by the
-            # relay (its idle timeout): do not send into it.
-            poller = select.poll()  # not select(): file descriptors may be above 1023
-            poller.register(sock, select.POLLIN)
-            if not poller.poll(0):
-                return sock
-            self.close()
+        if self.alive():
+            assert self.conn is not None
+            return self.conn.sock  # type: ignore[no-any-return]
+        self.close()
         return self._connect()
 
     def close(self) -> None:
@@ -560,7 +597,9 @@ class Share:
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._pool_lock = threading.Lock()
         self._workers = self._idle = self._queued = 0  # upload threads; requests waiting
-        self._local = threading.local()
+        self._pools: dict[str, UploadPool[_Uploader]] = {
+            relay: UploadPool(partial(_Uploader, relay), MAX_UPLOADS, POOL_IDLE, spare=POOL_SPARE)
+            for relay in self.relays}
         # Per file version: its 1 MiB leaves, and its 64 KiB tree's levels >= GROUP_LEVEL
         # (built from the index's level-4 nodes), each checked against the indexed root once.
         self._leaves = _BytesLRU(LEAVES_CACHE_BYTES)
@@ -591,6 +630,8 @@ class Share:
                 workers = self._workers
             for _ in range(workers):
                 self._jobs.put(None)
+            for pool in self._pools.values():
+                pool.close()
             self.index.close()
 
     # ------------------------------------------------------------ index and catalogue
@@ -942,6 +983,7 @@ class Share:
                 await self._serve_relay(ws, relay, secret, last_pong, root64)
             finally:
                 self._relay_sockets.discard(ws)
+                self._pools[relay].close_idle()  # the relay may be gone: its sockets with it
 
     async def _serve_relay(self, ws: trio_websocket.WebSocketConnection, relay: str,
                            secret: str, last_pong: list[float], root64: bool = False) -> None:
@@ -950,6 +992,7 @@ class Share:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sync_catalogue, ws, root64)
             nursery.start_soon(self._heartbeat, ws, last_pong)
+            nursery.start_soon(self._keep_warm, relay)
             while True:
                 msg = await self._receive(ws, None)
                 kind = msg.get("type")
@@ -1037,34 +1080,31 @@ class Share:
             threading.Thread(target=self._worker, name="kbfs-upload", daemon=True).start()
 
     def _worker(self) -> None:
-        """An upload thread: serves queued requests; retires after WORKER_IDLE s idle."""
-        try:
-            while True:
-                try:
-                    job = self._jobs.get(timeout=WORKER_IDLE)
-                except queue.Empty:
-                    with self._pool_lock:
-                        if self._queued >= self._idle:
-                            continue  # a job is on its way to an idle worker: maybe us
-                        self._idle -= 1
-                        self._workers -= 1
-                    return
-                if job is None:
-                    with self._pool_lock:
-                        self._idle -= 1
-                        self._workers -= 1
-                    return
+        """An upload thread: serves queued requests; retires after WORKER_IDLE s idle (its
+        uploads' connections are the relay's pool's, kbfs.uploadpool: they stay open)."""
+        while True:
+            try:
+                job = self._jobs.get(timeout=WORKER_IDLE)
+            except queue.Empty:
                 with self._pool_lock:
-                    self._queued -= 1
+                    if self._queued >= self._idle:
+                        continue  # a job is on its way to an idle worker: maybe us
                     self._idle -= 1
-                try:
-                    self._serve_job(*job)
-                finally:
-                    with self._pool_lock:
-                        self._idle += 1
-        finally:
-            for uploader in self._uploaders().values():
-                uploader.close()
+                    self._workers -= 1
+                return
+            if job is None:
+                with self._pool_lock:
+                    self._idle -= 1
+                    self._workers -= 1
+                return
+            with self._pool_lock:
+                self._queued -= 1
+                self._idle -= 1
+            try:
+                self._serve_job(*job)
+            finally:
+                with self._pool_lock:
+                    self._idle += 1
 
     def _serve_job(self, ws: trio_websocket.WebSocketConnection, relay: str, secret: str,
                    msg: dict[str, Any]) -> None:
@@ -1129,9 +1169,8 @@ class Share:
     def _post(self, relay: str, token: str, secret: str,
               make_body: Callable[[], bytes | _VerifiedReader],
               extra: list[tuple[str, str]] | None = None) -> None:
-        uploader = self._uploaders().get(relay)
-        if uploader is None:
-            uploader = self._local.uploaders[relay] = _Uploader(relay)
+        pool = self._pools[relay]
+        uploader = pool.take()
         for attempt in (1, 2):
             body = make_body()
             try:
@@ -1141,15 +1180,18 @@ class Share:
                 raise
             except (OSError, http.client.HTTPException) as exc:
                 # A keep-alive connection the relay had just closed fails before the relay
-                # sees anything: one retry. If the relay had taken the id, it says 404.
+                # sees anything: one retry, on a new connection. If the relay had taken the
+                # id, it says 404.
                 if attempt == 2:
                     self.stats["failed"] += 1
                     log.info("upload to %s failed: %s: %s", relay, type(exc).__name__, exc)
                     return
+                uploader = pool.fresh()
                 continue
             finally:
                 if isinstance(body, _VerifiedReader):
                     body.close()
+            pool.give(uploader)  # closed by post() when the relay may not keep it: dropped
             if status == 204:
                 self.stats["uploads"] += 1
                 self.stats["bytes"] += len(body)
@@ -1157,12 +1199,16 @@ class Share:
                 log.info("relay answered upload with %s: %s", status, text[:200])
             return
 
-    def _uploaders(self) -> dict[str, _Uploader]:
-        """This worker thread's upload connections, one per relay."""
-        uploaders: dict[str, _Uploader] | None = getattr(self._local, "uploaders", None)
-        if uploaders is None:
-            uploaders = self._local.uploaders = {}
-        return uploaders
+    async def _keep_warm(self, relay: str) -> None:
+        """Keep one upload connection to RELAY open ahead of the next request: its first
+        byte then costs no handshake (kbfs.uploadpool)."""
+        pool = self._pools[relay]
+        while True:
+            try:
+                await trio.to_thread.run_sync(pool.warm, abandon_on_cancel=True)
+            except (OSError, http.client.HTTPException) as exc:
+                log.debug("upload connection to %s: %s: %s", relay, type(exc).__name__, exc)
+            await trio.sleep(POOL_CHECK)
 
     # ------------------------------------------------------------ direct --listen server
 

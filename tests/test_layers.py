@@ -29,7 +29,7 @@ L0 = {"errors", "prv", "tree", "proof", "protocol", "config", "piecefile", "cata
       "piecewire", "filehash", "sharestate", "tokens", "sourceurls", "httpread", "osio", "service",
       "tlsconf", "proxyconf", "proxyfix", "kbfsurl",
       "fileref", "buffers", "leaflists", "rootless", "verifiers", "cachefiles",
-      "mirrorurl", "mirrorsource", "viewexport"}
+      "mirrorurl", "mirrorsource", "viewexport", "uploadpool"}
 L1 = {"index", "httpserve", "piecestore"}
 L2 = {"share", "relay", "fetch", "cache", "piececache", "webui"}
 # An L2 module that is one adapter's part (it serves only that adapter: webui is the relay's
