@@ -43,7 +43,8 @@ headers) within `first_byte_timeout` seconds (a silent share behind a relay woul
 otherwise hold each read for the relay's 20 s start timeout); when a round over the
 sources ended with some abandoned that way, one more round gives each the full `timeout`,
 so a source that is merely slow still serves. A stalled or trickling body is abandoned by
-a read timeout and a minimum-throughput check.
+a read timeout and a minimum-throughput check. A refused TLS certificate is not transient: a round whose
+failures were all refused certificates ends the call at once, with the certificate's line.
 
 Answers that are not content are read with a bound and streamed, never taken whole: a
 tree at most its expected `leaves * 32` bytes, an /api/find answer at most `FIND_LIMIT`, a
