@@ -148,6 +148,16 @@ def sequential(path: str) -> tuple[float, str]:
     return n / seconds / 1e6, ""
 
 
+def drop_file_pages(path: str) -> None:
+    """Drop PATH's own page cache (fadvise DONTNEED; for a file in a FUSE mount, the mount's
+    pages only): the next reads reach the daemon while its store's pages stay cached."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def sha1_of(path: str) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -466,6 +476,14 @@ def measure(
         got = sha1_of(path)
         if got != want_sha1:
             raise RuntimeError(f"{side.name} returned wrong bytes: sha1 {got}")
+        # "Hot": the cache's own file in the page cache, the mount's pages dropped (the case
+        # the inline read path is for: the daemon answers from memory).
+        for key, fn in (("hot_rand", lambda: random_reads(path, offsets)),
+                        ("hot_rand_par_per_s", lambda: parallel_random_reads(path, offsets)),
+                        ("hot_seq", lambda: sequential(path)[0])):
+            drop_file_pages(path)
+            log(f"{side.name}: {key}")
+            out[key] = fn()
     finally:
         side.unmount()
     side.mount(fresh=True)
@@ -523,6 +541,36 @@ def rss_pass(kb: KbfsSide, fname: str) -> dict[str, float]:
         shutil.rmtree(kb.cache, ignore_errors=True)
 
 
+def drop_behind_pass(kb: KbfsSide, fname: str, rounds: int = 2) -> dict[str, Any]:
+    """Warm streams of FNAME (the sparse file) through KB (a cache big enough to hold it):
+    one cold pass fills the cache, then ROUNDS x (KBFS_DROP_BEHIND=0, =1), interleaved,
+    each a fresh mount over that cache with the page cache dropped first. MB/s of each."""
+    path = os.path.join(kb.mnt, fname)
+    out: dict[str, Any] = {"off": [], "on": []}
+    kb.mount(fresh=True)
+    try:
+        log(f"{kb.name}: cold stream of {fname} to fill the cache")
+        out["cold"] = sequential(path)[0]
+    finally:
+        kb.unmount()
+    base_env = kb.env
+    try:
+        for _ in range(rounds):
+            for mode in ("off", "on"):
+                kb.env = dict(base_env, KBFS_DROP_BEHIND="1" if mode == "on" else "0")
+                kb.mount(fresh=False)
+                try:
+                    drop_page_cache()
+                    log(f"{kb.name}: warm stream, drop-behind {mode}")
+                    out[mode].append(sequential(path)[0])
+                finally:
+                    kb.unmount()
+    finally:
+        kb.env = base_env
+        shutil.rmtree(kb.cache, ignore_errors=True)
+    return out
+
+
 @contextlib.contextmanager
 def workdir(parent: str | None) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="kbfs-bench-mount-", dir=parent))
@@ -542,7 +590,11 @@ def main() -> int:
     ap.add_argument("--random", type=int, default=200, help="random reads per pass")
     ap.add_argument("--rss-size", default="10G", help="sparse file streamed through kbfs v2 for the RSS goal (0: skip)")
     ap.add_argument("--plot", action="store_true", help="redraw docs/bench-mount.png (kbfs v1 vs rclone)")
-    ap.add_argument("--sides", default="rclone,kbfs,kbfs2", help="which of rclone,kbfs,kbfs2, in this order")
+    ap.add_argument("--sides", default="rclone,kbfs,kbfs2,kbfs2hop",
+                    help="which of rclone,kbfs,kbfs2,kbfs2hop (v2 with KBFS_INLINE_READS=0), in this order")
+    ap.add_argument("--drop-behind", action="store_true",
+                    help="also the drop-behind A/B: warm streams of the sparse file (--rss-size) "
+                         "from a cache that holds it")
     args = ap.parse_args()
     size = parse_size(args.size)
     rss_size = parse_size(args.rss_size) if args.rss_size not in ("0", "") else 0
@@ -592,6 +644,8 @@ def main() -> int:
         rss: dict[str, float] = {}
         kb = KbfsSide(base, data, env)
         kb2 = KbfsSide(base, data, env, name="kbfs2", trees=trees, of=kb)
+        kb2hop = KbfsSide(base, data, dict(env, KBFS_INLINE_READS="0"), name="kbfs2hop", trees=trees, of=kb)
+        dropped: dict[str, Any] = {}
         try:
             for name in sides:
                 if name == "rclone":
@@ -601,7 +655,7 @@ def main() -> int:
                     finally:
                         rc.close()
                 else:
-                    side = kb if name == "kbfs" else kb2
+                    side = {"kbfs": kb, "kbfs2": kb2, "kbfs2hop": kb2hop}[name]
                     results[name] = measure(side, fname, want, offsets, can_drop)
                     shutil.rmtree(side.cache, ignore_errors=True)
             if "kbfs2" in results:   # the relay + share alone, other offsets (cold there too)
@@ -610,7 +664,12 @@ def main() -> int:
             if rss_size:
                 big = KbfsSide(base, data, env, name="kbfs2rss", trees=trees, of=kb, cache_size="4G")
                 rss = rss_pass(big, "sparse.bin")
+            if rss_size and args.drop_behind:
+                held = KbfsSide(base, data, env, name="kbfs2drop", trees=trees, of=kb,
+                                cache_size=str(rss_size + (2 << 30)))
+                dropped = drop_behind_pass(held, "sparse.bin")
         finally:
+            kb2hop.close()
             kb2.close()
             kb.close()
         floor = floors(base, data / fname, offsets)
@@ -627,6 +686,15 @@ def main() -> int:
             print(f"kbfs {'v1 (1 MiB blocks)' if name == 'kbfs' else 'v2 (64 KiB pieces)'} against rclone:")
             print()
             print(report_table(results[name], r))
+    if "kbfs2" in results and "kbfs2hop" in results:
+        print()
+        print(inline_table(results["kbfs2"], results["kbfs2hop"]))
+    if dropped:
+        print()
+        print(f"Drop-behind A/B, warm streams of the {rss_size / (1 << 30):.0f} GiB sparse file from a cache "
+              f"that holds it (cold fill {dropped['cold']:.0f} MB/s), MB/s per round: "
+              f"off {', '.join(f'{x:.0f}' for x in dropped['off'])}; "
+              f"on {', '.join(f'{x:.0f}' for x in dropped['on'])}")
     if rss:
         print()
         print(f"kbfs v2 streaming a {rss_size / (1 << 30):.0f} GiB sparse file (cache 4G): "
@@ -653,7 +721,7 @@ def main() -> int:
         print(f"- {name}: CPU seconds during the cold sequential pass {cpu} "
               f"({size / res['cold_seq'] / 1e6:.1f} s of wall time)")
     print()
-    print("raw:", json.dumps({"results": results, "rss": rss, "floors": floor}))
+    print("raw:", json.dumps({"results": results, "rss": rss, "floors": floor, "drop_behind": dropped}))
     if args.plot and "kbfs" in results and r:
         try:
             plot(results["kbfs"], r, REPO / "docs" / "bench-mount.png")
@@ -702,6 +770,23 @@ def report_table(k: dict[str, float], r: dict[str, float]) -> str:
         f"| daemon peak RSS (VmHWM) | {k['rss_mb']:.0f} MB | {r['rss_mb']:.0f} MB | "
         f"{k['rss_mb'] / r['rss_mb']:.2f}x | <= 300 MB | {_met(k['rss_mb'] <= 300)} |"
     )
+    return "\n".join(rows)
+
+
+def inline_table(on: dict[str, float], off: dict[str, float]) -> str:
+    """The inline read path's A/B: kbfs v2 with it (the default) and without (KBFS_INLINE_READS=0)."""
+    rows = ["| measure | inline (default) | thread hop only | inline / hop |", "| --- | ---: | ---: | ---: |"]
+    for key, label, unit, scale in (
+        ("hot_rand", "4 KiB serial, store's file in page cache, median", "us", 1e6),
+        ("hot_rand_par_per_s", "4 KiB, 8 threads, store's file in page cache", "reads/s", 1),
+        ("hot_seq", "sequential, store's file in page cache", "MB/s", 1),
+        ("warm_seq", "warm sequential (page cache dropped)", "MB/s", 1),
+        ("rand_warm", "4 KiB serial warm (page cache dropped), median", "us", 1e6),
+        ("rand_warm_par_per_s", "4 KiB warm, 8 threads (page cache dropped)", "reads/s", 1),
+    ):
+        if key in on and key in off:
+            rows.append(f"| {label} | {on[key] * scale:.0f} {unit} | {off[key] * scale:.0f} {unit} | "
+                        f"{on[key] / off[key]:.2f}x |")
     return "\n".join(rows)
 
 

@@ -173,6 +173,14 @@ def read_at(fd: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
+def read_cached(fd: int, offset: int, length: int) -> bytearray | None:
+    """LENGTH bytes at OFFSET only if all of them are in the page cache (preadv2 with
+    RWF_NOWAIT: never waits for the disk), else None; None too off Linux or with the seam
+    off (the caller then reads the waiting way, in a thread)."""
+    buf = bytearray(length)
+    return buf if length == 0 or osio.read_cached(fd, buf, offset) == length else None
+
+
 def sync(fd: int) -> None:
     """fdatasync FD (fsync where there is none): what was written to it is durable when
     this returns."""

@@ -68,6 +68,7 @@ class _Handle:
     pending: set[int] = field(default_factory=set)
     users: int = 0
     retired: bool = False
+    complete: bool = False   # every piece present (bits are never cleared in a handle)
 
 
 class PieceStore:
@@ -249,6 +250,55 @@ class PieceStore:
                     self._touches.add(key)
             data = None if gap else piecefile.read_at(h.fd, offset, end - offset)
             return data if data is not None and len(data) == end - offset else None
+        finally:
+            self._release(h)
+
+    def read_cached(self, key: str, offset: int, length: int) -> bytearray | None:
+        """[OFFSET, OFFSET+LENGTH) of KEY (cut at its end) without waiting on anything: only
+        when KEY's data file is open here already, every piece of the content is present,
+        and all the bytes are in the page cache (`piecefile.read_cached`); else None (the
+        caller reads the waiting way). For the mount's inline reads on its event loop:
+        no file is opened, no catalogue query, no disk read."""
+        with self._lock:
+            h = self._handles.get(key)
+            if h is None or h.retired or not (h.complete or self._complete(h)):
+                return None
+            end = min(offset + length, h.size)
+            h.users += 1
+        try:
+            data = piecefile.read_cached(h.fd, offset, max(0, end - offset))
+        finally:
+            self._release(h)
+        if data is not None:
+            with self._lock:
+                self._stats["reads"] += 1
+                self._stats["hits"] += 1
+                self._touches.add(key)
+        return data
+
+    @staticmethod
+    def _complete(h: _Handle) -> bool:
+        """Whether every piece of H is present (C-speed: a count over the bitmap); remembered."""
+        n = catalog.piece_count(h.size, h.piece_size)
+        full, rem = divmod(n, 8)
+        bits = h.bits
+        if len(bits) < full + (1 if rem else 0) or bits.count(255, 0, full) != full:
+            return False
+        if rem and bits[full] & ((1 << rem) - 1) != (1 << rem) - 1:
+            return False
+        h.complete = True
+        return True
+
+    def drop_pages(self, key: str, offset: int, length: int) -> None:
+        """Let the page cache of KEY's data file go for [OFFSET, OFFSET+LENGTH) (a hint,
+        DONTNEED; dirty pages stay until written). Only an open handle; nothing otherwise."""
+        with self._lock:
+            h = self._handles.get(key)
+            if h is None or h.retired:
+                return
+            h.users += 1
+        try:
+            piecefile.advise(h.fd, offset, length, dontneed=True)
         finally:
             self._release(h)
 
