@@ -14,8 +14,10 @@
 Reads of pointer files (every kind: v2, v1, root-less) go through the injected cache
 (`kbfs.piececache.PieceCache`, which has its own single flight and read-ahead): open holds
 the content against eviction, each read is one `cache.read` in a worker thread (a
-`trio.CapacityLimiter` bounds them) so one slow fetch never blocks the trio loop; nothing
-is served inline on the trio thread (measured: see docs/internals.md, fast paths).
+`trio.CapacityLimiter` bounds them) so one slow fetch never blocks the trio loop. Only what
+cannot block is answered inline on the trio thread: `cache.read_cached`, a content with every
+piece present whose bytes are all in the page cache (preadv2 RWF_NOWAIT); KBFS_INLINE_READS=0
+turns that off (measured: docs/internals.md, inline reads).
 Every kbfs error becomes EIO with one log line naming the file
 and the source; every handler is guarded (`_guard_handlers`): no exception escapes one, so
 the mount never crashes, and every value packed into a kernel structure is clamped to its

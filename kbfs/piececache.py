@@ -28,9 +28,13 @@ block size the source can prove works). Every reader of v2 content uses it throu
 A pointer whose size or block size differs from what the store holds under its root is
 refused (VerificationError): the root binds both, so one of them is not that content.
 
+Page cache: `read_cached` answers without waiting on anything (a complete content, every
+byte in memory: the mount's inline reads); with `drop_behind=True` (the mount) reads of a
+content over a quarter of available memory let its data file's pages go behind them
+(`drop_behind`), since the mount's FUSE file keeps the bytes itself.
+
 Not here: root-less pointers (ValueError: no root to prove pieces against), v1 block
-reads, source selection and proof checking (the source's), the page-cache tricks of
-`kbfs.cache` (none was measured to pay off here yet).
+reads, source selection and proof checking (the source's).
 """
 
 from __future__ import annotations

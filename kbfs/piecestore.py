@@ -25,6 +25,10 @@ Threads: one lock guards the metadata and is never held during I/O; the catalogu
 own around its connection; flushes are serialized (so `flush()` returns once everything put
 before it is committed). Processes may share a folder (busy timeouts; bits are OR-ed in).
 
+Page cache: `read_cached` answers only from an open handle of a complete content whose
+bytes are all in memory (never a disk read, a file open or a catalogue query: the mount's
+inline reads); `drop_pages` lets a range's pages go (drop-behind).
+
 Not here: verification (stored tree nodes are opaque hints), fetching, fetch coordination.
 """
 

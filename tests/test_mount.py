@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -513,33 +513,25 @@ def test_offline_reads(tmp_path: Path) -> None:
                     time.sleep(1)
 
 
-DROP_BEHIND_GONE = ("drop-behind (releasing the cache's own page-cache pages behind a stream "
-                    "of a file too big to be held twice: fusefs.drop_behind, the status's "
-                    "blocks_released) was the BlockCache's; the piece cache has none yet, so "
-                    "a 10 GiB stream keeps both the data file's pages and the FUSE file's "
-                    "(docs/benchmarks.md). Rebuild it over the piece store, then drop this mark")
-
-
-@pytest.mark.xfail(strict=True, raises=(AttributeError, KeyError, AssertionError), reason=DROP_BEHIND_GONE)
 def test_drop_behind_only_for_files_big_against_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kbfs import fusefs
+    from kbfs import piececache
 
     monkeypatch.delenv("KBFS_DROP_BEHIND", raising=False)
-    assert not fusefs.drop_behind(32 * MiB)
-    assert fusefs.drop_behind(1 << 50)  # a PiB: more than any machine here has
+    assert not piececache.drop_behind(32 * MiB)
+    assert piececache.drop_behind(1 << 50)  # a PiB: more than any machine here has
     monkeypatch.setenv("KBFS_DROP_BEHIND", "1")
-    assert fusefs.drop_behind(1)
+    assert piececache.drop_behind(1)
     monkeypatch.setenv("KBFS_DROP_BEHIND", "0")
-    assert not fusefs.drop_behind(1 << 50)
+    assert not piececache.drop_behind(1 << 50)
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, KeyError, AssertionError), reason=DROP_BEHIND_GONE)
 def test_streaming_a_big_cached_file_lets_its_block_pages_go(tmp_path: Path) -> None:
     """Read through the mount, a file's bytes stay in the FUSE file's page cache; for a file
-    too big to be held twice (forced here with KBFS_DROP_BEHIND=1) the mount releases the
-    block files' own pages behind the stream. A small one (the default, on this machine)
-    keeps them: letting go costs CPU, and memory is plentiful. (Whether the kernel then
-    drops the pages is test_cache's drop-behind test, where no FUSE reads run at once.)"""
+    too big to be held twice (forced here with KBFS_DROP_BEHIND=1) the mount lets the piece
+    store's data file's pages go behind the reads (the status's dropped_behind). A small one
+    (the default, on this machine) keeps them, and its warm reads are answered inline from
+    them (inline_reads): letting go costs CPU, and memory is plentiful. (Whether the kernel
+    then drops the pages is tests/test_warm_reads.py's drop-behind test.)"""
     data = _data(32 * MiB, 43)
     with HTTPSource() as source:
         write_pointer(source, tmp_path / "src", "big.bin", data)
@@ -547,23 +539,23 @@ def test_streaming_a_big_cached_file_lets_its_block_pages_go(tmp_path: Path) -> 
             assert read_all(m.path("big.bin")) == data  # cold: fetched and stored
         fetches = source.counts()["sha1"]
 
-        def released(m: Mount) -> int:
+        def cache_stat(m: Mount, name: str) -> int:
             raw = json.loads(m.kbfs("status", "--json").stdout)
-            return int(raw[0]["cache"]["blocks_released"])
+            return int(raw[0]["cache"][name])
 
-        def warm_read(env: dict[str, str], want: Callable[[int], bool]) -> int:
+        def warm_read(env: dict[str, str], name: str) -> tuple[int, int]:
             with mounted(str(tmp_path / "src"), tmp_path, relays=[source.url],
                          env_extra=env) as m:
-                assert read_all(m.path("big.bin")) == data  # read from the block files
+                assert read_all(m.path("big.bin")) == data  # read from the store
                 # The daemon rewrites its status every 2 s (each poll runs `kbfs status`).
-                # How many blocks go depends on how FUSE's concurrent reads interleave with
-                # the release batches, so the test asks for some, not a number.
-                wait_until(lambda: want(released(m)), 5, interval=0.25)
+                wait_until(lambda: cache_stat(m, name) > 0, 5, interval=0.25)
                 assert read_all(m.path("big.bin")) == data  # from the FUSE file's page cache
-                return released(m)
+                return cache_stat(m, "dropped_behind"), cache_stat(m, "inline_reads")
 
-        assert warm_read({}, lambda n: n > 0) == 0
-        assert warm_read({"KBFS_DROP_BEHIND": "1"}, lambda n: n > 0) > 0
+        dropped, inline = warm_read({}, "inline_reads")
+        assert dropped == 0 and inline > 0
+        dropped, _ = warm_read({"KBFS_DROP_BEHIND": "1"}, "dropped_behind")
+        assert dropped > 0
         assert source.counts()["sha1"] == fetches  # the warm reads fetched nothing
 
 
