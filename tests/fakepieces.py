@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 
 from kbfs import proof, tree
-from kbfs.fileref import FileRef
 from kbfs.errors import NotFound
+from kbfs.fileref import FileRef
 
 P = 64 * 1024
 Node = tuple[int, int]

@@ -39,7 +39,7 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 COMMANDS = ["cache", "cat", "download", "locate", "ls", "mirror", "mount", "prv", "relay", "share",
-            "status", "umount"]
+            "status", "umount", "view"]
 
 pytestmark = pytest.mark.timeout(300)
 
