@@ -91,17 +91,25 @@ class UploadPool(Generic[C]):
         """Drop stale idle connections; open new ones up to `spare` idle (blocking: a
         thread's work). A connection that cannot be opened is not kept; the error
         propagates."""
-        with self._lock:  # out of the list while checked: no take() can be using them
-            idle, self._idle = self._idle, []
         now = self._clock()
-        good = []
-        for since, conn in idle:
-            if now - since < self.idle_seconds and conn.alive():
-                good.append((since, conn))
-            else:
-                conn.close()
         with self._lock:
-            self._idle = good + self._idle
+            stale = [e for e in self._idle if now - e[0] >= self.idle_seconds]
+            self._idle = [e for e in self._idle if now - e[0] < self.idle_seconds]
+            check = list(self._idle)
+        for _, conn in stale:
+            conn.close()
+        for entry in check:  # one at a time out of the list: take() is never left without
+            with self._lock:
+                if entry not in self._idle:
+                    continue  # taken meanwhile
+                at = self._idle.index(entry)
+                del self._idle[at]
+            if not entry[1].alive():
+                entry[1].close()
+                continue
+            with self._lock:
+                self._idle.insert(min(at, len(self._idle)), entry)
+        with self._lock:
             missing = 0 if self._closed else self.spare - len(self._idle)
         for _ in range(missing):
             conn = self._make()
