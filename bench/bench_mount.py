@@ -661,7 +661,7 @@ def main() -> int:
             if "kbfs2" in results:   # the relay + share alone, other offsets (cold there too)
                 others = [(o + size // 2) % (size - 4096) for o in offsets[:50]]
                 results["kbfs2"]["direct_piece"] = direct_pieces(kb.relay_url, want, size, others)
-            if rss_size:
+            if rss_size and sides:   # --sides "" --drop-behind: the drop-behind A/B alone
                 big = KbfsSide(base, data, env, name="kbfs2rss", trees=trees, of=kb, cache_size="4G")
                 rss = rss_pass(big, "sparse.bin")
             if rss_size and args.drop_behind:
