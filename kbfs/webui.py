@@ -22,6 +22,7 @@ sessionStorage and sends them in `Authorization` headers only.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from pathlib import Path
@@ -56,6 +57,9 @@ TYPES = {
     ".json": "application/json",
     ".map": "application/json",
 }
+# The view page's one inline script (its first read, asked while the modules load): allowed
+# by its SHA-256 in that page's CSP, and by nothing else; every other inline script is refused.
+EARLY_SCRIPT = re.compile(rb"<!--kbfs-early--><script>(.*?)</script><!--/kbfs-early-->", re.S)
 _PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 MAX_STATIC_BYTES = 8 << 20  # the largest file served (a vendored WASM library fits)
 
@@ -84,12 +88,23 @@ def wants_html(accept: str | None) -> bool:
     return html > 0 and html >= json_q
 
 
+def page_csp(body: bytes) -> str:
+    """CSP for the page BODY: the UI's, with the hash of its marked first script if any."""
+    m = EARLY_SCRIPT.search(body)
+    if m is None:
+        return CSP
+    digest = base64.b64encode(hashlib.sha256(m.group(1)).digest()).decode()
+    return CSP.replace("script-src 'self'", f"script-src 'self' 'sha256-{digest}'", 1)
+
+
 async def _send_file(scope: Scope, send: Send, path: Path, content_type: str,
                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
     body = path.read_bytes()
     etag = '"' + hashlib.sha1(body).hexdigest()[:20] + '"'
+    ui = UI_HEADERS if path.suffix != ".html" else [
+        (b"content-security-policy", page_csp(body).encode()), *UI_HEADERS[1:]]
     headers = [(b"content-type", content_type.encode()), (b"etag", etag.encode()),
-               (b"cache-control", b"no-cache"), *UI_HEADERS, *(extra or [])]
+               (b"cache-control", b"no-cache"), *ui, *(extra or [])]
     status = 200
     inm = header(scope, b"if-none-match")
     if inm is not None and etag in [t.strip() for t in inm.split(",")]:
