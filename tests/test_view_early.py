@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import shutil
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -68,7 +70,7 @@ def test_the_view_pages_csp_allows_its_one_script(site: Any) -> None:
     assert re.findall(r"'sha256-[^']*'", csp) == [f"'sha256-{digest}'"], csp
     assert csp == webui.CSP.replace("script-src 'self'", f"script-src 'self' 'sha256-{digest}'")
     assert "unsafe-inline" not in csp
-    for path in ("/", "/ui/view.js", "/ui/view-entry.js"):
+    for path in ("/", "/ui/view.js", "/ui/view-bundle.js"):
         assert get(relay.url + path)[0] == webui.CSP, path
     # a page without the marked script gets the UI's CSP; a changed script gets its own hash
     assert webui.page_csp(b"<script>x()</script>") == webui.CSP
@@ -98,8 +100,13 @@ def test_the_first_read_goes_out_with_the_modules_once(site: Any) -> None:
         timing = driver.execute_script(
             "const e = performance.getEntriesByType('resource');"
             "const f = (s) => e.find((x) => x.name.includes(s));"
-            "return [f('/sha1/').startTime, f('/ui/viewers/mda.js').responseEnd, f('/ui/lib/kbfs.js').responseEnd]")
+            "return [f('/sha1/').startTime, f('/ui/view-bundle.js').responseEnd,"
+            " f('/ui/lib/hash-wasm/').responseEnd]")
         assert timing[0] < timing[1] and timing[0] < timing[2], timing  # before the modules were in
+        # the page's scripts: the bundle and the hash library, nothing else
+        scripts = driver.execute_script(
+            "return performance.getEntriesByType('resource').map((e) => e.name).filter((n) => n.endsWith('.js'))")
+        assert sorted(u.split("/ui/")[1] for u in scripts) == ["lib/hash-wasm/index.esm.min.js", "view-bundle.js"]
         probe = driver.execute_script("return document.querySelector('#preview-body').dataset.probe")
         assert [int(v) for v in probe.split(",")] == [int(v) for v in truth([0], M)[0][:M]]
         # the CSP refuses any other inline script on this page
@@ -157,3 +164,14 @@ def test_constants_match_the_viewer() -> None:
     assert "const FIRST_SCREEN = 512 << 10;" in mda
     assert "export const HEADER_READ = 12 + 8 * MAX_DIMS;" in fmt and "export const MAX_DIMS = 50;" in fmt
     assert "Number(t) ? 412 : (512 << 10) + 412" in page
+
+
+def test_the_bundle_is_current() -> None:
+    """kbfs/web/static/view-bundle.js is what js/viewbundle.mjs makes of today's modules."""
+    node = shutil.which("node")
+    if node is None:
+        print("SKIP test_the_bundle_is_current: node is not installed (make test installs nodejs)")
+        pytest.skip("node is not installed (make test installs nodejs)")
+    script = Path(__file__).resolve().parent.parent / "js" / "viewbundle.mjs"
+    done = subprocess.run([node, str(script), "--check"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
