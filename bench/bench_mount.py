@@ -541,36 +541,6 @@ def rss_pass(kb: KbfsSide, fname: str) -> dict[str, float]:
         shutil.rmtree(kb.cache, ignore_errors=True)
 
 
-def drop_behind_pass(kb: KbfsSide, fname: str, rounds: int = 2) -> dict[str, Any]:
-    """Warm streams of FNAME (the sparse file) through KB (a cache big enough to hold it):
-    one cold pass fills the cache, then ROUNDS x (KBFS_DROP_BEHIND=0, =1), interleaved,
-    each a fresh mount over that cache with the page cache dropped first. MB/s of each."""
-    path = os.path.join(kb.mnt, fname)
-    out: dict[str, Any] = {"off": [], "on": []}
-    kb.mount(fresh=True)
-    try:
-        log(f"{kb.name}: cold stream of {fname} to fill the cache")
-        out["cold"] = sequential(path)[0]
-    finally:
-        kb.unmount()
-    base_env = kb.env
-    try:
-        for _ in range(rounds):
-            for mode in ("off", "on"):
-                kb.env = dict(base_env, KBFS_DROP_BEHIND="1" if mode == "on" else "0")
-                kb.mount(fresh=False)
-                try:
-                    drop_page_cache()
-                    log(f"{kb.name}: warm stream, drop-behind {mode}")
-                    out[mode].append(sequential(path)[0])
-                finally:
-                    kb.unmount()
-    finally:
-        kb.env = base_env
-        shutil.rmtree(kb.cache, ignore_errors=True)
-    return out
-
-
 @contextlib.contextmanager
 def workdir(parent: str | None) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="kbfs-bench-mount-", dir=parent))
@@ -592,9 +562,6 @@ def main() -> int:
     ap.add_argument("--plot", action="store_true", help="redraw docs/bench-mount.png (kbfs v1 vs rclone)")
     ap.add_argument("--sides", default="rclone,kbfs,kbfs2,kbfs2hop",
                     help="which of rclone,kbfs,kbfs2,kbfs2hop (v2 with KBFS_INLINE_READS=0), in this order")
-    ap.add_argument("--drop-behind", action="store_true",
-                    help="also the drop-behind A/B: warm streams of the sparse file (--rss-size) "
-                         "from a cache that holds it")
     args = ap.parse_args()
     size = parse_size(args.size)
     rss_size = parse_size(args.rss_size) if args.rss_size not in ("0", "") else 0
@@ -645,7 +612,6 @@ def main() -> int:
         kb = KbfsSide(base, data, env)
         kb2 = KbfsSide(base, data, env, name="kbfs2", trees=trees, of=kb)
         kb2hop = KbfsSide(base, data, dict(env, KBFS_INLINE_READS="0"), name="kbfs2hop", trees=trees, of=kb)
-        dropped: dict[str, Any] = {}
         try:
             for name in sides:
                 if name == "rclone":
@@ -661,13 +627,9 @@ def main() -> int:
             if "kbfs2" in results:   # the relay + share alone, other offsets (cold there too)
                 others = [(o + size // 2) % (size - 4096) for o in offsets[:50]]
                 results["kbfs2"]["direct_piece"] = direct_pieces(kb.relay_url, want, size, others)
-            if rss_size and sides:   # --sides "" --drop-behind: the drop-behind A/B alone
+            if rss_size:
                 big = KbfsSide(base, data, env, name="kbfs2rss", trees=trees, of=kb, cache_size="4G")
                 rss = rss_pass(big, "sparse.bin")
-            if rss_size and args.drop_behind:
-                held = KbfsSide(base, data, env, name="kbfs2drop", trees=trees, of=kb,
-                                cache_size=str(rss_size + (2 << 30)))
-                dropped = drop_behind_pass(held, "sparse.bin")
         finally:
             kb2hop.close()
             kb2.close()
@@ -689,12 +651,6 @@ def main() -> int:
     if "kbfs2" in results and "kbfs2hop" in results:
         print()
         print(inline_table(results["kbfs2"], results["kbfs2hop"]))
-    if dropped:
-        print()
-        print(f"Drop-behind A/B, warm streams of the {rss_size / (1 << 30):.0f} GiB sparse file from a cache "
-              f"that holds it (cold fill {dropped['cold']:.0f} MB/s), MB/s per round: "
-              f"off {', '.join(f'{x:.0f}' for x in dropped['off'])}; "
-              f"on {', '.join(f'{x:.0f}' for x in dropped['on'])}")
     if rss:
         print()
         print(f"kbfs v2 streaming a {rss_size / (1 << 30):.0f} GiB sparse file (cache 4G): "
@@ -721,7 +677,7 @@ def main() -> int:
         print(f"- {name}: CPU seconds during the cold sequential pass {cpu} "
               f"({size / res['cold_seq'] / 1e6:.1f} s of wall time)")
     print()
-    print("raw:", json.dumps({"results": results, "rss": rss, "floors": floor, "drop_behind": dropped}))
+    print("raw:", json.dumps({"results": results, "rss": rss, "floors": floor}))
     if args.plot and "kbfs" in results and r:
         try:
             plot(results["kbfs"], r, REPO / "docs" / "bench-mount.png")

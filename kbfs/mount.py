@@ -505,7 +505,7 @@ def _build(opts: MountOptions) -> tuple[_Sources, Any, fusefs.KbfsOperations]:
     capacity = opts.settings.resolved_cache_size()
     # read_around: neighbourhoods after local misses (kbfs/readahead2.py ReadAround).
     cache = PieceCache(os.path.join(opts.settings.cache_dir, "pieces"), fetcher, capacity,
-                       read_around=True, drop_behind=True)
+                       read_around=True)
 
     def on_pointer(pointer: prv.Pointer, uid: int, gid: int) -> None:
         if src.local_dir:

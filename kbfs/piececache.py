@@ -29,9 +29,8 @@ A pointer whose size or block size differs from what the store holds under its r
 refused (VerificationError): the root binds both, so one of them is not that content.
 
 Page cache: `read_cached` answers without waiting on anything (a complete content, every
-byte in memory: the mount's inline reads); with `drop_behind=True` (the mount) reads of a
-content over a quarter of available memory let its data file's pages go behind them
-(`drop_behind`), since the mount's FUSE file keeps the bytes itself.
+byte in memory: the mount's inline reads). No drop-behind: measured, it did not pay
+(docs/internals.md).
 
 Not here: root-less pointers (ValueError: no root to prove pieces against), v1 block
 reads, source selection and proof checking (the source's).
@@ -47,7 +46,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from kbfs import catalog, osio, piecefile
+from kbfs import catalog, piecefile
 from kbfs.errors import CacheError, KbfsError, SourceError, VerificationError
 from kbfs.flights import Flight, Flights
 from kbfs.piecestore import PieceStore
@@ -66,18 +65,6 @@ RUN_MIN, RUN_MAX = 4, 64      # pieces of one read-ahead request
 MAX_KNOWN_CONTENTS = 64
 MAX_KNOWN_NODES = 1024        # about 1024 x 150 bytes per content
 
-
-def drop_behind(size: int) -> bool:
-    """Whether reads of a content of SIZE bytes let its data file's pages go behind them
-    (`PieceCache(drop_behind=True)`, the mount): KBFS_DROP_BEHIND=1 always, =0 never, else
-    when SIZE is over a quarter of the memory available. The mount's FUSE file keeps the
-    bytes in its own page cache; without this a big stream is held twice, and the kernel
-    evicts both as it goes (docs/internals.md, drop-behind)."""
-    forced = os.environ.get("KBFS_DROP_BEHIND")
-    if forced in ("0", "1"):
-        return forced == "1"
-    avail = osio.memory_available()
-    return avail is not None and size > avail // 4
 
 
 PieceSource = Source   # what the cache fetches from (kbfs.verifiers.Source)
@@ -103,8 +90,7 @@ class PieceCache:
 
     def __init__(self, directory: str, source: PieceSource, capacity: int,
                  min_free: int = 1 << 30, workers: int = 16, *, min_ahead: int = 4 << 20,
-                 max_ahead: int = 64 << 20, flush_interval: float = 1.0, read_around: bool = False,
-                 drop_behind: bool = False) -> None:
+                 max_ahead: int = 64 << 20, flush_interval: float = 1.0, read_around: bool = False) -> None:
         self.directory = os.path.abspath(directory)
         try:
             parent = os.path.dirname(self.directory)
@@ -124,14 +110,12 @@ class PieceCache:
         self._lock = threading.Lock()
         self._known: OrderedDict[str, dict[Node, bytes]] = OrderedDict()
         self._checked: OrderedDict[tuple[str, int, int], None] = OrderedDict()
-        self._drop_behind = drop_behind
-        self._drops: OrderedDict[str, bool] = OrderedDict()   # key -> drop_behind(size), once
         self._closing = False
         self._calling = 0   # bytes asked of the source by calls not yet returned
         self._stats: dict[str, int] = dict.fromkeys(
             ("reads", "hits", "misses", "bytes_served", "fetches", "pieces_fetched",
              "bytes_fetched", "readahead_fetches", "readahead_pieces", "joined",
-             "fetch_errors", "max_calling_bytes", "inline_reads", "dropped_behind"), 0)
+             "fetch_errors", "max_calling_bytes", "inline_reads"), 0)
 
     @property
     def source(self) -> PieceSource:
@@ -162,9 +146,6 @@ class PieceCache:
         if data is None:
             data = self._fetch_and_assemble(ref, offset, end, first, last)
         self._count(bytes_served=len(data))
-        if self._drop_behind and self._drops_behind(ref):
-            self.store.drop_pages(key, offset, end - offset)
-            self._count(dropped_behind=end - offset)
         return data
 
     def read_cached(self, ref: ContentRef, offset: int, length: int) -> bytearray | None:
@@ -183,17 +164,6 @@ class PieceCache:
         if data is not None:
             self._count(reads=1, hits=1, inline_reads=1, bytes_served=len(data))
         return data
-
-    def _drops_behind(self, ref: ContentRef) -> bool:
-        with self._lock:
-            drops = self._drops.get(ref.key)
-        if drops is None:
-            drops = drop_behind(ref.size)
-            with self._lock:
-                self._drops[ref.key] = drops
-                while len(self._drops) > 4096:
-                    self._drops.popitem(last=False)
-        return drops
 
     def _fetch_and_assemble(self, ref: ContentRef, offset: int, end: int, first: int, last: int) -> bytes:
         got: dict[int, memoryview] = {}    # pieces this read received from flights

@@ -27,7 +27,7 @@ before it is committed). Processes may share a folder (busy timeouts; bits are O
 
 Page cache: `read_cached` answers only from an open handle of a complete content whose
 bytes are all in memory (never a disk read, a file open or a catalogue query: the mount's
-inline reads); `drop_pages` lets a range's pages go (drop-behind).
+inline reads).
 
 Not here: verification (stored tree nodes are opaque hints), fetching, fetch coordination.
 """
@@ -292,19 +292,6 @@ class PieceStore:
             return False
         h.complete = True
         return True
-
-    def drop_pages(self, key: str, offset: int, length: int) -> None:
-        """Let the page cache of KEY's data file go for [OFFSET, OFFSET+LENGTH) (a hint,
-        DONTNEED; dirty pages stay until written). Only an open handle; nothing otherwise."""
-        with self._lock:
-            h = self._handles.get(key)
-            if h is None or h.retired:
-                return
-            h.users += 1
-        try:
-            piecefile.advise(h.fd, offset, length, dontneed=True)
-        finally:
-            self._release(h)
 
     def _refresh(self, h: _Handle) -> None:
         row = self.catalog.row(h.key)

@@ -513,52 +513,6 @@ def test_offline_reads(tmp_path: Path) -> None:
                     time.sleep(1)
 
 
-def test_drop_behind_only_for_files_big_against_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kbfs import piececache
-
-    monkeypatch.delenv("KBFS_DROP_BEHIND", raising=False)
-    assert not piececache.drop_behind(32 * MiB)
-    assert piececache.drop_behind(1 << 50)  # a PiB: more than any machine here has
-    monkeypatch.setenv("KBFS_DROP_BEHIND", "1")
-    assert piececache.drop_behind(1)
-    monkeypatch.setenv("KBFS_DROP_BEHIND", "0")
-    assert not piececache.drop_behind(1 << 50)
-
-
-def test_streaming_a_big_cached_file_lets_its_block_pages_go(tmp_path: Path) -> None:
-    """Read through the mount, a file's bytes stay in the FUSE file's page cache; for a file
-    too big to be held twice (forced here with KBFS_DROP_BEHIND=1) the mount lets the piece
-    store's data file's pages go behind the reads (the status's dropped_behind). A small one
-    (the default, on this machine) keeps them, and its warm reads are answered inline from
-    them (inline_reads): letting go costs CPU, and memory is plentiful. (Whether the kernel
-    then drops the pages is tests/test_warm_reads.py's drop-behind test.)"""
-    data = _data(32 * MiB, 43)
-    with HTTPSource() as source:
-        write_pointer(source, tmp_path / "src", "big.bin", data)
-        with mounted(str(tmp_path / "src"), tmp_path, relays=[source.url]) as m:
-            assert read_all(m.path("big.bin")) == data  # cold: fetched and stored
-        fetches = source.counts()["sha1"]
-
-        def cache_stat(m: Mount, name: str) -> int:
-            raw = json.loads(m.kbfs("status", "--json").stdout)
-            return int(raw[0]["cache"][name])
-
-        def warm_read(env: dict[str, str], name: str) -> tuple[int, int]:
-            with mounted(str(tmp_path / "src"), tmp_path, relays=[source.url],
-                         env_extra=env) as m:
-                assert read_all(m.path("big.bin")) == data  # read from the store
-                # The daemon rewrites its status every 2 s (each poll runs `kbfs status`).
-                wait_until(lambda: cache_stat(m, name) > 0, 5, interval=0.25)
-                assert read_all(m.path("big.bin")) == data  # from the FUSE file's page cache
-                return cache_stat(m, "dropped_behind"), cache_stat(m, "inline_reads")
-
-        dropped, inline = warm_read({}, "inline_reads")
-        assert dropped == 0 and inline > 0
-        dropped, _ = warm_read({"KBFS_DROP_BEHIND": "1"}, "dropped_behind")
-        assert dropped > 0
-        assert source.counts()["sha1"] == fetches  # the warm reads fetched nothing
-
-
 # ---------------------------------------------------------------- command line
 
 

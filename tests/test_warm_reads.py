@@ -1,13 +1,14 @@
-"""Warm reads that must not block, and drop-behind (kbfs/piecestore.py `read_cached`,
-`drop_pages`; kbfs/piececache.py `read_cached`, `drop_behind`; the mount's inline path in
-kbfs/fusefs.py `read`): the inline path answers only for a content whose every piece is
-present and whose bytes are all in the page cache (preadv2 RWF_NOWAIT), and drop-behind
-lets the data file's pages go behind a reader. The page-cache probe is RWF_NOWAIT itself
-(`piecefile.read_cached`): None means some byte was not in memory."""
+"""Warm reads that must not block (kbfs/piecestore.py `read_cached`,
+kbfs/piececache.py `read_cached`; the mount's inline path in kbfs/fusefs.py `read`): the
+inline path answers only for a content whose every piece is present and whose bytes are all
+in the page cache (preadv2 RWF_NOWAIT). The page-cache probe in these tests is RWF_NOWAIT
+itself (`piecefile.read_cached`): None means some byte was not in memory."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ from fakepieces import Content, HonestSource, P
 
 from kbfs import osio, piecefile
 from kbfs.piececache import PieceCache
+from tests.httpsource import HTTPSource, wait_until
+from tests.mountutil import NEEDS_FUSE, mounted
+from tests.test_mount import read_all, write_pointer
 
 pytestmark = pytest.mark.skipif(not osio.nowait_reads(), reason="needs preadv2 RWF_NOWAIT (Linux)")
 
@@ -94,19 +98,39 @@ def test_a_store_whose_bits_lie_about_completeness_is_not_complete(tmp_path: Pat
         cache.close_file(ref)
 
 
-@pytest.mark.parametrize("drop", [False, True])
-def test_drop_behind_lets_the_data_files_pages_go(tmp_path: Path, drop: bool,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KBFS_DROP_BEHIND", "1")
-    c = Content("drop", 64 * P)
-    with make(tmp_path, HonestSource({c.sha1: c}), drop_behind=drop) as cache:
-        ref = c.ref()
-        cache.open_file(ref)
-        assert cache.read(ref, 0, c.size) == c.data              # fetched: dirty pages
-        _evict_pages(cache, ref.key)
-        for off in range(0, c.size, 128 * 1024):                 # a warm stream, 128 KiB reads
-            assert cache.read(ref, off, 128 * 1024) == c.data[off : off + 128 * 1024]
-        resident = cache.store.read_cached(ref.key, 0, c.size) is not None
-        assert resident is not drop
-        assert cache.statistics()["dropped_behind"] == (c.size * 2 if drop else 0)
-        cache.close_file(ref)
+def test_a_mount_answers_warm_reads_inline_and_only_then(tmp_path: Path) -> None:
+    """A real mount (real FUSE, a real HTTP source): a cached file's warm reads are answered
+    inline (the status's inline_reads), the bytes right; with KBFS_INLINE_READS=0 none is,
+    and a file only partly cached is never answered inline."""
+    data = os.urandom(8 << 20)
+    part = os.urandom(1 << 20) * 48        # 48 MiB, of which the first mount reads a little
+    with HTTPSource() as source:
+        write_pointer(source, tmp_path / "src", "f.bin", data)
+        write_pointer(source, tmp_path / "src", "part.bin", part)
+        with mounted(str(tmp_path / "src"), tmp_path, relays=[source.url]) as m:
+            assert read_all(m.path("f.bin")) == data               # cold: fetched and stored
+            with open(m.path("part.bin"), "rb") as f:
+                assert f.read(4096) == part[:4096]
+        fetches = source.counts()["sha1"]
+
+        def inline_reads(env: dict[str, str], name: str, want: bytes) -> int:
+            """Read WANT's bytes of NAME through a fresh mount; the daemon's inline reads."""
+            with mounted(str(tmp_path / "src"), tmp_path, relays=[source.url], env_extra=env) as m:
+                with open(m.path(name), "rb") as f:      # many FUSE reads, after the first
+                    assert f.read(len(want)) == want
+                time.sleep(2.5)        # the daemon rewrites its status every 2 s
+
+                def cache() -> dict:
+                    return json.loads(m.kbfs("status", "--json").stdout)[0]["cache"]
+
+                assert wait_until(lambda: cache()["reads"] > 0, 5, interval=0.25)
+                return int(cache()["inline_reads"])
+
+        assert inline_reads({}, "f.bin", data) > 0
+        assert source.counts()["sha1"] == fetches                  # all from the store
+        assert inline_reads({"KBFS_INLINE_READS": "0"}, "f.bin", data) == 0
+        assert inline_reads({}, "part.bin", part[: 4 << 20]) == 0   # pieces present, not all
+
+
+for _mark in NEEDS_FUSE:   # a list of marks (tests/mountutil.py): FUSE present and usable
+    test_a_mount_answers_warm_reads_inline_and_only_then = _mark(test_a_mount_answers_warm_reads_inline_and_only_then)
