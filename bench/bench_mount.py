@@ -13,6 +13,12 @@ side in one run. Measured per system:
 - random 4 KiB reads, median latency, cold (fresh cache) and warm (blocks cached, page
   cache dropped),
 - the daemon's peak RSS (VmHWM) after streaming the file.
+- "hot": serial and 8-thread 4 KiB reads and a sequential pass with the mount's own pages
+  dropped (fadvise DONTNEED on the mounted file) and the cache's files still in the page
+  cache: what the mount's inline reads are for.
+
+Side `kbfs2hop`: the v2 pointers with KBFS_INLINE_READS=0 (every read takes the thread hop),
+beside `kbfs2` in the same run: the inline path's A/B.
 
 Floors for the warm random reads, measured in the same run: the same 4 KiB reads straight
 from the data file on disk (page cache dropped), and through `bench/minifuse.py`, a pyfuse3 +
@@ -28,7 +34,7 @@ RSS; rclone would copy the file into its disk cache).
 
 Dropping the page cache needs root (`/proc/sys/vm/drop_caches`); when it is not permitted
 the table says so and "warm" includes the page cache. Prints a markdown table with ratios.
-Usage: bench_mount.py [--size 1G] [--dir DIR] [--random N] [--rss-size 10G] [--sides rclone,kbfs,kbfs2]
+Usage: bench_mount.py [--size 1G] [--dir DIR] [--random N] [--rss-size 10G] [--sides rclone,kbfs,kbfs2,kbfs2hop]
 """
 
 from __future__ import annotations
