@@ -186,11 +186,13 @@ def test_ctrl_c_during_download_says_rerun_resumes(tmp_path: Path, env: dict[str
     with HTTPSource() as src:
         src.add(data)
         src.mode = "trickle"
-        # 2 s per MiB per connection: Ctrl-C comes mid-way even on a loaded machine (at
-        # 1 MiB/s the 8 MiB were sometimes all there before the signal, in the full suite).
+        # 2 s per MiB per connection and two workers: the 8 MiB arrive in four waves of
+        # 2 MiB, so Ctrl-C after the first comes mid-way. (With the default workers every
+        # block was fetched at once and landed at the same moment: the download was often
+        # complete before the signal, rc 0, in the full suite.)
         src.trickle_rate = 512 << 10
         args = [sys.executable, "-m", "kbfs", "download", str(pointer), "--no-local",
-                "--relay", src.url, "-o", str(out)]
+                "--relay", src.url, "-o", str(out), "-j", "2"]
         proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, stdin=subprocess.DEVNULL)
         part = out.parent / ".big.bin.kbfs-part"
