@@ -102,7 +102,6 @@ def page_html(relays: list[str]) -> str:
     text = (WEB_DIR / "view.html").read_text(encoding="utf-8")
     # the relay page's first read (its own relay's /sha1/): not here, and its CSP has no hash
     text = re.sub(r"<!--kbfs-early-->.*?<!--/kbfs-early-->\n?", "", text, flags=re.S)
-    text = text.replace('<template id="kbfs-files">', "").replace("</template>", "")
     csp = CSP.format(relays=" ".join(relays))
     text = text.replace("<!--kbfs-csp-->",
                         f'<meta http-equiv="Content-Security-Policy" content="{html.escape(csp, quote=False)}">')
