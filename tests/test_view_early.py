@@ -18,13 +18,16 @@ import hashlib
 import re
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from browserutil import console_errors, missing_reason, requests_sent, start_browser, wait_for
+from hostileutil import fake_share
 from mdautil import truth, write_mda
 from netutil import get_json, start_relay, start_share
 
@@ -153,6 +156,42 @@ def test_unusual_links_ask_nothing_early(site: Any) -> None:
                         and "Authorization" not in x["headers"]], (bad, sent)
     finally:
         driver.quit()
+
+
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_the_early_answer_keeps_kbfs_js_deadlines(site: Any) -> None:
+    """A share that takes the request and never sends: the early request is given up at
+    kbfs.js's first-byte deadline (5 s), as its own would be, not when the relay gives up
+    (10 s)."""
+    relay = site["relay"]
+    sha1, root, size = "ab" * 20, "cd" * 32, 10 << 20
+    ready, stop = threading.Event(), threading.Event()
+
+    def silent_share() -> None:
+        async def main() -> None:
+            async with fake_share(relay.url, [["silent.mda", sha1, size, 0, "", "ef" * 32, root]]):
+                ready.set()
+                while not stop.is_set():  # gets arrive and are never answered
+                    await trio.sleep(0.05)
+        trio.run(main)
+
+    thread = threading.Thread(target=silent_share, daemon=True)
+    thread.start()
+    driver = start_browser(site["tmp"] / "chrome3")
+    try:
+        assert ready.wait(10)
+        frag = viewexport.fragment(sha1, "silent.mda", size, root, BS, "")
+        t0 = time.monotonic()
+        driver.get(f"{relay.url}/v/#{frag}")
+        error = wait_for(lambda: driver.find_elements("css selector", "#view-error"), timeout=20,
+                         what="the error line")
+        took = time.monotonic() - t0
+        assert took < 8, (took, error[0].text)
+        assert "no answer" in error[0].text, error[0].text
+    finally:
+        driver.quit()
+        stop.set()
+        thread.join(5)
 
 
 def test_constants_match_the_viewer() -> None:

@@ -13,8 +13,9 @@ import { viewer as mda } from './viewers/mda.js';
 
 // The fetch kbfs.js uses: the first request that is exactly the one view.html's first script
 // asked at once (window.kbfsEarly: same URL, range and proof wanted, no token) gets that
-// answer, once; kbfs.js checks it as any other. Every other request, or that one when the
-// early request failed, goes out as usual.
+// answer, once; kbfs.js checks it as any other, and its deadlines abort it as they would
+// their own request (head and body). Every other request, or that one when the early
+// request failed, goes out as usual.
 function earlyFetch() {
   const early = window.kbfsEarly;
   window.kbfsEarly = undefined;
@@ -24,7 +25,12 @@ function earlyFetch() {
     if (!used && url === early.url && h.Range === early.range && h['Kbfs-Want-Proof'] === early.want
       && !h.Authorization && Object.keys(h).length === 2) {
       used = true;
-      return early.answer.catch(() => fetch(url, init));
+      const signal = init.signal;
+      if (signal) {
+        if (signal.aborted) early.abort(signal.reason);
+        else signal.addEventListener('abort', () => early.abort(signal.reason), { once: true });
+      }
+      return early.answer.catch((err) => (signal && signal.aborted ? Promise.reject(err) : fetch(url, init)));
     }
     return fetch(url, init);
   };
