@@ -228,7 +228,7 @@ def test_relay_advertises_its_mirror(content: dict[str, object], tmp_path: Path)
     bytes from the mirror (nginx), not from the share behind the relay."""
     from tests.netutil import get_json, start_relay, start_share
 
-    share_dir = tmp_path / "shared"
+    share_dir = tmp_path / "lab-folder"
     share_dir.mkdir()
     shutil.copy(content["dir"] / "data.bin", share_dir / "data.bin")  # type: ignore[operator]
     p = prv.load_pointer(content["ptr"] / "v1.prv")  # type: ignore[operator]
