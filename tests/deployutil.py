@@ -21,6 +21,9 @@ from pathlib import Path
 from tests.netutil import RelayProc, _spawn
 
 OPENSSL = shutil.which("openssl") or "openssl"
+# What a test clears so that only the CA it names (or none) is trusted and no proxy applies.
+CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPS_PROXY",
+           "https_proxy", "HTTP_PROXY", "http_proxy")
 
 
 @dataclass

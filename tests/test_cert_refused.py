@@ -24,11 +24,9 @@ import pytest
 from kbfs import prv, tree
 from kbfs.errors import SourceUnavailable
 from kbfs.fetch import RETRY_WINDOW, Fetcher
-from tests.deployutil import Pki, free_port, make_pki, start_tls_relay
+from tests.deployutil import CA_VARS, Pki, free_port, make_pki, start_tls_relay
 from tests.netutil import RelayProc, run_kbfs
 
-CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPS_PROXY",
-           "https_proxy", "HTTP_PROXY", "http_proxy")
 QUICK = RETRY_WINDOW / 2  # seconds: well under one retry window
 WORDS = "TLS certificate refused: unable to get local issuer certificate"
 

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.deployutil import Pki, make_pki, start_tls_relay
+from tests.deployutil import CA_VARS, Pki, make_pki, start_tls_relay
 from tests.netutil import run_kbfs, start_share
 
 REPO = Path(__file__).resolve().parent.parent
-CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPS_PROXY",
-           "https_proxy", "HTTP_PROXY", "http_proxy")
 
 
 @pytest.fixture(scope="module")
